@@ -1,0 +1,251 @@
+//! The real-NATS test harness.
+//!
+//! Every Flotilla test that needs the bus starts its own `nats-server` with
+//! JetStream through [`NatsServer`]: a free port, a temporary store folder,
+//! and cleanup on `Drop`. Nothing here mocks NATS; tests run in parallel
+//! because each one owns its server.
+//!
+//! The binary is found, in order, at `$FLOTILLA_NATS_SERVER`, at
+//! `.tools/bin/nats-server` of this checkout (what `scripts/install-tools`
+//! installs) and on `PATH`.
+//!
+//! Start reading at [`NatsServer::start`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a server may take to say it is ready.
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Failures of the harness, worded for the person running the tests.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(
+        "nats-server not found (looked at $FLOTILLA_NATS_SERVER, {0} and PATH); run scripts/install-tools"
+    )]
+    BinaryMissing(String),
+    #[error("could not create the store folder: {0}")]
+    StoreDir(#[source] std::io::Error),
+    #[error("could not start {binary}: {source}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nats-server did not become ready within {READY_DEADLINE:?}; its last output: {0}")]
+    NotReady(String),
+    #[error("could not stop nats-server: {0}")]
+    Stop(#[source] std::io::Error),
+    #[error("could not connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+}
+
+/// A running nats-server with JetStream, owned by one test.
+pub struct NatsServer {
+    binary: PathBuf,
+    store: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free loopback port and an empty
+    /// temporary store.
+    pub async fn start() -> Result<Self, HarnessError> {
+        let binary = find_binary()?;
+        let store = tempfile::Builder::new()
+            .prefix("flotilla-nats-")
+            .tempdir()
+            .map_err(HarnessError::StoreDir)?;
+        let mut server = Self {
+            binary,
+            store,
+            port: 0,
+            child: None,
+        };
+        server.spawn(None).await?;
+        Ok(server)
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`. It stays the same across
+    /// [`restart`](Self::restart) so clients reconnect by themselves.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store folder, kept across restarts.
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// A plain client connection to this server.
+    pub async fn connect(&self) -> Result<async_nats::Client, HarnessError> {
+        async_nats::connect(self.url())
+            .await
+            .map_err(|e| HarnessError::Connect {
+                url: self.url(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Stops the server gracefully (SIGTERM-like `kill` then wait).
+    pub async fn stop(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                // nats-server flushes its store on SIGTERM.
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+            child.wait().await.map_err(HarnessError::Stop)?;
+        }
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would: nothing is flushed
+    /// beyond what the server already wrote.
+    pub async fn kill(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.map_err(HarnessError::Stop)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and the same store. Stops it
+    /// first if it is still running.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop().await?;
+        self.spawn(Some(self.port)).await
+    }
+
+    async fn spawn(&mut self, port: Option<u16>) -> Result<(), HarnessError> {
+        let port_arg = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
+        let mut child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(self.store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| HarnessError::NotReady("no stderr".into()))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let mut listening = None;
+        let ready = tokio::time::timeout(READY_DEADLINE, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    listening = addr
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
+                }
+                let is_ready = line.contains("Server is ready");
+                seen.push(line);
+                if is_ready {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        let tail = seen
+            .iter()
+            .rev()
+            .take(8)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        match (ready, listening) {
+            (Ok(true), Some(p)) => {
+                // Keep draining the server's log so it never blocks on a
+                // full pipe; show it when a test asks for debug output.
+                tokio::spawn(async move {
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        tracing::debug!(target: "nats-server", "{line}");
+                    }
+                });
+                self.port = p;
+                self.child = Some(child);
+                Ok(())
+            }
+            _ => {
+                let _ = child.kill().await;
+                Err(HarnessError::NotReady(tail))
+            }
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+fn find_binary() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("FLOTILLA_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = workspace_root().join(".tools/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(HarnessError::BinaryMissing(local.display().to_string()))
+}
+
+/// The root of this checkout, where `.tools/` lives.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Waits for `condition` to become true, polling every few milliseconds, and
+/// fails with `what` after `deadline`. For state that has no event to wait on
+/// (a counter another task bumps); prefer waiting on a subscription.
+pub async fn eventually<F>(deadline: Duration, what: &str, mut condition: F) -> Result<(), String>
+where
+    F: FnMut() -> bool,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if condition() {
+            return Ok(());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!("timed out after {deadline:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

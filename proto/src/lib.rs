@@ -1,0 +1,35 @@
+//! Flotilla's message contracts.
+//!
+//! This crate owns everything two services must agree on to talk over NATS:
+//! the `flotilla.v1` protobuf types ([`v1`], generated from `proto/` and
+//! checked in), the subject names ([`Subjects`]: no subject string is
+//! formatted anywhere else), the streams, KV buckets and object stores as
+//! data ([`Topology`]), and the codecs ([`codec`]): binary protobuf by
+//! default, JSON when `Content-Type` says so.
+//!
+//! It never talks to NATS and has no async code: a service depends on it for
+//! names and shapes, and on `flotilla-kit` for I/O.
+//!
+//! Start reading at [`Subjects`], then [`Topology::new`] and [`codec::decode`].
+
+pub mod catalog;
+pub mod codec;
+pub mod json;
+mod subjects;
+mod topology;
+
+pub use codec::{Contract, DecodeError, Encoding};
+pub use subjects::{CommandAction, ControlSubject, EventKind, EventType, InvalidName, Subjects};
+pub use topology::{BucketDef, ObjectStoreDef, Retention, StreamDef, Topology};
+
+/// The generated `flotilla.v1` protobuf types.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    include!("gen/flotilla.v1.rs");
+}
+
+/// The subject prefix when none is configured.
+pub const DEFAULT_PREFIX: &str = "flotilla";
+
+/// The `apiVersion` of the documents this crate reads.
+pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
