@@ -138,16 +138,21 @@ pub fn render_markdown() -> String {
         ));
     }
 
-    md.push_str("\n### Key-value buckets and object stores\n\n| name | key | value (`flotilla.v1`) | written only by | history |\n| --- | --- | --- | --- | --- |\n");
+    md.push_str("\n### Key-value buckets and object stores\n\n| name | key | value (`flotilla.v1`) | written only by | history | expiry |\n| --- | --- | --- | --- | --- | --- |\n");
     for b in topology.buckets() {
         md.push_str(&format!(
-            "| KV `{}` | `{}` | `{}` | {} | {} |\n",
-            b.name, b.key, b.value_type, b.writer, b.history
+            "| KV `{}` | `{}` | `{}` | {} | {} | {} |\n",
+            b.name,
+            b.key,
+            b.value_type,
+            b.writer,
+            b.history,
+            duration(b.max_age)
         ));
     }
     for o in topology.object_stores() {
         md.push_str(&format!(
-            "| object store `{}` | `<model>/<digest>` | artifact bytes, chunked | {} | n/a |\n",
+            "| object store `{}` | `<model>/<digest>` | artifact bytes, chunked | {} | n/a | none |\n",
             o.name, o.writer
         ));
     }

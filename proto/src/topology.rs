@@ -41,6 +41,8 @@ pub struct BucketDef {
     pub key: &'static str,
     pub value_type: &'static str,
     pub history: i64,
+    /// Zero: entries never expire.
+    pub max_age: Duration,
     pub replicas: usize,
 }
 
@@ -66,6 +68,9 @@ pub struct Topology {
     pub rollouts: BucketDef,
     pub replicas: BucketDef,
     pub models: BucketDef,
+    /// Which messages each durable consumer has finished, so a redelivery
+    /// of one whose ack the server lost (a crash) is not handled again.
+    pub handled: BucketDef,
     pub model_artifacts: ObjectStoreDef,
 }
 
@@ -96,6 +101,7 @@ impl Topology {
             key,
             value_type,
             history: 5,
+            max_age: Duration::ZERO,
             replicas,
         };
         Self {
@@ -149,6 +155,17 @@ impl Topology {
             rollouts: kv("rollouts", "rollout", "<deployment>", "RolloutState", "Progress of each deployment's rollout"),
             replicas: kv("replicas", "executor", "<cluster>.<replica>", "ReplicaStatus", "Every replica; each executor writes its own cluster's keys"),
             models: kv("models", "model-provisioner", "<model>", "ModelRecord", "Every model: sizing, digest, state"),
+            handled: BucketDef {
+                history: 1,
+                max_age: DAY,
+                ..kv(
+                    "handled",
+                    "every consumer, its own keys",
+                    "<stream>.<consumer>.<sequence>",
+                    "empty",
+                    "Messages each durable consumer has finished, for a day",
+                )
+            },
             model_artifacts: ObjectStoreDef {
                 name: bucket("models"),
                 role: "models",
@@ -163,7 +180,7 @@ impl Topology {
         [&self.control, &self.events, &self.commands, &self.telemetry]
     }
 
-    pub fn buckets(&self) -> [&BucketDef; 6] {
+    pub fn buckets(&self) -> [&BucketDef; 7] {
         [
             &self.clusters,
             &self.deployments,
@@ -171,6 +188,7 @@ impl Topology {
             &self.rollouts,
             &self.replicas,
             &self.models,
+            &self.handled,
         ]
     }
 

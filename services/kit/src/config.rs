@@ -1,0 +1,188 @@
+//! The bus flags every service takes. Each flag has a `FLOTILLA_*`
+//! environment variable; [`BusArgs::validate`] fails fast, naming the flag.
+
+use std::path::PathBuf;
+
+use flotilla_proto::{Subjects, Topology};
+
+/// A flag whose value cannot work, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(flag: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            flag,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BusArgs {
+    /// NATS server URL; several, comma-separated, for a cluster.
+    #[arg(long, env = "FLOTILLA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(long, env = "FLOTILLA_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the NATS server with; enables TLS.
+    #[arg(long, env = "FLOTILLA_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS; needs --nats-tls-key.
+    #[arg(long, env = "FLOTILLA_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mutual TLS; needs --nats-tls-cert.
+    #[arg(long, env = "FLOTILLA_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// First token of every subject; also names the streams and buckets.
+    #[arg(long, env = "FLOTILLA_SUBJECT_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+
+    /// Replicas of every stream and bucket (1 for one server, 3 for a
+    /// JetStream cluster).
+    #[arg(long, env = "FLOTILLA_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+}
+
+impl Default for BusArgs {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            subject_prefix: flotilla_proto::DEFAULT_PREFIX.into(),
+            stream_replicas: 1,
+        }
+    }
+}
+
+/// Validated bus settings.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub nats_url: String,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    pub subjects: Subjects,
+    pub topology: Topology,
+}
+
+impl BusConfig {
+    /// Settings for a server at `url` with every other value defaulted.
+    pub fn for_url(url: impl Into<String>) -> Result<Self, ConfigError> {
+        BusArgs {
+            nats_url: url.into(),
+            ..BusArgs::default()
+        }
+        .validate()
+    }
+
+    /// The same settings with another subject prefix.
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, ConfigError> {
+        self.subjects = Subjects::new(prefix)
+            .map_err(|e| ConfigError::new("subject-prefix", e.to_string()))?;
+        self.topology = Topology::new(&self.subjects, self.topology.control.replicas);
+        Ok(self)
+    }
+}
+
+impl BusArgs {
+    pub fn validate(&self) -> Result<BusConfig, ConfigError> {
+        if self.nats_url.trim().is_empty() {
+            return Err(ConfigError::new("nats-url", "is empty"));
+        }
+        for url in self.nats_url.split(',') {
+            let url = url.trim();
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+                || !url.contains("://");
+            if !scheme_ok {
+                return Err(ConfigError::new(
+                    "nats-url",
+                    format!("{url:?} must use nats://, tls://, ws:// or wss://"),
+                ));
+            }
+        }
+        let existing = |flag: &'static str, p: &Option<PathBuf>| -> Result<(), ConfigError> {
+            match p {
+                Some(p) if !p.is_file() => Err(ConfigError::new(
+                    flag,
+                    format!("{} is not a readable file", p.display()),
+                )),
+                _ => Ok(()),
+            }
+        };
+        existing("nats-creds", &self.nats_creds)?;
+        existing("nats-tls-ca", &self.nats_tls_ca)?;
+        existing("nats-tls-cert", &self.nats_tls_cert)?;
+        existing("nats-tls-key", &self.nats_tls_key)?;
+        let tls_client = match (&self.nats_tls_cert, &self.nats_tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new("nats-tls-key", "is needed with --nats-tls-cert"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new("nats-tls-cert", "is needed with --nats-tls-key"));
+            }
+        };
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(ConfigError::new(
+                "stream-replicas",
+                format!("{} is outside 1..=5", self.stream_replicas),
+            ));
+        }
+        let subjects = Subjects::new(&self.subject_prefix)
+            .map_err(|e| ConfigError::new("subject-prefix", e.to_string()))?;
+        let topology = Topology::new(&subjects, self.stream_replicas);
+        Ok(BusConfig {
+            nats_url: self.nats_url.clone(),
+            creds: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client,
+            subjects,
+            topology,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = BusArgs::default().validate().unwrap();
+        assert_eq!(c.subjects.prefix(), "flotilla");
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: Vec<(BusArgs, &str)> = vec![
+            (BusArgs { nats_url: " ".into(), ..Default::default() }, "--nats-url"),
+            (BusArgs { nats_url: "http://x:4222".into(), ..Default::default() }, "--nats-url"),
+            (BusArgs { nats_creds: Some("/nonexistent/creds".into()), ..Default::default() }, "--nats-creds"),
+            (BusArgs { subject_prefix: "a.b".into(), ..Default::default() }, "--subject-prefix"),
+            (BusArgs { stream_replicas: 0, ..Default::default() }, "--stream-replicas"),
+            (BusArgs { nats_tls_cert: Some("Cargo.toml".into()), ..Default::default() }, "--nats-tls-key"),
+        ];
+        for (args, flag) in cases {
+            let e = args.validate().unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{e}");
+        }
+    }
+}
