@@ -2,13 +2,17 @@
 //! loop's error policy, deduplication, trace context, and surviving a
 //! `kill -9` of the server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use flotilla_integration::NatsServer;
 use flotilla_kit::consumer::run_consumer;
-use flotilla_kit::{Bus, BusConfig, ConsumerSpec, Delivery, EventDraft, HandlerError, TraceContext, provision};
+use flotilla_kit::{
+    Bus, BusConfig, ConsumerSpec, Delivery, EventDraft, HandlerError, TraceContext, provision,
+};
 use flotilla_proto::codec::{CONTENT_TYPE, JSON, PROTOBUF};
 use flotilla_proto::v1::{self, event::Payload};
 use flotilla_proto::{ControlSubject, EventType};
@@ -21,7 +25,9 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn bus(server: &NatsServer, service: &str) -> Bus {
     let config = BusConfig::for_url(server.url()).unwrap();
-    Bus::connect(&config, service, &CancellationToken::new()).await.unwrap()
+    Bus::connect(&config, service, &CancellationToken::new())
+        .await
+        .unwrap()
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
@@ -31,7 +37,10 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
 }
 
-async fn next_event(sub: &mut async_nats::Subscriber, what: &str) -> (v1::Event, async_nats::Message) {
+async fn next_event(
+    sub: &mut async_nats::Subscriber,
+    what: &str,
+) -> (v1::Event, async_nats::Message) {
     let msg = tokio::time::timeout(DEADLINE, sub.next())
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
@@ -51,7 +60,13 @@ fn deployment(name: &str) -> v1::ModelDeployment {
     }
 }
 
-async fn publish_raw(bus: &Bus, subject: String, payload: Bytes, content_type: Option<&str>, msg_id: Option<&str>) {
+async fn publish_raw(
+    bus: &Bus,
+    subject: String,
+    payload: Bytes,
+    content_type: Option<&str>,
+    msg_id: Option<&str>,
+) {
     let mut p = PublishMessage::build().payload(payload);
     if let Some(ct) = content_type {
         p = p.header(CONTENT_TYPE, ct);
@@ -59,7 +74,12 @@ async fn publish_raw(bus: &Bus, subject: String, payload: Bytes, content_type: O
     if let Some(id) = msg_id {
         p = p.message_id(id);
     }
-    bus.jetstream.send_publish(subject, p).await.unwrap().await.unwrap();
+    bus.jetstream
+        .send_publish(subject, p)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 /// Starts a consumer of deployment applies that forwards every delivery to
@@ -69,7 +89,11 @@ fn spawn_apply_consumer<F>(
     durable: &str,
     spec_tweak: impl FnOnce(&mut ConsumerSpec),
     decide: F,
-) -> (mpsc::UnboundedReceiver<Delivery<v1::ModelDeployment>>, CancellationToken, tokio::task::JoinHandle<()>)
+) -> (
+    mpsc::UnboundedReceiver<Delivery<v1::ModelDeployment>>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+)
 where
     F: Fn(&Delivery<v1::ModelDeployment>) -> Result<(), HandlerError> + Send + Sync + 'static,
 {
@@ -97,7 +121,10 @@ where
 #[tokio::test]
 async fn two_services_provisioning_at_once_both_start() {
     let server = NatsServer::start().await.unwrap();
-    let (a, b) = (bus(&server, "placement").await, bus(&server, "rollout").await);
+    let (a, b) = (
+        bus(&server, "placement").await,
+        bus(&server, "rollout").await,
+    );
     let (ra, rb) = tokio::join!(provision(&a), provision(&b));
     assert!(ra.unwrap().drifted.is_empty());
     assert!(rb.unwrap().drifted.is_empty());
@@ -107,7 +134,10 @@ async fn two_services_provisioning_at_once_both_start() {
     for def in a.topology.buckets() {
         a.jetstream.get_key_value(&def.name).await.unwrap();
     }
-    a.jetstream.get_object_store(&a.topology.model_artifacts.name).await.unwrap();
+    a.jetstream
+        .get_object_store(&a.topology.model_artifacts.name)
+        .await
+        .unwrap();
     // And again, now that everything exists.
     assert!(provision(&a).await.unwrap().drifted.is_empty());
 }
@@ -134,14 +164,27 @@ async fn a_drifted_stream_is_reported_and_left_alone() {
     let drift = &report.drifted[0];
     assert_eq!(drift.name, "FLOTILLA_TELEMETRY");
     let fields: Vec<_> = drift.fields.iter().map(|f| f.field.as_str()).collect();
-    assert!(fields.contains(&"max_age") && fields.contains(&"max_messages_per_subject"), "{fields:?}");
+    assert!(
+        fields.contains(&"max_age") && fields.contains(&"max_messages_per_subject"),
+        "{fields:?}"
+    );
     let (event, msg) = next_event(&mut events, "topology_drifted").await;
-    assert_eq!(msg.subject.as_str(), "flotilla.events.bus.FLOTILLA_TELEMETRY.topology_drifted");
+    assert_eq!(
+        msg.subject.as_str(),
+        "flotilla.events.bus.FLOTILLA_TELEMETRY.topology_drifted"
+    );
     assert_eq!(event.r#type, "bus.topology_drifted");
     assert!(event.message.contains("max_age"), "{}", event.message);
     // Not silently changed.
-    let mut stream = bus.jetstream.get_stream("FLOTILLA_TELEMETRY").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().config.max_age, Duration::from_secs(60));
+    let mut stream = bus
+        .jetstream
+        .get_stream("FLOTILLA_TELEMETRY")
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_age,
+        Duration::from_secs(60)
+    );
 }
 
 #[tokio::test]
@@ -150,14 +193,27 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
     let bus = bus(&server, "placement").await;
     provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.bus.>").await.unwrap();
-    let (mut handled, stop, task) = spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
+    let (mut handled, stop, task) =
+        spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
 
     // A truncated protobuf: field 3 (metadata) claims 5 bytes, has 1.
-    publish_raw(&bus, subject.clone(), Bytes::from_static(&[0x1a, 0x05, 0x0a]), Some(PROTOBUF), Some("bad-proto")).await;
+    publish_raw(
+        &bus,
+        subject.clone(),
+        Bytes::from_static(&[0x1a, 0x05, 0x0a]),
+        Some(PROTOBUF),
+        Some("bad-proto"),
+    )
+    .await;
     let (event, msg) = next_event(&mut events, "rejection of the protobuf").await;
-    assert_eq!(msg.subject.as_str(), "flotilla.events.bus.placement-apply.message_rejected");
-    let Some(Payload::Error(detail)) = event.payload else { panic!("no error detail: {event:?}") };
+    assert_eq!(
+        msg.subject.as_str(),
+        "flotilla.events.bus.placement-apply.message_rejected"
+    );
+    let Some(Payload::Error(detail)) = event.payload else {
+        panic!("no error detail: {event:?}")
+    };
     assert_eq!(detail.code, "invalid_protobuf");
     assert_eq!(detail.subject, subject);
     assert_eq!(detail.field, "metadata");
@@ -165,17 +221,35 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
 
     // JSON with a field of the wrong type, as `nats pub` sends it (no headers).
     let doc = r#"{"apiVersion":"flotilla.dev/v1alpha1","kind":"ModelDeployment","metadata":{"name":"x"},"spec":{"replicas":"four"}}"#;
-    publish_raw(&bus, subject.clone(), Bytes::from_static(doc.as_bytes()), None, None).await;
+    publish_raw(
+        &bus,
+        subject.clone(),
+        Bytes::from_static(doc.as_bytes()),
+        None,
+        None,
+    )
+    .await;
     let (event, _) = next_event(&mut events, "rejection of the JSON").await;
-    let Some(Payload::Error(detail)) = event.payload else { panic!("no error detail") };
+    let Some(Payload::Error(detail)) = event.payload else {
+        panic!("no error detail")
+    };
     assert_eq!(detail.code, "invalid_json");
     assert_eq!(detail.field, "spec.replicas");
     assert!(detail.reason.contains("invalid type"), "{}", detail.reason);
 
     // Syntactically broken JSON, labelled as JSON.
-    publish_raw(&bus, subject.clone(), Bytes::from_static(b"{\"metadata\": "), Some(JSON), None).await;
+    publish_raw(
+        &bus,
+        subject.clone(),
+        Bytes::from_static(b"{\"metadata\": "),
+        Some(JSON),
+        None,
+    )
+    .await;
     let (event, _) = next_event(&mut events, "rejection of broken JSON").await;
-    let Some(Payload::Error(detail)) = event.payload else { panic!("no error detail") };
+    let Some(Payload::Error(detail)) = event.payload else {
+        panic!("no error detail")
+    };
     assert_eq!(detail.code, "invalid_json");
     assert!(detail.reason.contains("EOF"), "{}", detail.reason);
 
@@ -197,7 +271,10 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
     let info = consumer.info().await.unwrap();
     assert_eq!(info.num_ack_pending, 0, "{info:?}");
     assert_eq!(info.num_pending, 0, "{info:?}");
-    assert_eq!(info.num_redelivered, 0, "rejected messages must not come back: {info:?}");
+    assert_eq!(
+        info.num_redelivered, 0,
+        "rejected messages must not come back: {info:?}"
+    );
     assert!(handled.try_recv().is_err());
     stop.cancel();
     task.await.unwrap();
@@ -223,7 +300,14 @@ async fn a_failing_handler_is_retried_with_backoff_then_dead_lettered() {
     );
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
     let poison = deployment("poison").encode_to_vec();
-    publish_raw(&bus, subject.clone(), Bytes::from(poison.clone()), Some(PROTOBUF), Some("req-7")).await;
+    publish_raw(
+        &bus,
+        subject.clone(),
+        Bytes::from(poison.clone()),
+        Some(PROTOBUF),
+        Some("req-7"),
+    )
+    .await;
 
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -232,21 +316,45 @@ async fn a_failing_handler_is_retried_with_backoff_then_dead_lettered() {
     }
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     let gaps: Vec<_> = seen.windows(2).map(|w| w[1].1 - w[0].1).collect();
-    assert!(gaps[0] >= Duration::from_millis(200), "first retry too early: {gaps:?}");
-    assert!(gaps[1] >= Duration::from_millis(400), "backoff did not grow: {gaps:?}");
+    assert!(
+        gaps[0] >= Duration::from_millis(200),
+        "first retry too early: {gaps:?}"
+    );
+    assert!(
+        gaps[1] >= Duration::from_millis(400),
+        "backoff did not grow: {gaps:?}"
+    );
 
     let (event, msg) = next_event(&mut events, "dead letter").await;
-    assert_eq!(msg.subject.as_str(), "flotilla.events.bus.placement-apply.dead_lettered");
+    assert_eq!(
+        msg.subject.as_str(),
+        "flotilla.events.bus.placement-apply.dead_lettered"
+    );
     assert_eq!(event.correlation_id, "req-7");
-    let Some(Payload::DeadLetter(letter)) = event.payload else { panic!("no dead letter") };
+    let Some(Payload::DeadLetter(letter)) = event.payload else {
+        panic!("no dead letter")
+    };
     assert_eq!(letter.deliveries, 3);
-    assert_eq!(letter.payload, poison, "the dead letter carries the message whole");
+    assert_eq!(
+        letter.payload, poison,
+        "the dead letter carries the message whole"
+    );
     assert_eq!(letter.subject, subject);
     assert_eq!(letter.last_error, "the store is unavailable");
-    assert_eq!(letter.headers.get("Nats-Msg-Id").map(String::as_str), Some("req-7"));
+    assert_eq!(
+        letter.headers.get("Nats-Msg-Id").map(String::as_str),
+        Some("req-7")
+    );
 
     // It never comes back: the next message is the next thing handled.
-    publish_raw(&bus, subject, Bytes::from(deployment("fine").encode_to_vec()), None, None).await;
+    publish_raw(
+        &bus,
+        subject,
+        Bytes::from(deployment("fine").encode_to_vec()),
+        None,
+        None,
+    )
+    .await;
     let d = next(&mut handled, "the next message").await;
     assert_eq!(d.message.metadata.unwrap().name, "fine");
     stop.cancel();
@@ -260,11 +368,26 @@ async fn a_message_published_twice_with_one_msg_id_is_handled_once() {
     provision(&bus).await.unwrap();
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
     let once = Bytes::from(deployment("once").encode_to_vec());
-    publish_raw(&bus, subject.clone(), once.clone(), None, Some("apply-once-1")).await;
+    publish_raw(
+        &bus,
+        subject.clone(),
+        once.clone(),
+        None,
+        Some("apply-once-1"),
+    )
+    .await;
     publish_raw(&bus, subject.clone(), once, None, Some("apply-once-1")).await;
-    publish_raw(&bus, subject, Bytes::from(deployment("marker").encode_to_vec()), None, Some("marker-1")).await;
+    publish_raw(
+        &bus,
+        subject,
+        Bytes::from(deployment("marker").encode_to_vec()),
+        None,
+        Some("marker-1"),
+    )
+    .await;
 
-    let (mut handled, stop, task) = spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
+    let (mut handled, stop, task) =
+        spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
     let first = next(&mut handled, "first message").await;
     assert_eq!(first.message.metadata.unwrap().name, "once");
     assert_eq!(first.msg_id.as_deref(), Some("apply-once-1"));
@@ -281,7 +404,11 @@ async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
     let server = NatsServer::start().await.unwrap();
     let bus = bus(&server, "placement").await;
     provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.deployment.>").await.unwrap();
+    let mut events = bus
+        .client
+        .subscribe("flotilla.events.deployment.>")
+        .await
+        .unwrap();
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     let (tx, mut seen) = mpsc::unbounded_channel();
@@ -293,12 +420,20 @@ async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
             let _ = tx.send((d.trace.clone(), TraceContext::current()));
             let name = d.message.metadata.map(|m| m.name).unwrap_or_default();
             publisher
-                .publish_event(EventDraft::new(EventType::DeploymentAccepted, &name, "accepted"))
+                .publish_event(EventDraft::new(
+                    EventType::DeploymentAccepted,
+                    &name,
+                    "accepted",
+                ))
                 .await
                 .map_err(HandlerError::retry)
         }
     };
-    let spec = ConsumerSpec::new("FLOTILLA_CONTROL", "placement-apply", vec![bus.subjects.control(ControlSubject::DeploymentApply)]);
+    let spec = ConsumerSpec::new(
+        "FLOTILLA_CONTROL",
+        "placement-apply",
+        vec![bus.subjects.control(ControlSubject::DeploymentApply)],
+    );
     let stop = CancellationToken::new();
     let task = {
         let (bus, stop) = (bus.clone(), stop.clone());
@@ -320,7 +455,13 @@ async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
     assert_eq!(trace.parent_span_id.as_deref(), Some("00f067aa0ba902b7"));
     assert_eq!(current.as_ref(), Some(&trace));
     let (_, msg) = next_event(&mut events, "accepted event").await;
-    let header = msg.headers.unwrap().get("traceparent").unwrap().as_str().to_string();
+    let header = msg
+        .headers
+        .unwrap()
+        .get("traceparent")
+        .unwrap()
+        .as_str()
+        .to_string();
     let published = TraceContext::parse(&header).unwrap();
     assert_eq!(published.trace_id, trace.trace_id);
     assert_eq!(published.span_id, trace.span_id);
@@ -333,13 +474,21 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
     let mut server = NatsServer::start().await.unwrap();
     let bus = bus(&server, "placement").await;
     provision(&bus).await.unwrap();
-    let (mut handled, stop, task) = spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
+    let (mut handled, stop, task) =
+        spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
 
     let mut counts = std::collections::BTreeMap::<String, u32>::new();
     for i in 0..20 {
         let id = format!("before-{i}");
-        publish_raw(&bus, subject.clone(), Bytes::from(deployment(&id).encode_to_vec()), None, Some(&id)).await;
+        publish_raw(
+            &bus,
+            subject.clone(),
+            Bytes::from(deployment(&id).encode_to_vec()),
+            None,
+            Some(&id),
+        )
+        .await;
     }
     for _ in 0..20 {
         let d = next(&mut handled, "messages before the kill").await;
@@ -384,7 +533,10 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
             if stored {
                 break;
             }
-            assert!(Instant::now() < deadline, "could not publish after the restart");
+            assert!(
+                Instant::now() < deadline,
+                "could not publish after the restart"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

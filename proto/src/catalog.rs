@@ -41,7 +41,11 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
         publishers: "the service that owns `<kind>` (see the event table)",
         consumers: "every observer, `flotilla watch`",
     });
-    for action in [CommandAction::Start, CommandAction::Stop, CommandAction::Prefetch] {
+    for action in [
+        CommandAction::Start,
+        CommandAction::Stop,
+        CommandAction::Prefetch,
+    ] {
         out.push(SubjectEntry {
             subject: format!("{}.cmd.<cluster>.{}", subjects.prefix(), action.as_str()),
             message: "ExecutorCommand",
@@ -196,8 +200,14 @@ mod tests {
         }
         // Every message named is a real contract type.
         let known = [
-            "ModelDeployment", "DeleteDeployment", "ApproveRollout", "UndoRollout",
-            "CordonCluster", "Event", "ExecutorCommand", "ClusterHeartbeat",
+            "ModelDeployment",
+            "DeleteDeployment",
+            "ApproveRollout",
+            "UndoRollout",
+            "CordonCluster",
+            "Event",
+            "ExecutorCommand",
+            "ClusterHeartbeat",
         ];
         assert!(entries.iter().all(|e| known.contains(&e.message)));
     }

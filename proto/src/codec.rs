@@ -71,12 +71,17 @@ impl Encoding {
                 Self::Protobuf
             });
         };
-        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         match media.as_str() {
             "application/json" => Ok(Self::Json),
-            "application/x-protobuf" | "application/protobuf" | "application/vnd.google.protobuf" => {
-                Ok(Self::Protobuf)
-            }
+            "application/x-protobuf"
+            | "application/protobuf"
+            | "application/vnd.google.protobuf" => Ok(Self::Protobuf),
             _ => Err(DecodeError {
                 code: "unsupported_content_type",
                 message_type: "",
@@ -244,9 +249,22 @@ mod tests {
         assert_eq!(gpu.min_memory_gib, 8);
         let placement = spec.placement.as_ref().unwrap();
         assert_eq!(placement.policy(), v1::PlacementPolicy::PickN);
-        assert_eq!(placement.affinity.as_ref().unwrap().preferred[1].property_sorter.as_ref().unwrap().order(), v1::SortOrder::Ascending);
-        assert_eq!(placement.topology_spread[0].when_unsatisfiable(), v1::WhenUnsatisfiable::DoNotSchedule);
-        assert_eq!(placement.tolerations[0].operator(), v1::TolerationOperator::Exists);
+        assert_eq!(
+            placement.affinity.as_ref().unwrap().preferred[1]
+                .property_sorter
+                .as_ref()
+                .unwrap()
+                .order(),
+            v1::SortOrder::Ascending
+        );
+        assert_eq!(
+            placement.topology_spread[0].when_unsatisfiable(),
+            v1::WhenUnsatisfiable::DoNotSchedule
+        );
+        assert_eq!(
+            placement.tolerations[0].operator(),
+            v1::TolerationOperator::Exists
+        );
         let rollout = spec.rollout.as_ref().unwrap();
         assert_eq!(rollout.max_unavailable, "25%");
         assert_eq!(rollout.max_surge, "1");
@@ -268,10 +286,26 @@ mod tests {
     #[test]
     fn json_errors_name_the_field() {
         let cases = [
-            (r#"{"spec": {"replicas": "four"}}"#, "spec.replicas", "invalid type"),
-            (r#"{"spec": {"placement": {"policy": "PickSome"}}}"#, "spec.placement.policy", "expected one of \"PickAll\""),
-            (r#"{"spec": {"replicaz": 3}}"#, "spec.replicaz", "unknown field `replicaz`"),
-            (r#"{"metadata": {"name": 7}}"#, "metadata.name", "invalid type"),
+            (
+                r#"{"spec": {"replicas": "four"}}"#,
+                "spec.replicas",
+                "invalid type",
+            ),
+            (
+                r#"{"spec": {"placement": {"policy": "PickSome"}}}"#,
+                "spec.placement.policy",
+                "expected one of \"PickAll\"",
+            ),
+            (
+                r#"{"spec": {"replicaz": 3}}"#,
+                "spec.replicaz",
+                "unknown field `replicaz`",
+            ),
+            (
+                r#"{"metadata": {"name": 7}}"#,
+                "metadata.name",
+                "invalid type",
+            ),
         ];
         for (doc, field, reason) in cases {
             let e = decode::<v1::ModelDeployment>(Some(JSON), doc.as_bytes()).unwrap_err();

@@ -255,7 +255,12 @@ impl Subjects {
     /// Every event about one thing, e.g. one deployment.
     pub fn events_about(&self, kind: EventKind, name: &str) -> Result<String, InvalidName> {
         check_token("event name", name)?;
-        Ok(format!("{}.events.{}.{}.*", self.prefix, kind.as_str(), name))
+        Ok(format!(
+            "{}.events.{}.{}.*",
+            self.prefix,
+            kind.as_str(),
+            name
+        ))
     }
 
     /// `<prefix>.events.>`
@@ -266,7 +271,12 @@ impl Subjects {
     /// `<prefix>.cmd.<cluster>.<action>`
     pub fn command(&self, cluster: &str, action: CommandAction) -> Result<String, InvalidName> {
         check_name("cluster", cluster)?;
-        Ok(format!("{}.cmd.{}.{}", self.prefix, cluster, action.as_str()))
+        Ok(format!(
+            "{}.cmd.{}.{}",
+            self.prefix,
+            cluster,
+            action.as_str()
+        ))
     }
 
     /// Every command for one cluster: what its executor consumes.
@@ -332,7 +342,17 @@ mod tests {
         for good in ["a", "eu-west-1", "h100x8", "a1-b2"] {
             assert!(check_name("cluster", good).is_ok(), "{good}");
         }
-        for bad in ["", "A", "a.b", "a*", "a>", "-a", "a-", "a b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "A",
+            "a.b",
+            "a*",
+            "a>",
+            "-a",
+            "a-",
+            "a b",
+            &"x".repeat(64),
+        ] {
             assert!(check_name("cluster", bad).is_err(), "{bad:?}");
         }
     }
@@ -340,12 +360,18 @@ mod tests {
     #[test]
     fn subjects_use_the_prefix() {
         let s = Subjects::new("acme").unwrap();
-        assert_eq!(s.control(ControlSubject::DeploymentApply), "acme.control.deployments.apply");
+        assert_eq!(
+            s.control(ControlSubject::DeploymentApply),
+            "acme.control.deployments.apply"
+        );
         assert_eq!(
             s.event(EventType::ClusterJoined, "eu-1").unwrap(),
             "acme.events.cluster.eu-1.joined"
         );
-        assert_eq!(s.command("eu-1", CommandAction::Start).unwrap(), "acme.cmd.eu-1.start");
+        assert_eq!(
+            s.command("eu-1", CommandAction::Start).unwrap(),
+            "acme.cmd.eu-1.start"
+        );
         assert_eq!(s.telemetry("eu-1").unwrap(), "acme.telemetry.eu-1");
         assert_eq!(s.cluster_of_telemetry("acme.telemetry.eu-1"), Some("eu-1"));
         assert_eq!(s.cluster_of_telemetry("acme.telemetry.eu-1.x"), None);

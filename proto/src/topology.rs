@@ -149,12 +149,48 @@ impl Topology {
                 duplicate_window: Duration::from_secs(2 * 60),
                 replicas,
             },
-            clusters: kv("clusters", "inventory", "<cluster>", "ClusterRecord", "Every cluster: health, cordon, inventory"),
-            deployments: kv("deployments", "placement", "<deployment>", "ModelDeployment", "Every accepted deployment with its status"),
-            placements: kv("placements", "placement", "<deployment>", "PlacementDecision", "Where each deployment's replicas go, and why"),
-            rollouts: kv("rollouts", "rollout", "<deployment>", "RolloutState", "Progress of each deployment's rollout"),
-            replicas: kv("replicas", "executor", "<cluster>.<replica>", "ReplicaStatus", "Every replica; each executor writes its own cluster's keys"),
-            models: kv("models", "model-provisioner", "<model>", "ModelRecord", "Every model: sizing, digest, state"),
+            clusters: kv(
+                "clusters",
+                "inventory",
+                "<cluster>",
+                "ClusterRecord",
+                "Every cluster: health, cordon, inventory",
+            ),
+            deployments: kv(
+                "deployments",
+                "placement",
+                "<deployment>",
+                "ModelDeployment",
+                "Every accepted deployment with its status",
+            ),
+            placements: kv(
+                "placements",
+                "placement",
+                "<deployment>",
+                "PlacementDecision",
+                "Where each deployment's replicas go, and why",
+            ),
+            rollouts: kv(
+                "rollouts",
+                "rollout",
+                "<deployment>",
+                "RolloutState",
+                "Progress of each deployment's rollout",
+            ),
+            replicas: kv(
+                "replicas",
+                "executor",
+                "<cluster>.<replica>",
+                "ReplicaStatus",
+                "Every replica; each executor writes its own cluster's keys",
+            ),
+            models: kv(
+                "models",
+                "model-provisioner",
+                "<model>",
+                "ModelRecord",
+                "Every model: sizing, digest, state",
+            ),
             handled: BucketDef {
                 history: 1,
                 max_age: DAY,
@@ -224,7 +260,11 @@ mod tests {
         let roots: Vec<_> = t
             .streams()
             .iter()
-            .flat_map(|s| s.subjects.iter().map(|x| x.split('.').nth(1).unwrap_or_default().to_string()))
+            .flat_map(|s| {
+                s.subjects
+                    .iter()
+                    .map(|x| x.split('.').nth(1).unwrap_or_default().to_string())
+            })
             .collect();
         let mut unique = roots.clone();
         unique.sort();

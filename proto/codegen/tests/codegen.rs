@@ -7,6 +7,8 @@
 //! descriptors: field names are the proto `json_name`s, enums are written by
 //! name (`crate::json`), unknown fields are refused.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 use std::path::{Path, PathBuf};
 
 use prost_types::field_descriptor_proto::{Label, Type};
@@ -31,10 +33,7 @@ fn generate(out_dir: &Path) -> Vec<u8> {
         .filter(|p| p.extension().is_some_and(|e| e == "proto"))
         .collect();
     protos.sort();
-    let includes = [
-        root.clone(),
-        protoc_bin_vendored::include_path().unwrap(),
-    ];
+    let includes = [root.clone(), protoc_bin_vendored::include_path().unwrap()];
 
     let mut cfg = prost_build::Config::new();
     cfg.protoc_executable(protoc_bin_vendored::protoc_bin_path().unwrap());
@@ -48,7 +47,12 @@ fn generate(out_dir: &Path) -> Vec<u8> {
     );
 
     for file in &fds.file {
-        assert_eq!(file.package(), PACKAGE, "{} is outside {PACKAGE}", file.name());
+        assert_eq!(
+            file.package(),
+            PACKAGE,
+            "{} is outside {PACKAGE}",
+            file.name()
+        );
         for msg in &file.message_type {
             let msg_path = format!(".{PACKAGE}.{}", msg.name());
             assert!(
@@ -83,7 +87,10 @@ fn generate(out_dir: &Path) -> Vec<u8> {
                 match field.r#type() {
                     Type::Enum => {
                         assert!(!repeated, "{path}: repeated enums have no JSON codec yet");
-                        let rust = field.type_name().trim_start_matches(&format!(".{PACKAGE}.")).to_string();
+                        let rust = field
+                            .type_name()
+                            .trim_start_matches(&format!(".{PACKAGE}."))
+                            .to_string();
                         attrs.push(format!(
                             "serialize_with = \"crate::json::enum_name::<crate::v1::{rust}, _>\""
                         ));

@@ -87,8 +87,14 @@ impl Bus {
         message: &M,
         msg_id: Option<&str>,
     ) -> Result<(), KitError> {
-        self.publish_encoded(subject, message, Encoding::Protobuf, msg_id, HeaderMap::new())
-            .await
+        self.publish_encoded(
+            subject,
+            message,
+            Encoding::Protobuf,
+            msg_id,
+            HeaderMap::new(),
+        )
+        .await
     }
 
     /// Like [`publish`](Self::publish), with a chosen encoding and extra headers.
@@ -203,7 +209,10 @@ enum ConnectFailure {
     Unreachable(String),
 }
 
-async fn connect_once(config: &BusConfig, service: &str) -> Result<async_nats::Client, ConnectFailure> {
+async fn connect_once(
+    config: &BusConfig,
+    service: &str,
+) -> Result<async_nats::Client, ConnectFailure> {
     let url = config.nats_url.clone();
     let mut options = async_nats::ConnectOptions::new()
         .name(service)
@@ -213,9 +222,18 @@ async fn connect_once(config: &BusConfig, service: &str) -> Result<async_nats::C
             let url = url.clone();
             async move {
                 match event {
-                    async_nats::Event::Connected => tracing::info!(%url, "NATS connection (re)established"),
-                    async_nats::Event::Disconnected => tracing::warn!(%url, "NATS connection lost; reconnecting"),
-                    async_nats::Event::LameDuckMode => tracing::warn!(%url, "NATS server entering lame duck mode"),
+                    async_nats::Event::Connected => {
+                        tracing::info!(%url, "NATS connection (re)established")
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%url, "NATS connection lost; reconnecting")
+                    }
+                    async_nats::Event::LameDuckMode => {
+                        tracing::warn!(%url, "NATS server entering lame duck mode")
+                    }
+                    async_nats::Event::Draining | async_nats::Event::Closed => {
+                        tracing::info!(%url, "NATS connection {event}")
+                    }
                     other => tracing::warn!(%url, "NATS: {other}"),
                 }
             }

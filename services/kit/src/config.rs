@@ -25,7 +25,11 @@ impl ConfigError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct BusArgs {
     /// NATS server URL; several, comma-separated, for a cluster.
-    #[arg(long, env = "FLOTILLA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
 
     /// NATS credentials file (JWT + nkey seed).
@@ -91,8 +95,8 @@ impl BusConfig {
 
     /// The same settings with another subject prefix.
     pub fn with_prefix(mut self, prefix: &str) -> Result<Self, ConfigError> {
-        self.subjects = Subjects::new(prefix)
-            .map_err(|e| ConfigError::new("subject-prefix", e.to_string()))?;
+        self.subjects =
+            Subjects::new(prefix).map_err(|e| ConfigError::new("subject-prefix", e.to_string()))?;
         self.topology = Topology::new(&self.subjects, self.topology.control.replicas);
         Ok(self)
     }
@@ -133,10 +137,16 @@ impl BusArgs {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(ConfigError::new("nats-tls-key", "is needed with --nats-tls-cert"));
+                return Err(ConfigError::new(
+                    "nats-tls-key",
+                    "is needed with --nats-tls-cert",
+                ));
             }
             (None, Some(_)) => {
-                return Err(ConfigError::new("nats-tls-cert", "is needed with --nats-tls-key"));
+                return Err(ConfigError::new(
+                    "nats-tls-cert",
+                    "is needed with --nats-tls-key",
+                ));
             }
         };
         if !(1..=5).contains(&self.stream_replicas) {
@@ -173,12 +183,48 @@ mod tests {
     #[test]
     fn errors_name_the_flag() {
         let cases: Vec<(BusArgs, &str)> = vec![
-            (BusArgs { nats_url: " ".into(), ..Default::default() }, "--nats-url"),
-            (BusArgs { nats_url: "http://x:4222".into(), ..Default::default() }, "--nats-url"),
-            (BusArgs { nats_creds: Some("/nonexistent/creds".into()), ..Default::default() }, "--nats-creds"),
-            (BusArgs { subject_prefix: "a.b".into(), ..Default::default() }, "--subject-prefix"),
-            (BusArgs { stream_replicas: 0, ..Default::default() }, "--stream-replicas"),
-            (BusArgs { nats_tls_cert: Some("Cargo.toml".into()), ..Default::default() }, "--nats-tls-key"),
+            (
+                BusArgs {
+                    nats_url: " ".into(),
+                    ..Default::default()
+                },
+                "--nats-url",
+            ),
+            (
+                BusArgs {
+                    nats_url: "http://x:4222".into(),
+                    ..Default::default()
+                },
+                "--nats-url",
+            ),
+            (
+                BusArgs {
+                    nats_creds: Some("/nonexistent/creds".into()),
+                    ..Default::default()
+                },
+                "--nats-creds",
+            ),
+            (
+                BusArgs {
+                    subject_prefix: "a.b".into(),
+                    ..Default::default()
+                },
+                "--subject-prefix",
+            ),
+            (
+                BusArgs {
+                    stream_replicas: 0,
+                    ..Default::default()
+                },
+                "--stream-replicas",
+            ),
+            (
+                BusArgs {
+                    nats_tls_cert: Some("Cargo.toml".into()),
+                    ..Default::default()
+                },
+                "--nats-tls-key",
+            ),
         ];
         for (args, flag) in cases {
             let e = args.validate().unwrap_err().to_string();

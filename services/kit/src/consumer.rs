@@ -27,9 +27,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, kv};
+use flotilla_proto::EventType;
 use flotilla_proto::codec::{self, CONTENT_TYPE, Contract};
 use flotilla_proto::v1::{self, event::Payload};
-use flotilla_proto::EventType;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -74,7 +74,9 @@ impl ConsumerSpec {
     /// The delay before redelivery after failed try number `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
-        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
     }
 }
 
@@ -96,7 +98,10 @@ pub struct Delivery<M> {
 pub enum HandlerError {
     /// The message is wrong and always will be: rejected, never retried.
     #[error("invalid{}: {reason}", field.as_ref().map(|f| format!(" field {f}")).unwrap_or_default())]
-    Invalid { field: Option<String>, reason: String },
+    Invalid {
+        field: Option<String>,
+        reason: String,
+    },
     /// Something else failed (a store, a peer): try again later.
     #[error("{0}")]
     Retry(String),
@@ -117,7 +122,10 @@ impl HandlerError {
 
 /// What a service does with each message of one type.
 pub trait Handler<M>: Send + Sync + 'static {
-    fn handle(&self, delivery: Delivery<M>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(
+        &self,
+        delivery: Delivery<M>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 impl<M, F, Fut> Handler<M> for F
@@ -126,7 +134,10 @@ where
     F: Fn(Delivery<M>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
-    fn handle(&self, delivery: Delivery<M>) -> impl Future<Output = Result<(), HandlerError>> + Send {
+    fn handle(
+        &self,
+        delivery: Delivery<M>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         self(delivery)
     }
 }
@@ -239,7 +250,9 @@ fn ledger_key(spec: &ConsumerSpec, stream_sequence: u64) -> String {
 /// Records that a message is finished, before it is acknowledged.
 async fn remember(ledger: Option<&kv::Store>, spec: &ConsumerSpec, stream_sequence: u64) {
     if let Some(ledger) = ledger
-        && let Err(e) = ledger.put(ledger_key(spec, stream_sequence), bytes::Bytes::new()).await
+        && let Err(e) = ledger
+            .put(ledger_key(spec, stream_sequence), bytes::Bytes::new())
+            .await
     {
         tracing::warn!("could not record the message as handled; a crash now could repeat it: {e}");
     }
@@ -256,7 +269,10 @@ async fn process<M, H>(
     H: Handler<M>,
 {
     let (attempt, stream_sequence) = match message.info() {
-        Ok(info) => (u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1), info.stream_sequence),
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
+            info.stream_sequence,
+        ),
         Err(_) => (1, 0),
     };
     let subject = message.subject.to_string();
@@ -292,7 +308,9 @@ async fn process<M, H>(
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("cannot check whether it was handled; trying later: {e}");
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
                     return;
                 }
             }
@@ -312,9 +330,13 @@ async fn process<M, H>(
                     stream_sequence,
                     trace: trace.clone(),
                 };
-                run_with_progress(spec, &message, trace.clone().scope(handler.handle(delivery)))
-                    .await
-                    .map_err(|err| (err, "invalid_message"))
+                run_with_progress(
+                    spec,
+                    &message,
+                    trace.clone().scope(handler.handle(delivery)),
+                )
+                .await
+                .map_err(|err| (err, "invalid_message"))
             }
         };
         match outcome {
@@ -326,7 +348,10 @@ async fn process<M, H>(
                 }
             }
             Err((HandlerError::Invalid { field, reason }, code)) => {
-                tracing::warn!(field = field.as_deref().unwrap_or(""), "message rejected: {reason}");
+                tracing::warn!(
+                    field = field.as_deref().unwrap_or(""),
+                    "message rejected: {reason}"
+                );
                 bus.metrics.count(&spec.durable, "rejected");
                 let detail = v1::ErrorDetail {
                     code: code.to_string(),
@@ -347,7 +372,10 @@ async fn process<M, H>(
                 settle_after_event(bus, spec, ledger, stream_sequence, &message, draft).await;
             }
             Err((HandlerError::Retry(reason), _)) if attempt >= spec.max_deliveries => {
-                tracing::error!(tries = attempt, "handler failed on the last try; dead-lettering: {reason}");
+                tracing::error!(
+                    tries = attempt,
+                    "handler failed on the last try; dead-lettering: {reason}"
+                );
                 bus.metrics.count(&spec.durable, "dead_lettered");
                 let headers: BTreeMap<String, String> = message
                     .headers
@@ -374,7 +402,10 @@ async fn process<M, H>(
                 )
                 .payload(Payload::DeadLetter(letter))
                 .correlation_id(header("Nats-Msg-Id").unwrap_or_default())
-                .id(format!("{}.dead_lettered", ledger_key(spec, stream_sequence)));
+                .id(format!(
+                    "{}.dead_lettered",
+                    ledger_key(spec, stream_sequence)
+                ));
                 settle_after_event(bus, spec, ledger, stream_sequence, &message, draft).await;
             }
             Err((HandlerError::Retry(reason), _)) => {
@@ -411,15 +442,23 @@ async fn settle_after_event(
             }
         }
         Err(e) => {
-            tracing::error!("could not publish the event for this message, it will be redelivered: {e}");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            tracing::error!(
+                "could not publish the event for this message, it will be redelivered: {e}"
+            );
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
 
 /// Runs the handler, telling the server every third of `ack_wait` that the
 /// message is still being worked on.
-async fn run_with_progress<F>(spec: &ConsumerSpec, message: &jetstream::Message, work: F) -> Result<(), HandlerError>
+async fn run_with_progress<F>(
+    spec: &ConsumerSpec,
+    message: &jetstream::Message,
+    work: F,
+) -> Result<(), HandlerError>
 where
     F: Future<Output = Result<(), HandlerError>>,
 {

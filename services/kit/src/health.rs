@@ -37,10 +37,18 @@ impl Metrics {
     pub fn new(service: &str) -> Self {
         let mut registry = Registry::with_prefix_and_labels(
             "flotilla",
-            [(std::borrow::Cow::Borrowed("service"), std::borrow::Cow::Owned(service.to_string()))].into_iter(),
+            [(
+                std::borrow::Cow::Borrowed("service"),
+                std::borrow::Cow::Owned(service.to_string()),
+            )]
+            .into_iter(),
         );
         let messages = Family::<MessageLabels, Counter>::default();
-        registry.register("messages", "Bus messages by consumer and outcome", messages.clone());
+        registry.register(
+            "messages",
+            "Bus messages by consumer and outcome",
+            messages.clone(),
+        );
         Self {
             registry: std::sync::Mutex::new(registry),
             messages,
@@ -116,11 +124,17 @@ impl Health {
 
     /// Serves the endpoints on `addr` until `shutdown`; returns the bound
     /// address (useful with port 0).
-    pub async fn serve(self: &Arc<Self>, addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, KitError> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| KitError::Http {
-            addr: addr.to_string(),
-            source,
-        })?;
+    pub async fn serve(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<SocketAddr, KitError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| KitError::Http {
+                addr: addr.to_string(),
+                source,
+            })?;
         let bound = listener.local_addr().map_err(|source| KitError::Http {
             addr: addr.to_string(),
             source,
@@ -146,13 +160,19 @@ impl Health {
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     match health.not_ready_reason() {
         None => (StatusCode::OK, "ready\n".to_string()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         health.metrics.render(),
     )
 }

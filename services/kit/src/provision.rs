@@ -50,7 +50,10 @@ pub async fn provision(bus: &Bus) -> Result<ProvisionReport, KitError> {
         let draft = EventDraft::new(
             EventType::BusTopologyDrifted,
             &drift.name,
-            format!("{} {} differs from the contracts: {summary}", drift.kind, drift.name),
+            format!(
+                "{} {} differs from the contracts: {summary}",
+                drift.kind, drift.name
+            ),
         )
         .payload(Payload::Drift(drift.clone()));
         bus.publish_event(draft).await?;
@@ -99,10 +102,30 @@ fn stream_drift(def: &StreamDef, actual: &stream::Config) -> Vec<v1::FieldDrift>
     subjects.sort();
     let mut want_subjects = want.subjects.clone();
     want_subjects.sort();
-    field(&mut out, "subjects", format!("{want_subjects:?}"), format!("{subjects:?}"));
-    field(&mut out, "retention", format!("{:?}", want.retention), format!("{:?}", actual.retention));
-    field(&mut out, "max_age", fmt_duration(want.max_age), fmt_duration(actual.max_age));
-    field(&mut out, "max_bytes", want.max_bytes.to_string(), actual.max_bytes.to_string());
+    field(
+        &mut out,
+        "subjects",
+        format!("{want_subjects:?}"),
+        format!("{subjects:?}"),
+    );
+    field(
+        &mut out,
+        "retention",
+        format!("{:?}", want.retention),
+        format!("{:?}", actual.retention),
+    );
+    field(
+        &mut out,
+        "max_age",
+        fmt_duration(want.max_age),
+        fmt_duration(actual.max_age),
+    );
+    field(
+        &mut out,
+        "max_bytes",
+        want.max_bytes.to_string(),
+        actual.max_bytes.to_string(),
+    );
     field(
         &mut out,
         "max_messages_per_subject",
@@ -115,12 +138,25 @@ fn stream_drift(def: &StreamDef, actual: &stream::Config) -> Vec<v1::FieldDrift>
         fmt_duration(want.duplicate_window),
         fmt_duration(actual.duplicate_window),
     );
-    field(&mut out, "num_replicas", want.num_replicas.to_string(), actual.num_replicas.to_string());
-    field(&mut out, "storage", format!("{:?}", want.storage), format!("{:?}", actual.storage));
+    field(
+        &mut out,
+        "num_replicas",
+        want.num_replicas.to_string(),
+        actual.num_replicas.to_string(),
+    );
+    field(
+        &mut out,
+        "storage",
+        format!("{:?}", want.storage),
+        format!("{:?}", actual.storage),
+    );
     out
 }
 
-async fn existing_config(js: &jetstream::Context, stream_name: &str) -> Result<Option<stream::Config>, String> {
+async fn existing_config(
+    js: &jetstream::Context,
+    stream_name: &str,
+) -> Result<Option<stream::Config>, String> {
     match js.get_stream(stream_name).await {
         Ok(s) => Ok(Some(s.cached_info().config.clone())),
         Err(e) => {
@@ -129,7 +165,11 @@ async fn existing_config(js: &jetstream::Context, stream_name: &str) -> Result<O
                 jetstream::context::GetStreamErrorKind::JetStream(ref j)
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             );
-            if not_found { Ok(None) } else { Err(e.to_string()) }
+            if not_found {
+                Ok(None)
+            } else {
+                Err(e.to_string())
+            }
         }
     }
 }
@@ -142,7 +182,10 @@ fn drift_report(kind: &str, name: &str, fields: Vec<v1::FieldDrift>) -> Option<v
     })
 }
 
-async fn ensure_stream(js: &jetstream::Context, def: &StreamDef) -> Result<Option<v1::TopologyDrift>, KitError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    def: &StreamDef,
+) -> Result<Option<v1::TopologyDrift>, KitError> {
     let failed = |reason: String| KitError::Provision {
         kind: "stream",
         name: def.name.clone(),
@@ -150,19 +193,30 @@ async fn ensure_stream(js: &jetstream::Context, def: &StreamDef) -> Result<Optio
     };
     // Look first so an existing stream is compared, never recreated.
     if let Some(actual) = existing_config(js, &def.name).await.map_err(failed)? {
-        return Ok(drift_report("stream", &def.name, stream_drift(def, &actual)));
+        return Ok(drift_report(
+            "stream",
+            &def.name,
+            stream_drift(def, &actual),
+        ));
     }
     match js.create_stream(stream_config(def)).await {
         Ok(_) => Ok(None),
         // Another service created it between our look and our create.
         Err(create_err) => match existing_config(js, &def.name).await.map_err(failed)? {
-            Some(actual) => Ok(drift_report("stream", &def.name, stream_drift(def, &actual))),
+            Some(actual) => Ok(drift_report(
+                "stream",
+                &def.name,
+                stream_drift(def, &actual),
+            )),
             None => Err(failed(create_err.to_string())),
         },
     }
 }
 
-async fn ensure_bucket(js: &jetstream::Context, def: &BucketDef) -> Result<Option<v1::TopologyDrift>, KitError> {
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    def: &BucketDef,
+) -> Result<Option<v1::TopologyDrift>, KitError> {
     let stream_name = format!("KV_{}", def.name);
     let failed = |reason: String| KitError::Provision {
         kind: "kv bucket",
@@ -171,9 +225,24 @@ async fn ensure_bucket(js: &jetstream::Context, def: &BucketDef) -> Result<Optio
     };
     let drift = |actual: &stream::Config| {
         let mut out = Vec::new();
-        field(&mut out, "history", def.history.to_string(), actual.max_messages_per_subject.to_string());
-        field(&mut out, "max_age", fmt_duration(def.max_age), fmt_duration(actual.max_age));
-        field(&mut out, "num_replicas", def.replicas.to_string(), actual.num_replicas.to_string());
+        field(
+            &mut out,
+            "history",
+            def.history.to_string(),
+            actual.max_messages_per_subject.to_string(),
+        );
+        field(
+            &mut out,
+            "max_age",
+            fmt_duration(def.max_age),
+            fmt_duration(actual.max_age),
+        );
+        field(
+            &mut out,
+            "num_replicas",
+            def.replicas.to_string(),
+            actual.num_replicas.to_string(),
+        );
         drift_report("kv", &def.name, out)
     };
     if let Some(actual) = existing_config(js, &stream_name).await.map_err(failed)? {
@@ -209,7 +278,12 @@ async fn ensure_object_store(
     };
     let drift = |actual: &stream::Config| {
         let mut out = Vec::new();
-        field(&mut out, "num_replicas", def.replicas.to_string(), actual.num_replicas.to_string());
+        field(
+            &mut out,
+            "num_replicas",
+            def.replicas.to_string(),
+            actual.num_replicas.to_string(),
+        );
         drift_report("object-store", &def.name, out)
     };
     if let Some(actual) = existing_config(js, &stream_name).await.map_err(failed)? {
@@ -250,7 +324,10 @@ mod tests {
         let mut actual = stream_config(&t.events);
         actual.max_age = Duration::from_secs(60);
         actual.subjects = vec!["other.>".into()];
-        let fields: Vec<_> = stream_drift(&t.events, &actual).into_iter().map(|f| f.field).collect();
+        let fields: Vec<_> = stream_drift(&t.events, &actual)
+            .into_iter()
+            .map(|f| f.field)
+            .collect();
         assert_eq!(fields, vec!["subjects", "max_age"]);
     }
 }

@@ -33,7 +33,9 @@ fn random_hex(bytes: usize) -> String {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl TraceContext {
@@ -52,7 +54,12 @@ impl TraceContext {
         let mut parts = header.trim().split('-');
         let (version, trace, parent, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if !is_hex(version, 2) || version == "ff" || !is_hex(trace, 32) || !is_hex(parent, 16) || !is_hex(flags, 2) {
+        if !is_hex(version, 2)
+            || version == "ff"
+            || !is_hex(trace, 32)
+            || !is_hex(parent, 16)
+            || !is_hex(flags, 2)
+        {
             return None;
         }
         if trace.bytes().all(|b| b == b'0') || parent.bytes().all(|b| b == b'0') {

@@ -1,0 +1,152 @@
+//! `flotilla up`: the embedded local fleet. It starts a nats-server with
+//! JetStream on loopback and provisions the bus, with the same code paths
+//! as production, and stops everything on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use flotilla_kit::{Bus, BusArgs, Shutdown, provision};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the local fleet keeps its state (the JetStream store).
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = ".flotilla")]
+    pub data_dir: PathBuf,
+
+    /// The nats-server binary; by default `.tools/bin/nats-server`
+    /// (scripts/install-tools), then PATH.
+    #[arg(long, env = "FLOTILLA_NATS_SERVER")]
+    pub nats_server: Option<PathBuf>,
+
+    /// Client port of the local nats-server.
+    #[arg(long, env = "FLOTILLA_NATS_PORT", default_value_t = 4222)]
+    pub nats_port: u16,
+}
+
+pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    let binary = find_nats_server(args.nats_server.as_deref())?;
+    let store = args.data_dir.join("nats");
+    std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
+    let url = format!("nats://127.0.0.1:{}", args.nats_port);
+
+    let log = args.data_dir.join("nats-server.log");
+    let mut nats = start_nats(&binary, args.nats_port, &store, &log)?;
+    let config = BusArgs {
+        nats_url: url.clone(),
+        ..bus_args.clone()
+    }
+    .validate()?;
+
+    let connect = tokio::time::timeout(
+        Duration::from_secs(20),
+        Bus::connect(&config, "flotilla-up", &shutdown),
+    );
+    let bus = tokio::select! {
+        connected = connect => connected.context("nats-server did not accept connections within 20 s")??,
+        exited = nats.wait() => bail!(
+            "nats-server exited at start ({}); is port {} in use? see {}",
+            exited?, args.nats_port, log.display()
+        ),
+    };
+    let report = provision(&bus).await?;
+    for drift in &report.drifted {
+        eprintln!(
+            "warning: {} {} differs from the contracts (left unchanged)",
+            drift.kind, drift.name
+        );
+    }
+
+    let prefix = bus.subjects.prefix();
+    println!("Flotilla local fleet is up.");
+    println!(
+        "  NATS (JetStream): {url}   store: {}   log: {}",
+        store.display(),
+        log.display()
+    );
+    println!(
+        "  streams: {}",
+        bus.topology
+            .streams()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  buckets: {}",
+        bus.topology
+            .buckets()
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
+    println!("Press Ctrl-C to stop.");
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        exited = nats.wait() => bail!("nats-server exited unexpectedly: {}", exited?),
+    }
+    println!("stopping…");
+    bus.client.drain().await.ok();
+    stop(&mut nats).await;
+    println!("stopped.");
+    Ok(())
+}
+
+fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let local = PathBuf::from(".tools/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!(
+        "nats-server not found in .tools/bin or PATH; run scripts/install-tools (or pass --nats-server)"
+    )
+}
+
+fn start_nats(binary: &Path, port: u16, store: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new(binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SIGTERM lets nats-server flush its store.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
