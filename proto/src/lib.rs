@@ -19,7 +19,9 @@ mod subjects;
 mod topology;
 
 pub use codec::{Contract, DecodeError, Encoding};
-pub use subjects::{CommandAction, ControlSubject, EventKind, EventType, InvalidName, Subjects};
+pub use subjects::{
+    CommandAction, ControlSubject, EventKind, EventType, InvalidName, Subjects, check_name,
+};
 pub use topology::{BucketDef, ObjectStoreDef, Retention, StreamDef, Topology};
 
 /// The generated `flotilla.v1` protobuf types.

@@ -924,6 +924,25 @@ pub struct ClusterRecord {
     #[prost(message, repeated, tag = "12")]
     #[serde(rename = "replicas")]
     pub replicas: ::prost::alloc::vec::Vec<ReplicaUsage>,
+    /// The event type of the change that made `generation`, e.g.
+    /// `cluster.unhealthy`, and its sentence.
+    #[prost(string, tag = "13")]
+    #[serde(rename = "lastTransition")]
+    pub last_transition: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    #[serde(rename = "lastTransitionMessage")]
+    pub last_transition_message: ::prost::alloc::string::String,
+    /// The generation whose event has been published. Behind `generation`
+    /// only between a write and its event: any inventory instance that sees
+    /// the gap publishes the event (its id is fixed, so it is stored once).
+    #[prost(uint64, tag = "15")]
+    #[serde(rename = "announcedGeneration")]
+    pub announced_generation: u64,
+    /// The most GPUs this executor instance has reported; fewer now means a
+    /// GPU disappeared.
+    #[prost(uint32, tag = "16")]
+    #[serde(rename = "expectedGpuCount")]
+    pub expected_gpu_count: u32,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

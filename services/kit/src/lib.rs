@@ -16,6 +16,8 @@
 //! - [`consumer`]: the one typed loop over a durable pull consumer that every
 //!   service reads the bus with: refuse undecodable messages once, retry
 //!   failed handlers with backoff, dead-letter after N tries;
+//! - [`records`]: typed KV records written with compare-and-set, with a
+//!   watched local copy;
 //! - [`health`]: `/healthz`, `/readyz` and `/metrics` over HTTP;
 //! - [`trace`]: W3C `traceparent` carried through NATS headers.
 //!
@@ -27,6 +29,7 @@ pub mod consumer;
 pub mod health;
 pub mod logging;
 pub mod provision;
+pub mod records;
 pub mod shutdown;
 pub mod trace;
 
@@ -35,6 +38,7 @@ pub use config::{BusArgs, BusConfig, ConfigError};
 pub use consumer::{ConsumerSpec, Delivery, Handler, HandlerError};
 pub use health::{Health, Metrics};
 pub use provision::{ProvisionReport, provision};
+pub use records::RecordStore;
 pub use shutdown::{Shutdown, shutdown_on_signals};
 pub use trace::TraceContext;
 
@@ -64,6 +68,12 @@ pub enum KitError {
         addr: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("KV {bucket} key {key:?}: {reason}")]
+    Store {
+        bucket: String,
+        key: String,
+        reason: String,
     },
     #[error(transparent)]
     InvalidName(#[from] flotilla_proto::InvalidName),

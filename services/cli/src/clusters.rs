@@ -1,0 +1,167 @@
+//! `flotilla get clusters` and `flotilla cluster cordon|uncordon`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use flotilla_kit::{Bus, RecordStore, now_unix_ms};
+use flotilla_proto::v1::{self, ClusterHealth, ClusterRecord, event::Payload};
+use flotilla_proto::{ControlSubject, EventType};
+use futures::StreamExt;
+use prost::Message;
+
+use crate::Output;
+use crate::table;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterAction {
+    /// Keep new replicas off a cluster; running ones stay.
+    Cordon {
+        name: String,
+        /// Why, shown with the cluster and in the event.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let placement use a cordoned cluster again.
+    Uncordon { name: String },
+}
+
+pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Result<()> {
+    let store = RecordStore::<ClusterRecord>::open(bus, &bus.topology.clusters.name)
+        .await
+        .context("the fleet has no cluster inventory yet (is it provisioned? try `flotilla up`)")?;
+    let clusters = store.list().await?;
+    match output {
+        Output::Json => {
+            writeln!(out, "{}", serde_json::to_string_pretty(&clusters)?)?;
+        }
+        Output::Table => {
+            let now = now_unix_ms();
+            let rows: Vec<Vec<String>> = clusters.iter().map(|c| row(c, now)).collect();
+            let headers = [
+                "NAME",
+                "REGION",
+                "HEALTH",
+                "GPUS FREE/TOTAL",
+                "GPU TYPE",
+                "COST/GPU-H",
+                "CACHED MODELS",
+                "LAST SEEN",
+            ];
+            write!(out, "{}", table::render(&headers, &rows))?;
+            if clusters.is_empty() {
+                writeln!(out, "(no clusters have joined yet)")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn row(c: &ClusterRecord, now: i64) -> Vec<String> {
+    let inv = c.inventory.clone().unwrap_or_default();
+    let mut health = flotilla_proto::json::name_of::<ClusterHealth>(c.health).to_string();
+    if c.cordoned {
+        health.push_str(",Cordoned");
+    }
+    let total = inv.gpus.len();
+    let free = inv.gpus.iter().filter(|g| !g.allocated).count();
+    let mut types: Vec<String> = inv.gpus.iter().map(|g| g.model.clone()).collect();
+    types.sort();
+    types.dedup();
+    let source = if inv.source() == v1::InventorySource::Declared {
+        " (declared)"
+    } else {
+        ""
+    };
+    let models: Vec<_> = inv.cached_models.iter().map(|m| m.name.clone()).collect();
+    vec![
+        c.name.clone(),
+        inv.labels
+            .get("region")
+            .cloned()
+            .unwrap_or_else(|| "-".into()),
+        health,
+        format!("{free}/{total}"),
+        if types.is_empty() {
+            "-".into()
+        } else {
+            format!("{}{source}", types.join(","))
+        },
+        format!("{:.2}", inv.cost_per_gpu_hour),
+        if models.is_empty() {
+            "-".into()
+        } else {
+            models.join(",")
+        },
+        table::ago(c.last_seen_unix_ms, now),
+    ]
+}
+
+/// Publishes the request and waits until inventory has applied it, or
+/// says why not.
+pub async fn cordon(bus: &Bus, action: ClusterAction, out: &mut impl Write) -> anyhow::Result<()> {
+    let (name, cordon, reason) = match action {
+        ClusterAction::Cordon { name, reason } => (name, true, reason),
+        ClusterAction::Uncordon { name } => (name, false, String::new()),
+    };
+    flotilla_proto::check_name("cluster", &name)?;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let kv = bus
+        .jetstream
+        .get_key_value(&bus.topology.clusters.name)
+        .await
+        .context("the fleet has no cluster inventory yet")?;
+    let mut watch = kv.watch_with_history(&name).await?;
+    let rejections = bus.subjects.events_of_type(EventType::BusMessageRejected);
+    let mut rejected = bus.client.subscribe(rejections).await?;
+
+    let request = v1::CordonCluster {
+        cluster: name.clone(),
+        cordon,
+        reason,
+        request_id: request_id.clone(),
+    };
+    bus.publish(
+        bus.subjects.control(ControlSubject::ClusterCordon),
+        &request,
+        Some(&request_id),
+    )
+    .await?;
+
+    let verb = if cordon { "cordoned" } else { "uncordoned" };
+    let wait = async {
+        loop {
+            tokio::select! {
+                Some(Ok(entry)) = watch.next() => {
+                    if let Ok(record) = ClusterRecord::decode(entry.value)
+                        && record.cordoned == cordon
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(msg) = rejected.next() => {
+                    if let Ok(event) = v1::Event::decode(msg.payload)
+                        && event.correlation_id == request_id
+                    {
+                        let reason = match event.payload {
+                            Some(Payload::Error(e)) => e.reason,
+                            _ => event.message,
+                        };
+                        bail!("refused: {reason}");
+                    }
+                }
+                else => bail!("lost the connection to NATS"),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), wait).await {
+        Ok(Ok(())) => {
+            writeln!(out, "cluster/{name} {verb}")?;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!(
+            "the request is on the bus but no inventory applied it within 10 s (is the inventory service running?)"
+        ),
+    }
+}

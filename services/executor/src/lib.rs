@@ -1,0 +1,294 @@
+//! The `executor`: one per cluster. This half reports the cluster to the
+//! fleet: every `--heartbeat-interval` a `ClusterHeartbeat` on
+//! `<prefix>.telemetry.<cluster>` with labels, taints, cost, CPU and memory,
+//! and GPUs from NVML when a driver is present or from the declared
+//! inventory otherwise (the source is in the message, so a simulation is
+//! never mistaken for hardware). The replica half joins later.
+//!
+//! Start reading at [`run`]; GPU telemetry is in [`gpu`], the declared
+//! inventory in [`declared`].
+
+pub mod declared;
+pub mod gpu;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, Health, KitError, now_unix_ms};
+use flotilla_proto::v1::{self, ClusterInventory, InventorySource};
+use tokio_util::sync::CancellationToken;
+
+use crate::declared::{DeclaredGpus, parse_labels, parse_taints};
+use crate::gpu::{DeviceReader, GpuTelemetry, NvmlReader};
+
+pub const SERVICE: &str = "executor";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuSource {
+    /// NVML when a driver and a GPU are present, else the declared GPUs.
+    Auto,
+    /// NVML only; fail at start without a driver.
+    Nvml,
+    /// The declared GPUs only (simulated or CPU-only clusters).
+    Declared,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecutorArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+
+    /// This cluster's name (a DNS label, unique in the fleet).
+    #[arg(long, env = "FLOTILLA_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// Cluster labels, `key=value`, comma-separated or repeated
+    /// (region, zone, env, provider, ...).
+    #[arg(long = "label", env = "FLOTILLA_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// Taints, `key=value:Effect` or `key:Effect` (NoSchedule,
+    /// PreferNoSchedule, NoExecute).
+    #[arg(long = "taint", env = "FLOTILLA_TAINTS", value_delimiter = ',')]
+    pub taints: Vec<String>,
+
+    /// Declared GPUs, `COUNTxMODEL-SIZEGB`, e.g. `2xH100-80GB,1xL4-24GB`.
+    #[arg(long, env = "FLOTILLA_GPUS", default_value = "")]
+    pub gpus: String,
+
+    /// Where GPU figures come from.
+    #[arg(long, env = "FLOTILLA_GPU_SOURCE", value_enum, default_value_t = GpuSource::Auto)]
+    pub gpu_source: GpuSource,
+
+    /// Price of one GPU for an hour, in the fleet's currency.
+    #[arg(long, env = "FLOTILLA_COST_PER_GPU_HOUR", default_value_t = 0.0)]
+    pub cost_per_gpu_hour: f64,
+
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:0")]
+    pub http_addr: SocketAddr,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bus: BusConfig,
+    pub cluster: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub taints: Vec<v1::Taint>,
+    pub declared: DeclaredGpus,
+    pub gpu_source: GpuSource,
+    pub cost_per_gpu_hour: f64,
+    pub heartbeat_interval: Duration,
+    pub http_addr: SocketAddr,
+}
+
+impl ExecutorArgs {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let cluster = self
+            .cluster
+            .clone()
+            .ok_or_else(|| ConfigError::new("cluster", "is required"))?;
+        flotilla_proto::check_name("cluster", &cluster)
+            .map_err(|e| ConfigError::new("cluster", e.to_string()))?;
+        if !self.cost_per_gpu_hour.is_finite() || self.cost_per_gpu_hour < 0.0 {
+            return Err(ConfigError::new(
+                "cost-per-gpu-hour",
+                "must be a price of 0 or more",
+            ));
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "heartbeat-interval",
+                "must be at least 10ms",
+            ));
+        }
+        Ok(Config {
+            bus: self.bus.validate()?,
+            cluster,
+            labels: parse_labels(&self.labels).map_err(|e| ConfigError::new("label", e))?,
+            taints: parse_taints(&self.taints).map_err(|e| ConfigError::new("taint", e))?,
+            declared: DeclaredGpus::parse(&self.gpus).map_err(|e| ConfigError::new("gpus", e))?,
+            gpu_source: self.gpu_source,
+            cost_per_gpu_hour: self.cost_per_gpu_hour,
+            heartbeat_interval: self.heartbeat_interval,
+            http_addr: self.http_addr,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error(transparent)]
+    Kit(#[from] KitError),
+    #[error("--gpu-source nvml: {0}")]
+    Nvml(#[from] gpu::GpuError),
+}
+
+/// Where this executor's GPU figures come from, decided once at start.
+enum Gpus {
+    Nvml(Box<dyn DeviceReader>, GpuTelemetry),
+    Declared,
+}
+
+fn choose_gpus(config: &Config) -> Result<Gpus, ExecutorError> {
+    match config.gpu_source {
+        GpuSource::Declared => Ok(Gpus::Declared),
+        GpuSource::Nvml => Ok(Gpus::Nvml(
+            Box::new(NvmlReader::open()?),
+            GpuTelemetry::default(),
+        )),
+        GpuSource::Auto => match NvmlReader::open() {
+            Ok(mut reader) => match reader.read_devices() {
+                Ok(devices) if !devices.is_empty() => {
+                    tracing::info!(gpus = devices.len(), "GPU inventory from NVML");
+                    Ok(Gpus::Nvml(Box::new(reader), GpuTelemetry::default()))
+                }
+                _ => {
+                    tracing::info!(
+                        "NVML has no GPUs; using the declared inventory ({})",
+                        config.declared
+                    );
+                    Ok(Gpus::Declared)
+                }
+            },
+            Err(e) => {
+                tracing::info!(
+                    "no NVIDIA driver ({e}); using the declared inventory ({})",
+                    config.declared
+                );
+                Ok(Gpus::Declared)
+            }
+        },
+    }
+}
+
+/// Memory of this host in bytes, from /proc/meminfo where there is one.
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Builds heartbeats; one per instance of the executor.
+pub struct Heartbeats {
+    config: Config,
+    gpus: Gpus,
+    instance: String,
+    sequence: u64,
+    cpu_cores: u32,
+    memory_bytes: u64,
+    gpu_read_failed: bool,
+}
+
+impl Heartbeats {
+    fn new(config: Config, gpus: Gpus) -> Self {
+        Self {
+            config,
+            gpus,
+            instance: uuid::Uuid::new_v4().to_string(),
+            sequence: 0,
+            cpu_cores: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            memory_bytes: host_memory_bytes(),
+            gpu_read_failed: false,
+        }
+    }
+
+    pub fn next_heartbeat(&mut self) -> v1::ClusterHeartbeat {
+        self.sequence += 1;
+        let (gpus, source) = match &mut self.gpus {
+            Gpus::Declared => (
+                self.config.declared.devices(&self.config.cluster),
+                InventorySource::Declared,
+            ),
+            Gpus::Nvml(reader, telemetry) => match telemetry.sample(reader.as_mut()) {
+                Ok(gpus) => {
+                    self.gpu_read_failed = false;
+                    (gpus, InventorySource::Nvml)
+                }
+                Err(e) => {
+                    if !self.gpu_read_failed {
+                        tracing::error!("reading GPUs failed: {e}; reporting none until it works");
+                    }
+                    self.gpu_read_failed = true;
+                    (Vec::new(), InventorySource::Nvml)
+                }
+            },
+        };
+        v1::ClusterHeartbeat {
+            cluster: self.config.cluster.clone(),
+            sequence: self.sequence,
+            sent_at_unix_ms: now_unix_ms(),
+            inventory: Some(ClusterInventory {
+                labels: self.config.labels.clone(),
+                taints: self.config.taints.clone(),
+                gpus,
+                cpu_cores: self.cpu_cores,
+                memory_bytes: self.memory_bytes,
+                cost_per_gpu_hour: self.config.cost_per_gpu_hour,
+                cached_models: Vec::new(),
+                source: source.into(),
+            }),
+            replicas: Vec::new(),
+            executor_version: env!("CARGO_PKG_VERSION").to_string(),
+            executor_instance: self.instance.clone(),
+        }
+    }
+}
+
+/// Runs the executor until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
+    let gpus = choose_gpus(&config)?;
+    let bus = Bus::connect(&config.bus, SERVICE, &shutdown).await?;
+    flotilla_kit::provision(&bus).await?;
+    let health = Health::for_bus(&bus);
+    health.serve(config.http_addr, shutdown.clone()).await?;
+    let subject = bus
+        .subjects
+        .telemetry(&config.cluster)
+        .map_err(KitError::from)?;
+    let interval = config.heartbeat_interval;
+    let cluster = config.cluster.clone();
+    let mut heartbeats = Heartbeats::new(config, gpus);
+
+    health.set_ready(true);
+    tracing::info!(%cluster, ?interval, "sending heartbeats on {subject}");
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let hb = heartbeats.next_heartbeat();
+        let id = format!("{}-{}", hb.executor_instance, hb.sequence);
+        match bus.publish(subject.clone(), &hb, Some(&id)).await {
+            Ok(()) if failing => {
+                tracing::info!("heartbeats are getting through again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!("heartbeat not stored: {e}; will keep trying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+    health.set_ready(false);
+    if let Err(e) = bus.client.drain().await {
+        tracing::warn!("draining the NATS connection: {e}");
+    }
+    Ok(())
+}

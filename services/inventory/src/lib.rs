@@ -1,0 +1,359 @@
+//! The `inventory` service: what the fleet has, cluster by cluster.
+//!
+//! It is the only writer of KV `clusters`. It reads executor heartbeats
+//! (`<prefix>.telemetry.<cluster>`) and cordon requests, keeps each
+//! cluster's record (labels, taints, GPUs, cost, cached models, health),
+//! and publishes one `cluster.*` event per transition: joined, healthy,
+//! degraded, unhealthy, left, cordoned, uncordoned.
+//!
+//! The decisions are pure functions in [`lifecycle`]; this module feeds them
+//! from the bus and writes their results. Several instances may run:
+//! heartbeats are shared through one durable consumer, records are written
+//! with compare-and-set so only one write makes a transition, and the event
+//! of a transition has a fixed id so it is stored once whoever publishes it.
+//!
+//! Start reading at [`run`].
+
+pub mod lifecycle;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_kit::consumer::run_consumer;
+use flotilla_kit::{
+    Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
+    KitError, RecordStore, now_unix_ms,
+};
+use flotilla_proto::v1::{self, ClusterRecord, event::Payload};
+use flotilla_proto::{ControlSubject, EventType, check_name};
+use tokio_util::sync::CancellationToken;
+
+pub use lifecycle::HealthPolicy;
+
+pub const SERVICE: &str = "inventory";
+const TELEMETRY_CONSUMER: &str = "inventory-telemetry";
+const CORDON_CONSUMER: &str = "inventory-cordon";
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "flotilla-inventory",
+    version,
+    about = "Flotilla inventory: cluster health and capacity from executor heartbeats"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub bus: BusArgs,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:9101")]
+    pub http_addr: SocketAddr,
+
+    /// A cluster without a heartbeat this long is unhealthy.
+    #[arg(long, env = "FLOTILLA_UNHEALTHY_AFTER", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub unhealthy_after: Duration,
+
+    /// An unhealthy cluster without a heartbeat this long has left.
+    #[arg(long, env = "FLOTILLA_LEFT_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub left_after: Duration,
+
+    /// Heartbeats whose clock differs from ours by more are rejected.
+    #[arg(long, env = "FLOTILLA_MAX_CLOCK_SKEW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
+
+    /// How often silences are checked.
+    #[arg(long, env = "FLOTILLA_HEALTH_CHECK_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub check_interval: Duration,
+
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
+    pub log_format: flotilla_kit::logging::LogFormat,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bus: BusConfig,
+    pub http_addr: SocketAddr,
+    pub policy: HealthPolicy,
+    pub check_interval: Duration,
+}
+
+fn millis(flag: &'static str, d: Duration) -> Result<i64, ConfigError> {
+    let ms = i64::try_from(d.as_millis()).map_err(|_| ConfigError::new(flag, "is too long"))?;
+    if ms <= 0 {
+        return Err(ConfigError::new(flag, "must be longer than 0"));
+    }
+    Ok(ms)
+}
+
+impl Args {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let policy = HealthPolicy {
+            unhealthy_after_ms: millis("unhealthy-after", self.unhealthy_after)?,
+            left_after_ms: millis("left-after", self.left_after)?,
+            max_clock_skew_ms: millis("max-clock-skew", self.max_clock_skew)?,
+        };
+        if policy.left_after_ms <= policy.unhealthy_after_ms {
+            return Err(ConfigError::new(
+                "left-after",
+                "must be longer than --unhealthy-after",
+            ));
+        }
+        millis("check-interval", self.check_interval)?;
+        Ok(Config {
+            bus: self.bus.validate()?,
+            http_addr: self.http_addr,
+            policy,
+            check_interval: self.check_interval,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error(transparent)]
+    Kit(#[from] KitError),
+}
+
+#[derive(Clone)]
+struct Inventory {
+    bus: Bus,
+    clusters: RecordStore<ClusterRecord>,
+    policy: HealthPolicy,
+}
+
+/// Runs the service until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), InventoryError> {
+    let bus = Bus::connect(&config.bus, SERVICE, &shutdown).await?;
+    flotilla_kit::provision(&bus).await?;
+    let health = Health::for_bus(&bus);
+    health.serve(config.http_addr, shutdown.clone()).await?;
+
+    let clusters = RecordStore::<ClusterRecord>::open(&bus, &bus.topology.clusters.name).await?;
+    clusters.start_watch(shutdown.clone()).await?;
+    let inventory = Inventory {
+        bus: bus.clone(),
+        clusters,
+        policy: config.policy,
+    };
+
+    let mut telemetry = ConsumerSpec::new(
+        &bus.topology.telemetry.name,
+        TELEMETRY_CONSUMER,
+        vec![bus.subjects.telemetry_all()],
+    );
+    // Heartbeats are idempotent (sequence-checked) and frequent: skip the
+    // handled ledger, and don't retry one for long, a newer one follows.
+    telemetry.remember_handled = false;
+    telemetry.max_deliveries = 3;
+    telemetry.initial_backoff = Duration::from_millis(100);
+    let cordon = ConsumerSpec::new(
+        &bus.topology.control.name,
+        CORDON_CONSUMER,
+        vec![bus.subjects.control(ControlSubject::ClusterCordon)],
+    );
+
+    let telemetry_task = {
+        let inv = inventory.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let handler_inv = inv.clone();
+            let handler = move |d: Delivery<v1::ClusterHeartbeat>| {
+                let inv = handler_inv.clone();
+                async move { inv.on_heartbeat(d).await }
+            };
+            run_consumer(&inv.bus, telemetry, handler, stop).await
+        })
+    };
+    let cordon_task = {
+        let inv = inventory.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let handler_inv = inv.clone();
+            let handler = move |d: Delivery<v1::CordonCluster>| {
+                let inv = handler_inv.clone();
+                async move { inv.on_cordon(d).await }
+            };
+            run_consumer(&inv.bus, cordon, handler, stop).await
+        })
+    };
+    let ticker_task = {
+        let inv = inventory.clone();
+        let stop = shutdown.clone();
+        let interval = config.check_interval;
+        tokio::spawn(async move { inv.check_silences(interval, stop).await })
+    };
+
+    health.set_ready(true);
+    tracing::info!(
+        unhealthy_after_ms = config.policy.unhealthy_after_ms,
+        left_after_ms = config.policy.left_after_ms,
+        "inventory running"
+    );
+    for task in [telemetry_task, cordon_task, ticker_task] {
+        match task.await {
+            Ok(Err(e)) => tracing::error!("task failed: {e}"),
+            Err(e) => tracing::error!("task panicked: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    health.set_ready(false);
+    if let Err(e) = inventory.bus.client.drain().await {
+        tracing::warn!("draining the NATS connection: {e}");
+    }
+    Ok(())
+}
+
+impl Inventory {
+    async fn on_heartbeat(&self, d: Delivery<v1::ClusterHeartbeat>) -> Result<(), HandlerError> {
+        let subject_cluster = self
+            .bus
+            .subjects
+            .cluster_of_telemetry(&d.subject)
+            .unwrap_or_default();
+        // Without a valid cluster name there is no cluster to report on:
+        // the kit's rejection event names the subject instead.
+        check_name("cluster", subject_cluster)
+            .map_err(|e| HandlerError::invalid("cluster", e.to_string()))?;
+        let hb = d.message;
+        let now = now_unix_ms();
+        if let Err(bad) = lifecycle::validate(&hb, subject_cluster, now, &self.policy) {
+            tracing::warn!(cluster = subject_cluster, field = %bad.field, "heartbeat rejected: {}", bad.reason);
+            let detail = v1::ErrorDetail {
+                code: "invalid_heartbeat".into(),
+                subject: d.subject.clone(),
+                field: bad.field.clone(),
+                reason: bad.reason.clone(),
+                stream_sequence: d.stream_sequence,
+                consumer: TELEMETRY_CONSUMER.into(),
+            };
+            let draft = EventDraft::new(
+                EventType::ClusterHeartbeatRejected,
+                subject_cluster,
+                format!("heartbeat of {subject_cluster} rejected: {bad}"),
+            )
+            .payload(Payload::Error(detail))
+            .id(format!(
+                "heartbeat-rejected-{subject_cluster}-{}",
+                d.stream_sequence
+            ));
+            return self
+                .bus
+                .publish_event(draft)
+                .await
+                .map_err(HandlerError::retry);
+        }
+        let written = self
+            .clusters
+            .update(&hb.cluster, |current| {
+                lifecycle::on_heartbeat(current, &hb, now)
+            })
+            .await
+            .map_err(HandlerError::retry)?;
+        if let Some(record) = written {
+            self.announce(record).await.map_err(HandlerError::retry)?;
+        }
+        Ok(())
+    }
+
+    async fn on_cordon(&self, d: Delivery<v1::CordonCluster>) -> Result<(), HandlerError> {
+        let request = d.message;
+        check_name("cluster", &request.cluster)
+            .map_err(|e| HandlerError::invalid("cluster", e.to_string()))?;
+        if self
+            .clusters
+            .get(&request.cluster)
+            .await
+            .map_err(HandlerError::retry)?
+            .is_none()
+        {
+            return Err(HandlerError::invalid(
+                "cluster",
+                format!(
+                    "no cluster named {:?} has joined the fleet",
+                    request.cluster
+                ),
+            ));
+        }
+        let written = self
+            .clusters
+            .update(&request.cluster, |current| {
+                current.and_then(|c| lifecycle::on_cordon(c, request.cordon, &request.reason))
+            })
+            .await
+            .map_err(HandlerError::retry)?;
+        match written {
+            Some(record) => {
+                tracing::info!(cluster = %request.cluster, cordoned = request.cordon, "cordon changed");
+                self.announce(record).await.map_err(HandlerError::retry)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes the event a record owes, then marks it published. The
+    /// event id is fixed per (cluster, generation): two instances, or a
+    /// retry after a crash, store it once.
+    async fn announce(&self, record: ClusterRecord) -> Result<(), KitError> {
+        let Some(ty) = lifecycle::pending_event(&record) else {
+            return Ok(());
+        };
+        let generation = record.generation;
+        tracing::info!(cluster = %record.name, generation, "{ty}: {}", record.last_transition_message);
+        let draft = EventDraft::new(ty, &record.name, record.last_transition_message.clone())
+            .generation(generation)
+            .id(format!("cluster-{}-g{generation}", record.name))
+            .payload(Payload::Cluster(record.clone()));
+        self.bus.publish_event(draft).await?;
+        self.clusters
+            .update(&record.name, |current| {
+                let c = current?;
+                (c.announced_generation < generation && c.generation >= generation).then(|| {
+                    let mut next = c.clone();
+                    next.announced_generation = generation;
+                    next
+                })
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Turns silences into unhealthy and left, and publishes any event a
+    /// crashed instance left owing.
+    async fn check_silences(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(), KitError> {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticker.tick() => {}
+            }
+            let now = now_unix_ms();
+            for (name, record) in self.clusters.cached_all() {
+                let result = if lifecycle::on_tick(&record, now, &self.policy).is_some() {
+                    match self
+                        .clusters
+                        .update(&name, |c| {
+                            c.and_then(|c| lifecycle::on_tick(c, now, &self.policy))
+                        })
+                        .await
+                    {
+                        Ok(Some(written)) => self.announce(written).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                } else if lifecycle::pending_event(&record).is_some() {
+                    self.announce(record).await
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = result {
+                    tracing::warn!(cluster = %name, "health check: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Typed records in a KV bucket, written with compare-and-set.
+//!
+//! Several instances of one service may write the same bucket: every write
+//! is conditional on the revision it was computed from, and a conflict
+//! re-reads and recomputes. A watch keeps a local copy of the whole bucket
+//! so periodic work (timeouts, scans) needs no reads.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation};
+use flotilla_proto::codec::Contract;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bus, KitError};
+
+/// How many times a conflicting write is recomputed before giving up.
+const MAX_CONFLICTS: usize = 16;
+
+pub struct RecordStore<M> {
+    kv: kv::Store,
+    bucket: String,
+    cache: Arc<RwLock<HashMap<String, (M, u64)>>>,
+    _type: PhantomData<M>,
+}
+
+impl<M> Clone for RecordStore<M> {
+    fn clone(&self) -> Self {
+        Self {
+            kv: self.kv.clone(),
+            bucket: self.bucket.clone(),
+            cache: Arc::clone(&self.cache),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<M: Contract + Clone> RecordStore<M> {
+    pub async fn open(bus: &Bus, bucket: &str) -> Result<Self, KitError> {
+        let kv = bus
+            .jetstream
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| store_error(bucket, "", e))?;
+        Ok(Self {
+            kv,
+            bucket: bucket.to_string(),
+            cache: Arc::default(),
+            _type: PhantomData,
+        })
+    }
+
+    /// Keeps the local copy equal to the bucket until `shutdown`, across
+    /// server restarts. Returns once the current contents are loaded.
+    pub async fn start_watch(&self, shutdown: CancellationToken) -> Result<(), KitError> {
+        let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut loaded = Some(loaded_tx);
+            while !shutdown.is_cancelled() {
+                match store.kv.watch_with_history(">").await {
+                    Ok(mut watch) => loop {
+                        let next = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            next = watch.next() => next,
+                        };
+                        match next {
+                            Some(Ok(entry)) => {
+                                store.absorb(entry);
+                                if let Some(tx) = loaded.take_if(|_| true) {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(bucket = %store.bucket, "watch interrupted: {e}; restarting");
+                                break;
+                            }
+                            None => break,
+                        }
+                    },
+                    Err(e) => tracing::warn!(bucket = %store.bucket, "cannot watch: {e}"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+        // An empty bucket sends nothing; don't wait for it long.
+        let _ = tokio::time::timeout(Duration::from_secs(2), loaded_rx).await;
+        Ok(())
+    }
+
+    fn absorb(&self, entry: kv::Entry) {
+        let Ok(mut cache) = self.cache.write() else {
+            return;
+        };
+        match entry.operation {
+            Operation::Put => match M::decode(entry.value.clone()) {
+                Ok(record) => {
+                    let newer = cache
+                        .get(&entry.key)
+                        .is_none_or(|(_, rev)| *rev < entry.revision);
+                    if newer {
+                        cache.insert(entry.key, (record, entry.revision));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(bucket = %self.bucket, key = %entry.key, "undecodable record ignored: {e}")
+                }
+            },
+            Operation::Delete | Operation::Purge => {
+                cache.remove(&entry.key);
+            }
+        }
+    }
+
+    /// The local copy of one record.
+    pub fn cached(&self, key: &str) -> Option<M> {
+        self.cache.read().ok()?.get(key).map(|(m, _)| m.clone())
+    }
+
+    /// The local copy of every record, by key.
+    pub fn cached_all(&self) -> Vec<(String, M)> {
+        self.cache
+            .read()
+            .map(|c| c.iter().map(|(k, (m, _))| (k.clone(), m.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads one record from the server.
+    pub async fn get(&self, key: &str) -> Result<Option<(M, u64)>, KitError> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| store_error(&self.bucket, key, e))?;
+        match entry {
+            Some(e) if e.operation == Operation::Put => {
+                let record =
+                    M::decode(e.value).map_err(|err| store_error(&self.bucket, key, err))?;
+                Ok(Some((record, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads every record from the server (for clients that do not watch).
+    pub async fn list(&self) -> Result<Vec<M>, KitError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| store_error(&self.bucket, "", e))?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(|e| store_error(&self.bucket, "", e))?);
+        }
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some((record, _)) = self.get(&name).await? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Computes and writes a record with compare-and-set. `change` gets the
+    /// current record (or `None`) and returns the new one, or `None` to
+    /// write nothing. On a conflict it runs again on the fresh record.
+    /// Returns what was written.
+    pub async fn update<F>(&self, key: &str, mut change: F) -> Result<Option<M>, KitError>
+    where
+        F: FnMut(Option<&M>) -> Option<M>,
+    {
+        let mut current = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(key).map(|(m, rev)| (m.clone(), *rev)));
+        if current.is_none() {
+            current = self.get(key).await?;
+        }
+        for _ in 0..MAX_CONFLICTS {
+            let Some(next) = change(current.as_ref().map(|(m, _)| m)) else {
+                return Ok(None);
+            };
+            let value = bytes::Bytes::from(next.encode_to_vec());
+            let written = match &current {
+                Some((_, rev)) => {
+                    self.kv
+                        .update(key, value, *rev)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            kv::UpdateErrorKind::WrongLastRevision => None,
+                            _ => Some(store_error(&self.bucket, key, e)),
+                        })
+                }
+                None => self
+                    .kv
+                    .create(key, value)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => None,
+                        _ => Some(store_error(&self.bucket, key, e)),
+                    }),
+            };
+            match written {
+                Ok(revision) => {
+                    if let Ok(mut cache) = self.cache.write() {
+                        let newer = cache.get(key).is_none_or(|(_, rev)| *rev < revision);
+                        if newer {
+                            cache.insert(key.to_string(), (next.clone(), revision));
+                        }
+                    }
+                    return Ok(Some(next));
+                }
+                Err(Some(e)) => return Err(e),
+                // Someone wrote first: start again from what they wrote.
+                Err(None) => current = self.get(key).await?,
+            }
+        }
+        Err(KitError::Store {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            reason: format!("still conflicting after {MAX_CONFLICTS} tries"),
+        })
+    }
+}
+
+fn store_error(bucket: &str, key: &str, e: impl std::fmt::Display) -> KitError {
+    KitError::Store {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+}
