@@ -1,14 +1,45 @@
 //! `flotilla up`: the embedded local fleet. It starts a nats-server with
-//! JetStream on loopback and provisions the bus, with the same code paths
-//! as production, and stops everything on Ctrl-C.
+//! JetStream on loopback, provisions the bus, and runs the services and
+//! three simulated clusters (executors with declared GPUs) in this process,
+//! with the same code as production. Ctrl-C stops everything.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use flotilla_kit::{Bus, BusArgs, Shutdown, provision};
 use tokio::process::{Child, Command};
+
+/// A simulated cluster of the local fleet.
+struct LocalCluster {
+    name: &'static str,
+    labels: [&'static str; 2],
+    gpus: &'static str,
+    cost_per_gpu_hour: f64,
+}
+
+const LOCAL_CLUSTERS: [LocalCluster; 3] = [
+    LocalCluster {
+        name: "eu-west",
+        labels: ["region=eu-west-1", "env=prod"],
+        gpus: "2xH100-80GB",
+        cost_per_gpu_hour: 2.9,
+    },
+    LocalCluster {
+        name: "us-east",
+        labels: ["region=us-east-1", "env=prod"],
+        gpus: "4xA100-80GB",
+        cost_per_gpu_hour: 2.1,
+    },
+    LocalCluster {
+        name: "ap-south",
+        labels: ["region=ap-south-1", "env=canary"],
+        gpus: "2xL4-24GB",
+        cost_per_gpu_hour: 0.8,
+    },
+];
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -59,6 +90,41 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
         );
     }
 
+    let mut services = tokio::task::JoinSet::new();
+    let inventory =
+        flotilla_inventory::Args::parse_from(["flotilla-inventory", "--http-addr", "127.0.0.1:0"]);
+    let mut inventory = inventory.validate()?;
+    inventory.bus = config.clone();
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_inventory::run(inventory, stop)
+                .await
+                .map_err(|e| anyhow::anyhow!("inventory: {e}"))
+        });
+    }
+    for cluster in LOCAL_CLUSTERS {
+        let args = flotilla_executor::ExecutorArgs {
+            bus: bus_args.clone(),
+            cluster: Some(cluster.name.to_string()),
+            labels: cluster.labels.iter().map(|s| s.to_string()).collect(),
+            taints: Vec::new(),
+            gpus: cluster.gpus.to_string(),
+            gpu_source: flotilla_executor::GpuSource::Declared,
+            cost_per_gpu_hour: cluster.cost_per_gpu_hour,
+            heartbeat_interval: std::time::Duration::from_secs(1),
+            http_addr: ([127, 0, 0, 1], 0).into(),
+        };
+        let mut executor = args.validate()?;
+        executor.bus = config.clone();
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_executor::run(executor, stop)
+                .await
+                .map_err(|e| anyhow::anyhow!("executor: {e}"))
+        });
+    }
+
     let prefix = bus.subjects.prefix();
     println!("Flotilla local fleet is up.");
     println!(
@@ -84,14 +150,31 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!("  services: inventory; simulated clusters:");
+    for c in LOCAL_CLUSTERS {
+        println!(
+            "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",
+            c.name, c.gpus, c.labels[0], c.cost_per_gpu_hour, c.labels[1]
+        );
+    }
+    println!("  list clusters: flotilla get clusters");
     println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
     println!("Press Ctrl-C to stop.");
 
     tokio::select! {
         _ = shutdown.cancelled() => {}
         exited = nats.wait() => bail!("nats-server exited unexpectedly: {}", exited?),
+        Some(done) = services.join_next() => {
+            shutdown.cancel();
+            match done {
+                Ok(Err(e)) => eprintln!("a service stopped: {e:#}"),
+                Err(e) => eprintln!("a service crashed: {e}"),
+                Ok(Ok(())) => eprintln!("a service stopped"),
+            }
+        }
     }
     println!("stopping…");
+    while services.join_next().await.is_some() {}
     bus.client.drain().await.ok();
     stop(&mut nats).await;
     println!("stopped.");

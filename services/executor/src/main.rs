@@ -33,7 +33,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    flotilla_kit::logging::init(cli.log_format);
+    flotilla_kit::logging::init(cli.log_format, flotilla_kit::logging::SERVICE_DEFAULT);
     match (cli.command, cli.args) {
         (Some(Command::RecordGpus { frames }), _) => {
             let mut reader = NvmlReader::open()?;

@@ -146,6 +146,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
     telemetry.remember_handled = false;
     telemetry.max_deliveries = 3;
     telemetry.initial_backoff = Duration::from_millis(100);
+    // Heartbeats of different clusters are independent and a stale one is
+    // ignored by its sequence, so they may be handled side by side.
+    telemetry.max_in_flight = 64;
+    telemetry.confirm_acks = false;
     let cordon = ConsumerSpec::new(
         &bus.topology.control.name,
         CORDON_CONSUMER,
@@ -332,7 +336,11 @@ impl Inventory {
                 _ = ticker.tick() => {}
             }
             let now = now_unix_ms();
-            for (name, record) in self.clusters.cached_all() {
+            let due = self.clusters.select(|_, r| {
+                lifecycle::on_tick(r, now, &self.policy).is_some()
+                    || lifecycle::pending_event(r).is_some()
+            });
+            for (name, record) in due {
                 let result = if lifecycle::on_tick(&record, now, &self.policy).is_some() {
                     match self
                         .clusters

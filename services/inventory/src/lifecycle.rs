@@ -267,6 +267,14 @@ pub fn on_tick(
     policy: &HealthPolicy,
 ) -> Option<ClusterRecord> {
     let silent = now_ms - record.last_seen_unix_ms;
+    let due = match record.health() {
+        ClusterHealth::Healthy | ClusterHealth::Degraded => silent > policy.unhealthy_after_ms,
+        ClusterHealth::Unhealthy => silent > policy.left_after_ms,
+        _ => false,
+    };
+    if !due {
+        return None;
+    }
     let secs = silent as f64 / 1000.0;
     let mut next = record.clone();
     match record.health() {

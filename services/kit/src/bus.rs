@@ -214,25 +214,31 @@ async fn connect_once(
     service: &str,
 ) -> Result<async_nats::Client, ConnectFailure> {
     let url = config.nats_url.clone();
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut options = async_nats::ConnectOptions::new()
         .name(service)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let url = url.clone();
+            let lost = lost.clone();
             async move {
+                use std::sync::atomic::Ordering;
                 match event {
                     async_nats::Event::Connected => {
-                        tracing::info!(%url, "NATS connection (re)established")
+                        if lost.swap(false, Ordering::SeqCst) {
+                            tracing::info!(%url, "NATS connection re-established");
+                        }
                     }
                     async_nats::Event::Disconnected => {
+                        lost.store(true, Ordering::SeqCst);
                         tracing::warn!(%url, "NATS connection lost; reconnecting")
                     }
                     async_nats::Event::LameDuckMode => {
                         tracing::warn!(%url, "NATS server entering lame duck mode")
                     }
                     async_nats::Event::Draining | async_nats::Event::Closed => {
-                        tracing::info!(%url, "NATS connection {event}")
+                        tracing::debug!(%url, "NATS connection {event}")
                     }
                     other => tracing::warn!(%url, "NATS: {other}"),
                 }

@@ -51,6 +51,14 @@ pub struct ConsumerSpec {
     pub max_backoff: Duration,
     /// How long the server waits for an ack before redelivering.
     pub ack_wait: Duration,
+    /// Wait for the server to confirm each acknowledgement. Off only for
+    /// frequent idempotent messages: an unconfirmed ack that is lost means
+    /// one redelivery, which such a handler ignores.
+    pub confirm_acks: bool,
+    /// Messages handled at once. 1 keeps the stream's order; more is for
+    /// messages whose handler tolerates reordering (heartbeats carry a
+    /// sequence) and where round trips would otherwise limit throughput.
+    pub max_in_flight: usize,
     /// Record finished messages in KV `handled` and skip their
     /// redeliveries. Off only for messages whose handling is idempotent and
     /// frequent (heartbeats), to save two KV round trips each.
@@ -68,6 +76,8 @@ impl ConsumerSpec {
             max_backoff: Duration::from_secs(30),
             ack_wait: Duration::from_secs(30),
             remember_handled: true,
+            max_in_flight: 1,
+            confirm_acks: true,
         }
     }
 
@@ -179,23 +189,27 @@ where
         };
         let (messages, ledger) = opened;
         tokio::pin!(messages);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let limit = spec.max_in_flight.max(1);
         loop {
-            let next = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => process(bus, &spec, ledger.as_ref(), &handler, message).await,
-                Some(Err(e)) => {
-                    // Missed heartbeats and the like: the server went away
-                    // or the consumer is gone. Open it again.
-                    tracing::warn!(consumer = %spec.durable, "consumer stream interrupted: {e}; reopening");
-                    break;
-                }
-                None => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = messages.next(), if in_flight.len() < limit => match next {
+                    Some(Ok(message)) => in_flight.push(process(bus, &spec, ledger.as_ref(), &handler, message)),
+                    Some(Err(e)) => {
+                        // Missed heartbeats and the like: the server went
+                        // away or the consumer is gone. Open it again.
+                        tracing::warn!(consumer = %spec.durable, "consumer stream interrupted: {e}; reopening");
+                        break;
+                    }
+                    None => break,
+                },
             }
         }
+        // Messages in hand are finished and settled before anything else.
+        while in_flight.next().await.is_some() {}
     }
     tracing::info!(consumer = %spec.durable, "consumer stopped");
     Ok(())
@@ -343,7 +357,12 @@ async fn process<M, H>(
             Ok(()) => {
                 bus.metrics.count(&spec.durable, "handled");
                 remember(ledger, spec, stream_sequence).await;
-                if let Err(e) = message.double_ack().await {
+                let acked = if spec.confirm_acks {
+                    message.double_ack().await
+                } else {
+                    message.ack().await
+                };
+                if let Err(e) = acked {
                     tracing::warn!("ack not confirmed, the server may redeliver: {e}");
                 }
             }

@@ -56,6 +56,13 @@ impl<M: Contract + Clone> RecordStore<M> {
     /// Keeps the local copy equal to the bucket until `shutdown`, across
     /// server restarts. Returns once the current contents are loaded.
     pub async fn start_watch(&self, shutdown: CancellationToken) -> Result<(), KitError> {
+        let empty = self
+            .kv
+            .status()
+            .await
+            .map_err(|e| store_error(&self.bucket, "", e))?
+            .values()
+            == 0;
         let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
         let store = self.clone();
         tokio::spawn(async move {
@@ -69,8 +76,10 @@ impl<M: Contract + Clone> RecordStore<M> {
                         };
                         match next {
                             Some(Ok(entry)) => {
+                                // delta: how many more the watch has queued.
+                                let caught_up = entry.delta == 0;
                                 store.absorb(entry);
-                                if let Some(tx) = loaded.take_if(|_| true) {
+                                if caught_up && let Some(tx) = loaded.take() {
                                     let _ = tx.send(());
                                 }
                             }
@@ -89,8 +98,10 @@ impl<M: Contract + Clone> RecordStore<M> {
                 }
             }
         });
-        // An empty bucket sends nothing; don't wait for it long.
-        let _ = tokio::time::timeout(Duration::from_secs(2), loaded_rx).await;
+        // An empty bucket sends nothing to wait for.
+        if !empty {
+            let _ = tokio::time::timeout(Duration::from_secs(30), loaded_rx).await;
+        }
         Ok(())
     }
 
@@ -121,6 +132,20 @@ impl<M: Contract + Clone> RecordStore<M> {
     /// The local copy of one record.
     pub fn cached(&self, key: &str) -> Option<M> {
         self.cache.read().ok()?.get(key).map(|(m, _)| m.clone())
+    }
+
+    /// The local copies of the records `wanted` picks, by key. Only those
+    /// are cloned: scans over large buckets stay cheap.
+    pub fn select(&self, mut wanted: impl FnMut(&str, &M) -> bool) -> Vec<(String, M)> {
+        self.cache
+            .read()
+            .map(|c| {
+                c.iter()
+                    .filter(|(k, (m, _))| wanted(k, m))
+                    .map(|(k, (m, _))| (k.clone(), m.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The local copy of every record, by key.
