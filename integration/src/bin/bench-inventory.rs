@@ -202,7 +202,8 @@ async fn main() -> anyhow::Result<()> {
         let seq = tick / args.clusters as u64 + 1;
         let hb = heartbeat(&names[i], seq, args.gpus);
         let payload = Bytes::from(hb.encode_to_vec());
-        if let Ok(mut s) = sent.lock() {
+        let measured = tick >= measure_from;
+        if measured && let Ok(mut s) = sent.lock() {
             s.insert((names[i].clone(), seq), Instant::now());
         }
         client
@@ -217,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         record.inventory.clone_from(&hb.inventory);
-        if let Ok(mut s) = baseline_sent.lock() {
+        if measured && let Ok(mut s) = baseline_sent.lock() {
             s.insert((baseline_key.clone(), seq), Instant::now());
         }
         let scratch = scratch.clone();
