@@ -943,6 +943,11 @@ pub struct ClusterRecord {
     #[prost(uint32, tag = "16")]
     #[serde(rename = "expectedGpuCount")]
     pub expected_gpu_count: u32,
+    /// When the cluster last came back from unhealthy; placement keeps new
+    /// replicas off a cluster that recovered moments ago (flapping).
+    #[prost(int64, tag = "17")]
+    #[serde(rename = "recoveredAtUnixMs")]
+    pub recovered_at_unix_ms: i64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -1240,6 +1245,17 @@ pub struct ClusterAssignment {
     #[prost(double, tag = "3")]
     #[serde(rename = "score")]
     pub score: f64,
+    /// GPUs one replica takes there, and of which model: what the placement
+    /// commits of the cluster's capacity.
+    #[prost(uint32, tag = "4")]
+    #[serde(rename = "gpusPerReplica")]
+    pub gpus_per_replica: u32,
+    #[prost(string, tag = "5")]
+    #[serde(rename = "gpuModel")]
+    pub gpu_model: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "6")]
+    #[serde(rename = "tensorParallel")]
+    pub tensor_parallel: u32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -2,6 +2,7 @@
 //! the fleet only through the bus, like every other client.
 
 pub mod clusters;
+pub mod deployments;
 pub mod table;
 mod up;
 
@@ -45,6 +46,22 @@ pub enum Command {
         #[command(subcommand)]
         what: GetWhat,
     },
+    /// Create or change deployments from a YAML file (several documents
+    /// allowed; `-` reads standard input).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
+    /// Delete a deployment; its replicas are released.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Show one thing in detail.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
     /// Cordon or uncordon a cluster.
     Cluster {
         #[command(subcommand)]
@@ -53,7 +70,23 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DeleteWhat {
+    Deployment { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeWhat {
+    /// Spec, placement, why each cluster was left out, recent events.
+    Deployment { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum GetWhat {
+    /// Deployments: replicas placed, outcome, clusters.
+    Deployments {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Clusters: health, GPUs, cost, cached models.
     Clusters {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -69,6 +102,23 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             clusters::get(&bus, output, &mut std::io::stdout()).await
+        }
+        Command::Get { what: GetWhat::Deployments { output } } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            deployments::get(&bus, output, &mut std::io::stdout()).await
+        }
+        Command::Apply { file } => {
+            let docs = deployments::read_documents(&file)?;
+            let bus = connect(&cli.bus, &shutdown).await?;
+            deployments::apply(&bus, docs, &mut std::io::stdout()).await
+        }
+        Command::Delete { what: DeleteWhat::Deployment { name } } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            deployments::delete(&bus, &name, &mut std::io::stdout()).await
+        }
+        Command::Describe { what: DescribeWhat::Deployment { name } } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            deployments::describe(&bus, &name, &mut std::io::stdout()).await
         }
         Command::Cluster { action } => {
             let bus = connect(&cli.bus, &shutdown).await?;

@@ -242,6 +242,9 @@ pub fn on_heartbeat(
         };
         transition(&mut record, EventType::ClusterJoined, message);
     } else if was != health {
+        if was == ClusterHealth::Unhealthy {
+            record.recovered_at_unix_ms = now_ms;
+        }
         match health {
             ClusterHealth::Healthy => {
                 transition(
@@ -484,6 +487,7 @@ mod tests {
         );
         let back = on_heartbeat(Some(&u), &hb(2, vec![gpu(0)]), 4_000).unwrap();
         assert_eq!(back.health(), ClusterHealth::Healthy);
+        assert_eq!(back.recovered_at_unix_ms, 4_000);
         assert_eq!(pending_event(&back), Some(EventType::ClusterHealthy));
         let left = on_tick(&u, 600_001, &p).unwrap();
         assert_eq!(left.health(), ClusterHealth::Left);

@@ -24,6 +24,7 @@ pub struct RecordStore<M> {
     kv: kv::Store,
     bucket: String,
     cache: Arc<RwLock<HashMap<String, (M, u64)>>>,
+    changes: tokio::sync::broadcast::Sender<String>,
     _type: PhantomData<M>,
 }
 
@@ -33,6 +34,7 @@ impl<M> Clone for RecordStore<M> {
             kv: self.kv.clone(),
             bucket: self.bucket.clone(),
             cache: Arc::clone(&self.cache),
+            changes: self.changes.clone(),
             _type: PhantomData,
         }
     }
@@ -49,6 +51,7 @@ impl<M: Contract + Clone> RecordStore<M> {
             kv,
             bucket: bucket.to_string(),
             cache: Arc::default(),
+            changes: tokio::sync::broadcast::channel(4096).0,
             _type: PhantomData,
         })
     }
@@ -105,27 +108,45 @@ impl<M: Contract + Clone> RecordStore<M> {
         Ok(())
     }
 
+    /// Keys whose record changed in the local copy, from any writer. A
+    /// receiver that lags gets `Lagged` and should rescan everything.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
     fn absorb(&self, entry: kv::Entry) {
+        let key = entry.key.clone();
+        if self.absorb_entry(entry) {
+            let _ = self.changes.send(key);
+        }
+    }
+
+    /// Returns whether the local copy changed.
+    fn absorb_entry(&self, entry: kv::Entry) -> bool {
         let Ok(mut cache) = self.cache.write() else {
-            return;
+            return false;
         };
         match entry.operation {
-            Operation::Put => match M::decode(entry.value.clone()) {
-                Ok(record) => {
-                    let newer = cache
-                        .get(&entry.key)
-                        .is_none_or(|(_, rev)| *rev < entry.revision);
-                    if newer {
+            Operation::Put => {
+                // Our own writes come back through the watch: already known.
+                let newer = cache
+                    .get(&entry.key)
+                    .is_none_or(|(_, rev)| *rev < entry.revision);
+                if !newer {
+                    return false;
+                }
+                match M::decode(entry.value.clone()) {
+                    Ok(record) => {
                         cache.insert(entry.key, (record, entry.revision));
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(bucket = %self.bucket, key = %entry.key, "undecodable record ignored: {e}");
+                        false
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(bucket = %self.bucket, key = %entry.key, "undecodable record ignored: {e}")
-                }
-            },
-            Operation::Delete | Operation::Purge => {
-                cache.remove(&entry.key);
             }
+            Operation::Delete | Operation::Purge => cache.remove(&entry.key).is_some(),
         }
     }
 
@@ -236,11 +257,18 @@ impl<M: Contract + Clone> RecordStore<M> {
             };
             match written {
                 Ok(revision) => {
-                    if let Ok(mut cache) = self.cache.write() {
-                        let newer = cache.get(key).is_none_or(|(_, rev)| *rev < revision);
-                        if newer {
-                            cache.insert(key.to_string(), (next.clone(), revision));
+                    let changed = match self.cache.write() {
+                        Ok(mut cache) => {
+                            let newer = cache.get(key).is_none_or(|(_, rev)| *rev < revision);
+                            if newer {
+                                cache.insert(key.to_string(), (next.clone(), revision));
+                            }
+                            newer
                         }
+                        Err(_) => false,
+                    };
+                    if changed {
+                        let _ = self.changes.send(key.to_string());
                     }
                     return Ok(Some(next));
                 }
@@ -254,6 +282,22 @@ impl<M: Contract + Clone> RecordStore<M> {
             key: key.to_string(),
             reason: format!("still conflicting after {MAX_CONFLICTS} tries"),
         })
+    }
+}
+
+impl<M: Contract + Clone> RecordStore<M> {
+    /// Deletes a record (a tombstone; watchers see the delete).
+    pub async fn delete(&self, key: &str) -> Result<(), KitError> {
+        self.kv
+            .delete(key)
+            .await
+            .map_err(|e| store_error(&self.bucket, key, e))?;
+        if let Ok(mut cache) = self.cache.write()
+            && cache.remove(key).is_some()
+        {
+            let _ = self.changes.send(key.to_string());
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,154 @@
+//! What placement knows of the fleet: one [`ClusterView`] per cluster, made
+//! from KV `clusters`, and the GPUs other deployments already hold.
+
+use std::collections::{BTreeMap, HashMap};
+
+use flotilla_proto::v1::{self, ClusterHealth, ClusterRecord};
+
+/// GPUs of one model in a cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuGroup {
+    pub model: String,
+    pub memory_bytes: u64,
+    /// Largest free memory of one GPU of this group, as last reported.
+    pub largest_free_bytes: u64,
+    pub count: u32,
+}
+
+/// Whether new replicas may go to a cluster at all.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Availability {
+    Available,
+    Degraded(String),
+    Unhealthy(String),
+    Left,
+    /// Came back from unhealthy less than the probation ago.
+    Probation { remaining_ms: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<v1::Taint>,
+    pub availability: Availability,
+    pub cordoned: Option<String>,
+    pub gpus: Vec<GpuGroup>,
+    pub cost_per_gpu_hour: f64,
+    pub cached_models: Vec<String>,
+}
+
+impl ClusterView {
+    /// The view of a cluster record at `now_ms`; a cluster that recovered
+    /// less than `probation_ms` ago is on probation (flap damping).
+    pub fn from_record(record: &ClusterRecord, now_ms: i64, probation_ms: i64) -> Self {
+        let inventory = record.inventory.clone().unwrap_or_default();
+        let mut gpus: Vec<GpuGroup> = Vec::new();
+        for gpu in &inventory.gpus {
+            match gpus.iter_mut().find(|g| g.model == gpu.model) {
+                Some(g) => {
+                    g.count += 1;
+                    g.largest_free_bytes = g.largest_free_bytes.max(gpu.memory_free_bytes);
+                }
+                None => gpus.push(GpuGroup {
+                    model: gpu.model.clone(),
+                    memory_bytes: gpu.memory_total_bytes,
+                    largest_free_bytes: gpu.memory_free_bytes,
+                    count: 1,
+                }),
+            }
+        }
+        let availability = match record.health() {
+            ClusterHealth::Healthy if now_ms - record.recovered_at_unix_ms < probation_ms && record.recovered_at_unix_ms > 0 => {
+                Availability::Probation {
+                    remaining_ms: probation_ms - (now_ms - record.recovered_at_unix_ms),
+                }
+            }
+            ClusterHealth::Healthy => Availability::Available,
+            ClusterHealth::Degraded => Availability::Degraded(record.health_reason.clone()),
+            ClusterHealth::Unhealthy | ClusterHealth::Unspecified => Availability::Unhealthy(record.health_reason.clone()),
+            ClusterHealth::Left => Availability::Left,
+        };
+        Self {
+            name: record.name.clone(),
+            labels: inventory.labels.clone(),
+            taints: inventory.taints.clone(),
+            availability,
+            cordoned: record.cordoned.then(|| record.cordon_reason.clone()),
+            gpus,
+            cost_per_gpu_hour: inventory.cost_per_gpu_hour,
+            cached_models: inventory.cached_models.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+}
+
+/// The fleet at one moment, clusters in name order.
+#[derive(Debug, Clone, Default)]
+pub struct Fleet {
+    pub clusters: Vec<ClusterView>,
+    index: HashMap<String, u32>,
+}
+
+impl Fleet {
+    pub fn new(mut clusters: Vec<ClusterView>) -> Self {
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let index = clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        Self { clusters, index }
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    pub fn get(&self, index: u32) -> &ClusterView {
+        &self.clusters[index as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+}
+
+/// GPUs held by placements, per cluster and GPU model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commitments {
+    held: HashMap<String, Vec<(String, u32)>>,
+}
+
+impl Commitments {
+    pub fn held(&self, cluster: &str, model: &str) -> u32 {
+        self.held
+            .get(cluster)
+            .and_then(|v| v.iter().find(|(m, _)| m == model))
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn adjust(&mut self, decision: &v1::PlacementDecision, add: bool) {
+        for a in &decision.assignments {
+            let gpus = a.replicas.saturating_mul(a.gpus_per_replica);
+            let entry = self.held.entry(a.cluster.clone()).or_default();
+            match entry.iter_mut().find(|(m, _)| *m == a.gpu_model) {
+                Some((_, n)) if add => *n = n.saturating_add(gpus),
+                Some((_, n)) => *n = n.saturating_sub(gpus),
+                None if add => entry.push((a.gpu_model.clone(), gpus)),
+                None => {}
+            }
+        }
+    }
+
+    pub fn add(&mut self, decision: &v1::PlacementDecision) {
+        self.adjust(decision, true);
+    }
+
+    pub fn remove(&mut self, decision: &v1::PlacementDecision) {
+        self.adjust(decision, false);
+    }
+}
