@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_kit::{Bus, RecordStore, now_unix_ms};
-use flotilla_proto::v1::{self, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload};
+use flotilla_proto::v1::{
+    self, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload,
+};
 use flotilla_proto::{ControlSubject, EventKind, EventType};
 use futures::StreamExt;
 use prost::Message;
@@ -30,13 +32,19 @@ pub fn read_documents(path: &Path) -> anyhow::Result<Vec<ModelDeployment>> {
 pub fn parse_documents(text: &str) -> anyhow::Result<Vec<ModelDeployment>> {
     let mut docs = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document).with_context(|| format!("document {}", i + 1))?;
+        let value = serde_yaml::Value::deserialize(document)
+            .with_context(|| format!("document {}", i + 1))?;
         if value.is_null() {
             continue;
         }
         let doc: ModelDeployment = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            anyhow::anyhow!("document {}: {}: {}", i + 1, if path == "." { "document" } else { &path }, e.into_inner())
+            anyhow::anyhow!(
+                "document {}: {}: {}",
+                i + 1,
+                if path == "." { "document" } else { &path },
+                e.into_inner()
+            )
         })?;
         docs.push(doc);
     }
@@ -46,10 +54,18 @@ pub fn parse_documents(text: &str) -> anyhow::Result<Vec<ModelDeployment>> {
     Ok(docs)
 }
 
-async fn next_matching(sub: &mut async_nats::Subscriber, request_id: &str, name: &str) -> Option<v1::Event> {
+async fn next_matching(
+    sub: &mut async_nats::Subscriber,
+    request_id: &str,
+    name: &str,
+) -> Option<v1::Event> {
     while let Some(msg) = sub.next().await {
-        let Ok(event) = v1::Event::decode(msg.payload) else { continue };
-        if event.correlation_id == request_id || (event.name == name && event.r#type.starts_with("deployment.")) {
+        let Ok(event) = v1::Event::decode(msg.payload) else {
+            continue;
+        };
+        if event.correlation_id == request_id
+            || (event.name == name && event.r#type.starts_with("deployment."))
+        {
             return Some(event);
         }
     }
@@ -65,11 +81,19 @@ fn error_reason(event: &v1::Event) -> String {
 }
 
 /// Publishes each document and reports what placement made of it.
-pub async fn apply(bus: &Bus, docs: Vec<ModelDeployment>, out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn apply(
+    bus: &Bus,
+    docs: Vec<ModelDeployment>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let store = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name).await?;
     let mut failures = 0;
     for doc in docs {
-        let name = doc.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let name = doc
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         if let Ok(Some((stored, _))) = store.get(&name).await
             && stored.spec == doc.spec
             && stored.metadata == doc.metadata
@@ -79,25 +103,43 @@ pub async fn apply(bus: &Bus, docs: Vec<ModelDeployment>, out: &mut impl Write) 
         }
         let request_id = uuid::Uuid::new_v4().to_string();
         let mut events = bus.client.subscribe(bus.subjects.events_all()).await?;
-        bus.publish(bus.subjects.control(ControlSubject::DeploymentApply), &doc, Some(&request_id))
-            .await?;
-        let answer = tokio::time::timeout(Duration::from_secs(10), next_matching(&mut events, &request_id, &name)).await;
+        bus.publish(
+            bus.subjects.control(ControlSubject::DeploymentApply),
+            &doc,
+            Some(&request_id),
+        )
+        .await?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            next_matching(&mut events, &request_id, &name),
+        )
+        .await;
         let event = match answer {
             Ok(Some(e)) => e,
             Ok(None) => bail!("lost the connection to NATS"),
-            Err(_) => bail!("deployment/{name}: the request is on the bus but placement did not answer within 10 s (is it running?)"),
+            Err(_) => bail!(
+                "deployment/{name}: the request is on the bus but placement did not answer within 10 s (is it running?)"
+            ),
         };
-        if event.r#type == EventType::DeploymentRejected.to_string() || event.r#type == EventType::BusMessageRejected.to_string() {
+        if event.r#type == EventType::DeploymentRejected.to_string()
+            || event.r#type == EventType::BusMessageRejected.to_string()
+        {
             writeln!(out, "deployment/{name} rejected: {}", error_reason(&event))?;
             failures += 1;
             continue;
         }
-        writeln!(out, "deployment/{name} accepted (generation {})", event.generation)?;
+        writeln!(
+            out,
+            "deployment/{name} accepted (generation {})",
+            event.generation
+        )?;
         // Then the placement, if it comes promptly.
         let placed = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match next_matching(&mut events, &request_id, &name).await {
-                    Some(e) if e.r#type != EventType::DeploymentAccepted.to_string() => return Some(e),
+                    Some(e) if e.r#type != EventType::DeploymentAccepted.to_string() => {
+                        return Some(e);
+                    }
                     Some(_) => continue,
                     None => return None,
                 }
@@ -105,7 +147,12 @@ pub async fn apply(bus: &Bus, docs: Vec<ModelDeployment>, out: &mut impl Write) 
         })
         .await;
         if let Ok(Some(e)) = placed {
-            writeln!(out, "  {}: {}", e.r#type.trim_start_matches("deployment."), e.message)?;
+            writeln!(
+                out,
+                "  {}: {}",
+                e.r#type.trim_start_matches("deployment."),
+                e.message
+            )?;
         }
     }
     if failures > 0 {
@@ -122,11 +169,17 @@ pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Resu
         name: name.to_string(),
         request_id: request_id.clone(),
     };
-    bus.publish(bus.subjects.control(ControlSubject::DeploymentDelete), &request, Some(&request_id))
-        .await?;
+    bus.publish(
+        bus.subjects.control(ControlSubject::DeploymentDelete),
+        &request,
+        Some(&request_id),
+    )
+    .await?;
     let wait = async {
         while let Some(msg) = events.next().await {
-            let Ok(event) = v1::Event::decode(msg.payload) else { continue };
+            let Ok(event) = v1::Event::decode(msg.payload) else {
+                continue;
+            };
             if event.correlation_id != request_id {
                 continue;
             }
@@ -142,12 +195,18 @@ pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Resu
     match tokio::time::timeout(Duration::from_secs(10), wait).await {
         Ok(Ok(())) => writeln!(out, "deployment/{name} deleted").map_err(Into::into),
         Ok(Err(e)) => Err(e),
-        Err(_) => bail!("the request is on the bus but placement did not answer within 10 s (is it running?)"),
+        Err(_) => bail!(
+            "the request is on the bus but placement did not answer within 10 s (is it running?)"
+        ),
     }
 }
 
 fn model_of(d: &ModelDeployment) -> String {
-    let model = d.spec.as_ref().and_then(|s| s.model.clone()).unwrap_or_default();
+    let model = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.model.clone())
+        .unwrap_or_default();
     match model.artifact {
         Some(a) => a.name,
         None => model.preset,
@@ -160,11 +219,16 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
         .context("the fleet has no deployments bucket yet (is it provisioned? try `flotilla up`)")?
         .list()
         .await?;
-    let placements = RecordStore::<PlacementDecision>::open(bus, &bus.topology.placements.name).await?;
+    let placements =
+        RecordStore::<PlacementDecision>::open(bus, &bus.topology.placements.name).await?;
     if output == Output::Json {
         let mut all = Vec::new();
         for d in &deployments {
-            let name = d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            let name = d
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
             let placement = placements.get(&name).await?.map(|(p, _)| p);
             all.push(serde_json::json!({ "deployment": d, "placement": placement }));
         }
@@ -174,13 +238,21 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
     let now = now_unix_ms();
     let mut rows = Vec::new();
     for d in &deployments {
-        let name = d.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let name = d
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let status = d.status.clone().unwrap_or_default();
         let placement = placements.get(&name).await?.map(|(p, _)| p);
         let (placed, clusters, outcome) = match &placement {
             Some(p) => (
                 p.assignments.iter().map(|a| a.replicas).sum::<u32>(),
-                p.assignments.iter().map(|a| format!("{}:{}", a.cluster, a.replicas)).collect::<Vec<_>>().join(","),
+                p.assignments
+                    .iter()
+                    .map(|a| format!("{}:{}", a.cluster, a.replicas))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 flotilla_proto::json::name_of::<PlacementOutcome>(p.outcome).to_string(),
             ),
             None => (0, String::new(), "Pending".into()),
@@ -190,33 +262,69 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
             model_of(d),
             format!("{placed}/{}", d.spec.as_ref().map_or(0, |s| s.replicas)),
             outcome,
-            if clusters.is_empty() { "-".into() } else { clusters },
+            if clusters.is_empty() {
+                "-".into()
+            } else {
+                clusters
+            },
             status.generation.to_string(),
             table::ago(status.updated_at_unix_ms, now),
         ]);
     }
-    write!(out, "{}", table::render(&["NAME", "MODEL", "PLACED", "OUTCOME", "CLUSTERS", "GEN", "UPDATED"], &rows))?;
+    write!(
+        out,
+        "{}",
+        table::render(
+            &[
+                "NAME", "MODEL", "PLACED", "OUTCOME", "CLUSTERS", "GEN", "UPDATED"
+            ],
+            &rows
+        )
+    )?;
     if deployments.is_empty() {
-        writeln!(out, "(no deployments; apply one with `flotilla apply -f FILE`)")?;
+        writeln!(
+            out,
+            "(no deployments; apply one with `flotilla apply -f FILE`)"
+        )?;
     }
     Ok(())
 }
 
 pub async fn describe(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let deployments = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name).await?;
+    let deployments =
+        RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name).await?;
     let Some((d, _)) = deployments.get(name).await? else {
         bail!("no deployment named {name:?}");
     };
-    let placements = RecordStore::<PlacementDecision>::open(bus, &bus.topology.placements.name).await?;
+    let placements =
+        RecordStore::<PlacementDecision>::open(bus, &bus.topology.placements.name).await?;
     let placement = placements.get(name).await?.map(|(p, _)| p);
     let spec = d.spec.clone().unwrap_or_default();
     let status = d.status.clone().unwrap_or_default();
     writeln!(out, "Name:        {name}")?;
-    writeln!(out, "Model:       {} ({})", model_of(&d), flotilla_proto::json::name_of::<v1::Runtime>(spec.runtime.max(1)))?;
+    writeln!(
+        out,
+        "Model:       {} ({})",
+        model_of(&d),
+        flotilla_proto::json::name_of::<v1::Runtime>(spec.runtime.max(1))
+    )?;
     writeln!(out, "Replicas:    {}", spec.replicas)?;
     let policy = spec.placement.as_ref().map_or(0, |p| p.policy);
-    writeln!(out, "Policy:      {}", match flotilla_proto::json::name_of::<v1::PlacementPolicy>(policy) { "" => "PickAll", p => p })?;
-    writeln!(out, "Generation:  {} (status {}: {})", status.generation, flotilla_proto::json::name_of::<v1::DeploymentPhase>(status.phase), status.message)?;
+    writeln!(
+        out,
+        "Policy:      {}",
+        match flotilla_proto::json::name_of::<v1::PlacementPolicy>(policy) {
+            "" => "PickAll",
+            p => p,
+        }
+    )?;
+    writeln!(
+        out,
+        "Generation:  {} (status {}: {})",
+        status.generation,
+        flotilla_proto::json::name_of::<v1::DeploymentPhase>(status.phase),
+        status.message
+    )?;
     match &placement {
         None => writeln!(out, "Placement:   none yet")?,
         Some(p) => {
@@ -231,19 +339,44 @@ pub async fn describe(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Re
             let rows: Vec<_> = p
                 .assignments
                 .iter()
-                .map(|a| vec![a.cluster.clone(), a.replicas.to_string(), format!("{} x {}", a.gpus_per_replica, a.gpu_model), format!("{:.1}", a.score)])
+                .map(|a| {
+                    vec![
+                        a.cluster.clone(),
+                        a.replicas.to_string(),
+                        format!("{} x {}", a.gpus_per_replica, a.gpu_model),
+                        format!("{:.1}", a.score),
+                    ]
+                })
                 .collect();
-            write!(out, "{}", table::render(&["CLUSTER", "REPLICAS", "GPUS/REPLICA", "SCORE"], &rows))?;
+            write!(
+                out,
+                "{}",
+                table::render(&["CLUSTER", "REPLICAS", "GPUS/REPLICA", "SCORE"], &rows)
+            )?;
             if !p.exclusions.is_empty() {
                 writeln!(out, "\nLeft out:")?;
-                let rows: Vec<_> = p.exclusions.iter().map(|e| vec![e.cluster.clone(), e.plugin.clone(), e.reason.clone()]).collect();
-                write!(out, "{}", table::render(&["CLUSTER", "PLUGIN", "REASON"], &rows))?;
+                let rows: Vec<_> = p
+                    .exclusions
+                    .iter()
+                    .map(|e| vec![e.cluster.clone(), e.plugin.clone(), e.reason.clone()])
+                    .collect();
+                write!(
+                    out,
+                    "{}",
+                    table::render(&["CLUSTER", "PLUGIN", "REASON"], &rows)
+                )?;
             }
         }
     }
     writeln!(out, "\nEvents:")?;
     for e in recent_events(bus, name, 10).await? {
-        writeln!(out, "  {}  {:<26} {}", table::ago(e.time_unix_ms, now_unix_ms()), e.r#type, e.message)?;
+        writeln!(
+            out,
+            "  {}  {:<26} {}",
+            table::ago(e.time_unix_ms, now_unix_ms()),
+            e.r#type,
+            e.message
+        )?;
     }
     Ok(())
 }
@@ -262,7 +395,12 @@ async fn recent_events(bus: &Bus, name: &str, limit: usize) -> anyhow::Result<Ve
     let pending = consumer.cached_info().num_pending as usize;
     let mut events = Vec::new();
     if pending > 0 {
-        let mut batch = consumer.fetch().max_messages(pending).expires(Duration::from_secs(2)).messages().await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(pending)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await?;
         while let Some(Ok(msg)) = batch.next().await {
             if let Ok(e) = v1::Event::decode(msg.payload.clone()) {
                 events.push(e);
@@ -324,16 +462,26 @@ spec: {model: {preset: smollm2-135m-instruct}, replicas: 1}
         let docs = parse_documents(text).unwrap();
         assert_eq!(docs.len(), 2);
         let spec = docs[0].spec.as_ref().unwrap();
-        assert_eq!(spec.placement.as_ref().unwrap().policy(), v1::PlacementPolicy::PickN);
+        assert_eq!(
+            spec.placement.as_ref().unwrap().policy(),
+            v1::PlacementPolicy::PickN
+        );
         assert_eq!(spec.rollout.as_ref().unwrap().max_surge, "1");
         assert_eq!(docs[1].metadata.as_ref().unwrap().name, "second");
     }
 
     #[test]
     fn yaml_errors_name_the_document_and_field() {
-        let e = parse_documents("metadata: {name: a}\n---\nspec: {replicas: many}\n").unwrap_err().to_string();
-        assert!(e.contains("document 2") && e.contains("spec.replicas"), "{e}");
-        let e = parse_documents("spec: {replicaz: 1}\n").unwrap_err().to_string();
+        let e = parse_documents("metadata: {name: a}\n---\nspec: {replicas: many}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("document 2") && e.contains("spec.replicas"),
+            "{e}"
+        );
+        let e = parse_documents("spec: {replicaz: 1}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("spec.replicaz") || e.contains("replicaz"), "{e}");
     }
 }

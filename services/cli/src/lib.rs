@@ -103,7 +103,9 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             clusters::get(&bus, output, &mut std::io::stdout()).await
         }
-        Command::Get { what: GetWhat::Deployments { output } } => {
+        Command::Get {
+            what: GetWhat::Deployments { output },
+        } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::get(&bus, output, &mut std::io::stdout()).await
         }
@@ -112,11 +114,15 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::apply(&bus, docs, &mut std::io::stdout()).await
         }
-        Command::Delete { what: DeleteWhat::Deployment { name } } => {
+        Command::Delete {
+            what: DeleteWhat::Deployment { name },
+        } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::delete(&bus, &name, &mut std::io::stdout()).await
         }
-        Command::Describe { what: DescribeWhat::Deployment { name } } => {
+        Command::Describe {
+            what: DescribeWhat::Deployment { name },
+        } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::describe(&bus, &name, &mut std::io::stdout()).await
         }

@@ -103,6 +103,18 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("inventory: {e}"))
         });
     }
+    let placement =
+        flotilla_placement::Args::parse_from(["flotilla-placement", "--http-addr", "127.0.0.1:0"]);
+    let mut placement = placement.validate()?;
+    placement.bus = config.clone();
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_placement::run(placement, stop)
+                .await
+                .map_err(|e| anyhow::anyhow!("placement: {e}"))
+        });
+    }
     for cluster in LOCAL_CLUSTERS {
         let args = flotilla_executor::ExecutorArgs {
             bus: bus_args.clone(),
@@ -150,7 +162,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  services: inventory; simulated clusters:");
+    println!("  services: inventory, placement; simulated clusters:");
     for c in LOCAL_CLUSTERS {
         println!(
             "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",
@@ -158,6 +170,9 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
         );
     }
     println!("  list clusters: flotilla get clusters");
+    println!(
+        "  deploy:        flotilla apply -f examples/chat-small.yaml   then: flotilla get deployments"
+    );
     println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
     println!("Press Ctrl-C to stop.");
 

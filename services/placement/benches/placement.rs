@@ -4,6 +4,8 @@
 //! one pass of the filters alone over the fleet, so the figures can be read
 //! as multiples of "looking at every cluster once".
 
+#![allow(clippy::expect_used)] // bench set-up: a panic is a broken bench
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -19,15 +21,27 @@ const DEPLOYMENTS: usize = 10_000;
 
 fn fleet() -> Fleet {
     let regions = ["eu-west", "eu-north", "us-east", "us-west", "ap-south"];
-    let types = [("H100-80GB", 80u64, 8u32, 3.0), ("A100-80GB", 80, 8, 2.0), ("L4-24GB", 24, 4, 0.7), ("A10-24GB", 24, 4, 0.6)];
+    let types = [
+        ("H100-80GB", 80u64, 8u32, 3.0),
+        ("A100-80GB", 80, 8, 2.0),
+        ("L4-24GB", 24, 4, 0.7),
+        ("A10-24GB", 24, 4, 0.6),
+    ];
     let clusters = (0..CLUSTERS)
         .map(|i| {
             let (model, mem, count, cost) = types[i % types.len()];
             let mut labels = BTreeMap::new();
             labels.insert("region".to_string(), regions[i % regions.len()].to_string());
-            labels.insert("env".to_string(), if i % 10 == 0 { "canary" } else { "prod" }.to_string());
+            labels.insert(
+                "env".to_string(),
+                if i % 10 == 0 { "canary" } else { "prod" }.to_string(),
+            );
             let taints = if i % 7 == 0 {
-                vec![v1::Taint { key: "spot".into(), value: "true".into(), effect: v1::TaintEffect::NoSchedule.into() }]
+                vec![v1::Taint {
+                    key: "spot".into(),
+                    value: "true".into(),
+                    effect: v1::TaintEffect::NoSchedule.into(),
+                }]
             } else {
                 vec![]
             };
@@ -37,7 +51,12 @@ fn fleet() -> Fleet {
                 taints,
                 availability: Availability::Available,
                 cordoned: None,
-                gpus: vec![GpuGroup { model: model.into(), memory_bytes: mem << 30, largest_free_bytes: mem << 30, count: count * 8 }],
+                gpus: vec![GpuGroup {
+                    model: model.into(),
+                    memory_bytes: mem << 30,
+                    largest_free_bytes: mem << 30,
+                    count: count * 8,
+                }],
                 cost_per_gpu_hour: cost + (i % 13) as f64 * 0.01,
                 cached_models: vec![],
             }
@@ -72,7 +91,10 @@ fn deployments() -> Vec<DeploymentRequest> {
 }
 
 /// Places every deployment in order, each seeing the GPUs the earlier ones took.
-fn place_all(fleet: &Fleet, requests: &[DeploymentRequest]) -> (Commitments, Vec<v1::PlacementDecision>) {
+fn place_all(
+    fleet: &Fleet,
+    requests: &[DeploymentRequest],
+) -> (Commitments, Vec<v1::PlacementDecision>) {
     let settings = Settings::default();
     let mut held = Commitments::default();
     let mut records = Vec::with_capacity(requests.len());
@@ -94,20 +116,37 @@ fn bench(c: &mut Criterion) {
     let mut alive = 0usize;
     for r in &requests {
         for cluster in &fleet.clusters {
-            alive += usize::from(cluster.availability == Availability::Available && cluster.labels.contains_key("region") && r.replicas > 0);
+            alive += usize::from(
+                cluster.availability == Availability::Available
+                    && cluster.labels.contains_key("region")
+                    && r.replicas > 0,
+            );
         }
     }
     let baseline = start.elapsed();
     black_box(alive);
-    println!("baseline: {DEPLOYMENTS} deployments x {CLUSTERS} clusters, one cheap check each: {baseline:?}");
+    println!(
+        "baseline: {DEPLOYMENTS} deployments x {CLUSTERS} clusters, one cheap check each: {baseline:?}"
+    );
 
     let (held, records) = place_all(&fleet, &requests);
-    let placed: u32 = records.iter().flat_map(|r| &r.assignments).map(|a| a.replicas).sum();
-    println!("full placement places {placed} replicas of {} wanted", requests.iter().map(|r| r.replicas).sum::<u32>());
+    let placed: u32 = records
+        .iter()
+        .flat_map(|r| &r.assignments)
+        .map(|a| a.replicas)
+        .sum();
+    println!(
+        "full placement places {placed} replicas of {} wanted",
+        requests.iter().map(|r| r.replicas).sum::<u32>()
+    );
 
     let mut group = c.benchmark_group("placement");
-    group.sample_size(10).measurement_time(Duration::from_secs(20));
-    group.bench_function("full: 10k deployments over 1k clusters", |b| b.iter(|| black_box(place_all(&fleet, &requests))));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.bench_function("full: 10k deployments over 1k clusters", |b| {
+        b.iter(|| black_box(place_all(&fleet, &requests)))
+    });
 
     // One cluster fails: re-plan only the deployments that ran there.
     let victim = records
@@ -132,7 +171,10 @@ fn bench(c: &mut Criterion) {
         .filter(|(_, r)| r.assignments.iter().any(|a| a.cluster == victim))
         .map(|(i, _)| i)
         .collect();
-    println!("incremental: cluster {victim} fails, {} deployments ran on it", affected.len());
+    println!(
+        "incremental: cluster {victim} fails, {} deployments ran on it",
+        affected.len()
+    );
     group.bench_function("incremental: re-plan after one cluster fails", |b| {
         b.iter(|| {
             let settings = Settings::default();

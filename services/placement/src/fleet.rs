@@ -23,7 +23,9 @@ pub enum Availability {
     Unhealthy(String),
     Left,
     /// Came back from unhealthy less than the probation ago.
-    Probation { remaining_ms: i64 },
+    Probation {
+        remaining_ms: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,14 +61,19 @@ impl ClusterView {
             }
         }
         let availability = match record.health() {
-            ClusterHealth::Healthy if now_ms - record.recovered_at_unix_ms < probation_ms && record.recovered_at_unix_ms > 0 => {
+            ClusterHealth::Healthy
+                if now_ms - record.recovered_at_unix_ms < probation_ms
+                    && record.recovered_at_unix_ms > 0 =>
+            {
                 Availability::Probation {
                     remaining_ms: probation_ms - (now_ms - record.recovered_at_unix_ms),
                 }
             }
             ClusterHealth::Healthy => Availability::Available,
             ClusterHealth::Degraded => Availability::Degraded(record.health_reason.clone()),
-            ClusterHealth::Unhealthy | ClusterHealth::Unspecified => Availability::Unhealthy(record.health_reason.clone()),
+            ClusterHealth::Unhealthy | ClusterHealth::Unspecified => {
+                Availability::Unhealthy(record.health_reason.clone())
+            }
             ClusterHealth::Left => Availability::Left,
         };
         Self {
@@ -77,7 +84,11 @@ impl ClusterView {
             cordoned: record.cordoned.then(|| record.cordon_reason.clone()),
             gpus,
             cost_per_gpu_hour: inventory.cost_per_gpu_hour,
-            cached_models: inventory.cached_models.iter().map(|m| m.name.clone()).collect(),
+            cached_models: inventory
+                .cached_models
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
         }
     }
 }

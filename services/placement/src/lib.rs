@@ -23,10 +23,12 @@ use std::time::Duration;
 
 use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
-    Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health, KitError, RecordStore,
-    now_unix_ms,
+    Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
+    KitError, RecordStore, now_unix_ms,
 };
-use flotilla_proto::v1::{self, ClusterRecord, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload};
+use flotilla_proto::v1::{
+    self, ClusterRecord, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload,
+};
 use flotilla_proto::{ControlSubject, EventType, check_name};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +40,11 @@ use crate::spec::{DeploymentRequest, FieldError, Policy};
 pub const SERVICE: &str = "placement";
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "flotilla-placement", version, about = "Flotilla placement: where each deployment's replicas go")]
+#[command(
+    name = "flotilla-placement",
+    version,
+    about = "Flotilla placement: where each deployment's replicas go"
+)]
 pub struct Args {
     #[command(flatten)]
     pub bus: BusArgs,
@@ -94,7 +100,11 @@ pub enum PlacementError {
 
 /// What the planner is asked to do.
 enum Request {
-    Apply(Box<ModelDeployment>, String, oneshot::Sender<Result<(), HandlerError>>),
+    Apply(
+        Box<ModelDeployment>,
+        String,
+        oneshot::Sender<Result<(), HandlerError>>,
+    ),
     Delete(String, String, oneshot::Sender<Result<(), HandlerError>>),
 }
 
@@ -119,8 +129,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
     health.serve(config.http_addr, shutdown.clone()).await?;
 
     let clusters = RecordStore::<ClusterRecord>::open(&bus, &bus.topology.clusters.name).await?;
-    let deployments = RecordStore::<ModelDeployment>::open(&bus, &bus.topology.deployments.name).await?;
-    let placements = RecordStore::<PlacementDecision>::open(&bus, &bus.topology.placements.name).await?;
+    let deployments =
+        RecordStore::<ModelDeployment>::open(&bus, &bus.topology.deployments.name).await?;
+    let placements =
+        RecordStore::<PlacementDecision>::open(&bus, &bus.topology.placements.name).await?;
     for store_watch in [
         clusters.start_watch(shutdown.clone()).await,
         deployments.start_watch(shutdown.clone()).await,
@@ -155,7 +167,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
                     tx.send(Request::Apply(Box::new(d.message), id, reply))
                         .await
                         .map_err(|_| HandlerError::retry("planner stopped"))?;
-                    answer.await.map_err(|_| HandlerError::retry("planner stopped"))?
+                    answer
+                        .await
+                        .map_err(|_| HandlerError::retry("planner stopped"))?
                 }
             };
             run_consumer(&bus, spec, handler, stop).await
@@ -173,11 +187,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
                 let tx = tx.clone();
                 async move {
                     let (reply, answer) = oneshot::channel();
-                    let id = if d.message.request_id.is_empty() { d.msg_id.clone().unwrap_or_default() } else { d.message.request_id.clone() };
+                    let id = if d.message.request_id.is_empty() {
+                        d.msg_id.clone().unwrap_or_default()
+                    } else {
+                        d.message.request_id.clone()
+                    };
                     tx.send(Request::Delete(d.message.name, id, reply))
                         .await
                         .map_err(|_| HandlerError::retry("planner stopped"))?;
-                    answer.await.map_err(|_| HandlerError::retry("planner stopped"))?
+                    answer
+                        .await
+                        .map_err(|_| HandlerError::retry("planner stopped"))?
                 }
             };
             run_consumer(&bus, spec, handler, stop).await
@@ -267,7 +287,12 @@ impl Planner {
         held
     }
 
-    async fn reject(&self, name: &str, correlation: &str, error: &FieldError) -> Result<(), HandlerError> {
+    async fn reject(
+        &self,
+        name: &str,
+        correlation: &str,
+        error: &FieldError,
+    ) -> Result<(), HandlerError> {
         tracing::info!(deployment = name, field = %error.field, "rejected: {}", error.reason);
         let detail = v1::ErrorDetail {
             code: "invalid_field".into(),
@@ -276,15 +301,26 @@ impl Planner {
             subject: self.bus.subjects.control(ControlSubject::DeploymentApply),
             ..Default::default()
         };
-        let draft = EventDraft::new(EventType::DeploymentRejected, name, format!("deployment {name} rejected: {error}"))
-            .payload(Payload::Error(detail))
-            .correlation_id(correlation);
-        self.bus.publish_event(draft).await.map_err(HandlerError::retry)
+        let draft = EventDraft::new(
+            EventType::DeploymentRejected,
+            name,
+            format!("deployment {name} rejected: {error}"),
+        )
+        .payload(Payload::Error(detail))
+        .correlation_id(correlation);
+        self.bus
+            .publish_event(draft)
+            .await
+            .map_err(HandlerError::retry)
     }
 
     /// Checks that need the fleet: named clusters exist, and some GPU type
     /// in the fleet could ever hold the model.
-    fn validate_against_fleet(&self, request: &DeploymentRequest, fleet: &Fleet) -> Result<(), FieldError> {
+    fn validate_against_fleet(
+        &self,
+        request: &DeploymentRequest,
+        fleet: &Fleet,
+    ) -> Result<(), FieldError> {
         if let Policy::Fixed(names) = &request.policy {
             for (i, n) in names.iter().enumerate() {
                 if fleet.index_of(n).is_none() {
@@ -321,9 +357,19 @@ impl Planner {
         probe.required.clear();
         probe.policy = Policy::All;
         probe.replicas = 1;
-        let decision = place(&probe, &ideal, &Commitments::default(), None, &self.settings);
+        let decision = place(
+            &probe,
+            &ideal,
+            &Commitments::default(),
+            None,
+            &self.settings,
+        );
         if decision.assignments.is_empty() {
-            let reasons: BTreeSet<String> = decision.exclusions.iter().map(|e| decision.reason(e, &probe, &ideal)).collect();
+            let reasons: BTreeSet<String> = decision
+                .exclusions
+                .iter()
+                .map(|e| decision.reason(e, &probe, &ideal))
+                .collect();
             return Err(FieldError {
                 field: "spec.resources.gpu".into(),
                 reason: format!(
@@ -336,7 +382,11 @@ impl Planner {
     }
 
     async fn apply(&mut self, doc: ModelDeployment, correlation: &str) -> Result<(), HandlerError> {
-        let name = doc.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let name = doc
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         if check_name("deployment", &name).is_err() {
             // No name to report under: the consumer loop's rejection event
             // names the subject instead.
@@ -359,11 +409,15 @@ impl Planner {
         let written = self
             .deployments
             .update(&name, |current| {
-                let same = current.is_some_and(|c| c.spec == doc.spec && c.metadata == doc.metadata);
+                let same =
+                    current.is_some_and(|c| c.spec == doc.spec && c.metadata == doc.metadata);
                 if same {
                     return None;
                 }
-                let generation = current.and_then(|c| c.status.as_ref()).map_or(0, |s| s.generation) + 1;
+                let generation = current
+                    .and_then(|c| c.status.as_ref())
+                    .map_or(0, |s| s.generation)
+                    + 1;
                 let mut next = doc.clone();
                 next.api_version = flotilla_proto::API_VERSION.into();
                 next.kind = "ModelDeployment".into();
@@ -371,7 +425,9 @@ impl Planner {
                     generation,
                     phase: v1::DeploymentPhase::Accepted.into(),
                     message: "accepted; placing".into(),
-                    placement_generation: current.and_then(|c| c.status.as_ref()).map_or(0, |s| s.placement_generation),
+                    placement_generation: current
+                        .and_then(|c| c.status.as_ref())
+                        .map_or(0, |s| s.placement_generation),
                     updated_at_unix_ms: now,
                 });
                 Some(next)
@@ -383,26 +439,56 @@ impl Planner {
             return Ok(());
         };
         let generation = stored.status.as_ref().map_or(0, |s| s.generation);
-        let draft = EventDraft::new(EventType::DeploymentAccepted, &name, format!("deployment {name} accepted (generation {generation})"))
-            .generation(generation)
-            .correlation_id(correlation)
-            .id(format!("deployment-{name}-g{generation}-accepted"));
-        self.bus.publish_event(draft).await.map_err(HandlerError::retry)?;
+        let draft = EventDraft::new(
+            EventType::DeploymentAccepted,
+            &name,
+            format!("deployment {name} accepted (generation {generation})"),
+        )
+        .generation(generation)
+        .correlation_id(correlation)
+        .id(format!("deployment-{name}-g{generation}-accepted"));
+        self.bus
+            .publish_event(draft)
+            .await
+            .map_err(HandlerError::retry)?;
         tracing::info!(deployment = %name, generation, "accepted");
-        self.plan(&name, &request, &fleet, "apply", correlation).await.map_err(HandlerError::retry)
+        self.plan(&name, &request, &fleet, "apply", correlation)
+            .await
+            .map_err(HandlerError::retry)
     }
 
     async fn delete(&mut self, name: &str, correlation: &str) -> Result<(), HandlerError> {
         check_name("deployment", name).map_err(|e| HandlerError::invalid("name", e.to_string()))?;
-        let existed = self.deployments.get(name).await.map_err(HandlerError::retry)?.is_some();
+        let existed = self
+            .deployments
+            .get(name)
+            .await
+            .map_err(HandlerError::retry)?
+            .is_some();
         if !existed {
-            return Err(HandlerError::invalid("name", format!("no deployment named {name:?}")));
+            return Err(HandlerError::invalid(
+                "name",
+                format!("no deployment named {name:?}"),
+            ));
         }
-        self.placements.delete(name).await.map_err(HandlerError::retry)?;
-        self.deployments.delete(name).await.map_err(HandlerError::retry)?;
-        let draft = EventDraft::new(EventType::DeploymentDeleted, name, format!("deployment {name} deleted; its replicas are released"))
-            .correlation_id(correlation);
-        self.bus.publish_event(draft).await.map_err(HandlerError::retry)?;
+        self.placements
+            .delete(name)
+            .await
+            .map_err(HandlerError::retry)?;
+        self.deployments
+            .delete(name)
+            .await
+            .map_err(HandlerError::retry)?;
+        let draft = EventDraft::new(
+            EventType::DeploymentDeleted,
+            name,
+            format!("deployment {name} deleted; its replicas are released"),
+        )
+        .correlation_id(correlation);
+        self.bus
+            .publish_event(draft)
+            .await
+            .map_err(HandlerError::retry)?;
         tracing::info!(deployment = %name, "deleted");
         // Freed capacity may let others place.
         self.replan_waiting(&self.fleet()).await;
@@ -410,7 +496,14 @@ impl Planner {
     }
 
     /// Places one deployment and records the result if it changed.
-    async fn plan(&self, name: &str, request: &DeploymentRequest, fleet: &Fleet, trigger: &str, correlation: &str) -> Result<(), KitError> {
+    async fn plan(
+        &self,
+        name: &str,
+        request: &DeploymentRequest,
+        fleet: &Fleet,
+        trigger: &str,
+        correlation: &str,
+    ) -> Result<(), KitError> {
         let spec_generation = self
             .deployments
             .cached(name)
@@ -439,9 +532,15 @@ impl Planner {
                 Some(next)
             })
             .await?;
-        let Some(written) = written else { return Ok(()) };
+        let Some(written) = written else {
+            return Ok(());
+        };
 
-        let moved = current.as_ref().is_some_and(|c| !same_assignments(c, &written));
+        // Rebalanced: replicas that had a place got another. A deployment
+        // that had none and now has one is placed.
+        let moved = current
+            .as_ref()
+            .is_some_and(|c| !c.assignments.is_empty() && !same_assignments(c, &written));
         let ty = match written.outcome() {
             PlacementOutcome::Unschedulable => EventType::DeploymentUnschedulable,
             _ if moved && trigger != "apply" => EventType::DeploymentRebalanced,
@@ -463,7 +562,9 @@ impl Planner {
             .update(name, |cur| {
                 let mut next = cur?.clone();
                 let status = next.status.get_or_insert_with(Default::default);
-                if status.placement_generation >= written.generation && status.phase == i32::from(phase) {
+                if status.placement_generation >= written.generation
+                    && status.phase == i32::from(phase)
+                {
                     return None;
                 }
                 status.phase = phase.into();
@@ -491,7 +592,8 @@ impl Planner {
                 before => {
                     changed.insert(view.name.clone());
                     more_room |= before.is_none_or(|b| {
-                        (b.availability != Availability::Available && now.availability == Availability::Available)
+                        (b.availability != Availability::Available
+                            && now.availability == Availability::Available)
                             || (b.cordoned.is_some() && now.cordoned.is_none())
                             || b.gpus != now.gpus
                             || b.labels != now.labels
@@ -508,7 +610,11 @@ impl Planner {
         if !everything && changed.is_empty() {
             return;
         }
-        self.last_views = fleet.clusters.iter().map(|v| (v.name.clone(), relevant(v))).collect();
+        self.last_views = fleet
+            .clusters
+            .iter()
+            .map(|v| (v.name.clone(), relevant(v)))
+            .collect();
 
         let mut affected: BTreeSet<String> = BTreeSet::new();
         for (name, p) in self.placements.cached_all() {
@@ -551,7 +657,9 @@ impl Planner {
 
     async fn replan(&self, names: &BTreeSet<String>, fleet: &Fleet, trigger: &str) {
         for name in names {
-            let Some(doc) = self.deployments.cached(name) else { continue };
+            let Some(doc) = self.deployments.cached(name) else {
+                continue;
+            };
             let request = match spec::validate(&doc) {
                 Ok(r) => r,
                 Err(e) => {

@@ -49,17 +49,43 @@ pub enum Why {
     Unavailable,
     Cordoned,
     NotNamed,
-    Taint { taint: u16 },
-    Label { term: u16, requirement: u16 },
-    Property { term: u16, requirement: u16, actual: f64 },
+    Taint {
+        taint: u16,
+    },
+    Label {
+        term: u16,
+        requirement: u16,
+    },
+    Property {
+        term: u16,
+        requirement: u16,
+        actual: f64,
+    },
     NoGpuType,
-    GpuMemory { largest_free: u64 },
-    ModelTooBig { group: u16 },
-    GpuCountTooSmall { group: u16, needed: u32 },
-    Capacity { free: u32, need: u32 },
-    MissingTopologyKey { spread: u16 },
-    Spread { spread: u16 },
-    NotChosen { score: f64, cutoff: f64 },
+    GpuMemory {
+        largest_free: u64,
+    },
+    ModelTooBig {
+        group: u16,
+    },
+    GpuCountTooSmall {
+        group: u16,
+        needed: u32,
+    },
+    Capacity {
+        free: u32,
+        need: u32,
+    },
+    MissingTopologyKey {
+        spread: u16,
+    },
+    Spread {
+        spread: u16,
+    },
+    NotChosen {
+        score: f64,
+        cutoff: f64,
+    },
     NoReplicaLeft,
 }
 
@@ -124,11 +150,15 @@ struct Candidate {
     score: f64,
 }
 
+/// (model, GPUs in the group, memory per GPU) -> sizing, see
+/// [`SizingCache::size`].
+type SizedModel = (String, u32, u64, Result<(u32, u32), u32>);
+
 /// GPUs per replica and tensor parallelism of a deployment on one GPU
 /// model, computed once per model per decision.
 struct SizingCache<'a> {
     request: &'a DeploymentRequest,
-    entries: Vec<(String, u32, u64, Result<(u32, u32), u32>)>,
+    entries: Vec<SizedModel>,
 }
 
 impl<'a> SizingCache<'a> {
@@ -142,11 +172,9 @@ impl<'a> SizingCache<'a> {
     /// `Ok((gpus per replica, tensor parallel))`, or `Err(needed)` where
     /// needed is 0 when the model cannot fit at all.
     fn size(&mut self, group: &GpuGroup) -> Result<(u32, u32), u32> {
-        if let Some((_, _, _, r)) = self
-            .entries
-            .iter()
-            .find(|(m, n, mem, _)| *m == group.model && *n == group.count && *mem == group.memory_bytes)
-        {
+        if let Some((_, _, _, r)) = self.entries.iter().find(|(m, n, mem, _)| {
+            *m == group.model && *n == group.count && *mem == group.memory_bytes
+        }) {
             return *r;
         }
         let result = match &self.request.model {
@@ -162,7 +190,10 @@ impl<'a> SizingCache<'a> {
                     memory_bytes: group.memory_bytes,
                     gpus_per_node: group.count.max(1),
                 };
-                match (size_replica(&preset.shape, &profile, &gpu), self.request.gpu_count) {
+                match (
+                    size_replica(&preset.shape, &profile, &gpu),
+                    self.request.gpu_count,
+                ) {
                     (Err(_), _) => Err(0),
                     (Ok(s), None) => Ok((s.gpus_per_replica, s.tensor_parallel)),
                     (Ok(s), Some(n)) if n >= s.gpus_per_replica => Ok((n, s.tensor_parallel)),
@@ -190,30 +221,52 @@ pub fn tolerates(tolerations: &[v1::Toleration], taint: &v1::Taint) -> bool {
 fn type_accepted(types: &[String], model: &str) -> bool {
     types.is_empty()
         || types.iter().any(|t| {
-            model.len() >= t.len() && model[..t.len()].eq_ignore_ascii_case(t) && (model.len() == t.len() || model.as_bytes()[t.len()] == b'-')
+            model.len() >= t.len()
+                && model[..t.len()].eq_ignore_ascii_case(t)
+                && (model.len() == t.len() || model.as_bytes()[t.len()] == b'-')
         })
 }
 
-fn property_value(p: Property, cluster: &ClusterView, group: Option<&GpuGroup>, free_gpus: u32, model: &str) -> f64 {
+fn property_value(
+    p: Property,
+    cluster: &ClusterView,
+    group: Option<&GpuGroup>,
+    free_gpus: u32,
+    model: &str,
+) -> f64 {
     match p {
         Property::GpuFreeCount => f64::from(free_gpus),
         Property::GpuTotalCount => f64::from(group.map_or(0, |g| g.count)),
-        Property::GpuFreeMemoryGiB => group.map_or(0.0, |g| g.largest_free_bytes as f64 / (1u64 << 30) as f64),
-        Property::GpuMemoryGiB => group.map_or(0.0, |g| g.memory_bytes as f64 / (1u64 << 30) as f64),
+        Property::GpuFreeMemoryGiB => {
+            group.map_or(0.0, |g| g.largest_free_bytes as f64 / (1u64 << 30) as f64)
+        }
+        Property::GpuMemoryGiB => {
+            group.map_or(0.0, |g| g.memory_bytes as f64 / (1u64 << 30) as f64)
+        }
         Property::CostPerGpuHour => cluster.cost_per_gpu_hour,
-        Property::ModelCached => f64::from(u8::from(cluster.cached_models.iter().any(|m| m == model))),
+        Property::ModelCached => {
+            f64::from(u8::from(cluster.cached_models.iter().any(|m| m == model)))
+        }
     }
 }
 
 /// Replicas this deployment holds on each cluster now, and the GPUs.
-fn own_holdings(fleet: &Fleet, current: Option<&v1::PlacementDecision>) -> Vec<(u32, String, u32, u32)> {
+fn own_holdings(
+    fleet: &Fleet,
+    current: Option<&v1::PlacementDecision>,
+) -> Vec<(u32, String, u32, u32)> {
     current
         .map(|c| {
             c.assignments
                 .iter()
                 .filter_map(|a| {
                     let idx = fleet.index_of(&a.cluster)?;
-                    Some((idx, a.gpu_model.clone(), a.replicas, a.replicas.saturating_mul(a.gpus_per_replica)))
+                    Some((
+                        idx,
+                        a.gpu_model.clone(),
+                        a.replicas,
+                        a.replicas.saturating_mul(a.gpus_per_replica),
+                    ))
                 })
                 .collect()
         })
@@ -247,7 +300,7 @@ pub fn place(
             continue;
         }
         if let Policy::Fixed(names) = &request.policy
-            && !names.iter().any(|n| *n == cluster.name)
+            && !names.contains(&cluster.name)
         {
             decision.exclusions.push(exclude(Why::NotNamed));
             continue;
@@ -255,14 +308,19 @@ pub fn place(
         for (t, taint) in cluster.taints.iter().enumerate() {
             let hard = taint.effect() != TaintEffect::PreferNoSchedule;
             if hard && !tolerates(&request.tolerations, taint) {
-                decision.exclusions.push(exclude(Why::Taint { taint: t as u16 }));
+                decision
+                    .exclusions
+                    .push(exclude(Why::Taint { taint: t as u16 }));
                 continue 'clusters;
             }
         }
         for (ti, term) in request.required.iter().enumerate() {
             for (ri, req) in term.labels.iter().enumerate() {
                 if !req.matches(&cluster.labels) {
-                    decision.exclusions.push(exclude(Why::Label { term: ti as u16, requirement: ri as u16 }));
+                    decision.exclusions.push(exclude(Why::Label {
+                        term: ti as u16,
+                        requirement: ri as u16,
+                    }));
                     continue 'clusters;
                 }
             }
@@ -280,7 +338,9 @@ pub fn place(
             if group.largest_free_bytes < request.min_gpu_memory_bytes {
                 if stage < 1 {
                     stage = 1;
-                    furthest = Some(Why::GpuMemory { largest_free: group.largest_free_bytes });
+                    furthest = Some(Why::GpuMemory {
+                        largest_free: group.largest_free_bytes,
+                    });
                 } else if let Some(Why::GpuMemory { largest_free }) = &mut furthest {
                     *largest_free = (*largest_free).max(group.largest_free_bytes);
                 }
@@ -294,7 +354,10 @@ pub fn place(
                         furthest = Some(if needed == 0 {
                             Why::ModelTooBig { group: g as u16 }
                         } else {
-                            Why::GpuCountTooSmall { group: g as u16, needed }
+                            Why::GpuCountTooSmall {
+                                group: g as u16,
+                                needed,
+                            }
                         });
                     }
                     continue;
@@ -305,8 +368,10 @@ pub fn place(
                 .filter(|(c, m, _, _)| *c == idx && *m == group.model)
                 .map(|(_, _, replicas, _)| replicas)
                 .sum();
-            let free = group.count.saturating_sub(held.held(&cluster.name, &group.model));
-            let capacity = if gpr == 0 { 0 } else { free / gpr };
+            let free = group
+                .count
+                .saturating_sub(held.held(&cluster.name, &group.model));
+            let capacity = free.checked_div(gpr).unwrap_or(0);
             if capacity == 0 {
                 if stage < 3 {
                     stage = 3;
@@ -324,12 +389,16 @@ pub fn place(
                 current: own_replicas,
                 score: 0.0,
             };
-            if best.is_none_or(|b| (candidate.current, candidate.capacity) > (b.current, b.capacity)) {
+            if best
+                .is_none_or(|b| (candidate.current, candidate.capacity) > (b.current, b.capacity))
+            {
                 best = Some(candidate);
             }
         }
         let Some(candidate) = best else {
-            decision.exclusions.push(exclude(furthest.unwrap_or(Why::NoGpuType)));
+            decision
+                .exclusions
+                .push(exclude(furthest.unwrap_or(Why::NoGpuType)));
             continue;
         };
 
@@ -337,9 +406,19 @@ pub fn place(
         let group = cluster.gpus.get(candidate.group as usize);
         for (ti, term) in request.required.iter().enumerate() {
             for (ri, req) in term.properties.iter().enumerate() {
-                let actual = property_value(req.property, cluster, group, candidate.free_gpus, model_name);
+                let actual = property_value(
+                    req.property,
+                    cluster,
+                    group,
+                    candidate.free_gpus,
+                    model_name,
+                );
                 if !req.holds(actual) {
-                    decision.exclusions.push(exclude(Why::Property { term: ti as u16, requirement: ri as u16, actual }));
+                    decision.exclusions.push(exclude(Why::Property {
+                        term: ti as u16,
+                        requirement: ri as u16,
+                        actual,
+                    }));
                     continue 'clusters;
                 }
             }
@@ -355,16 +434,38 @@ pub fn place(
     decision
 }
 
-fn score(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut [Candidate], settings: &Settings, model: &str) {
+fn score(
+    request: &DeploymentRequest,
+    fleet: &Fleet,
+    candidates: &mut [Candidate],
+    settings: &Settings,
+    model: &str,
+) {
     if candidates.is_empty() {
         return;
     }
     let defaults = [
-        Preference::Sorter { weight: 50.0, property: Property::GpuFreeCount, descending: true },
-        Preference::Sorter { weight: 30.0, property: Property::CostPerGpuHour, descending: false },
-        Preference::Sorter { weight: 20.0, property: Property::ModelCached, descending: true },
+        Preference::Sorter {
+            weight: 50.0,
+            property: Property::GpuFreeCount,
+            descending: true,
+        },
+        Preference::Sorter {
+            weight: 30.0,
+            property: Property::CostPerGpuHour,
+            descending: false,
+        },
+        Preference::Sorter {
+            weight: 20.0,
+            property: Property::ModelCached,
+            descending: true,
+        },
     ];
-    let preferences: &[Preference] = if request.preferred.is_empty() { &defaults } else { &request.preferred };
+    let preferences: &[Preference] = if request.preferred.is_empty() {
+        &defaults
+    } else {
+        &request.preferred
+    };
     let total_weight: f64 = preferences
         .iter()
         .map(|p| match p {
@@ -383,11 +484,21 @@ fn score(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut [Candidate
                     }
                 }
             }
-            Preference::Sorter { weight, property, descending } => {
+            Preference::Sorter {
+                weight,
+                property,
+                descending,
+            } => {
                 let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
                 for (v, c) in values.iter_mut().zip(candidates.iter()) {
                     let cluster = fleet.get(c.cluster);
-                    *v = property_value(*property, cluster, cluster.gpus.get(c.group as usize), c.free_gpus, model);
+                    *v = property_value(
+                        *property,
+                        cluster,
+                        cluster.gpus.get(c.group as usize),
+                        c.free_gpus,
+                        model,
+                    );
                     lo = lo.min(*v);
                     hi = hi.max(*v);
                 }
@@ -396,7 +507,11 @@ fn score(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut [Candidate
                 // stay small next to the stickiness bonus.
                 for (v, c) in values.iter().zip(candidates.iter_mut()) {
                     let share = if *descending {
-                        if hi <= 0.0 { 1.0 } else { (v / hi).clamp(0.0, 1.0) }
+                        if hi <= 0.0 {
+                            1.0
+                        } else {
+                            (v / hi).clamp(0.0, 1.0)
+                        }
                     } else if *v <= 0.0 {
                         1.0
                     } else {
@@ -412,11 +527,9 @@ fn score(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut [Candidate
             c.score += settings.stickiness;
         }
         let cluster = fleet.get(c.cluster);
-        if cluster
-            .taints
-            .iter()
-            .any(|t| t.effect() == TaintEffect::PreferNoSchedule && !tolerates(&request.tolerations, t))
-        {
+        if cluster.taints.iter().any(|t| {
+            t.effect() == TaintEffect::PreferNoSchedule && !tolerates(&request.tolerations, t)
+        }) {
             c.score -= settings.prefer_no_schedule_penalty;
         }
     }
@@ -426,12 +539,19 @@ fn score(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut [Candidate
 
 /// Whether adding `cluster` keeps every hard (or, for `soft`, every)
 /// spread constraint within its skew. `counts[s]` are per-domain counts.
-fn spread_ok(request: &DeploymentRequest, cluster: &ClusterView, counts: &[Vec<(String, u32)>], include_soft: bool) -> Result<(), u16> {
+fn spread_ok(
+    request: &DeploymentRequest,
+    cluster: &ClusterView,
+    counts: &[Vec<(String, u32)>],
+    include_soft: bool,
+) -> Result<(), u16> {
     for (s, spread) in request.spread.iter().enumerate() {
         if !spread.hard && !include_soft {
             continue;
         }
-        let Some(domain) = cluster.labels.get(&spread.key) else { continue };
+        let Some(domain) = cluster.labels.get(&spread.key) else {
+            continue;
+        };
         let domains = &counts[s];
         let mut max = 0u32;
         let mut min = u32::MAX;
@@ -447,7 +567,12 @@ fn spread_ok(request: &DeploymentRequest, cluster: &ClusterView, counts: &[Vec<(
     Ok(())
 }
 
-fn select(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut Vec<Candidate>, decision: &mut Decision) -> Vec<Candidate> {
+fn select(
+    request: &DeploymentRequest,
+    fleet: &Fleet,
+    candidates: &mut Vec<Candidate>,
+    decision: &mut Decision,
+) -> Vec<Candidate> {
     let Policy::N(n) = request.policy else {
         return std::mem::take(candidates);
     };
@@ -455,9 +580,16 @@ fn select(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut Vec<Candi
     // Clusters without a hard spread key cannot be counted: left out.
     candidates.retain(|c| {
         let cluster = fleet.get(c.cluster);
-        match request.spread.iter().position(|s| s.hard && !cluster.labels.contains_key(&s.key)) {
+        match request
+            .spread
+            .iter()
+            .position(|s| s.hard && !cluster.labels.contains_key(&s.key))
+        {
             Some(s) => {
-                decision.exclusions.push(Exclusion { cluster: c.cluster, why: Why::MissingTopologyKey { spread: s as u16 } });
+                decision.exclusions.push(Exclusion {
+                    cluster: c.cluster,
+                    why: Why::MissingTopologyKey { spread: s as u16 },
+                });
                 false
             }
             None => true,
@@ -484,12 +616,15 @@ fn select(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut Vec<Candi
     // the best feasible at every step (not the first in a single pass)
     // makes the chosen set independent of ties in the order, so a re-plan
     // of an unchanged fleet chooses the same clusters.
-    let mut pool: Vec<Option<Candidate>> = std::mem::take(candidates).into_iter().map(Some).collect();
+    let mut pool: Vec<Option<Candidate>> =
+        std::mem::take(candidates).into_iter().map(Some).collect();
     let mut chosen = Vec::with_capacity(n);
     let mut skipped_for: Vec<Option<u16>> = vec![None; pool.len()];
     while chosen.len() < n {
         let pick = [true, false].into_iter().find_map(|strict| {
-            pool.iter().position(|c| c.is_some_and(|c| spread_ok(request, fleet.get(c.cluster), &counts, strict).is_ok()))
+            pool.iter().position(|c| {
+                c.is_some_and(|c| spread_ok(request, fleet.get(c.cluster), &counts, strict).is_ok())
+            })
         });
         let Some(i) = pick else { break };
         // Better-scored candidates passed over here were passed over for
@@ -517,17 +652,29 @@ fn select(request: &DeploymentRequest, fleet: &Fleet, candidates: &mut Vec<Candi
     let mut blocked: Vec<(u32, u16)> = Vec::new();
     for (c, skipped) in pool.into_iter().zip(skipped_for) {
         let Some(c) = c else { continue };
-        match (skipped, spread_ok(request, fleet.get(c.cluster), &counts, true)) {
+        match (
+            skipped,
+            spread_ok(request, fleet.get(c.cluster), &counts, true),
+        ) {
             (Some(s), _) => blocked.push((c.cluster, s)),
             (None, Err(s)) if chosen.len() < n => blocked.push((c.cluster, s)),
             _ => deferred.push(c),
         }
     }
     for c in deferred {
-        decision.exclusions.push(Exclusion { cluster: c.cluster, why: Why::NotChosen { score: c.score, cutoff } });
+        decision.exclusions.push(Exclusion {
+            cluster: c.cluster,
+            why: Why::NotChosen {
+                score: c.score,
+                cutoff,
+            },
+        });
     }
     for (cluster, spread) in blocked {
-        decision.exclusions.push(Exclusion { cluster, why: Why::Spread { spread } });
+        decision.exclusions.push(Exclusion {
+            cluster,
+            why: Why::Spread { spread },
+        });
     }
     decision.missing_clusters = u32::try_from(n.saturating_sub(chosen.len())).unwrap_or(0);
     chosen
@@ -550,20 +697,27 @@ fn divide(request: &DeploymentRequest, chosen: Vec<Candidate>, decision: &mut De
         assigned[i] -= cut;
         total -= cut;
     }
-    for i in 0..chosen.len() {
+    for a in assigned.iter_mut() {
         if total >= wanted {
             break;
         }
-        if assigned[i] == 0 {
-            assigned[i] = 1;
+        if *a == 0 {
+            *a = 1;
             total += 1;
         }
     }
-    let room: Vec<u32> = chosen.iter().zip(&assigned).map(|(c, a)| c.capacity - a).collect();
+    let room: Vec<u32> = chosen
+        .iter()
+        .zip(&assigned)
+        .map(|(c, a)| c.capacity - a)
+        .collect();
     let room_total: u64 = room.iter().map(|r| u64::from(*r)).sum();
     let remaining = u64::from(wanted - total).min(room_total);
     if remaining > 0 {
-        let mut extra: Vec<u64> = room.iter().map(|r| remaining * u64::from(*r) / room_total).collect();
+        let mut extra: Vec<u64> = room
+            .iter()
+            .map(|r| remaining * u64::from(*r) / room_total)
+            .collect();
         let mut given: u64 = extra.iter().sum();
         // Largest remainder first; ties to the better score (earlier).
         let mut order: Vec<usize> = (0..chosen.len()).collect();
@@ -585,7 +739,10 @@ fn divide(request: &DeploymentRequest, chosen: Vec<Candidate>, decision: &mut De
     decision.unplaced_replicas = wanted.saturating_sub(total);
     for (c, replicas) in chosen.iter().zip(assigned) {
         if replicas == 0 {
-            decision.exclusions.push(Exclusion { cluster: c.cluster, why: Why::NoReplicaLeft });
+            decision.exclusions.push(Exclusion {
+                cluster: c.cluster,
+                why: Why::NoReplicaLeft,
+            });
             continue;
         }
         decision.assignments.push(Chosen {
@@ -625,7 +782,9 @@ impl Decision {
             .map(|a| format!("{} on {}", a.replicas, fleet.get(a.cluster).name))
             .collect();
         let mut text = match self.outcome(request) {
-            PlacementOutcome::Unschedulable if fleet.is_empty() => "no cluster has joined the fleet yet".to_string(),
+            PlacementOutcome::Unschedulable if fleet.is_empty() => {
+                "no cluster has joined the fleet yet".to_string()
+            }
             PlacementOutcome::Unschedulable => {
                 let mut by_plugin: Vec<(&str, usize)> = Vec::new();
                 for e in &self.exclusions {
@@ -634,19 +793,37 @@ impl Decision {
                         None => by_plugin.push((e.why.plugin(), 1)),
                     }
                 }
-                let parts: Vec<String> = by_plugin.iter().map(|(p, n)| format!("{n} by {p}")).collect();
-                format!("no cluster fits {} replicas: all {} clusters left out ({})", request.replicas, fleet.len(), parts.join(", "))
+                let parts: Vec<String> = by_plugin
+                    .iter()
+                    .map(|(p, n)| format!("{n} by {p}"))
+                    .collect();
+                format!(
+                    "no cluster fits {} replicas: all {} clusters left out ({})",
+                    request.replicas,
+                    fleet.len(),
+                    parts.join(", ")
+                )
             }
             _ if request.replicas == 0 => "scaled to zero".to_string(),
-            _ => format!("{placed} of {} replicas placed: {}", request.replicas, clusters.join(", ")),
+            _ => format!(
+                "{placed} of {} replicas placed: {}",
+                request.replicas,
+                clusters.join(", ")
+            ),
         };
         if self.unplaced_replicas > 0 && placed > 0 {
-            text.push_str(&format!("; {} replicas do not fit anywhere", self.unplaced_replicas));
+            text.push_str(&format!(
+                "; {} replicas do not fit anywhere",
+                self.unplaced_replicas
+            ));
         }
         if self.missing_clusters > 0
             && let Policy::N(n) = request.policy
         {
-            text.push_str(&format!("; PickN wants {n} clusters, only {} qualify", n - self.missing_clusters));
+            text.push_str(&format!(
+                "; PickN wants {n} clusters, only {} qualify",
+                n - self.missing_clusters
+            ));
         }
         text
     }
@@ -658,7 +835,12 @@ impl Decision {
             if cluster.gpus.is_empty() {
                 "no GPUs".to_string()
             } else {
-                cluster.gpus.iter().map(|g| format!("{}x{}", g.count, g.model)).collect::<Vec<_>>().join(", ")
+                cluster
+                    .gpus
+                    .iter()
+                    .map(|g| format!("{}x{}", g.count, g.model))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         };
         match e.why {
@@ -680,20 +862,35 @@ impl Decision {
             Why::Taint { taint } => {
                 let t = &cluster.taints[taint as usize];
                 let effect = flotilla_proto::json::name_of::<TaintEffect>(t.effect);
-                let value = if t.value.is_empty() { String::new() } else { format!("={}", t.value) };
+                let value = if t.value.is_empty() {
+                    String::new()
+                } else {
+                    format!("={}", t.value)
+                };
                 format!("taint {}{value}:{effect} is not tolerated", t.key)
             }
             Why::Label { term, requirement } => {
                 let r = &request.required[term as usize].labels[requirement as usize];
-                let actual = cluster.labels.get(&r.key).map_or_else(|| format!("no label {}", r.key), |v| format!("{}={v}", r.key));
+                let actual = cluster.labels.get(&r.key).map_or_else(
+                    || format!("no label {}", r.key),
+                    |v| format!("{}={v}", r.key),
+                );
                 format!("requires {}; cluster has {actual}", r.describe())
             }
-            Why::Property { term, requirement, actual } => {
+            Why::Property {
+                term,
+                requirement,
+                actual,
+            } => {
                 let r = &request.required[term as usize].properties[requirement as usize];
                 format!("requires {}; cluster has {actual}", r.describe())
             }
             Why::NoGpuType => {
-                let wanted = if request.gpu_types.is_empty() { "a GPU".to_string() } else { request.gpu_types.join(" or ") };
+                let wanted = if request.gpu_types.is_empty() {
+                    "a GPU".to_string()
+                } else {
+                    request.gpu_types.join(" or ")
+                };
                 format!("needs {wanted}; cluster has {}", groups())
             }
             Why::GpuMemory { largest_free } => format!(
@@ -707,7 +904,11 @@ impl Decision {
                     ModelChoice::Preset { preset, precision } => {
                         let mut profile = ServingProfile::default_for(preset);
                         profile.precision = *precision;
-                        let gpu = GpuType { model: g.model.clone(), memory_bytes: g.memory_bytes, gpus_per_node: g.count.max(1) };
+                        let gpu = GpuType {
+                            model: g.model.clone(),
+                            memory_bytes: g.memory_bytes,
+                            gpus_per_node: g.count.max(1),
+                        };
                         match flotilla_model_catalog::size_preset(preset, &profile, &gpu) {
                             Err(e) => e.to_string(),
                             Ok(_) => format!("does not fit on {}", g.model),
@@ -721,9 +922,14 @@ impl Decision {
                 cluster.gpus[group as usize].model,
                 request.gpu_count.unwrap_or(1)
             ),
-            Why::Capacity { free, need } => format!("needs {need} free GPUs for one replica; {free} free"),
+            Why::Capacity { free, need } => {
+                format!("needs {need} free GPUs for one replica; {free} free")
+            }
             Why::MissingTopologyKey { spread } => {
-                format!("has no label {} for the topology spread", request.spread[spread as usize].key)
+                format!(
+                    "has no label {} for the topology spread",
+                    request.spread[spread as usize].key
+                )
             }
             Why::Spread { spread } => {
                 let s = &request.spread[spread as usize];
@@ -735,15 +941,23 @@ impl Decision {
                 )
             }
             Why::NotChosen { score, cutoff } => {
-                format!("qualifies but scored {score:.1}, below the {cutoff:.1} of the clusters chosen")
+                format!(
+                    "qualifies but scored {score:.1}, below the {cutoff:.1} of the clusters chosen"
+                )
             }
-            Why::NoReplicaLeft => "chosen, but the replicas all fit on higher-scored clusters".into(),
+            Why::NoReplicaLeft => {
+                "chosen, but the replicas all fit on higher-scored clusters".into()
+            }
         }
     }
 
     /// The assignments alone, without reasons in words: what capacity
     /// accounting and the next re-plan need.
-    pub fn assignments_record(&self, request: &DeploymentRequest, fleet: &Fleet) -> v1::PlacementDecision {
+    pub fn assignments_record(
+        &self,
+        request: &DeploymentRequest,
+        fleet: &Fleet,
+    ) -> v1::PlacementDecision {
         v1::PlacementDecision {
             deployment: request.name.clone(),
             assignments: self.assignment_list(fleet),
@@ -762,7 +976,11 @@ impl Decision {
                     replicas: a.replicas,
                     score: (a.score * 10.0).round() / 10.0,
                     gpus_per_replica: a.gpus_per_replica,
-                    gpu_model: cluster.gpus.get(a.group as usize).map(|g| g.model.clone()).unwrap_or_default(),
+                    gpu_model: cluster
+                        .gpus
+                        .get(a.group as usize)
+                        .map(|g| g.model.clone())
+                        .unwrap_or_default(),
                     tensor_parallel: a.tensor_parallel,
                 }
             })
@@ -794,6 +1012,9 @@ impl Decision {
 pub fn same_assignments(a: &v1::PlacementDecision, b: &v1::PlacementDecision) -> bool {
     a.assignments.len() == b.assignments.len()
         && a.assignments.iter().zip(&b.assignments).all(|(x, y)| {
-            x.cluster == y.cluster && x.replicas == y.replicas && x.gpus_per_replica == y.gpus_per_replica && x.gpu_model == y.gpu_model
+            x.cluster == y.cluster
+                && x.replicas == y.replicas
+                && x.gpus_per_replica == y.gpus_per_replica
+                && x.gpu_model == y.gpu_model
         })
 }

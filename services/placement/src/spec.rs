@@ -4,7 +4,10 @@
 
 use flotilla_model_catalog::{Precision, Preset};
 use flotilla_proto::json::name_of;
-use flotilla_proto::v1::{self, LabelOperator, PlacementPolicy, PropertyOperator, SortOrder, TolerationOperator, WhenUnsatisfiable};
+use flotilla_proto::v1::{
+    self, LabelOperator, PlacementPolicy, PropertyOperator, SortOrder, TolerationOperator,
+    WhenUnsatisfiable,
+};
 
 /// Which field is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,8 +26,15 @@ fn bad<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fiel
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelChoice {
-    Preset { preset: &'static Preset, precision: Precision },
-    Artifact { name: String, digest: String, format: String },
+    Preset {
+        preset: &'static Preset,
+        precision: Precision,
+    },
+    Artifact {
+        name: String,
+        digest: String,
+        format: String,
+    },
 }
 
 impl ModelChoice {
@@ -119,7 +129,11 @@ impl Property {
     }
 
     fn known() -> String {
-        Self::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        Self::ALL
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -144,7 +158,12 @@ impl PropertyRequirement {
     }
 
     pub fn describe(&self) -> String {
-        format!("{} {} {}", self.property.name(), name_of::<PropertyOperator>(self.op.into()), self.value)
+        format!(
+            "{} {} {}",
+            self.property.name(),
+            name_of::<PropertyOperator>(self.op.into()),
+            self.value
+        )
     }
 }
 
@@ -157,8 +176,15 @@ pub struct RequiredTerm {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Preference {
-    Labels { weight: f64, labels: Vec<LabelRequirement> },
-    Sorter { weight: f64, property: Property, descending: bool },
+    Labels {
+        weight: f64,
+        labels: Vec<LabelRequirement>,
+    },
+    Sorter {
+        weight: f64,
+        property: Property,
+        descending: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +214,10 @@ pub struct DeploymentRequest {
 
 const MAX_REPLICAS: i32 = 10_000;
 
-fn check_label_selector(field: &str, selector: &v1::LabelSelector) -> Result<Vec<LabelRequirement>, FieldError> {
+fn check_label_selector(
+    field: &str,
+    selector: &v1::LabelSelector,
+) -> Result<Vec<LabelRequirement>, FieldError> {
     let mut out: Vec<LabelRequirement> = selector
         .match_labels
         .iter()
@@ -198,7 +227,7 @@ fn check_label_selector(field: &str, selector: &v1::LabelSelector) -> Result<Vec
             values: vec![v.clone()],
         })
         .collect();
-    for (k, _) in &selector.match_labels {
+    for k in selector.match_labels.keys() {
         if k.is_empty() {
             return bad(format!("{field}.matchLabels"), "a label key is empty");
         }
@@ -214,15 +243,24 @@ fn check_label_selector(field: &str, selector: &v1::LabelSelector) -> Result<Vec
             LabelOperator::Exists => LabelOp::Exists,
             LabelOperator::DoesNotExist => LabelOp::DoesNotExist,
             LabelOperator::Unspecified => {
-                return bad(format!("{f}.operator"), "is required: In, NotIn, Exists or DoesNotExist");
+                return bad(
+                    format!("{f}.operator"),
+                    "is required: In, NotIn, Exists or DoesNotExist",
+                );
             }
         };
         match op {
             LabelOp::In | LabelOp::NotIn if expr.values.is_empty() => {
-                return bad(format!("{f}.values"), "In and NotIn need at least one value");
+                return bad(
+                    format!("{f}.values"),
+                    "In and NotIn need at least one value",
+                );
             }
             LabelOp::Exists | LabelOp::DoesNotExist if !expr.values.is_empty() => {
-                return bad(format!("{f}.values"), "Exists and DoesNotExist take no values");
+                return bad(
+                    format!("{f}.values"),
+                    "Exists and DoesNotExist take no values",
+                );
             }
             _ => {}
         }
@@ -244,7 +282,10 @@ pub fn check_int_or_percent(field: &str, value: &str) -> Result<(), FieldError> 
     match number.parse::<u32>() {
         Ok(n) if value.ends_with('%') && n > 100 => bad(field, format!("{value:?} is over 100%")),
         Ok(_) => Ok(()),
-        Err(_) => bad(field, format!("{value:?} is neither a count nor a percentage such as 25%")),
+        Err(_) => bad(
+            field,
+            format!("{value:?} is neither a count nor a percentage such as 25%"),
+        ),
     }
 }
 
@@ -252,39 +293,73 @@ fn check_duration(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
         return Ok(());
     }
-    let (number, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let (number, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
     match (number.parse::<u64>(), unit) {
         (Ok(_), "s" | "m" | "h" | "ms") => Ok(()),
-        _ => bad(field, format!("{value:?} is not a duration such as 60s, 5m or 1h")),
+        _ => bad(
+            field,
+            format!("{value:?} is not a duration such as 60s, 5m or 1h"),
+        ),
     }
 }
 
 /// Checks everything that does not depend on the fleet.
 pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldError> {
     if !doc.api_version.is_empty() && doc.api_version != flotilla_proto::API_VERSION {
-        return bad("apiVersion", format!("{:?} is not supported; use {}", doc.api_version, flotilla_proto::API_VERSION));
+        return bad(
+            "apiVersion",
+            format!(
+                "{:?} is not supported; use {}",
+                doc.api_version,
+                flotilla_proto::API_VERSION
+            ),
+        );
     }
     if !doc.kind.is_empty() && doc.kind != "ModelDeployment" {
         return bad("kind", format!("{:?} is not ModelDeployment", doc.kind));
     }
-    let Some(meta) = &doc.metadata else { return bad("metadata", "is required") };
+    let Some(meta) = &doc.metadata else {
+        return bad("metadata", "is required");
+    };
     flotilla_proto::check_name("deployment", &meta.name).map_err(|e| FieldError {
         field: "metadata.name".into(),
         reason: e.to_string(),
     })?;
-    let Some(spec) = &doc.spec else { return bad("spec", "is required") };
+    let Some(spec) = &doc.spec else {
+        return bad("spec", "is required");
+    };
 
     let model = match &spec.model {
         None => return bad("spec.model", "is required: a preset or an artifact"),
         Some(m) => match (&m.preset, &m.artifact) {
-            (p, Some(_)) if !p.is_empty() => return bad("spec.model", "give a preset or an artifact, not both"),
-            (p, None) if p.is_empty() => return bad("spec.model", "is required: a preset or an artifact"),
+            (p, Some(_)) if !p.is_empty() => {
+                return bad("spec.model", "give a preset or an artifact, not both");
+            }
+            (p, None) if p.is_empty() => {
+                return bad("spec.model", "is required: a preset or an artifact");
+            }
             (p, None) => {
                 let Some(preset) = flotilla_model_catalog::preset(p) else {
-                    let known: Vec<_> = flotilla_model_catalog::presets().iter().map(|p| p.name).collect();
-                    return bad("spec.model.preset", format!("{p:?} is not in the catalog; known presets: {}", known.join(", ")));
+                    let known: Vec<_> = flotilla_model_catalog::presets()
+                        .iter()
+                        .map(|p| p.name)
+                        .collect();
+                    return bad(
+                        "spec.model.preset",
+                        format!(
+                            "{p:?} is not in the catalog; known presets: {}",
+                            known.join(", ")
+                        ),
+                    );
                 };
-                ModelChoice::Preset { preset, precision: preset.default_precision }
+                ModelChoice::Preset {
+                    preset,
+                    precision: preset.default_precision,
+                }
             }
             (_, Some(a)) => {
                 if a.name.is_empty() {
@@ -292,10 +367,16 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
                 }
                 let hex = a.digest.strip_prefix("sha256:").unwrap_or("");
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return bad("spec.model.artifact.digest", format!("{:?} is not sha256:<64 hex digits>", a.digest));
+                    return bad(
+                        "spec.model.artifact.digest",
+                        format!("{:?} is not sha256:<64 hex digits>", a.digest),
+                    );
                 }
                 if !matches!(a.format.as_str(), "gguf" | "safetensors") {
-                    return bad("spec.model.artifact.format", format!("{:?} must be gguf or safetensors", a.format));
+                    return bad(
+                        "spec.model.artifact.format",
+                        format!("{:?} must be gguf or safetensors", a.format),
+                    );
                 }
                 ModelChoice::Artifact {
                     name: a.name.clone(),
@@ -316,7 +397,11 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         {
             return bad(
                 "spec.runtime",
-                format!("preset {} cannot be served by {}", preset.name, name_of::<v1::Runtime>(spec.runtime.max(1))),
+                format!(
+                    "preset {} cannot be served by {}",
+                    preset.name,
+                    name_of::<v1::Runtime>(spec.runtime.max(1))
+                ),
             );
         }
     }
@@ -325,12 +410,22 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         return bad("spec.replicas", format!("{} is negative", spec.replicas));
     }
     if spec.replicas > MAX_REPLICAS {
-        return bad("spec.replicas", format!("{} is over the limit of {MAX_REPLICAS}", spec.replicas));
+        return bad(
+            "spec.replicas",
+            format!("{} is over the limit of {MAX_REPLICAS}", spec.replicas),
+        );
     }
 
-    let gpu = spec.resources.as_ref().and_then(|r| r.gpu.clone()).unwrap_or_default();
+    let gpu = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.gpu.clone())
+        .unwrap_or_default();
     if gpu.count > 64 {
-        return bad("spec.resources.gpu.count", format!("{} GPUs per replica is over 64", gpu.count));
+        return bad(
+            "spec.resources.gpu.count",
+            format!("{} GPUs per replica is over 64", gpu.count),
+        );
     }
     for (i, t) in gpu.types.iter().enumerate() {
         if t.trim().is_empty() {
@@ -349,7 +444,10 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         }
         PlacementPolicy::PickFixed => {
             if placement.cluster_names.is_empty() {
-                return bad("spec.placement.clusterNames", "PickFixed needs at least one cluster");
+                return bad(
+                    "spec.placement.clusterNames",
+                    "PickFixed needs at least one cluster",
+                );
             }
             let mut seen = std::collections::HashSet::new();
             for (i, c) in placement.cluster_names.iter().enumerate() {
@@ -358,17 +456,26 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
                     reason: e.to_string(),
                 })?;
                 if !seen.insert(c) {
-                    return bad(format!("spec.placement.clusterNames[{i}]"), format!("{c} is named twice"));
+                    return bad(
+                        format!("spec.placement.clusterNames[{i}]"),
+                        format!("{c} is named twice"),
+                    );
                 }
             }
             Policy::Fixed(placement.cluster_names.clone())
         }
     };
     if placement.number_of_clusters != 0 && !matches!(policy, Policy::N(_)) {
-        return bad("spec.placement.numberOfClusters", "is only for policy PickN");
+        return bad(
+            "spec.placement.numberOfClusters",
+            "is only for policy PickN",
+        );
     }
     if !placement.cluster_names.is_empty() && !matches!(policy, Policy::Fixed(_)) {
-        return bad("spec.placement.clusterNames", "is only for policy PickFixed");
+        return bad(
+            "spec.placement.clusterNames",
+            "is only for policy PickFixed",
+        );
     }
 
     let affinity = placement.affinity.clone().unwrap_or_default();
@@ -383,18 +490,35 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         for (j, p) in term.property_selector.iter().enumerate() {
             let pf = format!("{f}.propertySelector[{j}]");
             let Some(property) = Property::parse(&p.name) else {
-                return bad(format!("{pf}.name"), format!("{:?} is not a property; known: {}", p.name, Property::known()));
+                return bad(
+                    format!("{pf}.name"),
+                    format!(
+                        "{:?} is not a property; known: {}",
+                        p.name,
+                        Property::known()
+                    ),
+                );
             };
             if p.operator() == PropertyOperator::Unspecified {
-                return bad(format!("{pf}.operator"), "is required: Eq, Ne, Gt, Ge, Lt or Le");
+                return bad(
+                    format!("{pf}.operator"),
+                    "is required: Eq, Ne, Gt, Ge, Lt or Le",
+                );
             }
             let [value] = p.values.as_slice() else {
                 return bad(format!("{pf}.values"), "needs exactly one number");
             };
             let Ok(value) = value.parse::<f64>() else {
-                return bad(format!("{pf}.values[0]"), format!("{value:?} is not a number"));
+                return bad(
+                    format!("{pf}.values[0]"),
+                    format!("{value:?} is not a number"),
+                );
             };
-            properties.push(PropertyRequirement { property, op: p.operator(), value });
+            properties.push(PropertyRequirement {
+                property,
+                op: p.operator(),
+                value,
+            });
         }
         if labels.is_empty() && properties.is_empty() {
             return bad(f, "needs a labelSelector or a propertySelector");
@@ -405,11 +529,16 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
     for (i, term) in affinity.preferred.iter().enumerate() {
         let f = format!("spec.placement.affinity.preferred[{i}]");
         if !(1..=100).contains(&term.weight) {
-            return bad(format!("{f}.weight"), format!("{} must be 1 to 100", term.weight));
+            return bad(
+                format!("{f}.weight"),
+                format!("{} must be 1 to 100", term.weight),
+            );
         }
         let weight = f64::from(term.weight);
         match (&term.label_selector, &term.property_sorter) {
-            (Some(_), Some(_)) => return bad(f, "give a labelSelector or a propertySorter, not both"),
+            (Some(_), Some(_)) => {
+                return bad(f, "give a labelSelector or a propertySorter, not both");
+            }
             (None, None) => return bad(f, "needs a labelSelector or a propertySorter"),
             (Some(s), None) => preferred.push(Preference::Labels {
                 weight,
@@ -419,15 +548,28 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
                 let Some(property) = Property::parse(&sorter.name) else {
                     return bad(
                         format!("{f}.propertySorter.name"),
-                        format!("{:?} is not a property; known: {}", sorter.name, Property::known()),
+                        format!(
+                            "{:?} is not a property; known: {}",
+                            sorter.name,
+                            Property::known()
+                        ),
                     );
                 };
                 let descending = match sorter.order() {
                     SortOrder::Descending => true,
                     SortOrder::Ascending => false,
-                    SortOrder::Unspecified => return bad(format!("{f}.propertySorter.order"), "is required: Ascending or Descending"),
+                    SortOrder::Unspecified => {
+                        return bad(
+                            format!("{f}.propertySorter.order"),
+                            "is required: Ascending or Descending",
+                        );
+                    }
                 };
-                preferred.push(Preference::Sorter { weight, property, descending });
+                preferred.push(Preference::Sorter {
+                    weight,
+                    property,
+                    descending,
+                });
             }
         }
     }
@@ -438,7 +580,10 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
             return bad(format!("{f}.topologyKey"), "is empty");
         }
         if s.max_skew < 1 {
-            return bad(format!("{f}.maxSkew"), format!("{} must be at least 1", s.max_skew));
+            return bad(
+                format!("{f}.maxSkew"),
+                format!("{} must be at least 1", s.max_skew),
+            );
         }
         spread.push(Spread {
             key: s.topology_key.clone(),
@@ -453,7 +598,10 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
                 return bad(format!("{f}.value"), "Exists takes no value");
             }
             TolerationOperator::Equal | TolerationOperator::Unspecified if t.key.is_empty() => {
-                return bad(format!("{f}.key"), "is empty (only operator Exists may leave it empty)");
+                return bad(
+                    format!("{f}.key"),
+                    "is empty (only operator Exists may leave it empty)",
+                );
             }
             _ => {}
         }

@@ -12,10 +12,20 @@ use crate::spec::{self, DeploymentRequest, Policy};
 
 const GIB: u64 = 1 << 30;
 
-fn cluster(name: &str, region: &str, gpus: u32, model: &str, memory_gib: u64, cost: f64) -> ClusterView {
+fn cluster(
+    name: &str,
+    region: &str,
+    gpus: u32,
+    model: &str,
+    memory_gib: u64,
+    cost: f64,
+) -> ClusterView {
     ClusterView {
         name: name.into(),
-        labels: BTreeMap::from([("region".to_string(), region.to_string()), ("env".to_string(), "prod".to_string())]),
+        labels: BTreeMap::from([
+            ("region".to_string(), region.to_string()),
+            ("env".to_string(), "prod".to_string()),
+        ]),
         taints: vec![],
         availability: Availability::Available,
         cordoned: None,
@@ -43,12 +53,24 @@ fn simple(replicas: u32, placement: &str) -> DeploymentRequest {
 }
 
 fn names(fleet: &Fleet, d: &crate::scheduler::Decision) -> Vec<(String, u32)> {
-    d.assignments.iter().map(|a| (fleet.get(a.cluster).name.clone(), a.replicas)).collect()
+    d.assignments
+        .iter()
+        .map(|a| (fleet.get(a.cluster).name.clone(), a.replicas))
+        .collect()
 }
 
-fn reason_for(fleet: &Fleet, req: &DeploymentRequest, d: &crate::scheduler::Decision, cluster: &str) -> (String, String) {
+fn reason_for(
+    fleet: &Fleet,
+    req: &DeploymentRequest,
+    d: &crate::scheduler::Decision,
+    cluster: &str,
+) -> (String, String) {
     let idx = fleet.index_of(cluster).unwrap();
-    let e = d.exclusions.iter().find(|e| e.cluster == idx).unwrap_or_else(|| panic!("{cluster} not excluded: {d:?}"));
+    let e = d
+        .exclusions
+        .iter()
+        .find(|e| e.cluster == idx)
+        .unwrap_or_else(|| panic!("{cluster} not excluded: {d:?}"));
     (e.why.plugin().to_string(), d.reason(e, req, fleet))
 }
 
@@ -64,12 +86,30 @@ fn standard_fleet() -> Fleet {
 #[test]
 fn filters_name_the_plugin_and_the_reason() {
     let mut clusters = standard_fleet().clusters;
-    clusters.push(ClusterView { availability: Availability::Unhealthy("no heartbeat for 4.0 s".into()), ..cluster("x-sick", "eu", 8, "H100-80GB", 80, 1.0) });
-    clusters.push(ClusterView { availability: Availability::Left, ..cluster("x-gone", "eu", 8, "H100-80GB", 80, 1.0) });
-    clusters.push(ClusterView { availability: Availability::Probation { remaining_ms: 12_000 }, ..cluster("x-flappy", "eu", 8, "H100-80GB", 80, 1.0) });
-    clusters.push(ClusterView { cordoned: Some("driver upgrade".into()), ..cluster("x-cordoned", "eu", 8, "H100-80GB", 80, 1.0) });
+    clusters.push(ClusterView {
+        availability: Availability::Unhealthy("no heartbeat for 4.0 s".into()),
+        ..cluster("x-sick", "eu", 8, "H100-80GB", 80, 1.0)
+    });
+    clusters.push(ClusterView {
+        availability: Availability::Left,
+        ..cluster("x-gone", "eu", 8, "H100-80GB", 80, 1.0)
+    });
+    clusters.push(ClusterView {
+        availability: Availability::Probation {
+            remaining_ms: 12_000,
+        },
+        ..cluster("x-flappy", "eu", 8, "H100-80GB", 80, 1.0)
+    });
+    clusters.push(ClusterView {
+        cordoned: Some("driver upgrade".into()),
+        ..cluster("x-cordoned", "eu", 8, "H100-80GB", 80, 1.0)
+    });
     let mut tainted = cluster("x-spot", "eu", 8, "H100-80GB", 80, 1.0);
-    tainted.taints.push(v1::Taint { key: "spot".into(), value: "true".into(), effect: TaintEffect::NoSchedule.into() });
+    tainted.taints.push(v1::Taint {
+        key: "spot".into(),
+        value: "true".into(),
+        effect: TaintEffect::NoSchedule.into(),
+    });
     clusters.push(tainted);
     let mut canary = cluster("x-canary", "eu", 8, "H100-80GB", 80, 1.0);
     canary.labels.insert("env".into(), "canary".into());
@@ -81,15 +121,41 @@ fn filters_name_the_plugin_and_the_reason() {
             "resources": {"gpu": {"minMemoryGiB": 40, "types": ["H100", "A100"]}},
             "placement": {"affinity": {"required": [{"labelSelector": {"matchLabels": {"env": "prod"}}}]}}}}"#,
     );
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     let cases = [
-        ("x-sick", "ClusterHealth", "unhealthy: no heartbeat for 4.0 s"),
+        (
+            "x-sick",
+            "ClusterHealth",
+            "unhealthy: no heartbeat for 4.0 s",
+        ),
         ("x-gone", "ClusterHealth", "left the fleet"),
-        ("x-flappy", "ClusterHealth", "recovered moments ago; new replicas wait 12 s more"),
+        (
+            "x-flappy",
+            "ClusterHealth",
+            "recovered moments ago; new replicas wait 12 s more",
+        ),
         ("x-cordoned", "Cordon", "cordoned: driver upgrade"),
-        ("x-spot", "TaintToleration", "taint spot=true:NoSchedule is not tolerated"),
-        ("x-canary", "RequiredAffinity", "requires env=prod; cluster has env=canary"),
-        ("ap-a", "GpuType", "needs H100 or A100; cluster has 2xL4-24GB"),
+        (
+            "x-spot",
+            "TaintToleration",
+            "taint spot=true:NoSchedule is not tolerated",
+        ),
+        (
+            "x-canary",
+            "RequiredAffinity",
+            "requires env=prod; cluster has env=canary",
+        ),
+        (
+            "ap-a",
+            "GpuType",
+            "needs H100 or A100; cluster has 2xL4-24GB",
+        ),
     ];
     for (name, plugin, reason) in cases {
         let (p, r) = reason_for(&fleet, &req, &d, name);
@@ -103,70 +169,174 @@ fn filters_name_the_plugin_and_the_reason() {
 #[test]
 fn memory_model_size_and_capacity_filters() {
     let fleet = standard_fleet();
-    let req = request(r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1, "resources": {"gpu": {"minMemoryGiB": 40}}}}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
-    assert_eq!(reason_for(&fleet, &req, &d, "ap-a"), ("GpuMemory".into(), "needs 40 GiB free per GPU; largest free is 24.0 GiB".into()));
+    let req = request(
+        r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1, "resources": {"gpu": {"minMemoryGiB": 40}}}}"#,
+    );
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
+    assert_eq!(
+        reason_for(&fleet, &req, &d, "ap-a"),
+        (
+            "GpuMemory".into(),
+            "needs 40 GiB free per GPU; largest free is 24.0 GiB".into()
+        )
+    );
 
-    let big = request(r#"{"metadata": {"name": "big"}, "spec": {"model": {"preset": "llama-3.1-70b-instruct"}, "runtime": "vllm", "replicas": 1}}"#);
-    let d = place(&big, &fleet, &Commitments::default(), None, &Settings::default());
+    let big = request(
+        r#"{"metadata": {"name": "big"}, "spec": {"model": {"preset": "llama-3.1-70b-instruct"}, "runtime": "vllm", "replicas": 1}}"#,
+    );
+    let d = place(
+        &big,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     let (plugin, reason) = reason_for(&fleet, &big, &d, "ap-a");
     assert_eq!(plugin, "ModelFit");
     assert!(reason.contains("llama-3.1-70b"), "{reason}");
-    assert!(d.assignments.iter().all(|a| a.gpus_per_replica >= 2), "70B needs tensor parallelism on 80 GB GPUs: {d:?}");
+    assert!(
+        d.assignments.iter().all(|a| a.gpus_per_replica >= 2),
+        "70B needs tensor parallelism on 80 GB GPUs: {d:?}"
+    );
 
     // Capacity held by other deployments.
     let mut held = Commitments::default();
     held.add(&v1::PlacementDecision {
-        assignments: vec![v1::ClusterAssignment { cluster: "eu-b".into(), replicas: 4, gpus_per_replica: 1, gpu_model: "H100-80GB".into(), ..Default::default() }],
+        assignments: vec![v1::ClusterAssignment {
+            cluster: "eu-b".into(),
+            replicas: 4,
+            gpus_per_replica: 1,
+            gpu_model: "H100-80GB".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     });
     let req = simple(1, r#"{"policy": "PickFixed", "clusterNames": ["eu-b"]}"#);
     let d = place(&req, &fleet, &held, None, &Settings::default());
     assert_eq!(d.outcome(&req), PlacementOutcome::Unschedulable);
-    assert_eq!(reason_for(&fleet, &req, &d, "eu-b"), ("Capacity".into(), "needs 1 free GPUs for one replica; 0 free".into()));
-    assert!(d.summary(&req, &fleet).contains("no cluster fits 1 replicas"), "{}", d.summary(&req, &fleet));
+    assert_eq!(
+        reason_for(&fleet, &req, &d, "eu-b"),
+        (
+            "Capacity".into(),
+            "needs 1 free GPUs for one replica; 0 free".into()
+        )
+    );
+    assert!(
+        d.summary(&req, &fleet)
+            .contains("no cluster fits 1 replicas"),
+        "{}",
+        d.summary(&req, &fleet)
+    );
 }
 
 #[test]
 fn policies_pick_all_n_and_fixed() {
     let fleet = standard_fleet();
     let all = simple(4, r#"{"policy": "PickAll"}"#);
-    let d = place(&all, &fleet, &Commitments::default(), None, &Settings::default());
+    let d = place(
+        &all,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(d.placed_replicas(), 4);
     assert_eq!(d.outcome(&all), PlacementOutcome::Placed);
 
     // PickN 2: by default the most free capacity and the lowest cost win.
     let n = simple(4, r#"{"policy": "PickN", "numberOfClusters": 2}"#);
-    let d = place(&n, &fleet, &Commitments::default(), None, &Settings::default());
-    assert_eq!(names(&fleet, &d), vec![("eu-a".to_string(), 2), ("us-a".to_string(), 2)]);
+    let d = place(
+        &n,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
+    assert_eq!(
+        names(&fleet, &d),
+        vec![("eu-a".to_string(), 2), ("us-a".to_string(), 2)]
+    );
     let (plugin, reason) = reason_for(&fleet, &n, &d, "ap-a");
     assert_eq!(plugin, "Selection");
     assert!(reason.starts_with("qualifies but scored"), "{reason}");
 
     // PickN more than qualify: placed where possible, and said why.
     let n9 = simple(2, r#"{"policy": "PickN", "numberOfClusters": 9}"#);
-    let d = place(&n9, &fleet, &Commitments::default(), None, &Settings::default());
+    let d = place(
+        &n9,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(d.missing_clusters, 5);
     assert_eq!(d.outcome(&n9), PlacementOutcome::Partial);
-    assert!(d.summary(&n9, &fleet).contains("PickN wants 9 clusters, only 4 qualify"), "{}", d.summary(&n9, &fleet));
+    assert!(
+        d.summary(&n9, &fleet)
+            .contains("PickN wants 9 clusters, only 4 qualify"),
+        "{}",
+        d.summary(&n9, &fleet)
+    );
 
-    let fixed = simple(3, r#"{"policy": "PickFixed", "clusterNames": ["ap-a", "eu-b"]}"#);
-    let d = place(&fixed, &fleet, &Commitments::default(), None, &Settings::default());
+    let fixed = simple(
+        3,
+        r#"{"policy": "PickFixed", "clusterNames": ["ap-a", "eu-b"]}"#,
+    );
+    let d = place(
+        &fixed,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(d.assignments.len(), 2);
     assert_eq!(reason_for(&fleet, &fixed, &d, "eu-a").0, "ClusterNames");
 }
 
 #[test]
 fn replicas_are_divided_by_free_capacity() {
-    let fleet = Fleet::new(vec![cluster("big", "eu", 6, "H100-80GB", 80, 1.0), cluster("small", "us", 2, "H100-80GB", 80, 1.0)]);
+    let fleet = Fleet::new(vec![
+        cluster("big", "eu", 6, "H100-80GB", 80, 1.0),
+        cluster("small", "us", 2, "H100-80GB", 80, 1.0),
+    ]);
     let req = simple(8, r#"{"policy": "PickAll"}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
-    assert_eq!(names(&fleet, &d), vec![("big".to_string(), 6), ("small".to_string(), 2)]);
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
+    assert_eq!(
+        names(&fleet, &d),
+        vec![("big".to_string(), 6), ("small".to_string(), 2)]
+    );
     let req = simple(4, r#"{"policy": "PickAll"}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
-    assert_eq!(names(&fleet, &d), vec![("big".to_string(), 3), ("small".to_string(), 1)]);
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
+    assert_eq!(
+        names(&fleet, &d),
+        vec![("big".to_string(), 3), ("small".to_string(), 1)]
+    );
     let req = simple(10, r#"{"policy": "PickAll"}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(d.unplaced_replicas, 2);
     assert_eq!(d.outcome(&req), PlacementOutcome::Partial);
 }
@@ -179,8 +349,17 @@ fn topology_spread_keeps_regions_balanced() {
         cluster("eu-3", "eu", 8, "H100-80GB", 80, 1.0),
         cluster("us-1", "us", 2, "H100-80GB", 80, 3.0),
     ]);
-    let req = simple(2, r#"{"policy": "PickN", "numberOfClusters": 2, "topologySpread": [{"topologyKey": "region", "maxSkew": 1}]}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
+    let req = simple(
+        2,
+        r#"{"policy": "PickN", "numberOfClusters": 2, "topologySpread": [{"topologyKey": "region", "maxSkew": 1}]}"#,
+    );
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     let chosen: Vec<_> = names(&fleet, &d).into_iter().map(|(n, _)| n).collect();
     assert_eq!(chosen, vec!["eu-1", "us-1"]);
     let (plugin, reason) = reason_for(&fleet, &req, &d, "eu-2");
@@ -190,12 +369,25 @@ fn topology_spread_keeps_regions_balanced() {
 
 #[test]
 fn tolerations_and_soft_taints() {
-    let spot = v1::Taint { key: "spot".into(), value: "true".into(), effect: TaintEffect::NoSchedule.into() };
+    let spot = v1::Taint {
+        key: "spot".into(),
+        value: "true".into(),
+        effect: TaintEffect::NoSchedule.into(),
+    };
     let cases = [
         (r#"{"key": "spot", "operator": "Exists"}"#, true),
-        (r#"{"key": "spot", "operator": "Equal", "value": "true"}"#, true),
-        (r#"{"key": "spot", "operator": "Equal", "value": "false"}"#, false),
-        (r#"{"key": "spot", "operator": "Exists", "effect": "NoExecute"}"#, false),
+        (
+            r#"{"key": "spot", "operator": "Equal", "value": "true"}"#,
+            true,
+        ),
+        (
+            r#"{"key": "spot", "operator": "Equal", "value": "false"}"#,
+            false,
+        ),
+        (
+            r#"{"key": "spot", "operator": "Exists", "effect": "NoExecute"}"#,
+            false,
+        ),
         (r#"{"operator": "Exists"}"#, true),
         (r#"{"key": "gpu", "operator": "Exists"}"#, false),
     ];
@@ -205,24 +397,61 @@ fn tolerations_and_soft_taints() {
     }
     // PreferNoSchedule only lowers the score.
     let mut soft = cluster("soft", "eu", 8, "H100-80GB", 80, 1.0);
-    soft.taints.push(v1::Taint { key: "busy".into(), value: String::new(), effect: TaintEffect::PreferNoSchedule.into() });
+    soft.taints.push(v1::Taint {
+        key: "busy".into(),
+        value: String::new(),
+        effect: TaintEffect::PreferNoSchedule.into(),
+    });
     let fleet = Fleet::new(vec![soft, cluster("plain", "eu", 8, "H100-80GB", 80, 1.0)]);
     let req = simple(1, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
-    let d = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
+    let d = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(names(&fleet, &d)[0].0, "plain");
 }
 
 #[test]
 fn preferred_terms_and_property_requirements() {
     let fleet = standard_fleet();
-    let cheapest = simple(1, r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}"#);
-    let d = place(&cheapest, &fleet, &Commitments::default(), None, &Settings::default());
+    let cheapest = simple(
+        1,
+        r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}"#,
+    );
+    let d = place(
+        &cheapest,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(names(&fleet, &d)[0].0, "ap-a");
-    let us = simple(1, r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "labelSelector": {"matchLabels": {"region": "us"}}}]}}"#);
-    let d = place(&us, &fleet, &Commitments::default(), None, &Settings::default());
+    let us = simple(
+        1,
+        r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "labelSelector": {"matchLabels": {"region": "us"}}}]}}"#,
+    );
+    let d = place(
+        &us,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(names(&fleet, &d)[0].0, "us-a");
-    let roomy = simple(1, r#"{"affinity": {"required": [{"propertySelector": [{"name": "gpu.freeCount", "operator": "Ge", "values": ["8"]}]}]}}"#);
-    let d = place(&roomy, &fleet, &Commitments::default(), None, &Settings::default());
+    let roomy = simple(
+        1,
+        r#"{"affinity": {"required": [{"propertySelector": [{"name": "gpu.freeCount", "operator": "Ge", "values": ["8"]}]}]}}"#,
+    );
+    let d = place(
+        &roomy,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     let (plugin, reason) = reason_for(&fleet, &roomy, &d, "eu-b");
     assert_eq!(plugin, "RequiredAffinity");
     assert_eq!(reason, "requires gpu.freeCount Ge 8; cluster has 4");
@@ -230,37 +459,97 @@ fn preferred_terms_and_property_requirements() {
 
 #[test]
 fn healthy_replicas_stay_unless_a_cluster_is_clearly_better() {
-    let fleet = Fleet::new(vec![cluster("a", "eu", 8, "H100-80GB", 80, 2.0), cluster("b", "eu", 8, "H100-80GB", 80, 2.0)]);
+    let fleet = Fleet::new(vec![
+        cluster("a", "eu", 8, "H100-80GB", 80, 2.0),
+        cluster("b", "eu", 8, "H100-80GB", 80, 2.0),
+    ]);
     let req = simple(2, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
-    let first = place(&req, &fleet, &Commitments::default(), None, &Settings::default());
+    let first = place(
+        &req,
+        &fleet,
+        &Commitments::default(),
+        None,
+        &Settings::default(),
+    );
     assert_eq!(names(&fleet, &first)[0].0, "a");
     let current = first.assignments_record(&req, &fleet);
     // b becomes a little cheaper: nothing moves.
-    let slightly = Fleet::new(vec![cluster("a", "eu", 8, "H100-80GB", 80, 2.0), cluster("b", "eu", 8, "H100-80GB", 80, 1.9)]);
-    let again = place(&req, &slightly, &Commitments::default(), Some(&current), &Settings::default());
-    assert!(same_assignments(&again.assignments_record(&req, &slightly), &current), "{current:?} then {again:?}");
+    let slightly = Fleet::new(vec![
+        cluster("a", "eu", 8, "H100-80GB", 80, 2.0),
+        cluster("b", "eu", 8, "H100-80GB", 80, 1.9),
+    ]);
+    let again = place(
+        &req,
+        &slightly,
+        &Commitments::default(),
+        Some(&current),
+        &Settings::default(),
+    );
+    assert!(
+        same_assignments(&again.assignments_record(&req, &slightly), &current),
+        "{current:?} then {again:?}"
+    );
     // a fails: the replicas move.
     let mut failed = slightly.clusters.clone();
     failed[0].availability = Availability::Unhealthy("no heartbeat".into());
     let failed = Fleet::new(failed);
-    let moved = place(&req, &failed, &Commitments::default(), Some(&current), &Settings::default());
+    let moved = place(
+        &req,
+        &failed,
+        &Commitments::default(),
+        Some(&current),
+        &Settings::default(),
+    );
     assert_eq!(names(&failed, &moved), vec![("b".to_string(), 2)]);
 }
 
 #[test]
 fn validation_names_the_field() {
     let cases = [
-        (r#"{"metadata": {"name": "Bad"}, "spec": {}}"#, "metadata.name"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"replicas": 1}}"#, "spec.model"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "gpt-9"}}}"#, "spec.model.preset"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": -1}}"#, "spec.replicas"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"policy": "PickN"}}}"#, "spec.placement.numberOfClusters"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"policy": "PickFixed", "clusterNames": ["a", "a"]}}}"#, "spec.placement.clusterNames[1]"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"affinity": {"preferred": [{"weight": 0, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}}}"#, "spec.placement.affinity.preferred[0].weight"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"affinity": {"preferred": [{"weight": 5, "propertySorter": {"name": "gpu.speed", "order": "Ascending"}}]}}}}"#, "spec.placement.affinity.preferred[0].propertySorter.name"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"topologySpread": [{"topologyKey": "region", "maxSkew": 0}]}}}"#, "spec.placement.topologySpread[0].maxSkew"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "rollout": {"maxUnavailable": "125%"}}}"#, "spec.rollout.maxUnavailable"),
-        (r#"{"metadata": {"name": "d"}, "spec": {"model": {"artifact": {"name": "m", "digest": "md5:x", "format": "gguf"}}}}"#, "spec.model.artifact.digest"),
+        (
+            r#"{"metadata": {"name": "Bad"}, "spec": {}}"#,
+            "metadata.name",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"replicas": 1}}"#,
+            "spec.model",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "gpt-9"}}}"#,
+            "spec.model.preset",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": -1}}"#,
+            "spec.replicas",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"policy": "PickN"}}}"#,
+            "spec.placement.numberOfClusters",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"policy": "PickFixed", "clusterNames": ["a", "a"]}}}"#,
+            "spec.placement.clusterNames[1]",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"affinity": {"preferred": [{"weight": 0, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}}}"#,
+            "spec.placement.affinity.preferred[0].weight",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"affinity": {"preferred": [{"weight": 5, "propertySorter": {"name": "gpu.speed", "order": "Ascending"}}]}}}}"#,
+            "spec.placement.affinity.preferred[0].propertySorter.name",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"topologySpread": [{"topologyKey": "region", "maxSkew": 0}]}}}"#,
+            "spec.placement.topologySpread[0].maxSkew",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "rollout": {"maxUnavailable": "125%"}}}"#,
+            "spec.rollout.maxUnavailable",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"artifact": {"name": "m", "digest": "md5:x", "format": "gguf"}}}}"#,
+            "spec.model.artifact.digest",
+        ),
     ];
     for (json, field) in cases {
         let doc: v1::ModelDeployment = flotilla_proto::codec::decode_json(json.as_bytes()).unwrap();
@@ -289,14 +578,20 @@ fn arb_cluster(i: usize) -> impl Strategy<Value = ClusterView> {
                 _ => {}
             }
             if spot {
-                c.taints.push(v1::Taint { key: "spot".into(), value: "true".into(), effect: TaintEffect::NoSchedule.into() });
+                c.taints.push(v1::Taint {
+                    key: "spot".into(),
+                    value: "true".into(),
+                    effect: TaintEffect::NoSchedule.into(),
+                });
             }
             c
         })
 }
 
 fn arb_fleet() -> impl Strategy<Value = Fleet> {
-    (1usize..10).prop_flat_map(|n| (0..n).map(arb_cluster).collect::<Vec<_>>()).prop_map(Fleet::new)
+    (1usize..10)
+        .prop_flat_map(|n| (0..n).map(arb_cluster).collect::<Vec<_>>())
+        .prop_map(Fleet::new)
 }
 
 fn arb_request() -> impl Strategy<Value = DeploymentRequest> {
