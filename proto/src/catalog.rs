@@ -25,6 +25,7 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
             ControlSubject::RolloutApprove => ("ApproveRollout", "rollout"),
             ControlSubject::RolloutUndo => ("UndoRollout", "rollout"),
             ControlSubject::ClusterCordon => ("CordonCluster", "inventory"),
+            ControlSubject::ModelRegister => ("RegisterModel", "model-provisioner"),
         };
         out.push(SubjectEntry {
             subject: subjects.control(which),
@@ -67,6 +68,9 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
 /// The service that publishes each kind of event.
 pub fn event_publisher(ty: EventType) -> &'static str {
     use crate::EventKind::*;
+    if matches!(ty, EventType::ModelFetched | EventType::ModelFetchFailed) {
+        return "executor";
+    }
     match ty.kind() {
         Cluster => "inventory",
         Deployment => "placement",
@@ -156,7 +160,7 @@ pub fn render_markdown() -> String {
     }
     for o in topology.object_stores() {
         md.push_str(&format!(
-            "| object store `{}` | `<model>/<digest>` | artifact bytes, chunked | {} | n/a | none |\n",
+            "| object store `{}` | `<model>/<digest hex>/<file>/part-<n>` | artifact parts of up to 8 MiB (`ModelRecord.parts` lists them) | {} and `flotilla model push` | n/a | none |\n",
             o.name, o.writer
         ));
     }
@@ -205,6 +209,7 @@ mod tests {
             "ApproveRollout",
             "UndoRollout",
             "CordonCluster",
+            "RegisterModel",
             "Event",
             "ExecutorCommand",
             "ClusterHeartbeat",

@@ -44,6 +44,7 @@ contracts!(
     ExecutorCommand,
     ReplicaStatus,
     ModelRecord,
+    RegisterModel,
     Event,
 );
 

@@ -50,15 +50,17 @@ pub enum ControlSubject {
     RolloutApprove,
     RolloutUndo,
     ClusterCordon,
+    ModelRegister,
 }
 
 impl ControlSubject {
-    pub const ALL: [ControlSubject; 5] = [
+    pub const ALL: [ControlSubject; 6] = [
         Self::DeploymentApply,
         Self::DeploymentDelete,
         Self::RolloutApprove,
         Self::RolloutUndo,
         Self::ClusterCordon,
+        Self::ModelRegister,
     ];
 
     pub fn suffix(self) -> &'static str {
@@ -68,6 +70,7 @@ impl ControlSubject {
             Self::RolloutApprove => "rollouts.approve",
             Self::RolloutUndo => "rollouts.undo",
             Self::ClusterCordon => "clusters.cordon",
+            Self::ModelRegister => "models.register",
         }
     }
 }
@@ -181,6 +184,8 @@ event_types! {
     ModelProvisioning => Model."provisioning": "a model is being resolved and stored",
     ModelReady => Model."ready": "a model's artifacts are stored and digest-checked",
     ModelFailed => Model."failed": "a model could not be provisioned, with the reason",
+    ModelFetched => Model."fetched": "an executor has the model in its cache, digest checked",
+    ModelFetchFailed => Model."fetch_failed": "an executor refused a download (digest mismatch) or could not fetch it",
     BusMessageRejected => Bus."message_rejected": "a consumer refused an undecodable or invalid message; not redelivered",
     BusDeadLettered => Bus."dead_lettered": "a handler failed on a message too often; the message is carried whole",
     BusTopologyDrifted => Bus."topology_drifted": "a stream or bucket on the server differs from the contracts",
@@ -306,6 +311,12 @@ impl Subjects {
             .strip_prefix(".telemetry.")
             .filter(|c| !c.is_empty() && !c.contains('.'))
     }
+}
+
+/// The subject token for a model name: model names may carry dots
+/// (`qwen2.5-7b-instruct`), which would split a subject.
+pub fn model_token(name: &str) -> String {
+    name.replace('.', "_")
 }
 
 /// A subject token that is not necessarily a DNS label (consumer names may

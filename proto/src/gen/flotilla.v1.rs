@@ -1086,7 +1086,7 @@ pub struct CordonCluster {
 /// Value of KV `models`, keyed by model name (writer: model-provisioner).
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ModelRecord {
     #[prost(string, tag = "1")]
     #[serde(rename = "name")]
@@ -1139,6 +1139,76 @@ pub struct ModelRecord {
     #[prost(string, repeated, tag = "14")]
     #[serde(rename = "runtimes")]
     pub runtimes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The artifact as stored: parts of at most 8 MiB, each its own object in
+    /// object store `models`, in file and offset order.
+    #[prost(message, repeated, tag = "15")]
+    #[serde(rename = "parts")]
+    pub parts: ::prost::alloc::vec::Vec<ArtifactPart>,
+    /// The provisioner instance that holds (or held) the upload.
+    #[prost(string, tag = "16")]
+    #[serde(rename = "provisionedBy")]
+    pub provisioned_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "17")]
+    #[serde(rename = "updatedAtUnixMs")]
+    pub updated_at_unix_ms: i64,
+    /// `preset` (stored by the provisioner from its preset directory) or
+    /// `push` (uploaded with `flotilla model push`).
+    #[prost(string, tag = "18")]
+    #[serde(rename = "source")]
+    pub source: ::prost::alloc::string::String,
+}
+/// One stored piece of an artifact.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArtifactPart {
+    /// Path of the file inside the artifact: the file name for a single file,
+    /// a relative path inside a safetensors folder.
+    #[prost(string, tag = "1")]
+    #[serde(rename = "file")]
+    pub file: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    #[serde(rename = "offset")]
+    pub offset: u64,
+    #[prost(uint64, tag = "3")]
+    #[serde(rename = "sizeBytes")]
+    pub size_bytes: u64,
+    /// `sha256:<hex>` of this part.
+    #[prost(string, tag = "4")]
+    #[serde(rename = "digest")]
+    pub digest: ::prost::alloc::string::String,
+    /// Object name in object store `models`.
+    #[prost(string, tag = "5")]
+    #[serde(rename = "object")]
+    pub object: ::prost::alloc::string::String,
+}
+/// Subject: `<prefix>.control.models.register` (publisher: `flotilla model
+/// push`; consumer: model-provisioner). Sent after the parts are uploaded;
+/// the provisioner checks every part before the model is ready.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RegisterModel {
+    #[prost(string, tag = "1")]
+    #[serde(rename = "name")]
+    pub name: ::prost::alloc::string::String,
+    /// `sha256:<hex>` over every file's bytes, in path order.
+    #[prost(string, tag = "2")]
+    #[serde(rename = "digest")]
+    pub digest: ::prost::alloc::string::String,
+    /// `gguf` | `safetensors`.
+    #[prost(string, tag = "3")]
+    #[serde(rename = "format")]
+    pub format: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    #[serde(rename = "sizeBytes")]
+    pub size_bytes: u64,
+    #[prost(message, repeated, tag = "5")]
+    #[serde(rename = "parts")]
+    pub parts: ::prost::alloc::vec::Vec<ArtifactPart>,
+    #[prost(string, tag = "6")]
+    #[serde(rename = "requestId")]
+    pub request_id: ::prost::alloc::string::String,
 }
 /// What one replica needs on a given GPU type.
 #[derive(::serde::Serialize, ::serde::Deserialize)]
