@@ -63,6 +63,11 @@ fn start_executor(server: &NatsServer, cluster: &str, region: &str) -> JoinHandl
         cost_per_gpu_hour: 2.5,
         heartbeat_interval: Duration::from_millis(200),
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        model_cache_dir: Some(std::env::temp_dir().join(format!(
+            "flotilla-test-cache-{}-{cluster}",
+            std::process::id()
+        ))),
+        ..Default::default()
     };
     let config = args.validate().unwrap();
     tokio::spawn(async move {

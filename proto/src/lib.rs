@@ -21,6 +21,7 @@ mod topology;
 pub use codec::{Contract, DecodeError, Encoding};
 pub use subjects::{
     CommandAction, ControlSubject, EventKind, EventType, InvalidName, Subjects, check_name,
+    model_token,
 };
 pub use topology::{BucketDef, ObjectStoreDef, Retention, StreamDef, Topology};
 

@@ -3,6 +3,7 @@
 
 pub mod clusters;
 pub mod deployments;
+pub mod models;
 pub mod table;
 mod up;
 
@@ -62,10 +63,29 @@ pub enum Command {
         #[command(subcommand)]
         what: DescribeWhat,
     },
+    /// Models: push your own.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
     /// Cordon or uncordon a cluster.
     Cluster {
         #[command(subcommand)]
         action: clusters::ClusterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelAction {
+    /// Upload a GGUF file or a safetensors folder; a deployment then refers
+    /// to it by name and digest (`spec.model.artifact`).
+    Push {
+        path: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        /// `gguf` or `safetensors`; by default from the path.
+        #[arg(long)]
+        format: Option<String>,
     },
 }
 
@@ -82,6 +102,11 @@ pub enum DescribeWhat {
 
 #[derive(Debug, Subcommand)]
 pub enum GetWhat {
+    /// Models: phase, size, digest, which clusters cache them.
+    Models {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Deployments: replicas placed, outcome, clusters.
     Deployments {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -108,6 +133,27 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::get(&bus, output, &mut std::io::stdout()).await
+        }
+        Command::Get {
+            what: GetWhat::Models { output },
+        } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            models::get(&bus, output, &mut std::io::stdout()).await
+        }
+        Command::Model {
+            action: ModelAction::Push { path, name, format },
+        } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            models::push(
+                &bus,
+                &path,
+                &name,
+                format.as_deref(),
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
+            .await
+            .map(|_| ())
         }
         Command::Apply { file } => {
             let docs = deployments::read_documents(&file)?;

@@ -115,6 +115,21 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("placement: {e}"))
         });
     }
+    let provisioner = flotilla_model_provisioner::Args::parse_from([
+        "flotilla-model-provisioner",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    let mut provisioner = provisioner.validate()?;
+    provisioner.bus = config.clone();
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_model_provisioner::run(provisioner, stop)
+                .await
+                .map_err(|e| anyhow::anyhow!("model-provisioner: {e}"))
+        });
+    }
     for cluster in LOCAL_CLUSTERS {
         let args = flotilla_executor::ExecutorArgs {
             bus: bus_args.clone(),
@@ -125,7 +140,8 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             gpu_source: flotilla_executor::GpuSource::Declared,
             cost_per_gpu_hour: cluster.cost_per_gpu_hour,
             heartbeat_interval: std::time::Duration::from_secs(1),
-            http_addr: ([127, 0, 0, 1], 0).into(),
+            model_cache_dir: Some(args.data_dir.join("cache").join(cluster.name)),
+            ..Default::default()
         };
         let mut executor = args.validate()?;
         executor.bus = config.clone();
@@ -162,7 +178,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  services: inventory, placement; simulated clusters:");
+    println!("  services: inventory, placement, model-provisioner; simulated clusters:");
     for c in LOCAL_CLUSTERS {
         println!(
             "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",

@@ -10,6 +10,7 @@
 
 pub mod declared;
 pub mod gpu;
+pub mod models;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -70,6 +71,61 @@ pub struct ExecutorArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
+
+    /// The model cache; by default `.flotilla/cache/<cluster>`.
+    #[arg(long, env = "FLOTILLA_MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<std::path::PathBuf>,
+
+    /// Most bytes of models kept; least recently used go first. `50GiB`,
+    /// `512MiB` or a byte count.
+    #[arg(long, env = "FLOTILLA_MODEL_CACHE_BUDGET", default_value = "50GiB")]
+    pub model_cache_budget: String,
+}
+
+impl Default for ExecutorArgs {
+    fn default() -> Self {
+        Self {
+            bus: BusArgs::default(),
+            cluster: None,
+            labels: Vec::new(),
+            taints: Vec::new(),
+            gpus: String::new(),
+            gpu_source: GpuSource::Auto,
+            cost_per_gpu_hour: 0.0,
+            heartbeat_interval: Duration::from_secs(1),
+            http_addr: ([127, 0, 0, 1], 0).into(),
+            model_cache_dir: None,
+            model_cache_budget: "50GiB".into(),
+        }
+    }
+}
+
+/// `50GiB`, `512MiB`, `2GB`, or bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 50GiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Validated settings.
@@ -84,6 +140,8 @@ pub struct Config {
     pub cost_per_gpu_hour: f64,
     pub heartbeat_interval: Duration,
     pub http_addr: SocketAddr,
+    pub model_cache_dir: std::path::PathBuf,
+    pub model_cache_budget_bytes: u64,
 }
 
 impl ExecutorArgs {
@@ -108,7 +166,7 @@ impl ExecutorArgs {
         }
         Ok(Config {
             bus: self.bus.validate()?,
-            cluster,
+            cluster: cluster.clone(),
             labels: parse_labels(&self.labels).map_err(|e| ConfigError::new("label", e))?,
             taints: parse_taints(&self.taints).map_err(|e| ConfigError::new("taint", e))?,
             declared: DeclaredGpus::parse(&self.gpus).map_err(|e| ConfigError::new("gpus", e))?,
@@ -116,6 +174,12 @@ impl ExecutorArgs {
             cost_per_gpu_hour: self.cost_per_gpu_hour,
             heartbeat_interval: self.heartbeat_interval,
             http_addr: self.http_addr,
+            model_cache_dir: self
+                .model_cache_dir
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(".flotilla/cache").join(&cluster)),
+            model_cache_budget_bytes: parse_size(&self.model_cache_budget)
+                .map_err(|e| ConfigError::new("model-cache-budget", e))?,
         })
     }
 }
@@ -126,6 +190,10 @@ pub enum ExecutorError {
     Kit(#[from] KitError),
     #[error("--gpu-source nvml: {0}")]
     Nvml(#[from] gpu::GpuError),
+    #[error(transparent)]
+    Cache(#[from] flotilla_model_store::FetchError),
+    #[error("object store {0}: {1}")]
+    ObjectStore(String, String),
 }
 
 /// Where this executor's GPU figures come from, decided once at start.
@@ -182,6 +250,7 @@ fn host_memory_bytes() -> u64 {
 /// Builds heartbeats; one per instance of the executor.
 pub struct Heartbeats {
     config: Config,
+    cache: std::sync::Arc<flotilla_model_store::ModelCache>,
     gpus: Gpus,
     instance: String,
     sequence: u64,
@@ -191,9 +260,14 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    fn new(config: Config, gpus: Gpus) -> Self {
+    fn new(
+        config: Config,
+        gpus: Gpus,
+        cache: std::sync::Arc<flotilla_model_store::ModelCache>,
+    ) -> Self {
         Self {
             config,
+            cache,
             gpus,
             instance: uuid::Uuid::new_v4().to_string(),
             sequence: 0,
@@ -236,7 +310,16 @@ impl Heartbeats {
                 cpu_cores: self.cpu_cores,
                 memory_bytes: self.memory_bytes,
                 cost_per_gpu_hour: self.config.cost_per_gpu_hour,
-                cached_models: Vec::new(),
+                cached_models: self
+                    .cache
+                    .cached()
+                    .into_iter()
+                    .map(|m| v1::CachedModel {
+                        name: m.name,
+                        digest: m.digest,
+                        size_bytes: m.size_bytes,
+                    })
+                    .collect(),
                 source: source.into(),
             }),
             replicas: Vec::new(),
@@ -259,7 +342,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         .map_err(KitError::from)?;
     let interval = config.heartbeat_interval;
     let cluster = config.cluster.clone();
-    let mut heartbeats = Heartbeats::new(config, gpus);
+    let cache = std::sync::Arc::new(flotilla_model_store::ModelCache::open(
+        &config.model_cache_dir,
+        config.model_cache_budget_bytes,
+    )?);
+    let bucket = bus.topology.model_artifacts.name.clone();
+    let store = bus
+        .jetstream
+        .get_object_store(&bucket)
+        .await
+        .map_err(|e| ExecutorError::ObjectStore(bucket.clone(), e.to_string()))?;
+    let prefetch = models::spawn_prefetch(
+        bus.clone(),
+        cluster.clone(),
+        store,
+        cache.clone(),
+        shutdown.clone(),
+    )?;
+    let mut heartbeats = Heartbeats::new(config, gpus, cache);
 
     health.set_ready(true);
     tracing::info!(%cluster, ?interval, "sending heartbeats on {subject}");
@@ -286,6 +386,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
             Err(_) => {}
         }
     }
+    let _ = prefetch.await;
     health.set_ready(false);
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");
