@@ -160,7 +160,7 @@ pub fn render_markdown() -> String {
     }
     for o in topology.object_stores() {
         md.push_str(&format!(
-            "| object store `{}` | `<model>/<digest hex>/<file>/part-<n>` | artifact parts of up to 8 MiB (`ModelRecord.parts` lists them) | {} and `flotilla model push` | n/a | none |\n",
+            "| object store `{}` | `<model>/parts/<part sha256 hex>` | artifact parts of up to 8 MiB (`ModelRecord.parts` lists them) | {} and `flotilla model push` | n/a | none |\n",
             o.name, o.writer
         ));
     }

@@ -169,7 +169,7 @@ impl ModelCache {
             .lock()
             .map(|i| i.models.clone())
             .unwrap_or_default();
-        models.sort_by(|a, b| b.last_used_unix_ms.cmp(&a.last_used_unix_ms));
+        models.sort_by_key(|m| std::cmp::Reverse(m.last_used_unix_ms));
         models
     }
 

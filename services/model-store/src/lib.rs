@@ -2,7 +2,7 @@
 //!
 //! An artifact (a GGUF file, or a safetensors folder) is stored in object
 //! store `models` as parts of at most [`PART_SIZE`], each its own object
-//! named `<model>/<digest hex>/<file>/part-<n>` and listed with its SHA-256
+//! named `<model>/parts/<part digest hex>` and listed with its SHA-256
 //! in the model's `ModelRecord.parts`. [`upload`] stores one and returns
 //! that list; [`verify_stored`] re-reads every part and checks it;
 //! [`ModelCache`] is an executor's local cache: downloads parts in
@@ -48,7 +48,8 @@ pub fn digest_hex(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
-/// Object name of one part.
-pub fn part_object(model: &str, digest_hex: &str, file: &str, index: usize) -> String {
-    format!("{model}/{digest_hex}/{file}/part-{index:05}")
+/// Object name of one part: by its content, so equal parts are stored
+/// once per model and no part waits for the artifact's digest.
+pub fn part_object(model: &str, part_digest_hex: &str) -> String {
+    format!("{model}/parts/{part_digest_hex}")
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
 use flotilla_proto::v1::ArtifactPart;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -98,92 +98,75 @@ pub async fn upload(
     let files = files_of(path)?;
     let total: u64 = files.iter().map(|f| f.2).sum();
 
-    // The artifact digest is over every byte in order: one sequential pass.
+    // One sequential read: each part feeds the artifact digest and its own,
+    // then goes up while the next is read (at most PARALLEL_PARTS in
+    // memory). Parts are named by their own digest, so none waits for the
+    // artifact's.
     let mut whole = Sha256::new();
-    for (_, p, _) in &files {
-        let mut file = tokio::fs::File::open(p)
-            .await
-            .map_err(|source| UploadError::Read {
-                path: p.display().to_string(),
-                source,
-            })?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .await
-                .map_err(|source| UploadError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-            if n == 0 {
-                break;
-            }
-            whole.update(&buf[..n]);
-        }
-    }
-    let digest = digest_string(&whole.finalize());
-    let hex = digest.trim_start_matches("sha256:").to_string();
-
-    let mut plan = Vec::new();
+    let mut parts = Vec::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut done = 0u64;
     for (file, p, len) in &files {
         let mut offset = 0u64;
-        let mut index = 0usize;
-        while offset < *len || (*len == 0 && index == 0) {
+        loop {
             let size = PART_SIZE.min(len - offset);
-            plan.push((
-                file.clone(),
-                p.clone(),
+            let bytes = read_range(p, offset, size).await?;
+            whole.update(&bytes);
+            let digest = digest_string(&Sha256::digest(&bytes));
+            let part = ArtifactPart {
+                file: file.clone(),
                 offset,
-                size,
-                part_object(name, &hex, file, index),
-            ));
+                size_bytes: size,
+                object: part_object(name, digest.trim_start_matches("sha256:")),
+                digest,
+            };
+            if in_flight.len() >= PARALLEL_PARTS
+                && let Some(result) = in_flight.next().await
+            {
+                let stored: ArtifactPart = result?;
+                done += stored.size_bytes;
+                progress(done, total);
+                parts.push(stored);
+            }
+            in_flight.push(put_part(store, part, bytes));
             offset += size;
-            index += 1;
-            if *len == 0 {
+            if offset >= *len {
                 break;
             }
         }
     }
-    let mut done = 0u64;
-    let mut parts: Vec<ArtifactPart> = futures::stream::iter(plan.into_iter().map(
-        |(file, p, offset, size, object)| async move {
-            let bytes = read_range(&p, offset, size).await?;
-            let part_digest = digest_string(&Sha256::digest(&bytes));
-            let meta = ObjectMetadata {
-                name: object.clone(),
-                chunk_size: Some(CHUNK_SIZE),
-                ..Default::default()
-            };
-            store
-                .put(meta, &mut bytes.as_slice())
-                .await
-                .map_err(|e| UploadError::Store {
-                    object: object.clone(),
-                    reason: e.to_string(),
-                })?;
-            Ok::<_, UploadError>(ArtifactPart {
-                file,
-                offset,
-                size_bytes: size,
-                digest: part_digest,
-                object,
-            })
-        },
-    ))
-    .buffer_unordered(PARALLEL_PARTS)
-    .inspect_ok(|p| {
-        done += p.size_bytes;
+    while let Some(result) = in_flight.next().await {
+        let stored = result?;
+        done += stored.size_bytes;
         progress(done, total);
-    })
-    .try_collect()
-    .await?;
+        parts.push(stored);
+    }
     parts.sort_by(|a, b| a.file.cmp(&b.file).then(a.offset.cmp(&b.offset)));
     Ok(Uploaded {
-        digest,
+        digest: digest_string(&whole.finalize()),
         size_bytes: total,
         parts,
     })
+}
+
+async fn put_part(
+    store: &ObjectStore,
+    part: ArtifactPart,
+    bytes: Vec<u8>,
+) -> Result<ArtifactPart, UploadError> {
+    let meta = ObjectMetadata {
+        name: part.object.clone(),
+        chunk_size: Some(CHUNK_SIZE),
+        ..Default::default()
+    };
+    store
+        .put(meta, &mut bytes.as_slice())
+        .await
+        .map_err(|e| UploadError::Store {
+            object: part.object.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(part)
 }
 
 /// Reads every stored part back and checks its size and digest, and that
