@@ -379,17 +379,19 @@ impl ModelCache {
                     .map_err(io(&path))?;
                 file.write_all(&bytes).await.map_err(io(&path))?;
                 file.flush().await.map_err(io(&path))?;
-                // Recorded only once its bytes are written and checked.
-                let snapshot = {
+                // Recorded only once its bytes are written and checked, and
+                // atomically, with no await in between: a download dropped
+                // mid-way leaves either the old list or the new one.
+                {
                     let mut d = done
                         .lock()
                         .map_err(|_| FetchError::Cancelled(model.clone()))?;
                     d.insert(part.digest_key());
-                    serde_json::to_vec(&*d).unwrap_or_default()
-                };
-                tokio::fs::write(&done_path, snapshot)
-                    .await
-                    .map_err(io(&done_path))?;
+                    let tmp = done_path.with_extension("tmp");
+                    std::fs::write(&tmp, serde_json::to_vec(&*d).unwrap_or_default())
+                        .map_err(io(&tmp))?;
+                    std::fs::rename(&tmp, &done_path).map_err(io(&done_path))?;
+                }
                 Ok(part.size_bytes)
             }
         }))
