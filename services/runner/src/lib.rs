@@ -1,0 +1,134 @@
+//! `flotilla-runner`: the inference server an executor starts for each
+//! replica. It loads a GGUF llama-family model with candle, builds the
+//! tokenizer and chat template from the file's own metadata, and serves the
+//! OpenAI API on the same paths as vLLM, so executors and the gateway treat
+//! both alike.
+//!
+//! The model runs on one engine thread ([`engine`]); HTTP handlers
+//! ([`server`]) queue jobs on it and stream tokens back. It never talks to
+//! NATS: the executor watches it over HTTP.
+//!
+//! Start reading at [`run`].
+
+pub mod engine;
+pub mod metrics;
+pub mod sampling;
+pub mod server;
+pub mod template;
+pub mod tokenizer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use flotilla_kit::Shutdown as CancellationToken;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "flotilla-runner",
+    version,
+    about = "OpenAI-compatible inference for one GGUF model"
+)]
+pub struct Args {
+    /// The GGUF file.
+    #[arg(long, env = "FLOTILLA_MODEL")]
+    pub model: PathBuf,
+
+    /// The name clients use in `model`; by default the file name.
+    #[arg(long, env = "FLOTILLA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    #[arg(long, env = "FLOTILLA_RUNNER_ADDR", default_value = "127.0.0.1:8000")]
+    pub addr: SocketAddr,
+
+    /// Requests waiting beyond this get 429.
+    #[arg(long, env = "FLOTILLA_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
+    pub log_format: flotilla_kit::logging::LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{0}")]
+    Config(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+}
+
+/// Serves until `shutdown`; `bound` gets the listening address as soon as
+/// it is known (the model loads after, `/health` says 503 until then).
+pub async fn run(
+    args: Args,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunnerError> {
+    if !args.model.is_file() {
+        return Err(RunnerError::Config(format!(
+            "--model: {} is not a file",
+            args.model.display()
+        )));
+    }
+    if args.max_queue == 0 {
+        return Err(RunnerError::Config(
+            "--max-queue: must be at least 1".into(),
+        ));
+    }
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        args.model
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let metrics = Arc::new(metrics::RunnerMetrics::new());
+    let state = Arc::new(server::AppState {
+        model_name: name.clone(),
+        engine: OnceLock::new(),
+        metrics: metrics.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|source| RunnerError::Bind {
+            addr: args.addr,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunnerError::Bind {
+        addr: args.addr,
+        source,
+    })?;
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    tracing::info!(%local, model = %args.model.display(), "listening; loading the model");
+    let app = server::router(state.clone());
+    let stop = shutdown.clone();
+    let serving = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+
+    let path = args.model.clone();
+    let started = std::time::Instant::now();
+    let device = candle_core::Device::Cpu;
+    let loaded =
+        tokio::task::spawn_blocking(move || engine::load_gguf(&path, &candle_core::Device::Cpu))
+            .await
+            .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
+    tracing::info!(elapsed = ?started.elapsed(), context = loaded.context_length, vocab = loaded.tokenizer.vocab_size(), "model loaded; serving {name}");
+    let _ = state.engine.set(engine::Engine::start(
+        loaded,
+        device,
+        args.max_queue,
+        metrics,
+    ));
+
+    let _ = serving.await;
+    Ok(())
+}

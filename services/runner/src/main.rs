@@ -1,0 +1,10 @@
+use anyhow::Result;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = flotilla_runner::Args::parse();
+    flotilla_kit::logging::init(args.log_format, flotilla_kit::logging::SERVICE_DEFAULT);
+    flotilla_runner::run(args, flotilla_kit::shutdown_on_signals(), None).await?;
+    Ok(())
+}

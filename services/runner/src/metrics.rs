@@ -1,0 +1,83 @@
+//! Prometheus metrics of the runner.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub struct RunnerMetrics {
+    pub registry: Registry,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub requests: Counter,
+    pub rejected: Counter,
+    pub queue_depth: Gauge,
+    pub time_to_first_token: Histogram,
+    pub inter_token: Histogram,
+}
+
+impl RunnerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flotilla_runner");
+        let prompt_tokens = Counter::default();
+        let completion_tokens = Counter::default();
+        let requests = Counter::default();
+        let rejected = Counter::default();
+        let queue_depth = Gauge::default();
+        let time_to_first_token = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "prompt_tokens",
+            "Tokens read from prompts",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Tokens generated",
+            completion_tokens.clone(),
+        );
+        registry.register("requests", "Requests accepted", requests.clone());
+        registry.register(
+            "rejected",
+            "Requests refused because the queue was full",
+            rejected.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for the engine",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From arrival to the first token",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "inter_token_seconds",
+            "Between consecutive tokens",
+            inter_token.clone(),
+        );
+        Self {
+            registry,
+            prompt_tokens,
+            completion_tokens,
+            requests,
+            rejected,
+            queue_depth,
+            time_to_first_token,
+            inter_token,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for RunnerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,544 @@
+//! The OpenAI-compatible HTTP API, on the same paths as vLLM:
+//! `POST /v1/chat/completions`, `POST /v1/completions` (streaming SSE and
+//! not), `GET /v1/models`, `GET /health` (503 until the model is loaded),
+//! `GET /metrics`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, EngineError, GenEvent, Job};
+use crate::metrics::RunnerMetrics;
+use crate::sampling::SamplingParams;
+use crate::template::ChatMessage;
+
+pub struct AppState {
+    pub model_name: String,
+    pub engine: OnceLock<Engine>,
+    pub metrics: Arc<RunnerMetrics>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An OpenAI-style error body.
+fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    param: Option<&str>,
+    code: &str,
+) -> Response {
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+        "rate_limit_error"
+    } else if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    (status, Json(json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}))).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CommonParams {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+struct Checked {
+    params: SamplingParams,
+    max_tokens: Option<usize>,
+    stop: Vec<String>,
+    stream: bool,
+}
+
+fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
+    let bad = |param: &str, message: String| {
+        Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            message,
+            Some(param),
+            "invalid_value",
+        )))
+    };
+    if let Some(m) = &p.model
+        && m != served
+    {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("model {m:?} is not served here; this runner serves {served:?}"),
+            Some("model"),
+            "model_not_found",
+        )));
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return bad(
+            "temperature",
+            format!("{temperature} must be between 0 and 2"),
+        );
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return bad("top_p", format!("{top_p} must be in (0, 1]"));
+    }
+    let top_k = p.top_k.unwrap_or(0);
+    if top_k < -1 {
+        return bad("top_k", format!("{top_k} must be -1, 0 (off) or positive"));
+    }
+    for (name, v) in [
+        ("frequency_penalty", p.frequency_penalty),
+        ("presence_penalty", p.presence_penalty),
+    ] {
+        if let Some(v) = v
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return bad(name, format!("{v} must be between -2 and 2"));
+        }
+    }
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if repetition_penalty <= 0.0 {
+        return bad(
+            "repetition_penalty",
+            format!("{repetition_penalty} must be positive"),
+        );
+    }
+    if p.n.is_some_and(|n| n != 1) {
+        return bad("n", "only n = 1 is supported".into());
+    }
+    let max = p.max_completion_tokens.or(p.max_tokens);
+    if let Some(m) = max
+        && m < 1
+    {
+        return bad("max_tokens", format!("{m} must be at least 1"));
+    }
+    let stop = match &p.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() > 4 => {
+            return bad("stop", "at most 4 stop sequences".into());
+        }
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.iter().any(String::is_empty) {
+        return bad("stop", "stop sequences must not be empty".into());
+    }
+    Ok(Checked {
+        params: SamplingParams {
+            temperature,
+            top_p,
+            top_k: usize::try_from(top_k.max(0)).unwrap_or(0),
+            repetition_penalty,
+            frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: p.presence_penalty.unwrap_or(0.0),
+            seed: p.seed,
+        },
+        max_tokens: max.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        stop,
+        stream: p.stream,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<Value>,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Value,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("{}: {}", path, e.into_inner()),
+            Some(&path),
+            "invalid_request",
+        ))
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let Some(engine) = state.engine.get() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model is still loading",
+            None,
+            "loading",
+        );
+    };
+    let request: ChatRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    if request.messages.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "messages must not be empty",
+            Some("messages"),
+            "invalid_value",
+        );
+    }
+    let mut messages = Vec::new();
+    for (i, m) in request.messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        if !matches!(role, "system" | "user" | "assistant" | "developer") {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("messages[{i}].role {role:?} must be system, user or assistant"),
+                Some(&format!("messages[{i}].role")),
+                "invalid_value",
+            );
+        }
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("messages[{i}].content must be text"),
+                    Some(&format!("messages[{i}].content")),
+                    "invalid_value",
+                );
+            }
+        };
+        messages.push(ChatMessage {
+            role: if role == "developer" {
+                "system".into()
+            } else {
+                role.into()
+            },
+            content,
+        });
+    }
+    let checked = match check(&request.common, &state.model_name) {
+        Ok(c) => c,
+        Err(e) => return *e,
+    };
+    let prompt = match engine.template.render(&messages) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                e.to_string(),
+                Some("messages"),
+                "template",
+            );
+        }
+    };
+    run(state.clone(), engine, prompt, checked, true).await
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let Some(engine) = state.engine.get() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model is still loading",
+            None,
+            "loading",
+        );
+    };
+    let request: CompletionRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let prompt = match request.prompt {
+        Value::String(s) if !s.is_empty() => s,
+        Value::Array(v) if v.len() == 1 && v[0].is_string() => {
+            v[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "prompt must be one non-empty string",
+                Some("prompt"),
+                "invalid_value",
+            );
+        }
+    };
+    let checked = match check(&request.common, &state.model_name) {
+        Ok(c) => c,
+        Err(e) => return *e,
+    };
+    run(state.clone(), engine, prompt, checked, false).await
+}
+
+async fn run(
+    state: Arc<AppState>,
+    engine: &Engine,
+    prompt: String,
+    checked: Checked,
+    chat: bool,
+) -> Response {
+    let ids = engine.tokenizer.encode(&prompt);
+    let room = engine.context_length.saturating_sub(ids.len());
+    if room == 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the prompt has {} tokens; the context holds {}",
+                ids.len(),
+                engine.context_length
+            ),
+            Some("messages"),
+            "context_length_exceeded",
+        );
+    }
+    let max_tokens = match checked.max_tokens {
+        Some(m) if m > room => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "max_tokens {m} plus the prompt's {} tokens exceed the context of {}",
+                    ids.len(),
+                    engine.context_length
+                ),
+                Some("max_tokens"),
+                "context_length_exceeded",
+            );
+        }
+        Some(m) => m,
+        None => room.min(1024),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt: ids,
+        max_tokens,
+        params: checked.params,
+        stop: checked.stop,
+        events: tx,
+        queued_at: Instant::now(),
+    };
+    if let Err(e) = engine.submit(job) {
+        state.metrics.rejected.inc();
+        return match e {
+            EngineError::QueueFull(_) => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{e}; retry later"),
+                None,
+                "queue_full",
+            ),
+            other => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                other.to_string(),
+                None,
+                "unavailable",
+            ),
+        };
+    }
+    state.metrics.requests.inc();
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        uuid::Uuid::new_v4().simple()
+    );
+    let created = now_secs();
+    let model = state.model_name.clone();
+
+    if checked.stream {
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let stream = async_stream(rx, id, created, model, object, chat);
+        return Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response();
+    }
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::Failed(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e,
+                    None,
+                    "generation_failed",
+                );
+            }
+            GenEvent::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+                let body = if chat {
+                    json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
+                           "usage": usage})
+                } else {
+                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": 0, "text": text, "finish_reason": reason.as_str(), "logprobs": null}],
+                           "usage": usage})
+                };
+                return Json(body).into_response();
+            }
+        }
+    }
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the engine stopped",
+        None,
+        "unavailable",
+    )
+}
+
+/// SSE chunks as OpenAI sends them, ending with `[DONE]`. Dropping the
+/// stream (client gone) drops the receiver, which stops generation.
+fn async_stream(
+    mut rx: mpsc::UnboundedReceiver<GenEvent>,
+    id: String,
+    created: u64,
+    model: String,
+    object: &'static str,
+    chat: bool,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> {
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>, usage: Option<Value>| {
+            let choice = if chat {
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            } else {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())), "finish_reason": finish, "logprobs": null})
+            };
+            let mut body = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+            if let Some(u) = usage {
+                body["usage"] = u;
+            }
+            Ok(Event::default().data(body.to_string()))
+        };
+        if chat
+            && out_tx
+                .send(chunk(
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                    None,
+                ))
+                .is_err()
+        {
+            return;
+        }
+        while let Some(event) = rx.recv().await {
+            let sent = match event {
+                GenEvent::Text(t) => out_tx.send(chunk(json!({"content": t}), None, None)),
+                GenEvent::Failed(e) => {
+                    let _ = out_tx.send(Ok(Event::default().data(
+                        json!({"error": {"message": e, "type": "server_error"}}).to_string(),
+                    )));
+                    break;
+                }
+                GenEvent::Done {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+                    let _ = out_tx.send(chunk(json!({}), Some(reason.as_str()), Some(usage)));
+                    let _ = out_tx.send(Ok(Event::default().data("[DONE]")));
+                    break;
+                }
+            };
+            if sent.is_err() {
+                // The client left: dropping rx stops the engine's job.
+                break;
+            }
+        }
+    });
+    tokio_stream_from(out_rx)
+}
+
+fn tokio_stream_from<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": now_secs(), "owned_by": "flotilla", "max_model_len": state.engine.get().map(|e| e.context_length)}]})).into_response()
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.get() {
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(engine) = state.engine.get() {
+        state.metrics.queue_depth.set(engine.queue_depth() as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

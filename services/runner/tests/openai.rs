@@ -1,0 +1,364 @@
+//! The runner with the real SmolLM2 GGUF, driven over HTTP like any
+//! OpenAI client would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use flotilla_runner::{Args, engine, template::ChatMessage};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn gguf() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-tools",
+        p.display()
+    );
+    p
+}
+
+struct Runner {
+    base: String,
+    client: reqwest::Client,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn start(max_queue: usize) -> Runner {
+    let args = Args {
+        model: gguf(),
+        served_model_name: Some("smollm2".into()),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        max_queue,
+        log_format: Default::default(),
+    };
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let token = stop.clone();
+    tokio::spawn(async move { flotilla_runner::run(args, token, Some(tx)).await.unwrap() });
+    let addr = rx.await.unwrap();
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    // /health answers 503 until the model is loaded.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "model never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Runner {
+        base,
+        client,
+        _stop: stop.drop_guard(),
+    }
+}
+
+impl Runner {
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn chat(&self, body: Value) -> Value {
+        let (status, v) = self.post("/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+#[test]
+fn the_models_own_chat_template_places_the_turns() {
+    let model = engine::load_gguf(&gguf(), &candle_core::Device::Cpu).unwrap();
+    let with_system = model
+        .template
+        .render(&[
+            ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        with_system,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Without one, SmolLM2's template adds its own system turn.
+    let without = model
+        .template
+        .render(&[ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }])
+        .unwrap();
+    assert!(
+        without.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{without}"
+    );
+    // The tokenizer keeps the turn markers whole.
+    let ids = model.tokenizer.encode(&with_system);
+    let im_start = model.tokenizer.encode("<|im_start|>");
+    assert_eq!(im_start.len(), 1);
+    assert_eq!(ids[0], im_start[0]);
+    assert_eq!(model.tokenizer.decode(&ids, false), with_system);
+}
+
+#[tokio::test]
+async fn greedy_chat_is_deterministic_english_and_streams_the_same_text() {
+    let r = start(16).await;
+    let body = json!({"model": "smollm2", "messages": user("What is the capital of France? Answer in one sentence."), "temperature": 0, "max_tokens": 24});
+    let a = r.chat(body.clone()).await;
+    let b = r.chat(body).await;
+    assert_eq!(text_of(&a), text_of(&b));
+    let text = text_of(&a);
+    let letters = text
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
+    assert!(
+        letters * 10 >= text.chars().count() * 8,
+        "not English prose: {text:?}"
+    );
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(a["object"], "chat.completion");
+    assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    assert!(["stop", "length"].contains(&a["choices"][0]["finish_reason"].as_str().unwrap()));
+
+    // Sampled with a seed: streamed deltas add up to the same text.
+    let sampled = json!({"model": "smollm2", "messages": user("Write two words about the sea."), "temperature": 0.8, "seed": 42, "max_tokens": 20});
+    let whole = text_of(&r.chat(sampled.clone()).await);
+    let mut streaming = sampled.clone();
+    streaming["stream"] = json!(true);
+    let resp = r
+        .client
+        .post(format!("{}/v1/chat/completions", r.base))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    let mut deltas = String::new();
+    let mut finished = false;
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            finished = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            deltas.push_str(t);
+        }
+    }
+    assert!(finished, "no [DONE]: {body}");
+    assert_eq!(deltas, whole);
+
+    // Stop sequences end the text and say so.
+    let stopped = r
+        .chat(json!({"messages": user("Count: 1, 2, 3, 4, 5, 6"), "temperature": 0, "max_tokens": 40, "stop": [","]}))
+        .await;
+    assert!(!text_of(&stopped).contains(','), "{stopped}");
+
+    // Plain completions and the model list.
+    let (status, c) = r
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The sky is", "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert_eq!(c["usage"]["completion_tokens"], 5);
+    let models: Value = r
+        .client
+        .get(format!("{}/v1/models", r.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2");
+}
+
+#[tokio::test]
+async fn bad_requests_get_their_4xx() {
+    let r = start(16).await;
+    let cases = [
+        (json!({"messages": []}), 400, "messages"),
+        (
+            json!({"messages": user("hi"), "temperature": 3}),
+            400,
+            "temperature",
+        ),
+        (json!({"messages": user("hi"), "top_p": 0}), 400, "top_p"),
+        (
+            json!({"messages": user("hi"), "max_tokens": 0}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"messages": user("hi"), "max_tokens": 100000}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": user("hi"), "model": "gpt-9"}),
+            404,
+            "model",
+        ),
+        (json!({"messages": user("hi"), "n": 3}), 400, "n"),
+        (json!({"messages": "hi"}), 400, "messages"),
+    ];
+    for (body, status, param) in cases {
+        let (got, v) = r.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(got, status, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    let resp = r
+        .client
+        .post(format!("{}/v1/chat/completions", r.base))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn concurrent_requests_all_complete_and_a_cancelled_one_frees_its_slot() {
+    let r = start(16).await;
+    let mut jobs = Vec::new();
+    for i in 0..8 {
+        let (client, base) = (r.client.clone(), r.base.clone());
+        jobs.push(tokio::spawn(async move {
+            let body = json!({"messages": user(&format!("Say hello number {i}.")), "temperature": 0, "max_tokens": 8});
+            client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap().status()
+        }));
+    }
+    for j in jobs {
+        assert_eq!(j.await.unwrap(), 200);
+    }
+
+    // A long streaming request, abandoned after its first chunk.
+    let before = r.metric("flotilla_runner_completion_tokens_total").await;
+    let body = json!({"messages": user("Tell me a long story about a dragon."), "temperature": 0, "max_tokens": 400, "stream": true});
+    let resp = r
+        .client
+        .post(format!("{}/v1/chat/completions", r.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    // The next request is served, and the abandoned one stopped early.
+    let next = r
+        .chat(json!({"messages": user("Hi"), "temperature": 0, "max_tokens": 4}))
+        .await;
+    let after = r.metric("flotilla_runner_completion_tokens_total").await;
+    let abandoned = after - before - next["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!(
+        abandoned < 100.0,
+        "the abandoned request kept generating: {abandoned} tokens"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429() {
+    let r = start(1).await;
+    // One running (streaming, held open), one waiting, the next refused.
+    let body = json!({"messages": user("Tell me a long story."), "temperature": 0, "max_tokens": 300, "stream": true});
+    let running = r
+        .client
+        .post(format!("{}/v1/chat/completions", r.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut running = running.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let (client, base) = (r.client.clone(), r.base.clone());
+    let waiting = tokio::spawn(async move {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({"messages": user("Hi"), "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.metric("flotilla_runner_queue_depth").await < 1.0 {
+        assert!(Instant::now() < deadline, "second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = r
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user("Hi"), "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 429, "{v}");
+    drop(running);
+    assert_eq!(waiting.await.unwrap(), 200);
+}
