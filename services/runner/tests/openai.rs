@@ -362,3 +362,49 @@ async fn a_full_queue_answers_429() {
     drop(running);
     assert_eq!(waiting.await.unwrap(), 200);
 }
+
+/// The official `openai` Python client (installed by scripts/install-tools)
+/// against the runner: chat, streaming, model list.
+#[tokio::test]
+async fn the_official_openai_python_client_works() {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-tools",
+        python.display()
+    );
+    let r = start(16).await;
+    let script = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+models = [m.id for m in client.models.list().data]
+chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=12)
+stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=12, stream=True)
+streamed = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
+print(json.dumps({"models": models, "text": chat.choices[0].message.content, "finish": chat.choices[0].finish_reason,
+                  "usage": chat.usage.completion_tokens, "streamed": streamed}))
+"#;
+    let out = tokio::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&r.base)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"], json!(["smollm2"]));
+    let text = v["text"].as_str().unwrap();
+    assert!(!text.trim().is_empty());
+    assert_eq!(
+        v["streamed"].as_str().unwrap(),
+        text,
+        "greedy stream equals the whole answer"
+    );
+    assert!(v["usage"].as_u64().unwrap() >= 1);
+}
