@@ -11,6 +11,7 @@
 pub mod declared;
 pub mod gpu;
 pub mod models;
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -80,6 +81,11 @@ pub struct ExecutorArgs {
     /// `512MiB` or a byte count.
     #[arg(long, env = "FLOTILLA_MODEL_CACHE_BUDGET", default_value = "50GiB")]
     pub model_cache_budget: String,
+
+    /// The flotilla-runner binary for local replicas; by default next to
+    /// this binary, then PATH.
+    #[arg(long, env = "FLOTILLA_RUNNER_BIN")]
+    pub runner_bin: Option<std::path::PathBuf>,
 }
 
 impl Default for ExecutorArgs {
@@ -96,6 +102,7 @@ impl Default for ExecutorArgs {
             http_addr: ([127, 0, 0, 1], 0).into(),
             model_cache_dir: None,
             model_cache_budget: "50GiB".into(),
+            runner_bin: None,
         }
     }
 }
@@ -142,6 +149,7 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub model_cache_dir: std::path::PathBuf,
     pub model_cache_budget_bytes: u64,
+    pub runner_bin: std::path::PathBuf,
 }
 
 impl ExecutorArgs {
@@ -180,6 +188,7 @@ impl ExecutorArgs {
                 .unwrap_or_else(|| std::path::PathBuf::from(".flotilla/cache").join(&cluster)),
             model_cache_budget_bytes: parse_size(&self.model_cache_budget)
                 .map_err(|e| ConfigError::new("model-cache-budget", e))?,
+            runner_bin: replicas::find_runner(self.runner_bin.clone()),
         })
     }
 }
@@ -355,10 +364,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     let prefetch = models::spawn_prefetch(
         bus.clone(),
         cluster.clone(),
-        store,
+        store.clone(),
         cache.clone(),
         shutdown.clone(),
     )?;
+    let replica_half = std::sync::Arc::new(replicas::Replicas {
+        bus: bus.clone(),
+        cluster: cluster.clone(),
+        region: config.labels.get("region").cloned().unwrap_or_default(),
+        backend: replicas::LocalBackend::new(config.runner_bin.clone()),
+        cache: cache.clone(),
+        store,
+        models: flotilla_kit::RecordStore::open(&bus, &bus.topology.models.name).await?,
+        replicas: flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?,
+        generations: Default::default(),
+    });
+    let replica_task = replicas::spawn(replica_half, shutdown.clone())?;
     let mut heartbeats = Heartbeats::new(config, gpus, cache);
 
     health.set_ready(true);
@@ -387,6 +408,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         }
     }
     let _ = prefetch.await;
+    let _ = replica_task.await;
     health.set_ready(false);
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");
