@@ -41,6 +41,57 @@ const LOCAL_CLUSTERS: [LocalCluster; 3] = [
     },
 ];
 
+/// What `flotilla up` serves: the shipped SmolLM2 on two clusters.
+const DEFAULT_DEPLOYMENT: &str = r#"
+apiVersion: flotilla.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: smollm2}
+spec:
+  model: {preset: smollm2-135m-instruct}
+  runtime: candle
+  replicas: 2
+  placement:
+    policy: PickN
+    numberOfClusters: 2
+"#;
+
+/// Prints each replica of the default deployment as it becomes ready.
+async fn announce_replicas(bus: &flotilla_kit::Bus) {
+    use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
+    let Ok(store) =
+        flotilla_kit::RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name).await
+    else {
+        return;
+    };
+    let stop = flotilla_kit::Shutdown::new();
+    if store.start_watch(stop.clone()).await.is_err() {
+        return;
+    }
+    let mut changes = store.changes();
+    let mut announced = std::collections::BTreeSet::new();
+    loop {
+        for (_, r) in store.cached_all() {
+            if r.deployment == "smollm2"
+                && r.phase() == ReplicaPhase::Ready
+                && announced.insert(r.replica_id.clone())
+            {
+                println!(
+                    "replica {} on {} serves smollm2-135m-instruct at {}",
+                    r.replica_id, r.cluster, r.endpoint
+                );
+                println!(
+                    "  curl {}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"smollm2-135m-instruct\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+                    r.endpoint
+                );
+            }
+        }
+        if changes.recv().await.is_err() {
+            stop.cancel();
+            return;
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Where the local fleet keeps its state (the JetStream store).
@@ -51,6 +102,10 @@ pub struct UpArgs {
     /// (scripts/install-tools), then PATH.
     #[arg(long, env = "FLOTILLA_NATS_SERVER")]
     pub nats_server: Option<PathBuf>,
+
+    /// Do not deploy the shipped SmolLM2 model.
+    #[arg(long)]
+    pub no_deploy: bool,
 
     /// Client port of the local nats-server.
     #[arg(long, env = "FLOTILLA_NATS_PORT", default_value_t = 4222)]
@@ -130,6 +185,18 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("model-provisioner: {e}"))
         });
     }
+    let rollout = flotilla_rollout::Config {
+        bus: config.clone(),
+        http_addr: ([127, 0, 0, 1], 0).into(),
+    };
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_rollout::run(rollout, stop)
+                .await
+                .map_err(|e| anyhow::anyhow!("rollout: {e}"))
+        });
+    }
     for cluster in LOCAL_CLUSTERS {
         let args = flotilla_executor::ExecutorArgs {
             bus: bus_args.clone(),
@@ -178,7 +245,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  services: inventory, placement, model-provisioner; simulated clusters:");
+    println!("  services: inventory, placement, model-provisioner, rollout; simulated clusters:");
     for c in LOCAL_CLUSTERS {
         println!(
             "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",
@@ -190,6 +257,15 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
         "  deploy:        flotilla apply -f examples/chat-small.yaml   then: flotilla get deployments"
     );
     println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
+    if !args.no_deploy {
+        let docs = crate::deployments::parse_documents(DEFAULT_DEPLOYMENT)?;
+        crate::deployments::apply(&bus, docs, &mut std::io::stdout()).await?;
+        let bus = bus.clone();
+        services.spawn(async move {
+            announce_replicas(&bus).await;
+            Ok(())
+        });
+    }
     println!("Press Ctrl-C to stop.");
 
     tokio::select! {
