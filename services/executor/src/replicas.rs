@@ -53,33 +53,9 @@ pub struct ReplicaSpec {
 pub struct LocalBackend {
     runner: PathBuf,
     children: Mutex<HashMap<String, Child>>,
-    http: reqwest_lite::Client,
-}
-
-/// The smallest HTTP GET the health probe needs, over a plain TCP socket,
-/// so the executor does not carry an HTTP client for one request.
-mod reqwest_lite {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[derive(Default)]
-    pub struct Client;
-
-    impl Client {
-        /// The status code of `GET path` on `addr`.
-        pub async fn get_status(&self, addr: &str, path: &str) -> std::io::Result<u16> {
-            let mut stream = tokio::net::TcpStream::connect(addr).await?;
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await?;
-            let mut head = vec![0u8; 64];
-            let n = stream.read(&mut head).await?;
-            let text = String::from_utf8_lossy(&head[..n]);
-            text.split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))
-        }
-    }
+    /// The same client code serves the candle runner and vLLM: their
+    /// `/health` and `/v1/*` paths match.
+    http: reqwest::Client,
 }
 
 /// The runner next to this executor's binary, or on PATH.
@@ -115,7 +91,10 @@ impl LocalBackend {
         Self {
             runner,
             children: Mutex::new(HashMap::new()),
-            http: reqwest_lite::Client,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -145,9 +124,9 @@ impl LocalBackend {
                     format!("the runner exited ({status})"),
                 ));
             }
-            match self.http.get_status(&addr, "/health").await {
-                Ok(200) => break,
-                Ok(code) => last = format!("/health answered {code}"),
+            match self.http.get(format!("http://{addr}/health")).send().await {
+                Ok(r) if r.status() == 200 => break,
+                Ok(r) => last = format!("/health answered {}", r.status()),
                 Err(e) => last = e.to_string(),
             }
             if started.elapsed() > READY_DEADLINE {
