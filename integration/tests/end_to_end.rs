@@ -180,4 +180,18 @@ spec:
     assert_ne!(second.replica_id, first.replica_id);
     assert!(second.generation > first.generation);
     assert!(!chat(&second.endpoint).await.is_empty());
+
+    let mut table = Vec::new();
+    flotilla_cli::replicas::get(&bus, Some("chat"), flotilla_cli::Output::Table, &mut table)
+        .await
+        .unwrap();
+    let table = String::from_utf8(table).unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&second.replica_id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("dear") && line.contains("Ready") && line.contains(&second.endpoint),
+        "{table}"
+    );
 }

@@ -4,6 +4,7 @@
 pub mod clusters;
 pub mod deployments;
 pub mod models;
+pub mod replicas;
 pub mod table;
 mod up;
 
@@ -107,6 +108,14 @@ pub enum GetWhat {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Replicas: where each runs, its phase and endpoint.
+    Replicas {
+        /// Only this deployment's.
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Deployments: replicas placed, outcome, clusters.
     Deployments {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -133,6 +142,12 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::get(&bus, output, &mut std::io::stdout()).await
+        }
+        Command::Get {
+            what: GetWhat::Replicas { deployment, output },
+        } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            replicas::get(&bus, deployment.as_deref(), output, &mut std::io::stdout()).await
         }
         Command::Get {
             what: GetWhat::Models { output },
