@@ -56,7 +56,7 @@ spec:
 "#;
 
 /// Prints each replica of the default deployment as it becomes ready.
-async fn announce_replicas(bus: &flotilla_kit::Bus) {
+async fn announce_replicas(bus: &flotilla_kit::Bus, gateway_port: u16) {
     use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
     let Ok(store) =
         flotilla_kit::RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name).await
@@ -79,10 +79,12 @@ async fn announce_replicas(bus: &flotilla_kit::Bus) {
                     "replica {} on {} serves smollm2-135m-instruct at {}",
                     r.replica_id, r.cluster, r.endpoint
                 );
-                println!(
-                    "  curl {}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"smollm2-135m-instruct\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
-                    r.endpoint
-                );
+                if announced.len() == 1 {
+                    println!("try it through the gateway:");
+                    println!(
+                        "  curl http://127.0.0.1:{gateway_port}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"smollm2-135m-instruct\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+                    );
+                }
             }
         }
         if changes.recv().await.is_err() {
@@ -102,6 +104,10 @@ pub struct UpArgs {
     /// (scripts/install-tools), then PATH.
     #[arg(long, env = "FLOTILLA_NATS_SERVER")]
     pub nats_server: Option<PathBuf>,
+
+    /// Port of the gateway, the fleet's OpenAI-compatible front door.
+    #[arg(long, env = "FLOTILLA_GATEWAY_PORT", default_value_t = 8080)]
+    pub gateway_port: u16,
 
     /// Do not deploy the shipped SmolLM2 model.
     #[arg(long)]
@@ -185,6 +191,20 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("model-provisioner: {e}"))
         });
     }
+    let gateway = flotilla_gateway::Config {
+        bus: config.clone(),
+        listen: ([127, 0, 0, 1], args.gateway_port).into(),
+        region: String::new(),
+        api_keys: Vec::new(),
+    };
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_gateway::run(gateway, stop, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("gateway: {e}"))
+        });
+    }
     let rollout = flotilla_rollout::Config {
         bus: config.clone(),
         http_addr: ([127, 0, 0, 1], 0).into(),
@@ -245,24 +265,43 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  services: inventory, placement, model-provisioner, rollout; simulated clusters:");
+    println!(
+        "  services: inventory, placement, model-provisioner, rollout, gateway; simulated clusters:"
+    );
     for c in LOCAL_CLUSTERS {
         println!(
             "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",
             c.name, c.gpus, c.labels[0], c.cost_per_gpu_hour, c.labels[1]
         );
     }
-    println!("  list clusters: flotilla get clusters");
+    println!(
+        "  gateway (OpenAI API): http://127.0.0.1:{}/v1",
+        args.gateway_port
+    );
+    println!("  list clusters: flotilla get clusters   replicas: flotilla get replicas");
     println!(
         "  deploy:        flotilla apply -f examples/chat-small.yaml   then: flotilla get deployments"
     );
     println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
     if !args.no_deploy {
+        // Placed once the simulated clusters have joined, not before.
+        let clusters = flotilla_kit::RecordStore::<flotilla_proto::v1::ClusterRecord>::open(
+            &bus,
+            &bus.topology.clusters.name,
+        )
+        .await?;
+        let joined_by = std::time::Instant::now() + Duration::from_secs(20);
+        while clusters.list().await?.len() < LOCAL_CLUSTERS.len()
+            && std::time::Instant::now() < joined_by
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let docs = crate::deployments::parse_documents(DEFAULT_DEPLOYMENT)?;
         crate::deployments::apply(&bus, docs, &mut std::io::stdout()).await?;
         let bus = bus.clone();
+        let gateway_port = args.gateway_port;
         services.spawn(async move {
-            announce_replicas(&bus).await;
+            announce_replicas(&bus, gateway_port).await;
             Ok(())
         });
     }

@@ -1,0 +1,176 @@
+//! The gateway in front of a real runner: routing by model, API keys,
+//! retry on a replica that refuses connections, streaming pass-through.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::time::{Duration, Instant};
+
+use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = Bus::connect(
+        &BusConfig::for_url(server.url()).unwrap(),
+        "test",
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    flotilla_kit::provision(&bus).await.unwrap();
+
+    // A real runner.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let args = flotilla_runner::Args {
+        model: workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        served_model_name: Some("smollm2".into()),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        max_queue: 16,
+        log_format: Default::default(),
+    };
+    tokio::spawn(async move {
+        flotilla_runner::run(args, CancellationToken::new(), Some(tx))
+            .await
+            .unwrap()
+    });
+    let runner = format!("http://{}", rx.await.unwrap());
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("{runner}/health"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "runner never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A dead port for a replica that claims to be ready.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    // What executors write.
+    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+        .await
+        .unwrap();
+    for (key, id, endpoint, region) in [
+        ("eu-1.dead", "dead", format!("http://{dead}"), "eu"),
+        ("us-1.live", "live", runner.clone(), "us"),
+    ] {
+        let r = ReplicaStatus {
+            replica_id: id.into(),
+            cluster: key.split('.').next().unwrap().into(),
+            deployment: "chat".into(),
+            phase: ReplicaPhase::Ready.into(),
+            endpoint,
+            model: "smollm2".into(),
+            region: region.into(),
+            ..Default::default()
+        };
+        replicas.update(key, |_| Some(r.clone())).await.unwrap();
+    }
+
+    let config = flotilla_gateway::Config {
+        bus: BusConfig::for_url(server.url()).unwrap(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        // Its own region holds the dead replica: it is tried first.
+        region: "eu".into(),
+        api_keys: vec!["secret".into()],
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        flotilla_gateway::run(config, CancellationToken::new(), Some(tx))
+            .await
+            .unwrap()
+    });
+    let gateway = format!("http://{}", rx.await.unwrap());
+
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 6});
+    let no_key = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), 401);
+    let wrong = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth("guess")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let models: Value = http
+        .get(format!("{gateway}/v1/models"))
+        .bearer_auth("secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2");
+
+    let answer = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth("secret")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["x-flotilla-replica"],
+        "live",
+        "the dead replica was not skipped"
+    );
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        !body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+
+    let mut unknown = chat.clone();
+    unknown["model"] = json!("gpt-9");
+    let r = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth("secret")
+        .json(&unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let mut streaming = chat.clone();
+    streaming["stream"] = json!(true);
+    let r = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth("secret")
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("chat.completion.chunk") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
+}
