@@ -182,47 +182,58 @@ fn drift_report(kind: &str, name: &str, fields: Vec<v1::FieldDrift>) -> Option<v
     })
 }
 
+/// Looks first (an existing one is compared, never recreated), creates it
+/// when missing, and when another service won the race to create it,
+/// compares what that one made.
+async fn ensure<Create, Fut, E>(
+    js: &jetstream::Context,
+    kind: &'static str,
+    name: &str,
+    stream_name: &str,
+    drift: impl Fn(&stream::Config) -> Option<v1::TopologyDrift>,
+    create: Create,
+) -> Result<Option<v1::TopologyDrift>, KitError>
+where
+    Create: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let failed = |reason: String| KitError::Provision {
+        kind,
+        name: name.to_string(),
+        reason,
+    };
+    if let Some(actual) = existing_config(js, stream_name).await.map_err(failed)? {
+        return Ok(drift(&actual));
+    }
+    match create().await {
+        Ok(()) => Ok(None),
+        Err(create_err) => match existing_config(js, stream_name).await.map_err(failed)? {
+            Some(actual) => Ok(drift(&actual)),
+            None => Err(failed(create_err.to_string())),
+        },
+    }
+}
+
 async fn ensure_stream(
     js: &jetstream::Context,
     def: &StreamDef,
 ) -> Result<Option<v1::TopologyDrift>, KitError> {
-    let failed = |reason: String| KitError::Provision {
-        kind: "stream",
-        name: def.name.clone(),
-        reason,
-    };
-    // Look first so an existing stream is compared, never recreated.
-    if let Some(actual) = existing_config(js, &def.name).await.map_err(failed)? {
-        return Ok(drift_report(
-            "stream",
-            &def.name,
-            stream_drift(def, &actual),
-        ));
-    }
-    match js.create_stream(stream_config(def)).await {
-        Ok(_) => Ok(None),
-        // Another service created it between our look and our create.
-        Err(create_err) => match existing_config(js, &def.name).await.map_err(failed)? {
-            Some(actual) => Ok(drift_report(
-                "stream",
-                &def.name,
-                stream_drift(def, &actual),
-            )),
-            None => Err(failed(create_err.to_string())),
-        },
-    }
+    ensure(
+        js,
+        "stream",
+        &def.name,
+        &def.name,
+        |actual| drift_report("stream", &def.name, stream_drift(def, actual)),
+        || async { js.create_stream(stream_config(def)).await.map(|_| ()) },
+    )
+    .await
 }
 
 async fn ensure_bucket(
     js: &jetstream::Context,
     def: &BucketDef,
 ) -> Result<Option<v1::TopologyDrift>, KitError> {
-    let stream_name = format!("KV_{}", def.name);
-    let failed = |reason: String| KitError::Provision {
-        kind: "kv bucket",
-        name: def.name.clone(),
-        reason,
-    };
     let drift = |actual: &stream::Config| {
         let mut out = Vec::new();
         field(
@@ -245,9 +256,6 @@ async fn ensure_bucket(
         );
         drift_report("kv", &def.name, out)
     };
-    if let Some(actual) = existing_config(js, &stream_name).await.map_err(failed)? {
-        return Ok(drift(&actual));
-    }
     let config = kv::Config {
         bucket: def.name.clone(),
         description: def.description.to_string(),
@@ -257,25 +265,21 @@ async fn ensure_bucket(
         storage: stream::StorageType::File,
         ..Default::default()
     };
-    match js.create_key_value(config).await {
-        Ok(_) => Ok(None),
-        Err(create_err) => match existing_config(js, &stream_name).await.map_err(failed)? {
-            Some(actual) => Ok(drift(&actual)),
-            None => Err(failed(create_err.to_string())),
-        },
-    }
+    ensure(
+        js,
+        "kv bucket",
+        &def.name,
+        &format!("KV_{}", def.name),
+        drift,
+        || async { js.create_key_value(config).await.map(|_| ()) },
+    )
+    .await
 }
 
 async fn ensure_object_store(
     js: &jetstream::Context,
     def: &ObjectStoreDef,
 ) -> Result<Option<v1::TopologyDrift>, KitError> {
-    let stream_name = format!("OBJ_{}", def.name);
-    let failed = |reason: String| KitError::Provision {
-        kind: "object store",
-        name: def.name.clone(),
-        reason,
-    };
     let drift = |actual: &stream::Config| {
         let mut out = Vec::new();
         field(
@@ -286,9 +290,6 @@ async fn ensure_object_store(
         );
         drift_report("object-store", &def.name, out)
     };
-    if let Some(actual) = existing_config(js, &stream_name).await.map_err(failed)? {
-        return Ok(drift(&actual));
-    }
     let config = object_store::Config {
         bucket: def.name.clone(),
         description: Some(def.description.to_string()),
@@ -296,13 +297,15 @@ async fn ensure_object_store(
         storage: stream::StorageType::File,
         ..Default::default()
     };
-    match js.create_object_store(config).await {
-        Ok(_) => Ok(None),
-        Err(create_err) => match existing_config(js, &stream_name).await.map_err(failed)? {
-            Some(actual) => Ok(drift(&actual)),
-            None => Err(failed(create_err.to_string())),
-        },
-    }
+    ensure(
+        js,
+        "object store",
+        &def.name,
+        &format!("OBJ_{}", def.name),
+        drift,
+        || async { js.create_object_store(config).await.map(|_| ()) },
+    )
+    .await
 }
 
 #[cfg(test)]
