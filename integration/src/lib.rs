@@ -254,3 +254,34 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits for the next event of type `ty` (about `name`, when given) on a
+/// subscription to `<prefix>.events.>`, skipping others; panics with what
+/// it waited for after `deadline`. Test code: a panic is the failure.
+pub async fn wait_for_event(
+    sub: &mut async_nats::Subscriber,
+    ty: flotilla_proto::EventType,
+    name: Option<&str>,
+    deadline: Duration,
+) -> flotilla_proto::v1::Event {
+    use futures::StreamExt;
+    use prost::Message;
+    let want = ty.to_string();
+    let found = tokio::time::timeout(deadline, async {
+        while let Some(msg) = sub.next().await {
+            let Ok(event) = flotilla_proto::v1::Event::decode(msg.payload) else {
+                continue;
+            };
+            if event.r#type == want && name.is_none_or(|n| event.name == n) {
+                return Some(event);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(event)) => event,
+        Ok(None) => panic!("the subscription ended before {want} {name:?}"),
+        Err(_) => panic!("no {want} {name:?} within {deadline:?}"),
+    }
+}

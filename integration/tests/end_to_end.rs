@@ -10,8 +10,6 @@ use flotilla_integration::{NatsServer, workspace_root};
 use flotilla_kit::{Bus, BusConfig};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, event::Payload};
-use futures::StreamExt;
-use prost::Message;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -64,18 +62,7 @@ fn executor(
 }
 
 async fn next_of(sub: &mut async_nats::Subscriber, ty: EventType) -> v1::Event {
-    let want = ty.to_string();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            let e = v1::Event::decode(msg.payload).unwrap();
-            if e.r#type == want {
-                return e;
-            }
-        }
-        panic!("subscription ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {want} within {DEADLINE:?}"))
+    flotilla_integration::wait_for_event(sub, ty, None, DEADLINE).await
 }
 
 async fn chat(endpoint: &str) -> String {

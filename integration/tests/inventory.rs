@@ -79,18 +79,7 @@ fn start_executor(server: &NatsServer, cluster: &str, region: &str) -> JoinHandl
 
 /// Waits for the next event of `ty` about `name` on a core subscription.
 async fn expect_event(sub: &mut async_nats::Subscriber, ty: EventType, name: &str) -> v1::Event {
-    let want = ty.to_string();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            let event = v1::Event::decode(msg.payload).unwrap();
-            if event.r#type == want && event.name == name {
-                return event;
-            }
-        }
-        panic!("subscription ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {want} event for {name} within {DEADLINE:?}"))
+    flotilla_integration::wait_for_event(sub, ty, Some(name), DEADLINE).await
 }
 
 /// Every event stored in the events stream about `cluster`, by type.

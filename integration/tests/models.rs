@@ -84,18 +84,7 @@ fn start_executor(server: &NatsServer, cluster: &str, cache: &std::path::Path) {
 }
 
 async fn expect(sub: &mut async_nats::Subscriber, ty: EventType, name: &str) -> v1::Event {
-    let want = ty.to_string();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            let event = v1::Event::decode(msg.payload).unwrap();
-            if event.r#type == want && event.name == name {
-                return event;
-            }
-        }
-        panic!("subscription ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {want} for {name} within {DEADLINE:?}"))
+    flotilla_integration::wait_for_event(sub, ty, Some(name), DEADLINE).await
 }
 
 async fn push(bus: &Bus, path: &std::path::Path, name: &str) -> String {
