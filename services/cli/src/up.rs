@@ -56,7 +56,11 @@ spec:
 "#;
 
 /// Prints each replica of the default deployment as it becomes ready.
-async fn announce_replicas(bus: &flotilla_kit::Bus, gateway_port: u16) {
+async fn announce_replicas(
+    bus: &flotilla_kit::Bus,
+    gateway_port: u16,
+    shutdown: flotilla_kit::Shutdown,
+) {
     use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
     let Ok(store) =
         flotilla_kit::RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name).await
@@ -87,9 +91,15 @@ async fn announce_replicas(bus: &flotilla_kit::Bus, gateway_port: u16) {
                 }
             }
         }
-        if changes.recv().await.is_err() {
-            stop.cancel();
-            return;
+        tokio::select! {
+            changed = changes.recv() => if changed.is_err() {
+                stop.cancel();
+                return;
+            },
+            _ = shutdown.cancelled() => {
+                stop.cancel();
+                return;
+            }
         }
     }
 }
@@ -300,8 +310,9 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
         crate::deployments::apply(&bus, docs, &mut std::io::stdout()).await?;
         let bus = bus.clone();
         let gateway_port = args.gateway_port;
+        let stop = shutdown.clone();
         services.spawn(async move {
-            announce_replicas(&bus, gateway_port).await;
+            announce_replicas(&bus, gateway_port, stop).await;
             Ok(())
         });
     }
