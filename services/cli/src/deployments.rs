@@ -8,15 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_kit::{Bus, RecordStore, now_unix_ms};
-use flotilla_proto::v1::{
-    self, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload,
-};
+use flotilla_proto::v1::{self, ModelDeployment, PlacementDecision, PlacementOutcome};
 use flotilla_proto::{ControlSubject, EventKind, EventType};
 use futures::StreamExt;
 use prost::Message;
 use serde::Deserialize;
 
 use crate::Output;
+use crate::answer::{Answer, error_reason, wait_for_answer};
 use crate::table;
 
 /// Reads every document of a YAML (or JSON) file; `-` is standard input.
@@ -70,14 +69,6 @@ async fn next_matching(
         }
     }
     None
-}
-
-fn error_reason(event: &v1::Event) -> String {
-    match &event.payload {
-        Some(Payload::Error(e)) if !e.field.is_empty() => format!("{}: {}", e.field, e.reason),
-        Some(Payload::Error(e)) => e.reason.clone(),
-        _ => event.message.clone(),
-    }
 }
 
 /// Publishes each document and reports what placement made of it.
@@ -175,27 +166,19 @@ pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Resu
         Some(&request_id),
     )
     .await?;
-    let wait = async {
-        while let Some(msg) = events.next().await {
-            let Ok(event) = v1::Event::decode(msg.payload) else {
-                continue;
-            };
-            if event.correlation_id != request_id {
-                continue;
-            }
-            if event.r#type == EventType::DeploymentDeleted.to_string() {
-                return Ok(());
-            }
-            if event.r#type == EventType::BusMessageRejected.to_string() {
-                bail!("refused: {}", error_reason(&event));
-            }
-        }
-        bail!("lost the connection to NATS")
-    };
-    match tokio::time::timeout(Duration::from_secs(10), wait).await {
-        Ok(Ok(())) => writeln!(out, "deployment/{name} deleted").map_err(Into::into),
-        Ok(Err(e)) => Err(e),
-        Err(_) => bail!(
+    match wait_for_answer(
+        &mut events,
+        &request_id,
+        &[EventType::DeploymentDeleted],
+        &[],
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        Answer::Done(_) => writeln!(out, "deployment/{name} deleted").map_err(Into::into),
+        Answer::Refused(event) => bail!("refused: {}", error_reason(&event)),
+        Answer::Lost => bail!("lost the connection to NATS"),
+        Answer::TimedOut => bail!(
             "the request is on the bus but placement did not answer within 10 s (is it running?)"
         ),
     }

@@ -1,6 +1,7 @@
 //! The `flotilla` command line. Each subcommand is a module; they talk to
 //! the fleet only through the bus, like every other client.
 
+pub mod answer;
 pub mod clusters;
 pub mod deployments;
 pub mod models;

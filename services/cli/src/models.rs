@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_kit::{Bus, RecordStore};
-use flotilla_proto::v1::{self, ClusterRecord, ModelPhase, ModelRecord, event::Payload};
+use flotilla_proto::v1::{self, ClusterRecord, ModelPhase, ModelRecord};
 use flotilla_proto::{ControlSubject, EventType};
-use futures::StreamExt;
-use prost::Message;
 
 use crate::Output;
+use crate::answer::{Answer, error_reason, wait_for_answer};
 use crate::table;
 
 /// Uploads a GGUF file or a safetensors folder, then asks the provisioner
@@ -78,32 +77,16 @@ pub async fn push(
         Some(&request_id),
     )
     .await?;
-    let wait = async {
-        while let Some(msg) = events.next().await {
-            let Ok(event) = v1::Event::decode(msg.payload) else {
-                continue;
-            };
-            if event.correlation_id != request_id {
-                continue;
-            }
-            if event.r#type == EventType::ModelReady.to_string() {
-                return Ok(());
-            }
-            if event.r#type == EventType::ModelFailed.to_string() {
-                bail!("{}", event.message);
-            }
-            if event.r#type == EventType::BusMessageRejected.to_string() {
-                let reason = match event.payload {
-                    Some(Payload::Error(e)) => format!("{}: {}", e.field, e.reason),
-                    _ => event.message,
-                };
-                bail!("refused: {reason}");
-            }
-        }
-        bail!("lost the connection to NATS")
-    };
-    match tokio::time::timeout(Duration::from_secs(120), wait).await {
-        Ok(Ok(())) => {
+    match wait_for_answer(
+        &mut events,
+        &request_id,
+        &[EventType::ModelReady],
+        &[EventType::ModelFailed],
+        Duration::from_secs(120),
+    )
+    .await
+    {
+        Answer::Done(_) => {
             writeln!(
                 out,
                 "model/{name} ready: {} ({:.1} MB, {} parts)",
@@ -113,8 +96,12 @@ pub async fn push(
             )?;
             Ok(uploaded.digest)
         }
-        Ok(Err(e)) => Err(e),
-        Err(_) => {
+        Answer::Refused(event) if event.r#type == EventType::ModelFailed.to_string() => {
+            bail!("{}", event.message)
+        }
+        Answer::Refused(event) => bail!("refused: {}", error_reason(&event)),
+        Answer::Lost => bail!("lost the connection to NATS"),
+        Answer::TimedOut => {
             bail!("uploaded, but no model-provisioner confirmed it within 120 s (is it running?)")
         }
     }
