@@ -277,12 +277,12 @@ impl Planner {
         )
     }
 
-    fn commitments_except(&self, deployment: &str) -> Commitments {
+    /// The GPUs every placement holds; kept up to date by [`Self::plan`]
+    /// across a batch of re-plans instead of being summed again for each.
+    fn commitments(&self) -> Commitments {
         let mut held = Commitments::default();
-        for (name, p) in self.placements.cached_all() {
-            if name != deployment {
-                held.add(&p);
-            }
+        for (_, p) in self.placements.cached_all() {
+            held.add(&p);
         }
         held
     }
@@ -452,9 +452,16 @@ impl Planner {
             .await
             .map_err(HandlerError::retry)?;
         tracing::info!(deployment = %name, generation, "accepted");
-        self.plan(&name, &request, &fleet, "apply", correlation)
-            .await
-            .map_err(HandlerError::retry)
+        self.plan(
+            &name,
+            &request,
+            &fleet,
+            "apply",
+            correlation,
+            &mut self.commitments(),
+        )
+        .await
+        .map_err(HandlerError::retry)
     }
 
     async fn delete(&mut self, name: &str, correlation: &str) -> Result<(), HandlerError> {
@@ -495,7 +502,9 @@ impl Planner {
         Ok(())
     }
 
-    /// Places one deployment and records the result if it changed.
+    /// Places one deployment and records the result if it changed. `held`
+    /// holds every placement's GPUs and still does afterwards, with this
+    /// deployment's new placement in place of its old one.
     async fn plan(
         &self,
         name: &str,
@@ -503,15 +512,39 @@ impl Planner {
         fleet: &Fleet,
         trigger: &str,
         correlation: &str,
+        held: &mut Commitments,
+    ) -> Result<(), KitError> {
+        let current = self.placements.cached(name);
+        if let Some(c) = &current {
+            held.remove(c);
+        }
+        let result = self
+            .plan_against(name, request, fleet, trigger, correlation, held, current)
+            .await;
+        if let Some(p) = self.placements.cached(name) {
+            held.add(&p);
+        }
+        result
+    }
+
+    /// `held`: the GPUs of every other deployment.
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_against(
+        &self,
+        name: &str,
+        request: &DeploymentRequest,
+        fleet: &Fleet,
+        trigger: &str,
+        correlation: &str,
+        held: &Commitments,
+        current: Option<PlacementDecision>,
     ) -> Result<(), KitError> {
         let spec_generation = self
             .deployments
             .cached(name)
             .and_then(|d| d.status)
             .map_or(0, |s| s.generation);
-        let held = self.commitments_except(name);
-        let current = self.placements.cached(name);
-        let decision = place(request, fleet, &held, current.as_ref(), &self.settings);
+        let decision = place(request, fleet, held, current.as_ref(), &self.settings);
         let mut record = decision.to_record(request, fleet);
         record.deployment_generation = spec_generation;
         record.trigger = trigger.to_string();
@@ -656,6 +689,7 @@ impl Planner {
     }
 
     async fn replan(&self, names: &BTreeSet<String>, fleet: &Fleet, trigger: &str) {
+        let mut held = self.commitments();
         for name in names {
             let Some(doc) = self.deployments.cached(name) else {
                 continue;
@@ -667,7 +701,10 @@ impl Planner {
                     continue;
                 }
             };
-            if let Err(e) = self.plan(name, &request, fleet, trigger, "").await {
+            if let Err(e) = self
+                .plan(name, &request, fleet, trigger, "", &mut held)
+                .await
+            {
                 tracing::warn!(deployment = %name, "re-plan failed, will retry on the next change: {e}");
             }
         }
