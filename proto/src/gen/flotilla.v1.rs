@@ -1509,6 +1509,40 @@ pub struct RolloutState {
     #[prost(uint32, tag = "9")]
     #[serde(rename = "failedReplicas")]
     pub failed_replicas: u32,
+    /// The replica template being rolled out: a digest of the spec's model,
+    /// runtime and resources. Replicas of the same template carry over from
+    /// one placement generation to the next (failover, scaling) untouched.
+    #[prost(string, tag = "10")]
+    #[serde(rename = "template")]
+    pub template: ::prost::alloc::string::String,
+    /// The deployment spec generation being rolled out.
+    #[prost(uint64, tag = "11")]
+    #[serde(rename = "deploymentGeneration")]
+    pub deployment_generation: u64,
+    /// Replica failures counted against the halt threshold, each once, as
+    /// `<replica-id>@<failed-at-unix-ms>`.
+    #[prost(string, repeated, tag = "12")]
+    #[serde(rename = "failures")]
+    pub failures: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The spec of the last rollout that completed; `rollout undo` re-applies it.
+    #[prost(message, optional, tag = "13")]
+    #[serde(rename = "completedSpec", skip_serializing_if = "Option::is_none")]
+    pub completed_spec: ::core::option::Option<ModelDeploymentSpec>,
+    #[prost(uint64, tag = "14")]
+    #[serde(rename = "completedGeneration")]
+    pub completed_generation: u64,
+    /// The spec this rollout replaces (the last completed one when it began).
+    #[prost(message, optional, tag = "15")]
+    #[serde(rename = "previousSpec", skip_serializing_if = "Option::is_none")]
+    pub previous_spec: ::core::option::Option<ModelDeploymentSpec>,
+    /// No stage gates: a first rollout (nothing to protect), or an undo.
+    #[prost(bool, tag = "16")]
+    #[serde(rename = "skipGates")]
+    pub skip_gates: bool,
+    /// Set by `rollout undo` until the re-applied spec's rollout begins.
+    #[prost(bool, tag = "17")]
+    #[serde(rename = "undoRequested")]
+    pub undo_requested: bool,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

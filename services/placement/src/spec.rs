@@ -8,6 +8,7 @@ use flotilla_proto::v1::{
     self, LabelOperator, PlacementPolicy, PropertyOperator, SortOrder, TolerationOperator,
     WhenUnsatisfiable,
 };
+use std::time::Duration;
 
 /// Which field is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,7 +215,8 @@ pub struct DeploymentRequest {
 
 const MAX_REPLICAS: i32 = 10_000;
 
-fn check_label_selector(
+/// Reads a label selector; the errors name the field under `field`.
+pub fn check_label_selector(
     field: &str,
     selector: &v1::LabelSelector,
 ) -> Result<Vec<LabelRequirement>, FieldError> {
@@ -273,6 +275,32 @@ fn check_label_selector(
     Ok(out)
 }
 
+/// `1` or `25%` of `total`, as written in rollout fields; empty is none.
+/// Percentages round up for a surge and down for unavailability, as
+/// Kubernetes does.
+pub fn resolve_int_or_percent(
+    field: &str,
+    value: &str,
+    total: u32,
+    round_up: bool,
+) -> Result<Option<u32>, FieldError> {
+    check_int_or_percent(field, value)?;
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let number: u32 = value.trim_end_matches('%').parse().unwrap_or(0);
+    if !value.ends_with('%') {
+        return Ok(Some(number));
+    }
+    let scaled = u64::from(total) * u64::from(number);
+    let n = if round_up {
+        scaled.div_ceil(100)
+    } else {
+        scaled / 100
+    };
+    Ok(Some(u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
 /// `1` or `25%` as written in rollout fields.
 pub fn check_int_or_percent(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
@@ -290,16 +318,25 @@ pub fn check_int_or_percent(field: &str, value: &str) -> Result<(), FieldError> 
 }
 
 fn check_duration(field: &str, value: &str) -> Result<(), FieldError> {
+    parse_duration(field, value).map(|_| ())
+}
+
+/// `60s`, `5m`, `1h` or `250ms` as written in rollout fields; empty is none.
+pub fn parse_duration(field: &str, value: &str) -> Result<Option<Duration>, FieldError> {
     if value.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let (number, unit) = value.split_at(
         value
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(value.len()),
     );
+    let scale = |n: u64, ms: u64| Ok(Some(Duration::from_millis(n.saturating_mul(ms))));
     match (number.parse::<u64>(), unit) {
-        (Ok(_), "s" | "m" | "h" | "ms") => Ok(()),
+        (Ok(n), "ms") => scale(n, 1),
+        (Ok(n), "s") => scale(n, 1_000),
+        (Ok(n), "m") => scale(n, 60_000),
+        (Ok(n), "h") => scale(n, 3_600_000),
         _ => bad(
             field,
             format!("{value:?} is not a duration such as 60s, 5m or 1h"),
