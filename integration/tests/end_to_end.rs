@@ -122,6 +122,7 @@ async fn apply_serves_the_model_and_a_dead_cluster_is_replaced() {
     let rollout = flotilla_rollout::Config {
         bus: config(&server),
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        halt_after_failures: 3,
     };
     tokio::spawn(async move { flotilla_rollout::run(rollout, never()).await.unwrap() });
     let caches = tempfile::tempdir().unwrap();

@@ -2,12 +2,15 @@
 //! the fleet only through the bus, like every other client.
 
 pub mod answer;
+pub mod chat;
 pub mod clusters;
 pub mod deployments;
 pub mod models;
 pub mod replicas;
+pub mod rollouts;
 pub mod table;
 mod up;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -75,6 +78,49 @@ pub enum Command {
         #[command(subcommand)]
         action: clusters::ClusterAction,
     },
+    /// Follow a rollout, approve its next stage, or undo it.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
+    /// The fleet's events as they happen (or from `--since`).
+    Watch(watch::WatchArgs),
+    /// Ask a model through the gateway; the answer is streamed.
+    Chat(chat::ChatArgs),
+    /// Run one cluster's executor (what `flotilla up` starts per simulated
+    /// cluster); its flags follow `--`, as `flotilla-executor --help` lists.
+    #[command(hide = true)]
+    Executor {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The executor's own command line, inside `flotilla executor -- ...`.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla executor")]
+struct ExecutorCommandLine {
+    #[command(flatten)]
+    executor: flotilla_executor::ExecutorArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Phase, stages, failures and replicas of a deployment's rollout.
+    Status {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Open the gate after the current stage (or, with --stage, a later
+    /// one ahead of time).
+    Approve {
+        name: String,
+        #[arg(long)]
+        stage: Option<String>,
+    },
+    /// Return to the spec the current rollout replaced.
+    Undo { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +238,35 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             clusters::cordon(&bus, action, &mut std::io::stdout()).await
         }
+        Command::Rollout { action } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            let out = &mut std::io::stdout();
+            match action {
+                RolloutAction::Status { name, output } => {
+                    rollouts::status(&bus, &name, output, out).await
+                }
+                RolloutAction::Approve { name, stage } => {
+                    rollouts::approve(&bus, &name, stage.as_deref(), out).await
+                }
+                RolloutAction::Undo { name } => rollouts::undo(&bus, &name, out).await,
+            }
+        }
+        Command::Watch(args) => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            watch::watch(&bus, &args, &mut std::io::stdout(), shutdown.clone())
+                .await
+                .map(|_| ())
+        }
+        Command::Executor { args } => {
+            let line = ExecutorCommandLine::try_parse_from(
+                std::iter::once("flotilla executor".to_string()).chain(args),
+            )?;
+            let config = line.executor.validate()?;
+            flotilla_executor::run(config, shutdown)
+                .await
+                .map_err(|e| anyhow::anyhow!("executor: {e}"))
+        }
+        Command::Chat(args) => chat::chat(&args, &mut std::io::stdout()).await.map(|_| ()),
     }
 }
 

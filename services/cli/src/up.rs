@@ -1,7 +1,10 @@
-//! `flotilla up`: the embedded local fleet. It starts a nats-server with
-//! JetStream on loopback, provisions the bus, and runs the services and
-//! three simulated clusters (executors with declared GPUs) in this process,
-//! with the same code as production. Ctrl-C stops everything.
+//! `flotilla up`: the embedded local fleet. It installs what is missing
+//! (nats-server, the shipped model) with `scripts/install-tools`, starts a
+//! nats-server with JetStream on loopback, provisions the bus, runs the
+//! control services in this process and one executor process per simulated
+//! cluster (declared GPUs), with the same code as production. Each executor
+//! is its own process so a cluster can fail alone (`kill -9` one and watch
+//! its replicas move). Ctrl-C stops everything.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -128,7 +131,86 @@ pub struct UpArgs {
     pub nats_port: u16,
 }
 
+/// The shipped model, where `scripts/install-tools` puts it.
+const SHIPPED_MODEL: &str = ".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Runs `scripts/install-tools` when nats-server or the shipped model is
+/// missing; it prints its own progress.
+async fn install_missing(explicit_nats: Option<&Path>, deploy: bool) -> anyhow::Result<()> {
+    let nats_missing = find_nats_server(explicit_nats).is_err();
+    let model_missing = deploy && !Path::new(SHIPPED_MODEL).is_file();
+    if !nats_missing && !model_missing {
+        return Ok(());
+    }
+    let installer = Path::new("scripts/install-tools");
+    if !installer.is_file() {
+        bail!(
+            "{} missing and scripts/install-tools is not here: run flotilla up from a Flotilla checkout, or pass --nats-server (and --no-deploy)",
+            if nats_missing {
+                "nats-server is"
+            } else {
+                "the shipped model is"
+            }
+        );
+    }
+    eprintln!(
+        "installing {} (scripts/install-tools)…",
+        match (nats_missing, model_missing) {
+            (true, true) => "nats-server and the SmolLM2 model",
+            (true, false) => "nats-server",
+            _ => "the SmolLM2 model",
+        }
+    );
+    let status = Command::new(installer)
+        .status()
+        .await
+        .context("running scripts/install-tools")?;
+    if !status.success() {
+        bail!("scripts/install-tools failed ({status})");
+    }
+    Ok(())
+}
+
+/// One simulated cluster's executor, as a child process of `flotilla`.
+fn start_executor(
+    cluster: &LocalCluster,
+    nats_url: &str,
+    data_dir: &Path,
+) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("finding the flotilla binary")?;
+    let cache = data_dir.join("cache").join(cluster.name);
+    let log_path = data_dir.join(format!("executor-{}.log", cluster.name));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut command = Command::new(exe);
+    command
+        .args([
+            "executor",
+            "--",
+            "--nats-url",
+            nats_url,
+            "--cluster",
+            cluster.name,
+        ])
+        .args(cluster.labels.iter().flat_map(|l| ["--label", l]))
+        .args(["--gpus", cluster.gpus, "--gpu-source", "declared"])
+        .args([
+            "--cost-per-gpu-hour",
+            &cluster.cost_per_gpu_hour.to_string(),
+        ])
+        .arg("--model-cache-dir")
+        .arg(&cache)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .with_context(|| format!("starting the executor of {}", cluster.name))
+}
+
 pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    install_missing(args.nats_server.as_deref(), !args.no_deploy).await?;
     let binary = find_nats_server(args.nats_server.as_deref())?;
     let store = args.data_dir.join("nats");
     std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
@@ -215,10 +297,10 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("gateway: {e}"))
         });
     }
-    let rollout = flotilla_rollout::Config {
-        bus: config.clone(),
-        http_addr: ([127, 0, 0, 1], 0).into(),
-    };
+    let rollout =
+        flotilla_rollout::Args::parse_from(["flotilla-rollout", "--http-addr", "127.0.0.1:0"]);
+    let mut rollout = rollout.validate()?;
+    rollout.bus = config.clone();
     {
         let stop = shutdown.clone();
         services.spawn(async move {
@@ -227,26 +309,25 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("rollout: {e}"))
         });
     }
-    for cluster in LOCAL_CLUSTERS {
-        let args = flotilla_executor::ExecutorArgs {
-            bus: bus_args.clone(),
-            cluster: Some(cluster.name.to_string()),
-            labels: cluster.labels.iter().map(|s| s.to_string()).collect(),
-            taints: Vec::new(),
-            gpus: cluster.gpus.to_string(),
-            gpu_source: flotilla_executor::GpuSource::Declared,
-            cost_per_gpu_hour: cluster.cost_per_gpu_hour,
-            heartbeat_interval: std::time::Duration::from_secs(1),
-            model_cache_dir: Some(args.data_dir.join("cache").join(cluster.name)),
-            ..Default::default()
-        };
-        let mut executor = args.validate()?;
-        executor.bus = config.clone();
+    let mut executors = Vec::new();
+    for cluster in &LOCAL_CLUSTERS {
+        executors.push((cluster.name, start_executor(cluster, &url, &args.data_dir)?));
+    }
+    let mut executor_exits = tokio::task::JoinSet::new();
+    for (name, mut child) in executors {
         let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_executor::run(executor, stop)
-                .await
-                .map_err(|e| anyhow::anyhow!("executor: {e}"))
+        executor_exits.spawn(async move {
+            tokio::select! {
+                exited = child.wait() => {
+                    // One cluster failing is what the fleet is for: say so
+                    // and keep serving from the others.
+                    match exited {
+                        Ok(status) => eprintln!("the executor of {name} exited ({status}); placement moves its replicas"),
+                        Err(e) => eprintln!("the executor of {name}: {e}"),
+                    }
+                }
+                _ = stop.cancelled() => stop_child(&mut child).await,
+            }
         });
     }
 
@@ -292,7 +373,14 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     println!(
         "  deploy:        flotilla apply -f examples/chat-small.yaml   then: flotilla get deployments"
     );
-    println!("  watch events:  nats sub '{prefix}.events.>'   (any NATS client)");
+    println!(
+        "  watch events:  flotilla watch   (or any NATS client: nats sub '{prefix}.events.>')"
+    );
+    println!("  chat:          flotilla chat 'What is the capital of France?'");
+    println!(
+        "  executors:     one process per cluster, logs in {}/executor-<cluster>.log",
+        args.data_dir.display()
+    );
     if !args.no_deploy {
         // Placed once the simulated clusters have joined, not before.
         let clusters = flotilla_kit::RecordStore::<flotilla_proto::v1::ClusterRecord>::open(
@@ -332,8 +420,9 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     }
     println!("stopping…");
     while services.join_next().await.is_some() {}
+    while executor_exits.join_next().await.is_some() {}
     bus.client.drain().await.ok();
-    stop(&mut nats).await;
+    stop_child(&mut nats).await;
     println!("stopped.");
     Ok(())
 }
@@ -373,9 +462,10 @@ fn start_nats(binary: &Path, port: u16, store: &Path, log: &Path) -> anyhow::Res
         .with_context(|| format!("starting {}", binary.display()))
 }
 
-async fn stop(child: &mut Child) {
+async fn stop_child(child: &mut Child) {
     if let Some(pid) = child.id() {
-        // SIGTERM lets nats-server flush its store.
+        // SIGTERM lets nats-server flush its store and an executor stop its
+        // runners.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())

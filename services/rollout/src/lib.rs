@@ -540,7 +540,7 @@ impl Rollouts {
                     stage.phase = StagePhase::Progressing.into();
                     if first {
                         stage.started_at_unix_ms = now;
-                        if staged {
+                        if staged && !stage.clusters.is_empty() {
                             events.push(
                                 EventDraft::new(
                                     EventType::RolloutStageStarted,
@@ -569,10 +569,13 @@ impl Rollouts {
                     stage.name,
                     stage.clusters.join(", ")
                 );
-                events.push(
-                    EventDraft::new(EventType::RolloutStageCompleted, name, message)
-                        .id(event_id(&format!("stage-{current}-completed"))),
-                );
+                // The implicit last stage is news only when it holds clusters.
+                if !stage.clusters.is_empty() {
+                    events.push(
+                        EventDraft::new(EventType::RolloutStageCompleted, name, message)
+                            .id(event_id(&format!("stage-{current}-completed"))),
+                    );
+                }
             }
             if last {
                 state.phase = RolloutPhase::Complete.into();

@@ -1,0 +1,411 @@
+//! Rollouts on a real nats-server with real executors and runners: a
+//! staged rollout over three clusters that waits for an approval and
+//! survives a `kill -9` of the rollout service; a version that never
+//! becomes ready halts, and undo returns to the previous one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_proto::EventType;
+use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, RolloutPhase, RolloutState};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn config(server: &NatsServer) -> BusConfig {
+    BusConfig::for_url(server.url()).unwrap()
+}
+
+fn target_bin(name: &str) -> PathBuf {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: cargo test --workspace builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// inventory, placement and the model-provisioner, in this process.
+fn control_services(server: &NatsServer) {
+    let inventory = flotilla_inventory::Config {
+        bus: config(server),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        policy: flotilla_inventory::HealthPolicy {
+            unhealthy_after_ms: 3_000,
+            left_after_ms: 600_000,
+            max_clock_skew_ms: 30_000,
+        },
+        check_interval: Duration::from_millis(100),
+    };
+    tokio::spawn(async move {
+        flotilla_inventory::run(inventory, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    let placement = flotilla_placement::Config {
+        bus: config(server),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        settings: Default::default(),
+        flap_probation_ms: 30_000,
+    };
+    tokio::spawn(async move {
+        flotilla_placement::run(placement, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    let provisioner = flotilla_model_provisioner::Config {
+        bus: config(server),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        preset_dir: workspace_root().join(".tools/models"),
+        takeover_after_ms: 60_000,
+    };
+    tokio::spawn(async move {
+        flotilla_model_provisioner::run(provisioner, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+}
+
+fn executor(server: &NatsServer, cluster: &str, labels: &[&str], cache: &Path) {
+    let c = flotilla_executor::ExecutorArgs {
+        bus: flotilla_kit::BusArgs {
+            nats_url: server.url(),
+            ..Default::default()
+        },
+        cluster: Some(cluster.into()),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        gpus: "2xH100-80GB".into(),
+        gpu_source: flotilla_executor::GpuSource::Declared,
+        cost_per_gpu_hour: 1.0,
+        heartbeat_interval: Duration::from_millis(200),
+        model_cache_dir: Some(cache.join(cluster)),
+        runner_bin: Some(target_bin("flotilla-runner")),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    tokio::spawn(async move {
+        flotilla_executor::run(c, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+}
+
+/// The rollout service as its own process, so it can be killed.
+fn rollout_process(server: &NatsServer) -> tokio::process::Child {
+    tokio::process::Command::new(target_bin("flotilla-rollout"))
+        .args(["--nats-url", &server.url(), "--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn apply(bus: &Bus, yaml: &str) {
+    let docs = flotilla_cli::deployments::parse_documents(yaml).unwrap();
+    flotilla_cli::deployments::apply(bus, docs, &mut Vec::new())
+        .await
+        .unwrap();
+}
+
+async fn next(sub: &mut async_nats::Subscriber, ty: EventType) -> v1::Event {
+    flotilla_integration::wait_for_event(sub, ty, Some("chat"), DEADLINE).await
+}
+
+async fn replicas(bus: &Bus) -> Vec<ReplicaStatus> {
+    RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name)
+        .await
+        .unwrap()
+        .list()
+        .await
+        .unwrap()
+}
+
+async fn rollout_state(bus: &Bus) -> RolloutState {
+    RecordStore::<RolloutState>::open(bus, &bus.topology.rollouts.name)
+        .await
+        .unwrap()
+        .get("chat")
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+fn template(r: &ReplicaStatus) -> &str {
+    flotilla_rollout::plan::template_of(&r.replica_id).unwrap()
+}
+
+/// Every stored event as `flotilla watch --since 1h --no-follow -o json` prints it.
+async fn story(bus: &Bus) -> Vec<serde_json::Value> {
+    let args = flotilla_cli::watch::WatchArgs {
+        since: Some("1h".into()),
+        kind: None,
+        name: None,
+        no_follow: true,
+        output: flotilla_cli::Output::Json,
+    };
+    let mut out = Vec::new();
+    flotilla_cli::watch::watch(bus, &args, &mut out, CancellationToken::new())
+        .await
+        .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const STAGED: &str = r#"
+metadata: {name: chat}
+spec:
+  model: {preset: smollm2-135m-instruct}
+  replicas: 3
+  placement: {policy: PickN, numberOfClusters: 3}
+  rollout:
+    strategy: Staged
+    maxSurge: "1"
+    stages:
+      - name: canary
+        clusterSelector: {matchLabels: {stage: canary}}
+        afterStage: {approval: true}
+      - name: main
+        clusterSelector: {matchLabels: {stage: main}}
+"#;
+
+#[tokio::test]
+async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_service() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = Bus::connect(&config(&server), "test", &CancellationToken::new())
+        .await
+        .unwrap();
+    flotilla_kit::provision(&bus).await.unwrap();
+    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    control_services(&server);
+    let mut rollout = rollout_process(&server);
+    let caches = tempfile::tempdir().unwrap();
+    executor(&server, "a", &["stage=canary"], caches.path());
+    executor(&server, "b", &["stage=main"], caches.path());
+    executor(&server, "c", &["stage=main"], caches.path());
+    for _ in 0..3 {
+        flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
+            .await;
+    }
+
+    // The first version: nothing to protect, no gates.
+    apply(&bus, STAGED).await;
+    next(&mut events, EventType::RolloutCompleted).await;
+    let v1: Vec<ReplicaStatus> = replicas(&bus).await;
+    assert_eq!(v1.len(), 3, "{v1:?}");
+    assert!(v1.iter().all(|r| r.phase() == ReplicaPhase::Ready));
+    let old_template = template(&v1[0]).to_string();
+
+    // A new version: the canary stage first.
+    let v2_doc = STAGED.replace(
+        "  replicas: 3\n",
+        "  replicas: 3\n  resources: {gpu: {count: 1, minMemoryGiB: 1}}\n",
+    );
+    apply(&bus, &v2_doc).await;
+    let started = next(&mut events, EventType::RolloutStageStarted).await;
+    assert!(started.message.contains("canary"), "{}", started.message);
+
+    // The rollout service dies mid-stage and comes back.
+    rollout.kill().await.unwrap();
+    rollout.wait().await.unwrap();
+    let mut rollout = rollout_process(&server);
+
+    let waiting = next(&mut events, EventType::RolloutAwaitingApproval).await;
+    assert!(waiting.message.contains("main"), "{}", waiting.message);
+    let state = rollout_state(&bus).await;
+    assert_eq!(state.phase(), RolloutPhase::AwaitingApproval);
+    let now = replicas(&bus).await;
+    let serving: Vec<&ReplicaStatus> = now
+        .iter()
+        .filter(|r| r.phase() == ReplicaPhase::Ready)
+        .collect();
+    assert_eq!(serving.len(), 3, "{now:?}");
+    for r in &serving {
+        let expected = if r.cluster == "a" {
+            state.template.as_str()
+        } else {
+            old_template.as_str()
+        };
+        assert_eq!(template(r), expected, "{r:?}");
+    }
+
+    let mut said = Vec::new();
+    flotilla_cli::rollouts::approve(&bus, "chat", None, &mut said)
+        .await
+        .unwrap();
+    assert!(String::from_utf8(said).unwrap().contains("canary"));
+    next(&mut events, EventType::RolloutCompleted).await;
+
+    let after = replicas(&bus).await;
+    let serving: Vec<&ReplicaStatus> = after
+        .iter()
+        .filter(|r| r.phase() != ReplicaPhase::Stopped)
+        .collect();
+    assert_eq!(serving.len(), 3, "no duplicate, no orphan: {after:?}");
+    assert!(
+        serving
+            .iter()
+            .all(|r| r.phase() == ReplicaPhase::Ready && template(r) == state.template)
+    );
+    let mut status = Vec::new();
+    flotilla_cli::rollouts::status(&bus, "chat", flotilla_cli::Output::Table, &mut status)
+        .await
+        .unwrap();
+    let status = String::from_utf8(status).unwrap();
+    assert!(status.contains("Complete"), "{status}");
+
+    // `flotilla watch` tells it in order, each step once.
+    let events = story(&bus).await;
+    let of_v2: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"].as_str().unwrap_or("").starts_with("rollout."))
+        .filter(|e| e["generation"].as_u64() == Some(state.deployment_generation))
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        of_v2,
+        [
+            "rollout.started",
+            "rollout.stage_started",
+            "rollout.stage_completed",
+            "rollout.awaiting_approval",
+            "rollout.approved",
+            "rollout.stage_started",
+            "rollout.stage_completed",
+            "rollout.completed",
+        ],
+        "{events:#?}"
+    );
+    let mut starts: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        if e["type"] == "replica.starting" {
+            *starts
+                .entry(e["name"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    for r in &serving {
+        assert_eq!(starts.get(&r.replica_id), Some(&1), "{starts:?}");
+    }
+    rollout.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_version_that_never_gets_ready_halts_and_undo_restores_the_previous() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = Bus::connect(&config(&server), "test", &CancellationToken::new())
+        .await
+        .unwrap();
+    flotilla_kit::provision(&bus).await.unwrap();
+    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    control_services(&server);
+    let rollout = flotilla_rollout::Config {
+        bus: config(&server),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        halt_after_failures: 2,
+    };
+    tokio::spawn(async move {
+        flotilla_rollout::run(rollout, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    let caches = tempfile::tempdir().unwrap();
+    executor(&server, "a", &[], caches.path());
+    flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
+        .await;
+
+    let v1_doc = r#"
+metadata: {name: chat}
+spec:
+  model: {preset: smollm2-135m-instruct}
+  replicas: 1
+"#;
+    apply(&bus, v1_doc).await;
+    next(&mut events, EventType::RolloutCompleted).await;
+    let v1 = replicas(&bus).await;
+    assert_eq!(v1.len(), 1);
+    let first = v1[0].clone();
+
+    // Weights no runner can load: a GGUF header and nothing sensible.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&[0xff; 4096]);
+    std::fs::write(&broken, bytes).unwrap();
+    let digest = flotilla_cli::models::push(
+        &bus,
+        &broken,
+        "broken",
+        Some("gguf"),
+        &mut Vec::new(),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap();
+    let v2_doc = format!(
+        r#"
+metadata: {{name: chat}}
+spec:
+  model: {{artifact: {{name: broken, digest: "{digest}", format: gguf}}}}
+  replicas: 1
+"#
+    );
+    apply(&bus, &v2_doc).await;
+    let halted = next(&mut events, EventType::RolloutHalted).await;
+    assert!(
+        halted.message.contains("2 replica failures"),
+        "{}",
+        halted.message
+    );
+
+    // The old replica kept serving throughout.
+    let now = replicas(&bus).await;
+    let old = now
+        .iter()
+        .find(|r| r.replica_id == first.replica_id)
+        .unwrap();
+    assert_eq!(old.phase(), ReplicaPhase::Ready, "{now:?}");
+
+    let mut said = Vec::new();
+    flotilla_cli::rollouts::undo(&bus, "chat", &mut said)
+        .await
+        .unwrap();
+    next(&mut events, EventType::RolloutCompleted).await;
+    let after = replicas(&bus).await;
+    let live: Vec<&ReplicaStatus> = after
+        .iter()
+        .filter(|r| r.phase() != ReplicaPhase::Stopped)
+        .collect();
+    assert_eq!(live.len(), 1, "{after:?}");
+    // The same replica, never restarted: undo found it still wanted.
+    assert_eq!(live[0].replica_id, first.replica_id);
+    assert_eq!(live[0].endpoint, first.endpoint);
+    assert_eq!(live[0].phase(), ReplicaPhase::Ready);
+    let deployment = RecordStore::<v1::ModelDeployment>::open(&bus, &bus.topology.deployments.name)
+        .await
+        .unwrap()
+        .get("chat")
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    let model = deployment.spec.unwrap().model.unwrap();
+    assert_eq!(model.preset, "smollm2-135m-instruct");
+    assert!(model.artifact.is_none());
+}

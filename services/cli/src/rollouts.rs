@@ -1,0 +1,186 @@
+//! `flotilla rollout status|approve|undo`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use flotilla_kit::{Bus, RecordStore, now_unix_ms};
+use flotilla_proto::v1::{self, RolloutState};
+use flotilla_proto::{ControlSubject, EventType};
+
+use crate::answer::{Answer, error_reason, wait_for_answer};
+use crate::{Output, table};
+
+const ANSWER_DEADLINE: Duration = Duration::from_secs(15);
+
+async fn state_of(bus: &Bus, name: &str) -> anyhow::Result<RolloutState> {
+    let store = RecordStore::<RolloutState>::open(bus, &bus.topology.rollouts.name)
+        .await
+        .context("the fleet has no rollouts bucket yet (is it provisioned? try `flotilla up`)")?;
+    match store.get(name).await? {
+        Some((state, _)) => Ok(state),
+        None => bail!("{name} has no rollout (is it applied? `flotilla get deployments`)"),
+    }
+}
+
+/// The rollout's phase, stages and replicas.
+pub async fn status(
+    bus: &Bus,
+    name: &str,
+    output: Output,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let state = state_of(bus, name).await?;
+    if output == Output::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&state)?)?;
+        return Ok(());
+    }
+    let now = now_unix_ms();
+    writeln!(out, "Deployment:  {name}")?;
+    writeln!(
+        out,
+        "Phase:       {}",
+        flotilla_rollout::phase_name(state.phase())
+    )?;
+    writeln!(
+        out,
+        "Spec:        generation {} (template {}), placement generation {}",
+        state.deployment_generation, state.template, state.target_generation
+    )?;
+    if state.previous_spec.is_some() {
+        writeln!(out, "Undo to:     generation {}", state.previous_generation)?;
+    }
+    writeln!(out, "Message:     {}", state.message)?;
+    writeln!(
+        out,
+        "Failures:    {}{}",
+        state.failed_replicas,
+        if state.skip_gates {
+            "  (no gates: first rollout or undo)"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "Updated:     {}",
+        table::ago(state.updated_at_unix_ms, now)
+    )?;
+    writeln!(out)?;
+    let rows: Vec<Vec<String>> = state
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            vec![
+                if i as u32 == state.current_stage {
+                    format!("> {}", s.name)
+                } else {
+                    format!("  {}", s.name)
+                },
+                flotilla_proto::json::name_of::<v1::StagePhase>(s.phase).to_string(),
+                if s.clusters.is_empty() {
+                    "-".into()
+                } else {
+                    s.clusters.join(",")
+                },
+                if s.approved { "yes" } else { "-" }.to_string(),
+            ]
+        })
+        .collect();
+    write!(
+        out,
+        "{}",
+        table::render(&["STAGE", "PHASE", "CLUSTERS", "APPROVED"], &rows)
+    )?;
+    writeln!(out)?;
+    crate::replicas::get(bus, Some(name), Output::Table, out).await
+}
+
+/// Approves the gate after the current stage (or a named one ahead of
+/// time) and waits for the rollout service to confirm it.
+pub async fn approve(
+    bus: &Bus,
+    name: &str,
+    stage: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut events = bus
+        .client
+        .subscribe(bus.subjects.events_all())
+        .await
+        .context("subscribing to events")?;
+    let request = v1::ApproveRollout {
+        deployment: name.to_string(),
+        stage: stage.unwrap_or_default().to_string(),
+        request_id: request_id.clone(),
+        approved_by: std::env::var("USER").unwrap_or_default(),
+        ..Default::default()
+    };
+    bus.publish(
+        bus.subjects.control(ControlSubject::RolloutApprove),
+        &request,
+        Some(&request_id),
+    )
+    .await?;
+    match wait_for_answer(
+        &mut events,
+        &request_id,
+        &[EventType::RolloutApproved],
+        &[],
+        ANSWER_DEADLINE,
+    )
+    .await
+    {
+        Answer::Done(event) => {
+            writeln!(out, "{}", event.message)?;
+            Ok(())
+        }
+        Answer::Refused(event) => bail!("not approved: {}", error_reason(&event)),
+        Answer::Lost => bail!("the event subscription ended before an answer"),
+        Answer::TimedOut => bail!(
+            "no answer within {ANSWER_DEADLINE:?}: is the rollout service running? (`flotilla watch` shows what happens)"
+        ),
+    }
+}
+
+/// Re-applies the spec the current rollout replaced.
+pub async fn undo(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut events = bus
+        .client
+        .subscribe(bus.subjects.events_all())
+        .await
+        .context("subscribing to events")?;
+    let request = v1::UndoRollout {
+        deployment: name.to_string(),
+        request_id: request_id.clone(),
+    };
+    bus.publish(
+        bus.subjects.control(ControlSubject::RolloutUndo),
+        &request,
+        Some(&request_id),
+    )
+    .await?;
+    match wait_for_answer(
+        &mut events,
+        &request_id,
+        &[EventType::RolloutUndone],
+        &[],
+        ANSWER_DEADLINE,
+    )
+    .await
+    {
+        Answer::Done(event) => {
+            writeln!(out, "{}", event.message)?;
+            writeln!(out, "follow it with `flotilla rollout status {name}`")?;
+            Ok(())
+        }
+        Answer::Refused(event) => bail!("not undone: {}", error_reason(&event)),
+        Answer::Lost => bail!("the event subscription ended before an answer"),
+        Answer::TimedOut => bail!(
+            "no answer within {ANSWER_DEADLINE:?}: is the rollout service running? (`flotilla watch` shows what happens)"
+        ),
+    }
+}
