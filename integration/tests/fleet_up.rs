@@ -255,7 +255,10 @@ print(json.dumps({"models": [m.id for m in client.models.list().data], "text": c
             .any(|m| m == MODEL),
         "{answer}"
     );
-    assert!(!answer["text"].as_str().unwrap().trim().is_empty(), "{answer}");
+    assert!(
+        !answer["text"].as_str().unwrap().trim().is_empty(),
+        "{answer}"
+    );
     assert!(!answer["streamed"].as_str().unwrap().is_empty(), "{answer}");
 
     // `flotilla chat`, streamed.

@@ -250,7 +250,21 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
         .await
         .unwrap();
     assert!(String::from_utf8(said).unwrap().contains("canary"));
-    next(&mut events, EventType::RolloutCompleted).await;
+    // `flotilla rollout status --watch` follows it to the end.
+    let mut followed = Vec::new();
+    let phase = tokio::time::timeout(
+        DEADLINE,
+        flotilla_cli::rollouts::follow(&bus, "chat", &mut followed, CancellationToken::new()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(phase, RolloutPhase::Complete);
+    let followed = String::from_utf8(followed).unwrap();
+    assert!(
+        followed.lines().last().unwrap().starts_with("Complete"),
+        "{followed}"
+    );
 
     let after = replicas(&bus).await;
     let serving: Vec<&ReplicaStatus> = after

@@ -14,7 +14,7 @@ pub mod watch;
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_kit::logging::LogFormat;
 use flotilla_kit::{Bus, BusArgs, Shutdown};
@@ -111,6 +111,9 @@ pub enum RolloutAction {
         name: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Follow it, a line per change, until it completes or halts.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Open the gate after the current stage (or, with --stage, a later
     /// one ahead of time).
@@ -242,7 +245,18 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             let out = &mut std::io::stdout();
             match action {
-                RolloutAction::Status { name, output } => {
+                RolloutAction::Status {
+                    name, watch: true, ..
+                } => {
+                    let phase = rollouts::follow(&bus, &name, out, shutdown.clone()).await?;
+                    if phase == flotilla_proto::v1::RolloutPhase::Halted {
+                        bail!(
+                            "the rollout of {name} halted; `flotilla rollout undo {name}` returns to the previous version"
+                        );
+                    }
+                    Ok(())
+                }
+                RolloutAction::Status { name, output, .. } => {
                     rollouts::status(&bus, &name, output, out).await
                 }
                 RolloutAction::Approve { name, stage } => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use flotilla_kit::{Bus, RecordStore, now_unix_ms};
-use flotilla_proto::v1::{self, RolloutState};
+use flotilla_proto::v1::{self, RolloutPhase, RolloutState};
 use flotilla_proto::{ControlSubject, EventType};
 
 use crate::answer::{Answer, error_reason, wait_for_answer};
@@ -95,6 +95,52 @@ pub async fn status(
     )?;
     writeln!(out)?;
     crate::replicas::get(bus, Some(name), Output::Table, out).await
+}
+
+/// Follows a rollout, one line per change of its phase, stage or ready
+/// count, until it completes or halts (or `stop`).
+pub async fn follow(
+    bus: &Bus,
+    name: &str,
+    out: &mut impl Write,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<RolloutPhase> {
+    let store = RecordStore::<RolloutState>::open(bus, &bus.topology.rollouts.name)
+        .await
+        .context("the fleet has no rollouts bucket yet (is it provisioned? try `flotilla up`)")?;
+    store.start_watch(stop.clone()).await?;
+    let mut changes = store.changes();
+    let mut last = String::new();
+    loop {
+        let Some(state) = store.cached(name) else {
+            bail!("{name} has no rollout (is it applied? `flotilla get deployments`)");
+        };
+        let stage = state
+            .stages
+            .get(state.current_stage as usize)
+            .map(|s| s.name.as_str())
+            .unwrap_or("-");
+        let line = format!(
+            "{:<16} stage {:<10} {}",
+            flotilla_rollout::phase_name(state.phase()),
+            stage,
+            state.message
+        );
+        if line != last {
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            last = line;
+        }
+        if matches!(state.phase(), RolloutPhase::Complete | RolloutPhase::Halted) {
+            return Ok(state.phase());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(state.phase()),
+            changed = changes.recv() => if changed.is_err() {
+                bail!("lost the watch on KV rollouts");
+            },
+        }
+    }
 }
 
 /// Approves the gate after the current stage (or a named one ahead of
