@@ -37,6 +37,10 @@ json_enum! {
     TolerationOperator { Equal => "Equal", Exists => "Exists" }
     TaintEffect { NoSchedule => "NoSchedule", PreferNoSchedule => "PreferNoSchedule", NoExecute => "NoExecute" }
     RolloutStrategy { RollingUpdate => "RollingUpdate", Staged => "Staged" }
+    AutoscalingMetric {
+        InFlightPerReplica => "InFlightPerReplica", QueueDepthPerReplica => "QueueDepthPerReplica",
+        TtftP95Ms => "TtftP95Ms", TokensPerSecondPerReplica => "TokensPerSecondPerReplica",
+    }
     DeploymentPhase {
         Accepted => "Accepted", Placed => "Placed", Unschedulable => "Unschedulable",
         RollingOut => "RollingOut", Available => "Available", Degraded => "Degraded",

@@ -169,6 +169,7 @@ event_types! {
     DeploymentUnschedulable => Deployment."unschedulable": "no cluster fits; per-cluster reasons",
     DeploymentRebalanced => Deployment."rebalanced": "a placement changed because the fleet changed",
     DeploymentDeleted => Deployment."deleted": "a deployment was deleted",
+    DeploymentScaled => Deployment."scaled": "the autoscaler changed a deployment's replica count, with the numbers that drove it",
     RolloutStarted => Rollout."started": "a new placement generation is being rolled out",
     RolloutStageStarted => Rollout."stage_started": "a stage began",
     RolloutStageCompleted => Rollout."stage_completed": "a stage's replicas are ready",

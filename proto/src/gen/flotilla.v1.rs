@@ -76,6 +76,72 @@ pub struct ModelDeploymentSpec {
     #[prost(message, optional, tag = "6")]
     #[serde(rename = "rollout", skip_serializing_if = "Option::is_none")]
     pub rollout: ::core::option::Option<RolloutSpec>,
+    /// When set, `replicas` is the starting count and the autoscaler moves it
+    /// between `minReplicas` and `maxReplicas`.
+    #[prost(message, optional, tag = "7")]
+    #[serde(rename = "autoscaling", skip_serializing_if = "Option::is_none")]
+    pub autoscaling: ::core::option::Option<AutoscalingSpec>,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AutoscalingSpec {
+    #[prost(int32, tag = "1")]
+    #[serde(rename = "minReplicas")]
+    pub min_replicas: i32,
+    #[prost(int32, tag = "2")]
+    #[serde(rename = "maxReplicas")]
+    pub max_replicas: i32,
+    /// The count is the largest any target asks for.
+    #[prost(message, repeated, tag = "3")]
+    #[serde(rename = "targets")]
+    pub targets: ::prost::alloc::vec::Vec<AutoscalingTarget>,
+    #[prost(message, optional, tag = "4")]
+    #[serde(rename = "behavior", skip_serializing_if = "Option::is_none")]
+    pub behavior: ::core::option::Option<ScalingBehavior>,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct AutoscalingTarget {
+    #[prost(enumeration = "AutoscalingMetric", tag = "1")]
+    #[serde(
+        rename = "metric",
+        serialize_with = "crate::json::enum_name::<crate::v1::AutoscalingMetric, _>",
+        deserialize_with = "crate::json::enum_from_name::<crate::v1::AutoscalingMetric, _>",
+        skip_serializing_if = "crate::json::is_unset"
+    )]
+    pub metric: i32,
+    /// Per replica for the per-replica metrics; milliseconds for the TTFT SLO.
+    #[prost(double, tag = "2")]
+    #[serde(rename = "value")]
+    pub value: f64,
+}
+/// In the spirit of Kubernetes' HPA behavior fields.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ScalingBehavior {
+    #[prost(message, optional, tag = "1")]
+    #[serde(rename = "scaleUp", skip_serializing_if = "Option::is_none")]
+    pub scale_up: ::core::option::Option<ScalingRules>,
+    #[prost(message, optional, tag = "2")]
+    #[serde(rename = "scaleDown", skip_serializing_if = "Option::is_none")]
+    pub scale_down: ::core::option::Option<ScalingRules>,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ScalingRules {
+    /// A change happens only if every recommendation within the window asks
+    /// for it (up: the lowest; down: the highest), e.g. `0s`, `60s`, `5m`.
+    #[prost(string, tag = "1")]
+    #[serde(rename = "stabilizationWindow")]
+    pub stabilization_window: ::prost::alloc::string::String,
+    /// Most replicas added or removed in one change; 0 is no limit.
+    #[prost(uint32, tag = "2")]
+    #[serde(rename = "maxStep")]
+    pub max_step: u32,
 }
 /// Exactly one of `preset` and `artifact`.
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -390,6 +456,58 @@ pub struct ModelDeploymentStatus {
     #[prost(int64, tag = "5")]
     #[serde(rename = "updatedAtUnixMs")]
     pub updated_at_unix_ms: i64,
+    /// Autoscaled deployments: the count the autoscaler chose (0 until it
+    /// first decides), when, and the metric that drove it in words.
+    #[prost(uint32, tag = "6")]
+    #[serde(rename = "desiredReplicas")]
+    pub desired_replicas: u32,
+    #[prost(int64, tag = "7")]
+    #[serde(rename = "scaledAtUnixMs")]
+    pub scaled_at_unix_ms: i64,
+    #[prost(string, tag = "8")]
+    #[serde(rename = "scalingReason")]
+    pub scaling_reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AutoscalingMetric {
+    Unspecified = 0,
+    InFlightPerReplica = 1,
+    QueueDepthPerReplica = 2,
+    TtftP95Ms = 3,
+    TokensPerSecondPerReplica = 4,
+}
+impl AutoscalingMetric {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "AUTOSCALING_METRIC_UNSPECIFIED",
+            Self::InFlightPerReplica => "AUTOSCALING_METRIC_IN_FLIGHT_PER_REPLICA",
+            Self::QueueDepthPerReplica => "AUTOSCALING_METRIC_QUEUE_DEPTH_PER_REPLICA",
+            Self::TtftP95Ms => "AUTOSCALING_METRIC_TTFT_P95_MS",
+            Self::TokensPerSecondPerReplica => {
+                "AUTOSCALING_METRIC_TOKENS_PER_SECOND_PER_REPLICA"
+            }
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AUTOSCALING_METRIC_UNSPECIFIED" => Some(Self::Unspecified),
+            "AUTOSCALING_METRIC_IN_FLIGHT_PER_REPLICA" => Some(Self::InFlightPerReplica),
+            "AUTOSCALING_METRIC_QUEUE_DEPTH_PER_REPLICA" => {
+                Some(Self::QueueDepthPerReplica)
+            }
+            "AUTOSCALING_METRIC_TTFT_P95_MS" => Some(Self::TtftP95Ms),
+            "AUTOSCALING_METRIC_TOKENS_PER_SECOND_PER_REPLICA" => {
+                Some(Self::TokensPerSecondPerReplica)
+            }
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -862,7 +980,7 @@ pub struct CachedModel {
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReplicaUsage {
     #[prost(string, tag = "1")]
     #[serde(rename = "replicaId")]
@@ -876,6 +994,30 @@ pub struct ReplicaUsage {
     #[prost(uint64, tag = "4")]
     #[serde(rename = "gpuMemoryBytes")]
     pub gpu_memory_bytes: u64,
+    /// The load summary the autoscaler reads, sampled by the executor from
+    /// the replica's own /metrics (never by a central poller).
+    #[prost(bool, tag = "5")]
+    #[serde(rename = "ready")]
+    pub ready: bool,
+    /// Requests accepted and not finished (queued ones included).
+    #[prost(double, tag = "6")]
+    #[serde(rename = "inFlight")]
+    pub in_flight: f64,
+    /// Requests waiting for the engine.
+    #[prost(double, tag = "7")]
+    #[serde(rename = "queued")]
+    pub queued: f64,
+    /// Time to first token, 95th percentile over the last sample period.
+    #[prost(double, tag = "8")]
+    #[serde(rename = "ttftP95Ms")]
+    pub ttft_p95_ms: f64,
+    /// Tokens generated per second over the last sample period.
+    #[prost(double, tag = "9")]
+    #[serde(rename = "tokensPerSecond")]
+    pub tokens_per_second: f64,
+    #[prost(int64, tag = "10")]
+    #[serde(rename = "sampledAtUnixMs")]
+    pub sampled_at_unix_ms: i64,
 }
 /// Value of KV `clusters`, keyed by cluster name (writer: inventory).
 #[derive(::serde::Serialize, ::serde::Deserialize)]

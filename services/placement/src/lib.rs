@@ -10,6 +10,7 @@
 //!
 //! Start reading at [`run`], then [`Planner::replan_for_fleet_change`].
 
+pub mod autoscale;
 pub mod fleet;
 pub mod scheduler;
 pub mod spec;
@@ -119,6 +120,20 @@ struct Planner {
     probation_ms: i64,
     /// The fleet as last planned against, to tell what changed.
     last_views: BTreeMap<String, ClusterView>,
+    /// Autoscaled deployments' recent recommendations `(at, count)`.
+    scale_history: BTreeMap<String, Vec<(i64, u32)>>,
+}
+
+/// How old a load summary may be and still count.
+const LOAD_FRESH_MS: i64 = 5_000;
+
+/// The replica count to place: the autoscaler's choice once it made one.
+fn effective_replicas(doc: &ModelDeployment, request: &spec::DeploymentRequest) -> u32 {
+    let desired = doc.status.as_ref().map_or(0, |s| s.desired_replicas);
+    match &request.autoscaling {
+        Some(a) if desired > 0 => a.clamp(desired),
+        _ => request.replicas,
+    }
 }
 
 /// Runs the service until `shutdown`.
@@ -148,6 +163,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
         settings: config.settings,
         probation_ms: config.flap_probation_ms,
         last_views: BTreeMap::new(),
+        scale_history: BTreeMap::new(),
     };
 
     let (tx, rx) = mpsc::channel::<Request>(64);
@@ -261,7 +277,10 @@ impl Planner {
                     while !matches!(changes.try_recv(), Err(tokio::sync::broadcast::error::TryRecvError::Empty | tokio::sync::broadcast::error::TryRecvError::Closed)) {}
                     self.replan_for_fleet_change(false).await;
                 }
-                _ = tick.tick() => self.replan_for_fleet_change(false).await,
+                _ = tick.tick() => {
+                    self.replan_for_fleet_change(false).await;
+                    self.autoscale().await;
+                }
             }
         }
     }
@@ -396,7 +415,7 @@ impl Planner {
             });
             return Err(HandlerError::invalid(e.field, e.reason));
         }
-        let request = match spec::validate(&doc) {
+        let mut request = match spec::validate(&doc) {
             Ok(r) => r,
             Err(e) => return self.reject(&name, correlation, &e).await,
         };
@@ -421,14 +440,26 @@ impl Planner {
                 let mut next = doc.clone();
                 next.api_version = flotilla_proto::API_VERSION.into();
                 next.kind = "ModelDeployment".into();
+                let before = current.and_then(|c| c.status.clone()).unwrap_or_default();
+                // An autoscaled count carries over a new spec, within its
+                // new bounds.
+                let desired = match &request.autoscaling {
+                    Some(a) if before.desired_replicas > 0 => a.clamp(before.desired_replicas),
+                    _ => 0,
+                };
                 next.status = Some(v1::ModelDeploymentStatus {
                     generation,
                     phase: v1::DeploymentPhase::Accepted.into(),
                     message: "accepted; placing".into(),
-                    placement_generation: current
-                        .and_then(|c| c.status.as_ref())
-                        .map_or(0, |s| s.placement_generation),
+                    placement_generation: before.placement_generation,
                     updated_at_unix_ms: now,
+                    desired_replicas: desired,
+                    scaled_at_unix_ms: before.scaled_at_unix_ms,
+                    scaling_reason: if desired > 0 {
+                        before.scaling_reason
+                    } else {
+                        String::new()
+                    },
                 });
                 Some(next)
             })
@@ -439,6 +470,7 @@ impl Planner {
             return Ok(());
         };
         let generation = stored.status.as_ref().map_or(0, |s| s.generation);
+        request.replicas = effective_replicas(&stored, &request);
         let draft = EventDraft::new(
             EventType::DeploymentAccepted,
             &name,
@@ -694,19 +726,116 @@ impl Planner {
             let Some(doc) = self.deployments.cached(name) else {
                 continue;
             };
-            let request = match spec::validate(&doc) {
+            let mut request = match spec::validate(&doc) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(deployment = %name, "stored deployment no longer valid: {e}");
                     continue;
                 }
             };
+            request.replicas = effective_replicas(&doc, &request);
             if let Err(e) = self
                 .plan(name, &request, fleet, trigger, "", &mut held)
                 .await
             {
                 tracing::warn!(deployment = %name, "re-plan failed, will retry on the next change: {e}");
             }
+        }
+    }
+
+    /// One autoscaling round: for each autoscaled deployment, the count its
+    /// targets ask for from the fresh load summaries in KV `clusters`,
+    /// stabilised; a change is written to its status, announced with the
+    /// numbers and placed at once (rollout applies it without gates).
+    async fn autoscale(&mut self) {
+        let now = now_unix_ms();
+        let usage: Vec<v1::ReplicaUsage> = self
+            .clusters
+            .cached_all()
+            .into_iter()
+            .filter(|(_, c)| c.health() != v1::ClusterHealth::Unhealthy)
+            .flat_map(|(_, c)| c.replicas)
+            .filter(|u| u.ready && now - u.sampled_at_unix_ms <= LOAD_FRESH_MS)
+            .collect();
+        let mut scaled = BTreeSet::new();
+        for (name, doc) in self.deployments.cached_all() {
+            let Ok(request) = spec::validate(&doc) else {
+                continue;
+            };
+            let Some(a) = &request.autoscaling else {
+                self.scale_history.remove(&name);
+                continue;
+            };
+            let loads: Vec<autoscale::Load> = usage
+                .iter()
+                .filter(|u| u.deployment == name)
+                .map(|u| autoscale::Load {
+                    in_flight: u.in_flight,
+                    queued: u.queued,
+                    ttft_p95_ms: u.ttft_p95_ms,
+                    tokens_per_second: u.tokens_per_second,
+                })
+                .collect();
+            let Some((recommended, why)) = autoscale::recommend(a, &loads) else {
+                continue;
+            };
+            let keep_ms = i64::try_from(a.up.window.max(a.down.window).as_millis())
+                .unwrap_or(i64::MAX)
+                .saturating_add(2_000);
+            let history = self.scale_history.entry(name.clone()).or_default();
+            history.push((now, recommended));
+            // Keep one entry older than the window: it shows the window is
+            // covered.
+            while history.len() > 2 && history[1].0 < now.saturating_sub(keep_ms) {
+                history.remove(0);
+            }
+            let current = effective_replicas(&doc, &request);
+            let next = autoscale::stabilize(a, history, current, now);
+            if next == current {
+                continue;
+            }
+            let generation = doc.status.as_ref().map_or(0, |s| s.generation);
+            let reason = format!(
+                "{why}: {current} -> {next} (bounds {}..={})",
+                a.min_replicas, a.max_replicas
+            );
+            let written = self
+                .deployments
+                .update(&name, |cur| {
+                    let mut d = cur?.clone();
+                    let status = d.status.get_or_insert_with(Default::default);
+                    if status.generation != generation {
+                        return None;
+                    }
+                    status.desired_replicas = next;
+                    status.scaled_at_unix_ms = now;
+                    status.scaling_reason = reason.clone();
+                    Some(d)
+                })
+                .await;
+            match written {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(deployment = %name, "autoscaling not recorded, will retry: {e}");
+                    continue;
+                }
+            }
+            let draft = EventDraft::new(
+                EventType::DeploymentScaled,
+                &name,
+                format!("{name} scaled from {current} to {next} replicas: {why}"),
+            )
+            .generation(generation)
+            .id(format!("deployment-{name}-g{generation}-scaled-{now}"));
+            if let Err(e) = self.bus.publish_event(draft).await {
+                tracing::warn!(deployment = %name, "scaled event not sent: {e}");
+            }
+            tracing::info!(deployment = %name, from = current, to = next, "{why}");
+            scaled.insert(name);
+        }
+        if !scaled.is_empty() {
+            self.replan(&scaled, &self.fleet(), "autoscale").await;
         }
     }
 }

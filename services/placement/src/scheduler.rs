@@ -697,6 +697,18 @@ fn divide(request: &DeploymentRequest, chosen: Vec<Candidate>, decision: &mut De
         assigned[i] -= cut;
         total -= cut;
     }
+    if request.autoscaling.is_some() {
+        // Autoscaled: pack best-first, so added replicas go to the best
+        // cluster with room and burst to the next only when it is full;
+        // the cut above took replicas off the worst first.
+        for (a, c) in assigned.iter_mut().zip(&chosen) {
+            let add = (wanted - total).min(c.capacity - *a);
+            *a += add;
+            total += add;
+        }
+        finish(chosen, assigned, wanted, decision);
+        return;
+    }
     for a in assigned.iter_mut() {
         if total >= wanted {
             break;
@@ -734,8 +746,12 @@ fn divide(request: &DeploymentRequest, chosen: Vec<Candidate>, decision: &mut De
         for (a, e) in assigned.iter_mut().zip(extra) {
             *a += u32::try_from(e).unwrap_or(0);
         }
-        total = assigned.iter().sum();
     }
+    finish(chosen, assigned, wanted, decision);
+}
+
+fn finish(chosen: Vec<Candidate>, assigned: Vec<u32>, wanted: u32, decision: &mut Decision) {
+    let total: u32 = assigned.iter().sum();
     decision.unplaced_replicas = wanted.saturating_sub(total);
     for (c, replicas) in chosen.iter().zip(assigned) {
         if replicas == 0 {

@@ -211,6 +211,118 @@ pub struct DeploymentRequest {
     pub preferred: Vec<Preference>,
     pub spread: Vec<Spread>,
     pub tolerations: Vec<v1::Toleration>,
+    /// Set: `replicas` moves between its bounds, and replicas are packed
+    /// onto the best clusters in turn (bursting to the next when one is
+    /// full) so that added ones go where it is cheapest and removed ones
+    /// come off the worst first.
+    pub autoscaling: Option<Autoscaling>,
+}
+
+/// A validated `spec.autoscaling`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Autoscaling {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub targets: Vec<(v1::AutoscalingMetric, f64)>,
+    pub up: ScalingRules,
+    pub down: ScalingRules,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalingRules {
+    pub window: Duration,
+    /// 0: no limit.
+    pub max_step: u32,
+}
+
+impl Autoscaling {
+    pub fn clamp(&self, replicas: u32) -> u32 {
+        replicas.clamp(self.min_replicas, self.max_replicas)
+    }
+}
+
+fn check_autoscaling(spec: &v1::AutoscalingSpec, replicas: i32) -> Result<Autoscaling, FieldError> {
+    let f = "spec.autoscaling";
+    if spec.min_replicas < 1 {
+        return bad(
+            format!("{f}.minReplicas"),
+            format!(
+                "{} is below 1 (scaling to zero is not supported)",
+                spec.min_replicas
+            ),
+        );
+    }
+    if spec.max_replicas < spec.min_replicas {
+        return bad(
+            format!("{f}.maxReplicas"),
+            format!(
+                "{} is below minReplicas {}",
+                spec.max_replicas, spec.min_replicas
+            ),
+        );
+    }
+    if spec.max_replicas > MAX_REPLICAS {
+        return bad(
+            format!("{f}.maxReplicas"),
+            format!("{} is over the limit of {MAX_REPLICAS}", spec.max_replicas),
+        );
+    }
+    if replicas != 0 && !(spec.min_replicas..=spec.max_replicas).contains(&replicas) {
+        return bad(
+            "spec.replicas",
+            format!(
+                "{replicas} is outside autoscaling's {}..={}",
+                spec.min_replicas, spec.max_replicas
+            ),
+        );
+    }
+    if spec.targets.is_empty() {
+        return bad(
+            format!("{f}.targets"),
+            "needs at least one target: InFlightPerReplica, QueueDepthPerReplica, TtftP95Ms or TokensPerSecondPerReplica",
+        );
+    }
+    let mut targets = Vec::new();
+    for (i, t) in spec.targets.iter().enumerate() {
+        let tf = format!("{f}.targets[{i}]");
+        if t.metric() == v1::AutoscalingMetric::Unspecified {
+            return bad(
+                format!("{tf}.metric"),
+                "is required: InFlightPerReplica, QueueDepthPerReplica, TtftP95Ms or TokensPerSecondPerReplica",
+            );
+        }
+        if !(t.value.is_finite() && t.value > 0.0) {
+            return bad(
+                format!("{tf}.value"),
+                format!("{} is not a positive number", t.value),
+            );
+        }
+        targets.push((t.metric(), t.value));
+    }
+    let behavior = spec.behavior.clone().unwrap_or_default();
+    let rules = |field: &str, r: Option<&v1::ScalingRules>, default_window: Duration| {
+        let r = r.cloned().unwrap_or_default();
+        Ok::<_, FieldError>(ScalingRules {
+            window: parse_duration(
+                &format!("{f}.behavior.{field}.stabilizationWindow"),
+                &r.stabilization_window,
+            )?
+            .unwrap_or(default_window),
+            max_step: r.max_step,
+        })
+    };
+    Ok(Autoscaling {
+        min_replicas: spec.min_replicas.unsigned_abs(),
+        max_replicas: spec.max_replicas.unsigned_abs(),
+        targets,
+        // Kubernetes' HPA defaults: up at once, down after 5 minutes.
+        up: rules("scaleUp", behavior.scale_up.as_ref(), Duration::ZERO)?,
+        down: rules(
+            "scaleDown",
+            behavior.scale_down.as_ref(),
+            Duration::from_secs(300),
+        )?,
+    })
 }
 
 const MAX_REPLICAS: i32 = 10_000;
@@ -668,9 +780,18 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         }
     }
 
+    let autoscaling = spec
+        .autoscaling
+        .as_ref()
+        .map(|a| check_autoscaling(a, spec.replicas))
+        .transpose()?;
+    let replicas = match &autoscaling {
+        Some(a) if spec.replicas == 0 => a.min_replicas,
+        _ => spec.replicas.unsigned_abs(),
+    };
     Ok(DeploymentRequest {
         name: meta.name.clone(),
-        replicas: spec.replicas.unsigned_abs(),
+        replicas,
         model,
         gpu_count: (gpu.count > 0).then_some(gpu.count),
         min_gpu_memory_bytes: u64::from(gpu.min_memory_gib) << 30,
@@ -680,5 +801,6 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         preferred,
         spread,
         tolerations: placement.tolerations.clone(),
+        autoscaling,
     })
 }

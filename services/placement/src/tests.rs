@@ -504,6 +504,47 @@ fn healthy_replicas_stay_unless_a_cluster_is_clearly_better() {
 }
 
 #[test]
+fn autoscaled_replicas_pack_onto_the_best_cluster_first() {
+    let fleet = Fleet::new(vec![
+        cluster("cheap", "eu", 2, "H100-80GB", 80, 1.0),
+        cluster("dear", "us", 2, "H100-80GB", 80, 3.0),
+    ]);
+    let autoscaled = |replicas: u32| {
+        request(&format!(
+            r#"{{"metadata": {{"name": "d"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas},
+                "resources": {{"gpu": {{"count": 1}}}},
+                "placement": {{"policy": "PickAll", "affinity": {{"preferred": [{{"weight": 100, "propertySorter": {{"name": "cost.perGpuHour", "order": "Ascending"}}}}]}}}},
+                "autoscaling": {{"minReplicas": 1, "maxReplicas": 4, "targets": [{{"metric": "InFlightPerReplica", "value": 1}}]}}}}}}"#
+        ))
+    };
+    let place_now = |replicas: u32, current: Option<&v1::PlacementDecision>| {
+        let req = autoscaled(replicas);
+        let d = place(
+            &req,
+            &fleet,
+            &Commitments::default(),
+            current,
+            &Settings::default(),
+        );
+        let record = d.assignments_record(&req, &fleet);
+        (names(&fleet, &d), record)
+    };
+    // One replica: the cheap cluster only (PickAll would otherwise give
+    // every cluster one).
+    let (one, _) = place_now(1, None);
+    assert_eq!(one, vec![("cheap".to_string(), 1)]);
+    // Three: the cheap one fills, then the burst goes to the dear one.
+    let (three, current) = place_now(3, None);
+    assert_eq!(
+        three,
+        vec![("cheap".to_string(), 2), ("dear".to_string(), 1)]
+    );
+    // Down to two: the dear replica goes first.
+    let (two, _) = place_now(2, Some(&current));
+    assert_eq!(two, vec![("cheap".to_string(), 2)]);
+}
+
+#[test]
 fn validation_names_the_field() {
     let cases = [
         (
@@ -549,6 +590,34 @@ fn validation_names_the_field() {
         (
             r#"{"metadata": {"name": "d"}, "spec": {"model": {"artifact": {"name": "m", "digest": "md5:x", "format": "gguf"}}}}"#,
             "spec.model.artifact.digest",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "targets": [{"metric": "InFlightPerReplica", "value": 1}]}}}"#,
+            "spec.autoscaling.minReplicas",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 3, "maxReplicas": 2, "targets": [{"metric": "InFlightPerReplica", "value": 1}]}}}"#,
+            "spec.autoscaling.maxReplicas",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 5, "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targets": [{"metric": "InFlightPerReplica", "value": 1}]}}}"#,
+            "spec.replicas",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}}"#,
+            "spec.autoscaling.targets",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targets": [{"metric": "InFlightPerReplica", "value": -1}]}}}"#,
+            "spec.autoscaling.targets[0].value",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targets": [{"value": 1}]}}}"#,
+            "spec.autoscaling.targets[0].metric",
+        ),
+        (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targets": [{"metric": "InFlightPerReplica", "value": 1}], "behavior": {"scaleDown": {"stabilizationWindow": "soon"}}}}}"#,
+            "spec.autoscaling.behavior.scaleDown.stabilizationWindow",
         ),
     ];
     for (json, field) in cases {
