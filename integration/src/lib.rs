@@ -11,6 +11,8 @@
 //!
 //! Start reading at [`NatsServer::start`].
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

@@ -219,6 +219,10 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
         return Ok(());
     }
     let now = now_unix_ms();
+    let replicas = RecordStore::<v1::ReplicaStatus>::open(bus, &bus.topology.replicas.name)
+        .await?
+        .list()
+        .await?;
     let mut rows = Vec::new();
     for d in &deployments {
         let name = d
@@ -240,10 +244,38 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
             ),
             None => (0, String::new(), "Pending".into()),
         };
+        let ready = replicas
+            .iter()
+            .filter(|r| r.deployment == name && r.phase() == v1::ReplicaPhase::Ready)
+            .count();
+        let spec = d.spec.clone().unwrap_or_default();
+        let (desired, autoscaling) = match &spec.autoscaling {
+            Some(a) => {
+                let desired = if status.desired_replicas > 0 {
+                    status.desired_replicas
+                } else {
+                    spec.replicas.max(a.min_replicas).unsigned_abs()
+                };
+                let why = if status.scaling_reason.is_empty() {
+                    "no load reported yet".to_string()
+                } else {
+                    format!(
+                        "{} ({})",
+                        status.scaling_reason,
+                        table::ago(status.scaled_at_unix_ms, now)
+                    )
+                };
+                (
+                    desired,
+                    format!("{}..{}: {why}", a.min_replicas, a.max_replicas),
+                )
+            }
+            None => (spec.replicas.unsigned_abs(), "-".to_string()),
+        };
         rows.push(vec![
-            name,
+            name.clone(),
             model_of(d),
-            format!("{placed}/{}", d.spec.as_ref().map_or(0, |s| s.replicas)),
+            format!("{ready}/{placed}/{desired}"),
             outcome,
             if clusters.is_empty() {
                 "-".into()
@@ -252,6 +284,7 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
             },
             status.generation.to_string(),
             table::ago(status.updated_at_unix_ms, now),
+            autoscaling,
         ]);
     }
     write!(
@@ -259,7 +292,14 @@ pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Res
         "{}",
         table::render(
             &[
-                "NAME", "MODEL", "PLACED", "OUTCOME", "CLUSTERS", "GEN", "UPDATED"
+                "NAME",
+                "MODEL",
+                "READY/PLACED/DESIRED",
+                "OUTCOME",
+                "CLUSTERS",
+                "GEN",
+                "UPDATED",
+                "AUTOSCALING",
             ],
             &rows
         )

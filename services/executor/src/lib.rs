@@ -10,6 +10,7 @@
 
 pub mod declared;
 pub mod gpu;
+pub mod load;
 pub mod models;
 pub mod replicas;
 
@@ -338,6 +339,9 @@ impl Heartbeats {
     }
 }
 
+/// How often the replicas' load is sampled for the autoscaler.
+const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Runs the executor until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
     let gpus = choose_gpus(&config)?;
@@ -380,6 +384,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         generations: Default::default(),
     });
     let replica_task = replicas::spawn(replica_half, shutdown.clone())?;
+    let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone()));
+    let load_task = {
+        let store = flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?;
+        store.start_watch(shutdown.clone()).await?;
+        tokio::spawn(
+            load.clone()
+                .run(store, LOAD_SAMPLE_INTERVAL, shutdown.clone()),
+        )
+    };
     let mut heartbeats = Heartbeats::new(config, gpus, cache);
 
     health.set_ready(true);
@@ -392,7 +405,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let hb = heartbeats.next_heartbeat();
+        let mut hb = heartbeats.next_heartbeat();
+        hb.replicas = load.snapshot();
         let id = format!("{}-{}", hb.executor_instance, hb.sequence);
         match bus.publish(subject.clone(), &hb, Some(&id)).await {
             Ok(()) if failing => {
@@ -409,6 +423,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     }
     let _ = prefetch.await;
     let _ = replica_task.await;
+    let _ = load_task.await;
     health.set_ready(false);
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");

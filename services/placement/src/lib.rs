@@ -821,6 +821,9 @@ impl Planner {
                     continue;
                 }
             }
+            // The next change waits for fresh recommendations over a whole
+            // window: at most one step per window.
+            history.retain(|(at, _)| *at == now);
             let draft = EventDraft::new(
                 EventType::DeploymentScaled,
                 &name,

@@ -12,6 +12,9 @@ pub struct RunnerMetrics {
     pub requests: Counter,
     pub rejected: Counter,
     pub queue_depth: Gauge,
+    /// Requests accepted and not finished, queued ones included: what the
+    /// autoscaler's in-flight target reads.
+    pub in_flight: Gauge,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
 }
@@ -24,6 +27,7 @@ impl RunnerMetrics {
         let requests = Counter::default();
         let rejected = Counter::default();
         let queue_depth = Gauge::default();
+        let in_flight = Gauge::default();
         let time_to_first_token = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
@@ -48,6 +52,11 @@ impl RunnerMetrics {
             queue_depth.clone(),
         );
         registry.register(
+            "requests_in_flight",
+            "Requests accepted and not yet finished",
+            in_flight.clone(),
+        );
+        registry.register(
             "time_to_first_token_seconds",
             "From arrival to the first token",
             time_to_first_token.clone(),
@@ -64,6 +73,7 @@ impl RunnerMetrics {
             requests,
             rejected,
             queue_depth,
+            in_flight,
             time_to_first_token,
             inter_token,
         }
@@ -79,5 +89,22 @@ impl RunnerMetrics {
 impl Default for RunnerMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Counts a request in flight until dropped, however the request ends
+/// (answered, failed, or the client went away).
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

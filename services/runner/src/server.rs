@@ -392,6 +392,7 @@ async fn run(
         };
     }
     state.metrics.requests.inc();
+    let in_flight = crate::metrics::InFlight::new(&state.metrics.in_flight);
     let id = format!(
         "{}-{}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -406,7 +407,7 @@ async fn run(
         } else {
             "text_completion"
         };
-        let stream = async_stream(rx, id, created, model, object, chat);
+        let stream = async_stream(rx, id, created, model, object, chat, in_flight);
         return Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response();
@@ -459,9 +460,11 @@ fn async_stream(
     model: String,
     object: &'static str,
     chat: bool,
+    in_flight: crate::metrics::InFlight,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> {
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         let chunk = |delta: Value, finish: Option<&str>, usage: Option<Value>| {
             let choice = if chat {
                 json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})

@@ -1,0 +1,249 @@
+//! Load summaries of this cluster's ready replicas, for the autoscaler.
+//!
+//! Every few seconds the executor reads each local replica's own
+//! `/metrics` (the runner's; vLLM's names are not read yet) and turns it
+//! into a [`v1::ReplicaUsage`]: requests in flight and queued, tokens per
+//! second and the time-to-first-token p95 over the last period. The
+//! heartbeat carries the latest summaries, so they reach the bus with no
+//! central poller.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_kit::{RecordStore, now_unix_ms};
+use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus};
+use tokio_util::sync::CancellationToken;
+
+/// What one scrape of a runner's `/metrics` says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scrape {
+    pub in_flight: f64,
+    pub queued: f64,
+    pub completion_tokens: f64,
+    /// Cumulative `(le seconds, count)` of the time-to-first-token histogram.
+    pub ttft_buckets: Vec<(f64, f64)>,
+}
+
+/// Reads the runner's Prometheus text; unknown lines are skipped.
+pub fn parse(text: &str) -> Scrape {
+    let mut out = Scrape::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        match name {
+            "flotilla_runner_requests_in_flight" => out.in_flight = value,
+            "flotilla_runner_queue_depth" => out.queued = value,
+            "flotilla_runner_completion_tokens_total" => out.completion_tokens = value,
+            _ => {
+                if let Some(labels) =
+                    name.strip_prefix("flotilla_runner_time_to_first_token_seconds_bucket{")
+                    && let Some(le) = labels
+                        .split(',')
+                        .find_map(|l| l.strip_prefix("le=\""))
+                        .and_then(|l| {
+                            l.trim_end_matches('}')
+                                .trim_end_matches('"')
+                                .parse::<f64>()
+                                .ok()
+                        })
+                {
+                    out.ttft_buckets.push((le, value));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The 95th percentile (upper bucket bound, ms) of the observations made
+/// between two scrapes; 0 when there were none.
+pub fn ttft_p95_ms(before: &[(f64, f64)], now: &[(f64, f64)]) -> f64 {
+    let delta: Vec<(f64, f64)> = now
+        .iter()
+        .map(|(le, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, count - earlier)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, c)| *c);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let bound = delta
+        .iter()
+        .find(|(_, c)| *c >= 0.95 * total)
+        .map_or(f64::INFINITY, |(le, _)| *le);
+    if bound.is_finite() {
+        bound * 1000.0
+    } else {
+        // Past the largest bucket: report the largest finite bound.
+        delta
+            .iter()
+            .rev()
+            .find(|(le, _)| le.is_finite())
+            .map_or(0.0, |(le, _)| le * 1000.0)
+    }
+}
+
+struct Previous {
+    at: Instant,
+    scrape: Scrape,
+}
+
+pub struct LoadSampler {
+    cluster: String,
+    client: reqwest::Client,
+    previous: Mutex<HashMap<String, Previous>>,
+    latest: Mutex<Vec<v1::ReplicaUsage>>,
+}
+
+impl LoadSampler {
+    pub fn new(cluster: String) -> Self {
+        Self {
+            cluster,
+            client: reqwest::Client::new(),
+            previous: Mutex::new(HashMap::new()),
+            latest: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The latest summaries, for the next heartbeat.
+    pub fn snapshot(&self) -> Vec<v1::ReplicaUsage> {
+        self.latest.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    async fn sample(&self, replicas: &RecordStore<ReplicaStatus>) {
+        let mine: Vec<ReplicaStatus> = replicas
+            .cached_all()
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| {
+                r.cluster == self.cluster
+                    && r.phase() == ReplicaPhase::Ready
+                    && !r.endpoint.is_empty()
+            })
+            .collect();
+        let mut usage = Vec::with_capacity(mine.len());
+        for r in mine {
+            let scraped = async {
+                let response = self
+                    .client
+                    .get(format!("{}/metrics", r.endpoint.trim_end_matches('/')))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                response.text().await.ok()
+            }
+            .await;
+            let Some(text) = scraped else {
+                // Not answering: no summary, so the autoscaler does not
+                // count it, and the health probe reports it.
+                continue;
+            };
+            let scrape = parse(&text);
+            let now = Instant::now();
+            let (tokens_per_second, ttft) = match self
+                .previous
+                .lock()
+                .ok()
+                .and_then(|p| p.get(&r.replica_id).map(|p| (p.at, p.scrape.clone())))
+            {
+                Some((at, before)) => {
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    (
+                        ((scrape.completion_tokens - before.completion_tokens) / secs).max(0.0),
+                        ttft_p95_ms(&before.ttft_buckets, &scrape.ttft_buckets),
+                    )
+                }
+                None => (0.0, 0.0),
+            };
+            usage.push(v1::ReplicaUsage {
+                replica_id: r.replica_id.clone(),
+                deployment: r.deployment.clone(),
+                ready: true,
+                in_flight: scrape.in_flight,
+                queued: scrape.queued,
+                ttft_p95_ms: ttft,
+                tokens_per_second,
+                sampled_at_unix_ms: now_unix_ms(),
+                ..Default::default()
+            });
+            if let Ok(mut p) = self.previous.lock() {
+                p.insert(r.replica_id.clone(), Previous { at: now, scrape });
+            }
+        }
+        if let Ok(mut p) = self.previous.lock() {
+            p.retain(|id, _| usage.iter().any(|u| &u.replica_id == id));
+        }
+        if let Ok(mut l) = self.latest.lock() {
+            *l = usage;
+        }
+    }
+
+    /// Samples every `interval` until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        replicas: RecordStore<ReplicaStatus>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.sample(&replicas).await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP flotilla_runner_requests_in_flight Requests accepted and not yet finished.
+# TYPE flotilla_runner_requests_in_flight gauge
+flotilla_runner_requests_in_flight 3
+flotilla_runner_queue_depth 2
+flotilla_runner_completion_tokens_total 120
+flotilla_runner_time_to_first_token_seconds_bucket{le="0.1"} 1
+flotilla_runner_time_to_first_token_seconds_bucket{le="0.2"} 5
+flotilla_runner_time_to_first_token_seconds_bucket{le="0.4"} 10
+flotilla_runner_time_to_first_token_seconds_bucket{le="+Inf"} 10
+"#;
+
+    #[test]
+    fn reads_the_runner_metrics() {
+        let s = parse(TEXT);
+        assert_eq!(
+            (s.in_flight, s.queued, s.completion_tokens),
+            (3.0, 2.0, 120.0)
+        );
+        assert_eq!(s.ttft_buckets.len(), 4);
+        assert!(s.ttft_buckets[3].0.is_infinite());
+    }
+
+    #[test]
+    fn the_p95_is_of_the_period_only() {
+        let before = vec![(0.1, 1.0), (0.2, 1.0), (0.4, 1.0), (f64::INFINITY, 1.0)];
+        let now = parse(TEXT).ttft_buckets;
+        // 9 new: 4 under 0.2 s, 5 more under 0.4 s -> p95 bound 400 ms.
+        assert_eq!(ttft_p95_ms(&before, &now), 400.0);
+        assert_eq!(ttft_p95_ms(&now, &now), 0.0);
+        let slow = vec![(0.1, 0.0), (0.2, 0.0), (0.4, 0.0), (f64::INFINITY, 4.0)];
+        assert_eq!(ttft_p95_ms(&[], &slow), 400.0);
+    }
+}
