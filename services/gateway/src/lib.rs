@@ -27,6 +27,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, KitError, Metrics, RecordStore};
 use flotilla_proto::v1::ReplicaStatus;
 use serde_json::json;
@@ -173,6 +174,13 @@ pub async fn run(
         let _ = tx.send(local);
     }
     tracing::info!(%local, "gateway serving the OpenAI API");
+    // Streamed answers are many small writes (one per token): without
+    // TCP_NODELAY each can wait on the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;

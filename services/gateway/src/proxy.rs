@@ -168,6 +168,8 @@ fn relay(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+    // A sized answer stays sized: no chunked framing added on the way.
+    let content_length = answer.content_length();
     let first_byte = proxy
         .metrics
         .first_byte
@@ -188,6 +190,11 @@ fn relay(
     let mut response = (status, Body::from_stream(stream)).into_response();
     if let Some(ct) = content_type {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(length) = content_length {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     response.headers_mut().insert(
         "x-flotilla-replica",
