@@ -48,6 +48,9 @@ struct Args {
     /// Seconds measured per target and load.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Alternating direct/gateway rounds the seconds are split into.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
     /// Seconds of unmeasured requests before each measurement.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
@@ -166,13 +169,14 @@ async fn one_connection(
     }
 }
 
-async fn measure(
+/// One closed-loop run: the latencies (µs) of the measured seconds.
+async fn run_once(
     base: &str,
     route: Route,
     connections: usize,
     warmup: Duration,
     seconds: Duration,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<Vec<u32>> {
     let measure_from = Instant::now() + warmup;
     let until = measure_from + seconds;
     let tasks: Vec<_> = (0..connections)
@@ -182,6 +186,10 @@ async fn measure(
     for task in tasks {
         all.extend(task.await??);
     }
+    Ok(all)
+}
+
+fn summarise(mut all: Vec<u32>, seconds: Duration) -> anyhow::Result<Measured> {
     if all.is_empty() {
         bail!("no request completed");
     }
@@ -193,6 +201,29 @@ async fn measure(
         p50_ms: at(0.50),
         p99_ms: at(0.99),
     })
+}
+
+/// Direct and through the gateway in alternating rounds, so that both see
+/// the same noise from whatever else shares the machine.
+async fn compare(
+    direct: &str,
+    gateway: &str,
+    route: Route,
+    connections: usize,
+    args: &Args,
+) -> anyhow::Result<(Measured, Measured)> {
+    let rounds = args.rounds.max(1);
+    let warmup = Duration::from_secs(args.warmup);
+    let round = Duration::from_secs_f64(args.seconds as f64 / f64::from(rounds));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        // Only the first round of each warms up.
+        let warm = if i == 0 { warmup } else { Duration::ZERO };
+        a.extend(run_once(direct, route, connections, warm, round).await?);
+        b.extend(run_once(gateway, route, connections, warm, round).await?);
+    }
+    let total = round * rounds;
+    Ok((summarise(a, total)?, summarise(b, total)?))
 }
 
 #[tokio::main]
@@ -277,25 +308,23 @@ async fn main() -> anyhow::Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "bench-gateway: {cpus} CPUs, load average {}, {} s per run after {} s warm-up",
+        "bench-gateway: {cpus} CPUs, load average {}, {} s per target in {} alternating rounds after {} s warm-up",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
             .join(" "),
         args.seconds,
+        args.rounds,
         args.warmup
     );
     println!(
         "{:<34} {:>5} {:>8} {:>10} {:>9} {:>9}",
         "route", "conns", "target", "req/s", "p50 ms", "p99 ms"
     );
-    let warmup = Duration::from_secs(args.warmup);
-    let seconds = Duration::from_secs(args.seconds);
     let mut worst_p99_overhead: f64 = 0.0;
     for route in [Route::Models, Route::RefusedChat] {
         for connections in [1, args.connections] {
-            let direct = measure(&runner, route, connections, warmup, seconds).await?;
-            let through = measure(&gateway, route, connections, warmup, seconds).await?;
+            let (direct, through) = compare(&runner, &gateway, route, connections, &args).await?;
             for (target, m) in [("direct", &direct), ("gateway", &through)] {
                 println!(
                     "{:<34} {:>5} {:>8} {:>10.0} {:>9.3} {:>9.3}",
@@ -331,9 +360,10 @@ async fn main() -> anyhow::Result<()> {
         }
     );
     println!(
-        "reproduce: cargo build -p flotilla-runner -p flotilla-gateway -p flotilla-integration --bin bench-gateway && {} --seconds {} --warmup {} --connections {}",
+        "reproduce: cargo build -p flotilla-runner -p flotilla-gateway -p flotilla-integration --bin bench-gateway && {} --seconds {} --rounds {} --warmup {} --connections {}",
         std::env::current_exe()?.display(),
         args.seconds,
+        args.rounds,
         args.warmup,
         args.connections
     );
