@@ -1,5 +1,6 @@
 //! The gateway in front of a real runner: routing by model, API keys,
-//! retry on a replica that refuses connections, streaming pass-through.
+//! retry on a replica that refuses connections, streaming pass-through,
+//! ejection, and the `/metrics` that count all of it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -173,4 +174,146 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
         text.contains("chat.completion.chunk") && text.trim_end().ends_with("data: [DONE]"),
         "{text}"
     );
+
+    // The runner refuses an empty conversation at once: a 4xx that it
+    // served. This third refused connection ejects the dead replica...
+    let empty = json!({"model": "smollm2", "messages": []});
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .bearer_auth("secret")
+            .json(&empty)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["x-flotilla-replica"], "live");
+        r.bytes().await.unwrap();
+    }
+
+    // ...so the last request went straight to the live one.
+    let metrics = scrape(&http, &gateway).await;
+    let served = |status: &str| {
+        sample(
+            &metrics,
+            "flotilla_gateway_request_duration_seconds_count",
+            &[
+                ("model", "smollm2"),
+                ("cluster", "us-1"),
+                ("status", status),
+            ],
+        )
+    };
+    assert_eq!(served("2xx"), 2.0, "{metrics}");
+    assert_eq!(served("4xx"), 2.0, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_request_duration_seconds_count",
+            &[("model", ""), ("cluster", ""), ("status", "4xx")],
+        ),
+        1.0,
+        "the unknown model: {metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_request_duration_seconds_count",
+            &[("cluster", "eu-1")],
+        ),
+        0.0,
+        "the dead replica served nothing: {metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_time_to_first_byte_seconds_count",
+            &[("model", "smollm2"), ("cluster", "us-1")],
+        ),
+        4.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_retries_total",
+            &[("model", "smollm2")]
+        ),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_ejections_total",
+            &[("replica", "dead"), ("cluster", "eu-1")],
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "flotilla_gateway_ejections_total",
+            &[("replica", "live")]
+        ),
+        0.0,
+        "{metrics}"
+    );
+
+    // Nothing stays in flight once every answer has been read; the count
+    // drops when the server lets go of the relayed body.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = scrape(&http, &gateway).await;
+        let live = sample(
+            &metrics,
+            "flotilla_gateway_replica_in_flight",
+            &[
+                ("replica", "live"),
+                ("cluster", "us-1"),
+                ("model", "smollm2"),
+            ],
+        );
+        let dead = sample(
+            &metrics,
+            "flotilla_gateway_replica_in_flight",
+            &[("replica", "dead")],
+        );
+        if live == 0.0 && dead == 0.0 && metrics.contains("replica=\"live\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in flight: {metrics}");
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn scrape(http: &reqwest::Client, gateway: &str) -> String {
+    let r = http
+        .get(format!("{gateway}/metrics"))
+        .bearer_auth("secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`
+/// (0 when none): Prometheus text, one sample per line.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            if !(rest.is_empty() || rest.starts_with('{')) {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }

@@ -19,10 +19,12 @@
 //! - [`records`]: typed KV records written with compare-and-set, with a
 //!   watched local copy;
 //! - [`health`]: `/healthz`, `/readyz` and `/metrics` over HTTP;
-//! - [`trace`]: W3C `traceparent` carried through NATS headers.
+//! - [`trace`]: W3C `traceparent` carried through NATS headers;
+//! - [`answer`]: waiting for the event that answers a control request.
 //!
 //! This crate never decides anything about clusters, models or placements.
 
+pub mod answer;
 pub mod bus;
 pub mod config;
 pub mod consumer;

@@ -1,0 +1,217 @@
+//! The gRPC control API on a real nats-server with the real placement
+//! service: Apply goes the bus path (accepted, then visible through Get and
+//! List; a bad field refused as INVALID_ARGUMENT naming it, whether the API
+//! or placement catches it), Delete too, and Watch streams the events of
+//! that deployment in stream order, resumable by sequence or time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::time::Duration;
+
+use flotilla_control_api::api::control_api_client::ControlApiClient;
+use flotilla_control_api::api::{
+    ApplyDeploymentRequest, DeleteDeploymentRequest, GetDeploymentRequest, ListDeploymentsRequest,
+    WatchEvent, WatchRequest,
+};
+use flotilla_integration::NatsServer;
+use flotilla_kit::BusConfig;
+use flotilla_proto::EventType;
+use flotilla_proto::v1::ModelDeployment;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn doc(json: &str) -> ApplyDeploymentRequest {
+    ApplyDeploymentRequest {
+        deployment: Some(serde_json::from_str::<ModelDeployment>(json).unwrap()),
+    }
+}
+
+async fn next_event(stream: &mut tonic::Streaming<WatchEvent>) -> WatchEvent {
+    tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("no event within the deadline")
+        .expect("the watch ended")
+        .expect("the watch failed")
+}
+
+#[tokio::test]
+async fn deployments_over_grpc_take_the_bus_path() {
+    let server = NatsServer::start().await.unwrap();
+    let placement = flotilla_placement::Config {
+        bus: BusConfig::for_url(server.url()).unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        settings: Default::default(),
+        flap_probation_ms: 30_000,
+    };
+    tokio::spawn(async move {
+        flotilla_placement::run(placement, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    let config = flotilla_control_api::Config {
+        bus: BusConfig::for_url(server.url()).unwrap(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        answer_timeout: Duration::from_secs(10),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        flotilla_control_api::run(config, CancellationToken::new(), Some(tx))
+            .await
+            .unwrap()
+    });
+    let addr = rx.await.unwrap();
+    let mut api = ControlApiClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // Following `chat` from now, before anything happens to it.
+    let mut watch = api
+        .watch(WatchRequest {
+            kind: "deployment".into(),
+            name: "chat".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let chat = r#"{"metadata": {"name": "chat"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1}}"#;
+    let applied = api.apply_deployment(doc(chat)).await.unwrap().into_inner();
+    assert_eq!(applied.name, "chat");
+    assert_eq!(applied.generation, 1);
+    assert!(!applied.unchanged);
+    let again = api.apply_deployment(doc(chat)).await.unwrap().into_inner();
+    assert!(again.unchanged, "{again:?}");
+    assert_eq!(again.generation, 1);
+
+    let got = api
+        .get_deployment(GetDeploymentRequest {
+            name: "chat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deployment = got.deployment.unwrap();
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, 1);
+    assert_eq!(deployment.status.as_ref().unwrap().generation, 1);
+    let listed = api
+        .list_deployments(ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> = listed
+        .deployments
+        .iter()
+        .map(|d| d.metadata.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(names, ["chat"]);
+
+    // Refused by the API's own check, before the bus...
+    let negative = api
+        .apply_deployment(doc(
+            r#"{"metadata": {"name": "neg"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": -2}}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(negative.code(), Code::InvalidArgument, "{negative:?}");
+    assert!(
+        negative.message().starts_with("spec.replicas: "),
+        "{negative:?}"
+    );
+    // ...and by placement, which knows the fleet: the same shape of error.
+    let ghost = api
+        .apply_deployment(doc(
+            r#"{"metadata": {"name": "ghost"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "placement": {"policy": "PickFixed", "clusterNames": ["nowhere"]}}}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(ghost.code(), Code::InvalidArgument, "{ghost:?}");
+    assert!(
+        ghost
+            .message()
+            .starts_with("spec.placement.clusterNames[0]: "),
+        "{ghost:?}"
+    );
+    let missing = api
+        .get_deployment(GetDeploymentRequest {
+            name: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let deleted = api
+        .delete_deployment(DeleteDeploymentRequest {
+            name: "chat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.name, "chat");
+    let gone = api
+        .get_deployment(GetDeploymentRequest {
+            name: "chat".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let twice = api
+        .delete_deployment(DeleteDeploymentRequest {
+            name: "chat".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::NotFound);
+
+    // The watch saw chat's life in order: accepted first, deleted last.
+    let mut seen = vec![next_event(&mut watch).await];
+    while seen.last().unwrap().event.as_ref().unwrap().r#type
+        != EventType::DeploymentDeleted.to_string()
+    {
+        seen.push(next_event(&mut watch).await);
+    }
+    let first = seen[0].event.clone().unwrap();
+    assert_eq!(first.r#type, EventType::DeploymentAccepted.to_string());
+    assert_eq!(first.generation, 1);
+    assert!(
+        seen.iter()
+            .all(|e| e.event.as_ref().unwrap().name == "chat")
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].sequence < w[1].sequence),
+        "out of order: {seen:?}"
+    );
+
+    // Resumed from a sequence or a time, the watch starts at that event.
+    for start in [
+        WatchRequest {
+            from_sequence: seen[0].sequence,
+            ..Default::default()
+        },
+        WatchRequest {
+            since_unix_ms: first.time_unix_ms,
+            kind: "deployment".into(),
+            name: "chat".into(),
+            ..Default::default()
+        },
+    ] {
+        let mut replay = api.watch(start).await.unwrap().into_inner();
+        let again = next_event(&mut replay).await;
+        assert_eq!(again.sequence, seen[0].sequence);
+        assert_eq!(again.event.unwrap().id, first.id);
+    }
+
+    let bogus = api
+        .watch(WatchRequest {
+            kind: "weather".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bogus.code(), Code::InvalidArgument);
+    assert!(bogus.message().starts_with("kind: "), "{bogus:?}");
+}

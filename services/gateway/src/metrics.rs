@@ -1,0 +1,207 @@
+//! The gateway's Prometheus metrics and the layer that times every proxied
+//! request.
+//!
+//! A request is timed from its arrival to the last byte of the answer
+//! relayed to the client, so a streamed answer counts whole. The proxy
+//! tells this layer which model and cluster served the request through a
+//! [`Served`] response extension; requests refused before a replica was
+//! chosen carry empty labels.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+/// Who served a request; set by the proxy on its response.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub model: String,
+    pub cluster: String,
+}
+
+/// When the request arrived; set by [`observe`] for the proxy's
+/// time-to-first-byte.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub cluster: String,
+    /// `2xx`, `4xx`, `5xx`.
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub model: String,
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub model: String,
+    pub cluster: String,
+    pub replica: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+fn latency() -> Histogram {
+    // 0.25 ms to about 16 s: the gateway's own overhead and whole answers.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+/// The gateway's metric families, registered into the service's registry.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    pub requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub in_flight: Family<ReplicaLabels, Gauge>,
+    pub retries: Family<ModelLabels, Counter>,
+    pub ejections: Family<ReplicaLabels, Counter>,
+}
+
+impl GatewayMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            requests: Family::new_with_constructor(latency),
+            first_byte: Family::new_with_constructor(latency),
+            in_flight: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+        };
+        registry.register(
+            "gateway_request_duration_seconds",
+            "Proxied requests, arrival to last byte relayed, by model, cluster and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "gateway_time_to_first_byte_seconds",
+            "Arrival to the first byte of the replica's answer, by model and cluster",
+            metrics.first_byte.clone(),
+        );
+        registry.register(
+            "gateway_replica_in_flight",
+            "Requests in flight per replica",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "gateway_retries",
+            "Requests moved to another replica after a connection failure",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "gateway_ejections",
+            "Replicas ejected after consecutive connection failures",
+            metrics.ejections.clone(),
+        );
+        metrics
+    }
+}
+
+fn status_class(status: axum::http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Observes one request once: when the relayed body ends, or when it is
+/// dropped early (the client went away).
+struct Timing {
+    metrics: Arc<GatewayMetrics>,
+    labels: Option<RequestLabels>,
+    arrived: Instant,
+}
+
+impl Timing {
+    fn finish(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.metrics
+                .requests
+                .get_or_create(&labels)
+                .observe(self.arrived.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The answer's body, unchanged (size hint included), timed to its end.
+struct TimedBody {
+    inner: Body,
+    timing: Timing,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Observed before the last bytes go out, so a client that has read
+        // the whole answer finds it counted.
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.timing.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The layer: stamps the arrival, then times the answer to its last byte.
+pub async fn observe(
+    State(metrics): State<Arc<GatewayMetrics>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let arrived = Instant::now();
+    request.extensions_mut().insert(Arrived(arrived));
+    let response = next.run(request).await;
+    let served = response
+        .extensions()
+        .get::<Served>()
+        .cloned()
+        .unwrap_or_default();
+    let timing = Timing {
+        metrics,
+        labels: Some(RequestLabels {
+            model: served.model,
+            cluster: served.cluster,
+            status: status_class(response.status()).to_string(),
+        }),
+        arrived,
+    };
+    response.map(|inner| Body::new(TimedBody { inner, timing }))
+}
