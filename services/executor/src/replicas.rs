@@ -323,9 +323,12 @@ impl<B: ReplicaBackend> Replicas<B> {
                     .map_err(HandlerError::retry);
             }
         };
-        // One part is served as its file; several as the model's folder.
-        let model_path = match record.parts.as_slice() {
-            [one] => fetched.path.join(&one.file),
+        // A one-file model (its parts are pieces of that file) is served as
+        // the file; a model of several files as its folder.
+        let files: std::collections::BTreeSet<&str> =
+            record.parts.iter().map(|p| p.file.as_str()).collect();
+        let model_path = match files.into_iter().collect::<Vec<_>>().as_slice() {
+            [one] => fetched.path.join(one),
             _ => fetched.path.clone(),
         };
         let model_in_cache = model_path
