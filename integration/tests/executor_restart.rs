@@ -211,94 +211,150 @@ async fn chat(endpoint: &str) -> String {
         .to_string()
 }
 
-#[tokio::test]
-async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url()).unwrap(),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = Events {
-        sub: bus.client.subscribe("flotilla.events.>").await.unwrap(),
-        seen: Vec::new(),
-    };
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-    let model = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    flotilla_cli::models::push(
-        &bus,
-        &model,
-        "smollm2",
-        None,
-        &mut Vec::new(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap();
+/// A nats-server with the model pushed, and an executor binary ready to
+/// spawn (and spawn again) for cluster eu-1.
+struct Fleet {
+    _server: NatsServer,
+    bus: Bus,
+    events: Events,
+    work: tempfile::TempDir,
+    owner: String,
+    runner: PathBuf,
+    model: PathBuf,
+    executor: Executor,
+    replicas: RecordStore<ReplicaStatus>,
+    _cleanup: KillReplicasOnDrop,
+}
 
-    let work = tempfile::tempdir().unwrap();
-    let cache = work.path().join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let owner = format!(
-        "{CLUSTER}:{}",
-        std::fs::canonicalize(&cache).unwrap().display()
-    );
-    let _cleanup = KillReplicasOnDrop(owner.clone());
-    let runner = target_bin("flotilla-runner");
-    let executor = Executor {
-        bin: target_bin("flotilla-executor"),
-        args: [
-            "--nats-url",
-            &server.url(),
-            "--cluster",
-            CLUSTER,
-            "--label",
-            "region=eu-west-1",
-            "--gpus",
-            "1xH100-80GB",
-            "--gpu-source",
-            "declared",
-            "--model-cache-dir",
-            cache.to_str().unwrap(),
-            "--runner-bin",
-            runner.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        log: work.path().join("executor.log"),
-    };
-    let log = executor.log.clone();
-    let subject = |action| bus.subjects.command(CLUSTER, action).unwrap();
-    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+impl Fleet {
+    async fn start() -> Self {
+        let server = NatsServer::start().await.unwrap();
+        let bus = Bus::connect(
+            &BusConfig::for_url(server.url()).unwrap(),
+            "test",
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
+        flotilla_kit::provision(&bus).await.unwrap();
+        let events = Events {
+            sub: bus.client.subscribe("flotilla.events.>").await.unwrap(),
+            seen: Vec::new(),
+        };
+        let provisioner = flotilla_model_provisioner::Config {
+            bus: BusConfig::for_url(server.url()).unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            preset_dir: workspace_root().join(".tools/models"),
+            takeover_after_ms: 60_000,
+        };
+        tokio::spawn(async move {
+            flotilla_model_provisioner::run(provisioner, CancellationToken::new())
+                .await
+                .unwrap()
+        });
+        let model = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        flotilla_cli::models::push(
+            &bus,
+            &model,
+            "smollm2",
+            None,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let owner = format!(
+            "{CLUSTER}:{}",
+            std::fs::canonicalize(&cache).unwrap().display()
+        );
+        let runner = target_bin("flotilla-runner");
+        let executor = Executor {
+            bin: target_bin("flotilla-executor"),
+            args: [
+                "--nats-url",
+                &server.url(),
+                "--cluster",
+                CLUSTER,
+                "--label",
+                "region=eu-west-1",
+                "--gpus",
+                "1xH100-80GB",
+                "--gpu-source",
+                "declared",
+                "--model-cache-dir",
+                cache.to_str().unwrap(),
+                "--runner-bin",
+                runner.to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec(),
+            log: work.path().join("executor.log"),
+        };
+        let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+            .await
+            .unwrap();
+        Self {
+            _server: server,
+            bus,
+            events,
+            work,
+            owner: owner.clone(),
+            runner,
+            model,
+            executor,
+            replicas,
+            _cleanup: KillReplicasOnDrop(owner),
+        }
+    }
+
+    async fn publish(&self, action: CommandAction, command: v1::ExecutorCommand) {
+        let subject = self.bus.subjects.command(CLUSTER, action).unwrap();
+        self.bus.publish(subject, &command, None).await.unwrap();
+    }
+
+    async fn until(&mut self, ty: EventType, name: &str) -> v1::Event {
+        self.events.until(ty, name, &self.executor.log).await
+    }
+
+    /// Waits until the executor's command consumer has nothing left to
+    /// deliver or to be acknowledged.
+    async fn commands_done(&self) {
+        let stream = self
+            .bus
+            .jetstream
+            .get_stream(&self.bus.topology.commands.name)
+            .await
+            .unwrap();
+        let consumer = format!("executor-{CLUSTER}-replicas");
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let info = stream.consumer_info(&consumer).await.unwrap();
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the executor handles every command");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let (runner, model) = (f.runner.clone(), f.model.clone());
 
     // One replica, started by the first executor.
-    let mut first = executor.spawn().await;
-    bus.publish(
-        subject(CommandAction::Start),
-        &command(2, "a", start("chat-g2-0")),
-        None,
-    )
-    .await
-    .unwrap();
-    events
-        .until(EventType::ReplicaReady, "chat-g2-0", &log)
+    let mut first = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(2, "a", start("chat-g2-0")))
         .await;
-    let before = replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
+    f.until(EventType::ReplicaReady, "chat-g2-0").await;
+    let before = f.replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
     let runner_pids = replica_processes(&owner, "chat-g2-0");
     assert_eq!(runner_pids.len(), 1, "one runner for chat-g2-0");
 
@@ -314,20 +370,13 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
 
     // While it is down: a duplicate start (another command id, so the
     // stream keeps it), a new start, and a runner process nobody recorded.
-    bus.publish(
-        subject(CommandAction::Start),
-        &command(2, "again", start("chat-g2-0")),
-        None,
+    f.publish(
+        CommandAction::Start,
+        command(2, "again", start("chat-g2-0")),
     )
-    .await
-    .unwrap();
-    bus.publish(
-        subject(CommandAction::Start),
-        &command(2, "a", start("chat-g2-1")),
-        None,
-    )
-    .await
-    .unwrap();
+    .await;
+    f.publish(CommandAction::Start, command(2, "a", start("chat-g2-1")))
+        .await;
     let stray_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -350,10 +399,8 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
         .spawn()
         .unwrap();
 
-    let _second = executor.spawn().await;
-    let ready = events
-        .until(EventType::ReplicaReady, "chat-g2-1", &log)
-        .await;
+    let _second = f.executor.spawn().await;
+    let ready = f.until(EventType::ReplicaReady, "chat-g2-1").await;
     assert_eq!(ready.generation, 2);
     let stray_exit = tokio::time::timeout(DEADLINE, stray.wait())
         .await
@@ -365,32 +412,20 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
     // endpoint, still ready, still serving.
     assert_eq!(replica_processes(&owner, "chat-g2-0"), runner_pids);
     assert_eq!(replica_processes(&owner, "chat-g2-1").len(), 1);
-    let after = replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
+    let after = f.replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
     assert_eq!(after.phase(), ReplicaPhase::Ready);
     assert_eq!(after.endpoint, before.endpoint);
     assert!(!chat(&after.endpoint).await.is_empty());
 
     // A stale generation after the restart is still ignored; the stop
     // published after it shows it was handled.
-    bus.publish(
-        subject(CommandAction::Start),
-        &command(1, "a", start("chat-g1-5")),
-        None,
-    )
-    .await
-    .unwrap();
-    bus.publish(
-        subject(CommandAction::Stop),
-        &command(2, "a", stop("chat-g2-0")),
-        None,
-    )
-    .await
-    .unwrap();
-    events
-        .until(EventType::ReplicaStopped, "chat-g2-0", &log)
+    f.publish(CommandAction::Start, command(1, "a", start("chat-g1-5")))
         .await;
+    f.publish(CommandAction::Stop, command(2, "a", stop("chat-g2-0")))
+        .await;
+    f.until(EventType::ReplicaStopped, "chat-g2-0").await;
     assert!(
-        replicas.get("eu-1.chat-g1-5").await.unwrap().is_none(),
+        f.replicas.get("eu-1.chat-g1-5").await.unwrap().is_none(),
         "a fenced start ran after the restart"
     );
     assert!(replica_processes(&owner, "chat-g1-5").is_empty());
@@ -404,19 +439,54 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
     // replica, and nothing failed.
     for replica in ["chat-g2-0", "chat-g2-1"] {
         assert_eq!(
-            events.count(EventType::ReplicaStarting, replica),
+            f.events.count(EventType::ReplicaStarting, replica),
             1,
             "{replica}"
         );
         assert_eq!(
-            events.count(EventType::ReplicaReady, replica),
+            f.events.count(EventType::ReplicaReady, replica),
             1,
             "{replica}"
         );
         assert_eq!(
-            events.count(EventType::ReplicaFailed, replica),
+            f.events.count(EventType::ReplicaFailed, replica),
             0,
             "{replica}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_executor_killed_while_starting_a_replica_adopts_it_after_restart() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let mut first = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(4, "a", start("chat-g4-0")))
+        .await;
+    // kill -9 once the runner process exists, before its start command is
+    // acknowledged.
+    flotilla_integration::eventually(DEADLINE, "a runner for chat-g4-0", || {
+        !replica_processes(&owner, "chat-g4-0").is_empty()
+    })
+    .await
+    .unwrap();
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    let runner_pids = replica_processes(&owner, "chat-g4-0");
+    assert_eq!(runner_pids.len(), 1);
+
+    let _second = f.executor.spawn().await;
+    f.until(EventType::ReplicaReady, "chat-g4-0").await;
+    // The unacknowledged start comes again (after the consumer's ack wait)
+    // and finds the replica running.
+    f.commands_done().await;
+    assert_eq!(
+        replica_processes(&owner, "chat-g4-0"),
+        runner_pids,
+        "the runner started before the kill is the one that serves"
+    );
+    let record = f.replicas.get("eu-1.chat-g4-0").await.unwrap().unwrap().0;
+    assert_eq!(record.phase(), ReplicaPhase::Ready);
+    assert!(!chat(&record.endpoint).await.is_empty());
+    assert_eq!(f.events.count(EventType::ReplicaFailed, "chat-g4-0"), 0);
 }
