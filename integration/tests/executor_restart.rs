@@ -2,7 +2,9 @@
 //! keep serving, and the restarted executor adopts them instead of starting
 //! duplicates, applies once a command that arrived while it was down,
 //! stops a runner nobody recorded, and still ignores a command from an
-//! older placement generation (the generations come back from KV).
+//! older placement generation (the generations come back from KV). Killed
+//! while a replica starts, it adopts that runner too. A runner that stops
+//! answering `/health` is stopped and reported failed.
 //!
 //! The executor runs as its own binary (`target/<profile>/flotilla-executor`,
 //! built with the workspace), the runners are real `flotilla-runner`
@@ -489,4 +491,35 @@ async fn an_executor_killed_while_starting_a_replica_adopts_it_after_restart() {
     assert_eq!(record.phase(), ReplicaPhase::Ready);
     assert!(!chat(&record.endpoint).await.is_empty());
     assert_eq!(f.events.count(EventType::ReplicaFailed, "chat-g4-0"), 0);
+}
+
+#[tokio::test]
+async fn a_runner_that_stops_answering_is_stopped_and_reported_failed() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let _executor = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(5, "a", start("chat-g5-0")))
+        .await;
+    f.until(EventType::ReplicaReady, "chat-g5-0").await;
+    let pids = replica_processes(&owner, "chat-g5-0");
+    assert_eq!(pids.len(), 1);
+    // Frozen, not dead: only the health probe can tell.
+    let frozen = std::process::Command::new("kill")
+        .args(["-STOP", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    let failed = f.until(EventType::ReplicaFailed, "chat-g5-0").await;
+    assert!(
+        failed.message.contains("health probes"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        replica_processes(&owner, "chat-g5-0").is_empty(),
+        "the unresponsive runner is still there"
+    );
+    let record = f.replicas.get("eu-1.chat-g5-0").await.unwrap().unwrap().0;
+    assert_eq!(record.phase(), ReplicaPhase::Failed);
+    assert!(record.endpoint.is_empty());
 }
