@@ -4,8 +4,9 @@
 //!
 //! Fencing: every command carries its placement generation; a command older
 //! than the newest generation this executor has seen for the deployment is
-//! acknowledged and ignored. The newest generations are rebuilt from KV at
-//! start, so a restart does not forget them.
+//! acknowledged and ignored. The newest generations are rebuilt at start
+//! from this cluster's starting and ready replicas in KV, so a restart
+//! does not forget them.
 //!
 //! Restart: before it consumes a command, [`Replicas::reconcile`] reads this
 //! cluster's records and asks the backend to adopt every replica recorded
@@ -150,7 +151,8 @@ impl<B: ReplicaBackend> Replicas<B> {
     /// Makes what runs match KV after a (re)start: adopts every replica
     /// recorded as starting or ready that the backend can vouch for,
     /// reports the ready ones it cannot as failed, stops replicas nobody
-    /// recorded, and remembers the newest generation per deployment.
+    /// recorded, and remembers the newest generation per deployment of its
+    /// live replicas.
     ///
     /// A replica recorded as starting that is not running stays starting:
     /// its start command was never acknowledged, so it comes again and
@@ -158,7 +160,13 @@ impl<B: ReplicaBackend> Replicas<B> {
     pub async fn reconcile(&self) -> Result<(), KitError> {
         let records = self.own_records().await?;
         if let Ok(mut seen) = self.generations.lock() {
-            for r in &records {
+            // Live replicas only: a deployment deleted and applied again
+            // starts over at generation 1, and its stopped replicas must
+            // not fence it.
+            for r in records
+                .iter()
+                .filter(|r| matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting))
+            {
                 let newest = seen.entry(r.deployment.clone()).or_insert(0);
                 *newest = (*newest).max(r.generation);
             }
