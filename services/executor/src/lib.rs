@@ -3,15 +3,20 @@
 //! `<prefix>.telemetry.<cluster>` with labels, taints, cost, CPU and memory,
 //! and GPUs from NVML when a driver is present or from the declared
 //! inventory otherwise (the source is in the message, so a simulation is
-//! never mistaken for hardware). The replica half joins later.
+//! never mistaken for hardware). The replica half ([`replicas`]) runs this
+//! cluster's replicas through one [`backends::ReplicaBackend`]: local
+//! processes (the default) or Kubernetes (`--backend kubernetes`).
 //!
 //! Start reading at [`run`]; GPU telemetry is in [`gpu`], the declared
-//! inventory in [`declared`].
+//! inventory in [`declared`], the replica HTTP client in
+//! [`replica_client`].
 
+pub mod backends;
 pub mod declared;
 pub mod gpu;
 pub mod load;
 pub mod models;
+pub mod replica_client;
 pub mod replicas;
 
 use std::net::SocketAddr;
@@ -34,6 +39,16 @@ pub enum GpuSource {
     Nvml,
     /// The declared GPUs only (simulated or CPU-only clusters).
     Declared,
+}
+
+/// Where replicas run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Local processes on free ports (the embedded default).
+    Local,
+    /// One Deployment per replica through the Kubernetes API (in-cluster
+    /// config or KUBECONFIG).
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -87,7 +102,45 @@ pub struct ExecutorArgs {
     /// this binary, then PATH.
     #[arg(long, env = "FLOTILLA_RUNNER_BIN")]
     pub runner_bin: Option<std::path::PathBuf>,
+
+    /// Where replicas run.
+    #[arg(long, env = "FLOTILLA_BACKEND", value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+
+    /// The `vllm` executable for local `runtime: vllm` replicas; by
+    /// default `vllm` on PATH.
+    #[arg(long, env = "FLOTILLA_VLLM_BIN")]
+    pub vllm_bin: Option<std::path::PathBuf>,
+
+    /// Namespace of replica Deployments (kubernetes backend).
+    #[arg(long, env = "FLOTILLA_KUBE_NAMESPACE", default_value = "flotilla")]
+    pub kube_namespace: String,
+
+    /// Image of candle replicas (kubernetes backend); runs
+    /// `flotilla-runner`.
+    #[arg(long, env = "FLOTILLA_RUNNER_IMAGE", default_value = DEFAULT_RUNNER_IMAGE)]
+    pub runner_image: String,
+
+    /// Image of vLLM replicas (kubernetes backend); runs `vllm serve`.
+    #[arg(long, env = "FLOTILLA_VLLM_IMAGE", default_value = DEFAULT_VLLM_IMAGE)]
+    pub vllm_image: String,
+
+    /// PersistentVolumeClaim that holds the model cache, mounted read-only
+    /// at /models in replica pods (kubernetes backend; required there).
+    #[arg(long, env = "FLOTILLA_KUBE_MODEL_PVC")]
+    pub kube_model_pvc: Option<String>,
+
+    /// How long a Kubernetes replica may take to become ready (image pull
+    /// and model load included).
+    #[arg(long, env = "FLOTILLA_KUBE_READY_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub kube_ready_timeout: Duration,
 }
+
+pub const DEFAULT_RUNNER_IMAGE: &str = concat!(
+    "ghcr.io/flotilla-dev/flotilla-runner:",
+    env!("CARGO_PKG_VERSION")
+);
+pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.11.0";
 
 impl Default for ExecutorArgs {
     fn default() -> Self {
@@ -104,6 +157,13 @@ impl Default for ExecutorArgs {
             model_cache_dir: None,
             model_cache_budget: "50GiB".into(),
             runner_bin: None,
+            backend: BackendKind::Local,
+            vllm_bin: None,
+            kube_namespace: "flotilla".into(),
+            runner_image: DEFAULT_RUNNER_IMAGE.into(),
+            vllm_image: DEFAULT_VLLM_IMAGE.into(),
+            kube_model_pvc: None,
+            kube_ready_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -151,6 +211,15 @@ pub struct Config {
     pub model_cache_dir: std::path::PathBuf,
     pub model_cache_budget_bytes: u64,
     pub runner_bin: std::path::PathBuf,
+    pub vllm_bin: Option<std::path::PathBuf>,
+    pub backend: BackendSettings,
+}
+
+/// The chosen backend with its settings.
+#[derive(Debug, Clone)]
+pub enum BackendSettings {
+    Local,
+    Kubernetes(backends::kubernetes::KubernetesConfig),
 }
 
 impl ExecutorArgs {
@@ -173,6 +242,36 @@ impl ExecutorArgs {
                 "must be at least 10ms",
             ));
         }
+        let backend = match self.backend {
+            BackendKind::Local => BackendSettings::Local,
+            BackendKind::Kubernetes => {
+                flotilla_proto::check_name("kube-namespace", &self.kube_namespace)
+                    .map_err(|e| ConfigError::new("kube-namespace", e.to_string()))?;
+                let model_pvc = self.kube_model_pvc.clone().ok_or_else(|| {
+                    ConfigError::new(
+                        "kube-model-pvc",
+                        "is required with --backend kubernetes (the claim holding the model cache)",
+                    )
+                })?;
+                for (flag, image) in [
+                    ("runner-image", &self.runner_image),
+                    ("vllm-image", &self.vllm_image),
+                ] {
+                    if image.trim().is_empty() {
+                        return Err(ConfigError::new(flag, "must name an image"));
+                    }
+                }
+                BackendSettings::Kubernetes(backends::kubernetes::KubernetesConfig {
+                    cluster: cluster.clone(),
+                    namespace: self.kube_namespace.clone(),
+                    runner_image: self.runner_image.clone(),
+                    vllm_image: self.vllm_image.clone(),
+                    model_pvc,
+                    ready_timeout: self.kube_ready_timeout,
+                    poll_interval: Duration::from_secs(2),
+                })
+            }
+        };
         Ok(Config {
             bus: self.bus.validate()?,
             cluster: cluster.clone(),
@@ -189,7 +288,9 @@ impl ExecutorArgs {
                 .unwrap_or_else(|| std::path::PathBuf::from(".flotilla/cache").join(&cluster)),
             model_cache_budget_bytes: parse_size(&self.model_cache_budget)
                 .map_err(|e| ConfigError::new("model-cache-budget", e))?,
-            runner_bin: replicas::find_runner(self.runner_bin.clone()),
+            runner_bin: backends::local::find_runner(self.runner_bin.clone()),
+            vllm_bin: backends::local::find_vllm(self.vllm_bin.clone()),
+            backend,
         })
     }
 }
@@ -204,6 +305,8 @@ pub enum ExecutorError {
     Cache(#[from] flotilla_model_store::FetchError),
     #[error("object store {0}: {1}")]
     ObjectStore(String, String),
+    #[error("Kubernetes client: {0}")]
+    Kubernetes(String),
 }
 
 /// Where this executor's GPU figures come from, decided once at start.
@@ -372,18 +475,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         cache.clone(),
         shutdown.clone(),
     )?;
-    let replica_half = std::sync::Arc::new(replicas::Replicas {
-        bus: bus.clone(),
-        cluster: cluster.clone(),
-        region: config.labels.get("region").cloned().unwrap_or_default(),
-        backend: replicas::LocalBackend::new(config.runner_bin.clone()),
-        cache: cache.clone(),
-        store,
-        models: flotilla_kit::RecordStore::open(&bus, &bus.topology.models.name).await?,
-        replicas: flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?,
-        generations: Default::default(),
-    });
-    let replica_task = replicas::spawn(replica_half, shutdown.clone())?;
+    let region = config.labels.get("region").cloned().unwrap_or_default();
+    let replica_task = match &config.backend {
+        BackendSettings::Local => {
+            let backend = backends::local::LocalBackend::new(
+                config.runner_bin.clone(),
+                config.vllm_bin.clone(),
+                backends::local::LocalBackend::owner_for(&cluster, &config.model_cache_dir),
+            );
+            let half = replicas::Replicas::open(
+                bus.clone(),
+                cluster.clone(),
+                region,
+                backend,
+                cache.clone(),
+                store,
+            )
+            .await?;
+            replicas::spawn(std::sync::Arc::new(half), shutdown.clone())?
+        }
+        BackendSettings::Kubernetes(settings) => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| ExecutorError::Kubernetes(e.to_string()))?;
+            let backend = backends::kubernetes::KubernetesBackend::new(client, settings.clone());
+            let half = replicas::Replicas::open(
+                bus.clone(),
+                cluster.clone(),
+                region,
+                backend,
+                cache.clone(),
+                store,
+            )
+            .await?;
+            replicas::spawn(std::sync::Arc::new(half), shutdown.clone())?
+        }
+    };
     let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone()));
     let load_task = {
         let store = flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?;

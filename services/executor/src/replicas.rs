@@ -1,15 +1,23 @@
 //! The replica half of the executor: start and stop commands for this
-//! cluster, one backend that runs replicas, their state in KV `replicas`
-//! (this cluster's keys only) and `replica.*` events.
+//! cluster, one [`ReplicaBackend`] that runs replicas, their state in KV
+//! `replicas` (this cluster's keys only) and `replica.*` events.
 //!
 //! Fencing: every command carries its placement generation; a command older
 //! than the newest generation this executor has seen for the deployment is
-//! acknowledged and ignored.
+//! acknowledged and ignored. The newest generations are rebuilt at start
+//! from this cluster's starting and ready replicas in KV, so a restart
+//! does not forget them.
+//!
+//! Restart: before it consumes a command, [`Replicas::reconcile`] reads this
+//! cluster's records and asks the backend to adopt every replica recorded
+//! as starting or ready; what it cannot vouch for is stopped and a ready
+//! one reported failed, and replicas nobody recorded are stopped. A start
+//! for a replica the backend already runs does nothing, so a redelivered
+//! command never makes a second one.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
 use flotilla_kit::consumer::run_consumer;
@@ -22,172 +30,80 @@ use flotilla_proto::v1::{
     executor_command::Action,
 };
 use flotilla_proto::{CommandAction, EventType};
-use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How long a new replica may take to answer `/health`.
-const READY_DEADLINE: Duration = Duration::from_secs(120);
+use crate::backends::{Adoption, ReplicaBackend, ReplicaSpec};
+use crate::replica_client::ReplicaClient;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error(
-        "runner binary {0} not found; build it (cargo build -p flotilla-runner) or pass --runner-bin"
-    )]
-    NoRunner(String),
-    #[error("starting the runner: {0}")]
-    Spawn(String),
-    #[error("the replica did not become healthy within {0:?}: {1}")]
-    NotReady(Duration, String),
-}
+/// Consecutive failed `/health` probes after which a ready replica is
+/// reported failed and stopped.
+const PROBE_FAILURES_ALLOWED: u32 = 3;
+/// How often ready replicas are probed.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
-/// What a backend needs to run one replica.
-#[derive(Debug, Clone)]
-pub struct ReplicaSpec {
-    pub replica_id: String,
-    pub model_name: String,
-    pub model_path: PathBuf,
-}
-
-/// Runs replicas as local `flotilla-runner` processes on free ports.
-pub struct LocalBackend {
-    runner: PathBuf,
-    children: Mutex<HashMap<String, Child>>,
-    /// The same client code serves the candle runner and vLLM: their
-    /// `/health` and `/v1/*` paths match.
-    http: reqwest::Client,
-}
-
-/// The runner next to this executor's binary, or on PATH.
-pub fn find_runner(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p;
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join("flotilla-runner");
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("flotilla-runner"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| PathBuf::from("flotilla-runner"))
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-impl LocalBackend {
-    pub fn new(runner: PathBuf) -> Self {
-        Self {
-            runner,
-            children: Mutex::new(HashMap::new()),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Starts a runner and waits until `/health` answers 200; returns its
-    /// base URL.
-    pub async fn start(&self, spec: &ReplicaSpec) -> Result<String, BackendError> {
-        if !self.runner.is_file() {
-            return Err(BackendError::NoRunner(self.runner.display().to_string()));
-        }
-        let port = free_port().map_err(|e| BackendError::Spawn(e.to_string()))?;
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(&self.runner)
-            .arg("--model")
-            .arg(&spec.model_path)
-            .args(["--served-model-name", &spec.model_name, "--addr", &addr])
-            .env("FLOTILLA_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| BackendError::Spawn(e.to_string()))?;
-        let started = Instant::now();
-        let mut last: String;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(BackendError::NotReady(
-                    started.elapsed(),
-                    format!("the runner exited ({status})"),
-                ));
-            }
-            match self.http.get(format!("http://{addr}/health")).send().await {
-                Ok(r) if r.status() == 200 => break,
-                Ok(r) => last = format!("/health answered {}", r.status()),
-                Err(e) => last = e.to_string(),
-            }
-            if started.elapsed() > READY_DEADLINE {
-                let _ = child.kill().await;
-                return Err(BackendError::NotReady(READY_DEADLINE, last));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if let Ok(mut children) = self.children.lock() {
-            children.insert(spec.replica_id.clone(), child);
-        }
-        Ok(format!("http://{addr}"))
-    }
-
-    /// Stops a replica; `false` when this backend does not run it.
-    pub async fn stop(&self, replica_id: &str) -> bool {
-        let child = self
-            .children
-            .lock()
-            .ok()
-            .and_then(|mut c| c.remove(replica_id));
-        match child {
-            Some(mut child) => {
-                let _ = child.kill().await;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Replicas whose process has exited, with why.
-    pub fn exited(&self) -> Vec<(String, String)> {
-        let Ok(mut children) = self.children.lock() else {
-            return Vec::new();
-        };
-        let mut gone = Vec::new();
-        children.retain(|id, child| match child.try_wait() {
-            Ok(Some(status)) => {
-                gone.push((id.clone(), format!("the runner exited ({status})")));
-                false
-            }
-            _ => true,
-        });
-        gone
-    }
-}
-
-pub struct Replicas {
+pub struct Replicas<B: ReplicaBackend> {
     pub bus: Bus,
     pub cluster: String,
     pub region: String,
-    pub backend: LocalBackend,
+    pub backend: B,
     pub cache: Arc<ModelCache>,
     pub store: ObjectStore,
     pub models: RecordStore<ModelRecord>,
     pub replicas: RecordStore<ReplicaStatus>,
     /// Newest placement generation seen per deployment (fencing).
     pub generations: Mutex<HashMap<String, u64>>,
+    /// Replicas whose start is in progress here: a second start for one
+    /// of them waits for nothing and starts nothing.
+    pub starting: Mutex<HashSet<String>>,
+    /// Consecutive failed health probes per ready replica.
+    pub probe_failures: Mutex<HashMap<String, u32>>,
+    pub client: ReplicaClient,
 }
 
-impl Replicas {
+/// Removes a replica from [`Replicas::starting`] however its start ends.
+struct StartingGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    replica_id: String,
+}
+
+impl Drop for StartingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.replica_id);
+        }
+    }
+}
+
+impl<B: ReplicaBackend> Replicas<B> {
+    /// The replica half of `cluster` over `backend`, with its KV buckets
+    /// opened.
+    pub async fn open(
+        bus: Bus,
+        cluster: String,
+        region: String,
+        backend: B,
+        cache: Arc<ModelCache>,
+        store: ObjectStore,
+    ) -> Result<Self, KitError> {
+        let models = RecordStore::open(&bus, &bus.topology.models.name).await?;
+        let replicas = RecordStore::open(&bus, &bus.topology.replicas.name).await?;
+        Ok(Self {
+            bus,
+            cluster,
+            region,
+            backend,
+            cache,
+            store,
+            models,
+            replicas,
+            generations: Mutex::default(),
+            starting: Mutex::default(),
+            probe_failures: Mutex::default(),
+            client: ReplicaClient::default(),
+        })
+    }
+
     fn key(&self, replica_id: &str) -> String {
         format!("{}.{replica_id}", self.cluster)
     }
@@ -219,6 +135,91 @@ impl Replicas {
         }
         *newest = generation;
         false
+    }
+
+    /// This cluster's records in KV `replicas`.
+    async fn own_records(&self) -> Result<Vec<ReplicaStatus>, KitError> {
+        Ok(self
+            .replicas
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| r.cluster == self.cluster)
+            .collect())
+    }
+
+    /// Makes what runs match KV after a (re)start: adopts every replica
+    /// recorded as starting or ready that the backend can vouch for,
+    /// reports the ready ones it cannot as failed, stops replicas nobody
+    /// recorded, and remembers the newest generation per deployment of its
+    /// live replicas.
+    ///
+    /// A replica recorded as starting that is not running stays starting:
+    /// its start command was never acknowledged, so it comes again and
+    /// starts it.
+    pub async fn reconcile(&self) -> Result<(), KitError> {
+        let records = self.own_records().await?;
+        if let Ok(mut seen) = self.generations.lock() {
+            // Live replicas only: a deployment deleted and applied again
+            // starts over at generation 1, and its stopped replicas must
+            // not fence it.
+            for r in records
+                .iter()
+                .filter(|r| matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting))
+            {
+                let newest = seen.entry(r.deployment.clone()).or_insert(0);
+                *newest = (*newest).max(r.generation);
+            }
+        }
+        let mut known = HashSet::new();
+        for mut status in records {
+            let phase = status.phase();
+            if !matches!(phase, ReplicaPhase::Ready | ReplicaPhase::Starting) {
+                continue;
+            }
+            known.insert(status.replica_id.clone());
+            let id = status.replica_id.clone();
+            match self.backend.adopt(&status).await {
+                Adoption::Adopted(endpoint) => {
+                    if phase == ReplicaPhase::Ready && status.endpoint == endpoint {
+                        continue;
+                    }
+                    status.phase = ReplicaPhase::Ready.into();
+                    status.endpoint = endpoint.clone();
+                    status.message = "serving (adopted after an executor restart)".into();
+                    status.updated_at_unix_ms = now_unix_ms();
+                    self.record(
+                        status,
+                        EventType::ReplicaReady,
+                        format!("replica {id} ready at {endpoint} (adopted)"),
+                        "",
+                    )
+                    .await?;
+                }
+                Adoption::Gone(why) | Adoption::Refused(why) if phase == ReplicaPhase::Ready => {
+                    tracing::warn!(replica = %id, "{why}");
+                    status.phase = ReplicaPhase::Failed.into();
+                    status.endpoint.clear();
+                    status.message.clone_from(&why);
+                    status.updated_at_unix_ms = now_unix_ms();
+                    self.record(
+                        status,
+                        EventType::ReplicaFailed,
+                        format!("replica {id} failed: {why}"),
+                        "",
+                    )
+                    .await?;
+                }
+                Adoption::Gone(why) | Adoption::Refused(why) => {
+                    tracing::info!(replica = %id, "{why}; its start command will start it");
+                }
+            }
+        }
+        let stray = self.backend.stop_unknown(&known).await;
+        if !stray.is_empty() {
+            tracing::info!(?stray, "stopped replicas no record knows");
+        }
+        Ok(())
     }
 
     pub async fn handle(
@@ -262,20 +263,15 @@ impl Replicas {
     ) -> Result<(), HandlerError> {
         flotilla_proto::check_name("replica", &start.replica_id)
             .map_err(|e| HandlerError::invalid("action.start.replica_id", e.to_string()))?;
-        if let Some((existing, _)) = self
-            .replicas
-            .get(&self.key(&start.replica_id))
-            .await
-            .map_err(HandlerError::retry)?
-            && matches!(
-                existing.phase(),
-                ReplicaPhase::Ready | ReplicaPhase::Starting
-            )
-        {
-            // A redelivered start: the replica exists.
+        if self.backend.runs(&start.replica_id) {
+            // A redelivered start: the replica runs.
             return Ok(());
         }
-        let model = start.model.unwrap_or_default();
+        let Some(_starting) = self.claim_start(&start.replica_id) else {
+            // The same start is in progress.
+            return Ok(());
+        };
+        let model = start.model.clone().unwrap_or_default();
         let Some((record, _)) = self
             .models
             .get(&model.name)
@@ -310,8 +306,10 @@ impl Replicas {
             status.clone(),
             EventType::ReplicaStarting,
             format!(
-                "replica {} of {deployment} starting on {}",
-                start.replica_id, self.cluster
+                "replica {} of {deployment} starting on {} ({})",
+                start.replica_id,
+                self.cluster,
+                self.backend.name()
             ),
             correlation,
         )
@@ -333,15 +331,30 @@ impl Replicas {
                     .map_err(HandlerError::retry);
             }
         };
-        let file = record
-            .parts
-            .first()
-            .map(|p| p.file.clone())
-            .unwrap_or_default();
+        // A one-file model (its parts are pieces of that file) is served as
+        // the file; a model of several files as its folder.
+        let files: std::collections::BTreeSet<&str> =
+            record.parts.iter().map(|p| p.file.as_str()).collect();
+        let model_path = match files.into_iter().collect::<Vec<_>>().as_slice() {
+            [one] => fetched.path.join(one),
+            _ => fetched.path.clone(),
+        };
+        let model_in_cache = model_path
+            .strip_prefix(self.cache.dir())
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|_| model_path.clone());
+        let gpu = start.gpu.clone().unwrap_or_default();
         let spec = ReplicaSpec {
             replica_id: start.replica_id.clone(),
+            deployment: deployment.to_string(),
+            generation,
             model_name: record.name.clone(),
-            model_path: fetched.path.join(file),
+            model_path,
+            model_in_cache,
+            runtime: start.runtime(),
+            gpus: gpu.count,
+            tolerations: start.tolerations.clone(),
+            node_selector: start.node_selector.clone(),
         };
         match self.backend.start(&spec).await {
             Ok(endpoint) => {
@@ -377,6 +390,14 @@ impl Replicas {
         }
     }
 
+    fn claim_start(&self, replica_id: &str) -> Option<StartingGuard<'_>> {
+        let mut set = self.starting.lock().ok()?;
+        set.insert(replica_id.to_string()).then(|| StartingGuard {
+            set: &self.starting,
+            replica_id: replica_id.to_string(),
+        })
+    }
+
     async fn stop(
         &self,
         deployment: &str,
@@ -404,7 +425,10 @@ impl Replicas {
         if status.phase() == ReplicaPhase::Stopped {
             return Ok(());
         }
-        self.backend.stop(&stop.replica_id).await;
+        self.backend
+            .stop(&stop.replica_id)
+            .await
+            .map_err(HandlerError::retry)?;
         status.phase = ReplicaPhase::Stopped.into();
         status.endpoint.clear();
         status.generation = status.generation.max(generation);
@@ -424,30 +448,83 @@ impl Replicas {
         .map_err(HandlerError::retry)
     }
 
-    /// Reports replicas whose process died.
+    async fn report_failed(&self, replica_id: &str, why: &str) {
+        if let Ok(Some((mut status, _))) = self.replicas.get(&self.key(replica_id)).await {
+            if status.phase() == ReplicaPhase::Stopped {
+                return;
+            }
+            status.phase = ReplicaPhase::Failed.into();
+            status.endpoint.clear();
+            status.message = why.to_string();
+            status.updated_at_unix_ms = now_unix_ms();
+            let _ = self
+                .record(
+                    status,
+                    EventType::ReplicaFailed,
+                    format!("replica {replica_id} failed: {why}"),
+                    "",
+                )
+                .await;
+        }
+    }
+
+    /// Reports replicas the backend saw stop serving (a process exited, a
+    /// pod failed).
     pub async fn watch_exits(&self) {
-        for (id, why) in self.backend.exited() {
-            if let Ok(Some((mut status, _))) = self.replicas.get(&self.key(&id)).await {
-                status.phase = ReplicaPhase::Failed.into();
-                status.endpoint.clear();
-                status.message.clone_from(&why);
-                status.updated_at_unix_ms = now_unix_ms();
-                let _ = self
-                    .record(
-                        status,
-                        EventType::ReplicaFailed,
-                        format!("replica {id} failed: {why}"),
-                        "",
-                    )
-                    .await;
+        for failure in self.backend.observe().await {
+            self.report_failed(&failure.replica_id, &failure.reason)
+                .await;
+        }
+    }
+
+    /// Probes `/health` of every ready replica this executor runs; one
+    /// that fails [`PROBE_FAILURES_ALLOWED`] probes in a row is stopped and
+    /// reported failed, so the rollout replaces it.
+    pub async fn probe_ready(&self) {
+        let Ok(records) = self.own_records().await else {
+            return;
+        };
+        for status in records {
+            if status.phase() != ReplicaPhase::Ready || !self.backend.runs(&status.replica_id) {
+                continue;
+            }
+            let id = status.replica_id.clone();
+            let failures = match self.client.health(&status.endpoint).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::debug!(replica = %id, "health probe: {e}");
+                    self.probe_failures
+                        .lock()
+                        .map(|f| f.get(&id).copied().unwrap_or(0) + 1)
+                        .unwrap_or(1)
+                }
+            };
+            if let Ok(mut f) = self.probe_failures.lock() {
+                if failures == 0 {
+                    f.remove(&id);
+                } else {
+                    f.insert(id.clone(), failures);
+                }
+            }
+            if failures >= PROBE_FAILURES_ALLOWED {
+                let _ = self.backend.stop(&id).await;
+                if let Ok(mut f) = self.probe_failures.lock() {
+                    f.remove(&id);
+                }
+                self.report_failed(
+                    &id,
+                    &format!("{failures} health probes in a row failed; stopped"),
+                )
+                .await;
             }
         }
     }
 }
 
-/// Consumes `<prefix>.cmd.<cluster>.start|stop` until `shutdown`.
-pub fn spawn(
-    replicas: Arc<Replicas>,
+/// Reconciles with KV, then consumes `<prefix>.cmd.<cluster>.start|stop`
+/// until `shutdown`, watching and probing what runs.
+pub fn spawn<B: ReplicaBackend>(
+    replicas: Arc<Replicas<B>>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, KitError> {
     let bus = replicas.bus.clone();
@@ -463,19 +540,35 @@ pub fn spawn(
     spec.max_deliveries = 25;
     spec.max_backoff = Duration::from_secs(30);
     spec.ack_wait = Duration::from_secs(60);
-    let watcher = {
-        let (r, stop) = (replicas.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => r.watch_exits().await,
-                }
-            }
-        })
-    };
     Ok(tokio::spawn(async move {
+        // Commands wait until what runs matches KV, so none acts on a
+        // replica an earlier instance left behind.
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match replicas.reconcile().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!("reconciling replicas with KV: {e}; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+        let watcher = {
+            let (r, stop) = (replicas.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut probe = tokio::time::interval(PROBE_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => r.watch_exits().await,
+                        _ = probe.tick() => r.probe_ready().await,
+                    }
+                }
+            })
+        };
         let handler_r = replicas.clone();
         let handler_stop = shutdown.clone();
         let handler = move |d: Delivery<v1::ExecutorCommand>| {

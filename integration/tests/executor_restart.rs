@@ -1,0 +1,525 @@
+//! `kill -9` of an executor process with the local backend: its runners
+//! keep serving, and the restarted executor adopts them instead of starting
+//! duplicates, applies once a command that arrived while it was down,
+//! stops a runner nobody recorded, and still ignores a command from an
+//! older placement generation (the generations come back from KV). Killed
+//! while a replica starts, it adopts that runner too. A runner that stops
+//! answering `/health` is stopped and reported failed.
+//!
+//! The executor runs as its own binary (`target/<profile>/flotilla-executor`,
+//! built with the workspace), the runners are real `flotilla-runner`
+//! processes serving the shipped SmolLM2, the bus a real nats-server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, executor_command::Action};
+use flotilla_proto::{CommandAction, EventType};
+use futures::StreamExt;
+use prost::Message;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const CLUSTER: &str = "eu-1";
+
+fn target_bin(name: &str) -> PathBuf {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: cargo test --workspace builds it (or cargo build -p flotilla-executor -p flotilla-runner)",
+        bin.display()
+    );
+    bin
+}
+
+/// Live (not zombie) processes whose environment says they are replica
+/// `replica` of the executor `owner`.
+fn replica_processes(owner: &str, replica: &str) -> Vec<u32> {
+    let want_owner = format!("FLOTILLA_REPLICA_OWNER={owner}");
+    let want_replica = format!("FLOTILLA_REPLICA_ID={replica}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let has = |v: &str| vars.contains(&v.as_bytes());
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if has(&want_owner) && has(&want_replica) && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills, when the test ends however it ends, every replica process the
+/// executor under test started.
+struct KillReplicasOnDrop(String);
+
+impl Drop for KillReplicasOnDrop {
+    fn drop(&mut self) {
+        let owner = format!("FLOTILLA_REPLICA_OWNER={}", self.0);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|s| s.parse::<u32>().is_ok()) else {
+                continue;
+            };
+            if std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == owner.as_bytes()))
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid])
+                    .status();
+            }
+        }
+    }
+}
+
+struct Executor {
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Executor {
+    async fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        Command::new(&self.bin)
+            .args(&self.args)
+            .env("FLOTILLA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Every event seen, in order, while waiting for particular ones.
+struct Events {
+    sub: async_nats::Subscriber,
+    seen: Vec<v1::Event>,
+}
+
+impl Events {
+    async fn until(&mut self, ty: EventType, name: &str, log: &Path) -> v1::Event {
+        let want = ty.to_string();
+        let seen = &mut self.seen;
+        let sub = &mut self.sub;
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(msg) = sub.next().await {
+                let event = v1::Event::decode(msg.payload).unwrap();
+                seen.push(event.clone());
+                if event.r#type == want && event.name == name {
+                    return event;
+                }
+            }
+            panic!("subscription ended");
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no {want} for {name} within {DEADLINE:?}; executor log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+    }
+
+    fn count(&self, ty: EventType, name: &str) -> usize {
+        let want = ty.to_string();
+        self.seen
+            .iter()
+            .filter(|e| e.r#type == want && e.name == name)
+            .count()
+    }
+}
+
+fn command(generation: u64, id_suffix: &str, action: Action) -> v1::ExecutorCommand {
+    let replica = match &action {
+        Action::Start(s) => s.replica_id.clone(),
+        Action::Stop(s) => s.replica_id.clone(),
+        Action::Prefetch(_) => String::new(),
+    };
+    v1::ExecutorCommand {
+        command_id: format!("chat-{generation}-{replica}-{id_suffix}"),
+        cluster: CLUSTER.into(),
+        deployment: "chat".into(),
+        generation,
+        action: Some(action),
+    }
+}
+
+fn start(replica: &str) -> Action {
+    Action::Start(v1::StartReplica {
+        replica_id: replica.into(),
+        model: Some(v1::ModelRef {
+            name: "smollm2".into(),
+            ..Default::default()
+        }),
+        runtime: v1::Runtime::Candle.into(),
+        ..Default::default()
+    })
+}
+
+fn stop(replica: &str) -> Action {
+    Action::Stop(v1::StopReplica {
+        replica_id: replica.into(),
+        reason: "scaled down".into(),
+    })
+}
+
+async fn chat(endpoint: &str) -> String {
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{endpoint}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0, "max_tokens": 6}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A nats-server with the model pushed, and an executor binary ready to
+/// spawn (and spawn again) for cluster eu-1.
+struct Fleet {
+    _server: NatsServer,
+    bus: Bus,
+    events: Events,
+    _work: tempfile::TempDir,
+    owner: String,
+    runner: PathBuf,
+    model: PathBuf,
+    executor: Executor,
+    replicas: RecordStore<ReplicaStatus>,
+    _cleanup: KillReplicasOnDrop,
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let server = NatsServer::start().await.unwrap();
+        let bus = Bus::connect(
+            &BusConfig::for_url(server.url()).unwrap(),
+            "test",
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        flotilla_kit::provision(&bus).await.unwrap();
+        let events = Events {
+            sub: bus.client.subscribe("flotilla.events.>").await.unwrap(),
+            seen: Vec::new(),
+        };
+        let provisioner = flotilla_model_provisioner::Config {
+            bus: BusConfig::for_url(server.url()).unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            preset_dir: workspace_root().join(".tools/models"),
+            takeover_after_ms: 60_000,
+        };
+        tokio::spawn(async move {
+            flotilla_model_provisioner::run(provisioner, CancellationToken::new())
+                .await
+                .unwrap()
+        });
+        let model = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        flotilla_cli::models::push(
+            &bus,
+            &model,
+            "smollm2",
+            None,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let owner = format!(
+            "{CLUSTER}:{}",
+            std::fs::canonicalize(&cache).unwrap().display()
+        );
+        let runner = target_bin("flotilla-runner");
+        let executor = Executor {
+            bin: target_bin("flotilla-executor"),
+            args: [
+                "--nats-url",
+                &server.url(),
+                "--cluster",
+                CLUSTER,
+                "--label",
+                "region=eu-west-1",
+                "--gpus",
+                "1xH100-80GB",
+                "--gpu-source",
+                "declared",
+                "--model-cache-dir",
+                cache.to_str().unwrap(),
+                "--runner-bin",
+                runner.to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec(),
+            log: work.path().join("executor.log"),
+        };
+        let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+            .await
+            .unwrap();
+        Self {
+            _server: server,
+            bus,
+            events,
+            _work: work,
+            owner: owner.clone(),
+            runner,
+            model,
+            executor,
+            replicas,
+            _cleanup: KillReplicasOnDrop(owner),
+        }
+    }
+
+    async fn publish(&self, action: CommandAction, command: v1::ExecutorCommand) {
+        let subject = self.bus.subjects.command(CLUSTER, action).unwrap();
+        self.bus.publish(subject, &command, None).await.unwrap();
+    }
+
+    async fn until(&mut self, ty: EventType, name: &str) -> v1::Event {
+        self.events.until(ty, name, &self.executor.log).await
+    }
+
+    /// Waits until the executor's command consumer has nothing left to
+    /// deliver or to be acknowledged.
+    async fn commands_done(&self) {
+        let stream = self
+            .bus
+            .jetstream
+            .get_stream(&self.bus.topology.commands.name)
+            .await
+            .unwrap();
+        let consumer = format!("executor-{CLUSTER}-replicas");
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let info = stream.consumer_info(&consumer).await.unwrap();
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the executor handles every command");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let (runner, model) = (f.runner.clone(), f.model.clone());
+
+    // One replica, started by the first executor.
+    let mut first = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(2, "a", start("chat-g2-0")))
+        .await;
+    f.until(EventType::ReplicaReady, "chat-g2-0").await;
+    let before = f.replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
+    let runner_pids = replica_processes(&owner, "chat-g2-0");
+    assert_eq!(runner_pids.len(), 1, "one runner for chat-g2-0");
+
+    // kill -9: nothing runs the executor's shutdown.
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    assert_eq!(
+        replica_processes(&owner, "chat-g2-0"),
+        runner_pids,
+        "the runner outlives the executor"
+    );
+    assert!(!chat(&before.endpoint).await.is_empty());
+
+    // While it is down: a duplicate start (another command id, so the
+    // stream keeps it), a new start, and a runner process nobody recorded.
+    f.publish(
+        CommandAction::Start,
+        command(2, "again", start("chat-g2-0")),
+    )
+    .await;
+    f.publish(CommandAction::Start, command(2, "a", start("chat-g2-1")))
+        .await;
+    let stray_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut stray = Command::new(&runner)
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--served-model-name", "smollm2"])
+        .args(["--addr", &format!("127.0.0.1:{stray_port}")])
+        .env("FLOTILLA_REPLICA_OWNER", &owner)
+        .env("FLOTILLA_REPLICA_ID", "stray-0")
+        .env("FLOTILLA_REPLICA_GENERATION", "2")
+        .env(
+            "FLOTILLA_REPLICA_ENDPOINT",
+            format!("http://127.0.0.1:{stray_port}"),
+        )
+        .env("FLOTILLA_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let _second = f.executor.spawn().await;
+    let ready = f.until(EventType::ReplicaReady, "chat-g2-1").await;
+    assert_eq!(ready.generation, 2);
+    let stray_exit = tokio::time::timeout(DEADLINE, stray.wait())
+        .await
+        .expect("the restarted executor stops a runner nobody recorded")
+        .unwrap();
+    assert!(!stray_exit.success(), "stray runner: {stray_exit}");
+
+    // The first replica was adopted, not restarted: same process, same
+    // endpoint, still ready, still serving.
+    assert_eq!(replica_processes(&owner, "chat-g2-0"), runner_pids);
+    assert_eq!(replica_processes(&owner, "chat-g2-1").len(), 1);
+    let after = f.replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
+    assert_eq!(after.phase(), ReplicaPhase::Ready);
+    assert_eq!(after.endpoint, before.endpoint);
+    assert!(!chat(&after.endpoint).await.is_empty());
+
+    // A stale generation after the restart is still ignored; the stop
+    // published after it shows it was handled.
+    f.publish(CommandAction::Start, command(1, "a", start("chat-g1-5")))
+        .await;
+    f.publish(CommandAction::Stop, command(2, "a", stop("chat-g2-0")))
+        .await;
+    f.until(EventType::ReplicaStopped, "chat-g2-0").await;
+    assert!(
+        f.replicas.get("eu-1.chat-g1-5").await.unwrap().is_none(),
+        "a fenced start ran after the restart"
+    );
+    assert!(replica_processes(&owner, "chat-g1-5").is_empty());
+    assert!(
+        replica_processes(&owner, "chat-g2-0").is_empty(),
+        "the adopted runner still runs after stop"
+    );
+    assert_eq!(replica_processes(&owner, "chat-g2-1").len(), 1);
+
+    // Each start was applied once: one starting and one ready event per
+    // replica, and nothing failed.
+    for replica in ["chat-g2-0", "chat-g2-1"] {
+        assert_eq!(
+            f.events.count(EventType::ReplicaStarting, replica),
+            1,
+            "{replica}"
+        );
+        assert_eq!(
+            f.events.count(EventType::ReplicaReady, replica),
+            1,
+            "{replica}"
+        );
+        assert_eq!(
+            f.events.count(EventType::ReplicaFailed, replica),
+            0,
+            "{replica}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_executor_killed_while_starting_a_replica_adopts_it_after_restart() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let mut first = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(4, "a", start("chat-g4-0")))
+        .await;
+    // kill -9 once the runner process exists, before its start command is
+    // acknowledged.
+    flotilla_integration::eventually(DEADLINE, "a runner for chat-g4-0", || {
+        !replica_processes(&owner, "chat-g4-0").is_empty()
+    })
+    .await
+    .unwrap();
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    let runner_pids = replica_processes(&owner, "chat-g4-0");
+    assert_eq!(runner_pids.len(), 1);
+
+    let _second = f.executor.spawn().await;
+    f.until(EventType::ReplicaReady, "chat-g4-0").await;
+    // The unacknowledged start comes again (after the consumer's ack wait)
+    // and finds the replica running.
+    f.commands_done().await;
+    assert_eq!(
+        replica_processes(&owner, "chat-g4-0"),
+        runner_pids,
+        "the runner started before the kill is the one that serves"
+    );
+    let record = f.replicas.get("eu-1.chat-g4-0").await.unwrap().unwrap().0;
+    assert_eq!(record.phase(), ReplicaPhase::Ready);
+    assert!(!chat(&record.endpoint).await.is_empty());
+    assert_eq!(f.events.count(EventType::ReplicaFailed, "chat-g4-0"), 0);
+}
+
+#[tokio::test]
+async fn a_runner_that_stops_answering_is_stopped_and_reported_failed() {
+    let mut f = Fleet::start().await;
+    let owner = f.owner.clone();
+    let _executor = f.executor.spawn().await;
+    f.publish(CommandAction::Start, command(5, "a", start("chat-g5-0")))
+        .await;
+    f.until(EventType::ReplicaReady, "chat-g5-0").await;
+    let pids = replica_processes(&owner, "chat-g5-0");
+    assert_eq!(pids.len(), 1);
+    // Frozen, not dead: only the health probe can tell.
+    let frozen = std::process::Command::new("kill")
+        .args(["-STOP", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    let failed = f.until(EventType::ReplicaFailed, "chat-g5-0").await;
+    assert!(
+        failed.message.contains("health probes"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        replica_processes(&owner, "chat-g5-0").is_empty(),
+        "the unresponsive runner is still there"
+    );
+    let record = f.replicas.get("eu-1.chat-g5-0").await.unwrap().unwrap().0;
+    assert_eq!(record.phase(), ReplicaPhase::Failed);
+    assert!(record.endpoint.is_empty());
+}

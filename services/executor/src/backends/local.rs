@@ -1,0 +1,601 @@
+//! The embedded default: one process per replica on this machine, on a free
+//! loopback port, serving the model from the local cache: `flotilla-runner`
+//! for `runtime: candle`, `vllm serve` for `runtime: vllm`.
+//!
+//! Replica processes outlive the executor (a `kill -9` of the executor
+//! leaves them serving). Each carries in its environment who started it
+//! (`FLOTILLA_REPLICA_OWNER`: cluster and cache folder), which replica and
+//! generation it is and where it listens, so a restarted executor finds its
+//! own processes in `/proc`, adopts the ones it can vouch for and stops the
+//! rest. Adoption needs Linux's `/proc`; elsewhere nothing is adopted and
+//! recorded replicas are reported gone.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::v1::{self, ReplicaStatus};
+use tokio::process::{Child, Command};
+
+use super::{Adoption, BackendError, ReplicaBackend, ReplicaFailure, ReplicaSpec};
+use crate::replica_client::ReplicaClient;
+
+/// How long a new candle replica may take to answer `/health`.
+const CANDLE_READY_DEADLINE: Duration = Duration::from_secs(120);
+/// vLLM compiles and profiles before it serves: minutes, not seconds.
+const VLLM_READY_DEADLINE: Duration = Duration::from_secs(900);
+/// How long adoption waits for a found process to answer `/health` (it may
+/// still be loading its model).
+const ADOPT_DEADLINE: Duration = Duration::from_secs(30);
+
+pub const ENV_OWNER: &str = "FLOTILLA_REPLICA_OWNER";
+pub const ENV_REPLICA: &str = "FLOTILLA_REPLICA_ID";
+pub const ENV_GENERATION: &str = "FLOTILLA_REPLICA_GENERATION";
+pub const ENV_ENDPOINT: &str = "FLOTILLA_REPLICA_ENDPOINT";
+
+/// The runner next to this executor's binary, or on PATH.
+pub fn find_runner(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("flotilla-runner");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    on_path("flotilla-runner").unwrap_or_else(|| PathBuf::from("flotilla-runner"))
+}
+
+/// `explicit`, else `vllm` on PATH; `None` when neither exists.
+pub fn find_vllm(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p),
+        None => on_path("vllm"),
+    }
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The process a replica runs as: its program, arguments and the
+/// environment that identifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+}
+
+impl LaunchCommand {
+    /// The command line as one string, for messages.
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.as_os_str())
+            .chain(self.args.iter().map(OsString::as_os_str))
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The command that runs `spec` on `port`: `flotilla-runner --model PATH
+/// --served-model-name NAME --addr 127.0.0.1:PORT` for candle, `vllm serve
+/// PATH --served-model-name NAME --host 127.0.0.1 --port PORT` for vLLM.
+pub fn launch_command(
+    spec: &ReplicaSpec,
+    port: u16,
+    owner: &str,
+    runner: &Path,
+    vllm: Option<&Path>,
+) -> Result<LaunchCommand, BackendError> {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (program, args): (PathBuf, Vec<OsString>) = match spec.runtime {
+        v1::Runtime::Vllm => {
+            let Some(vllm) = vllm.filter(|p| p.is_file()) else {
+                return Err(BackendError::NoVllm(match vllm {
+                    Some(p) => format!("{} does not exist", p.display()),
+                    None => "not on PATH".into(),
+                }));
+            };
+            (
+                vllm.to_path_buf(),
+                vec![
+                    "serve".into(),
+                    spec.model_path.clone().into_os_string(),
+                    "--served-model-name".into(),
+                    spec.model_name.clone().into(),
+                    "--host".into(),
+                    "127.0.0.1".into(),
+                    "--port".into(),
+                    port.to_string().into(),
+                ],
+            )
+        }
+        v1::Runtime::Candle | v1::Runtime::Unspecified => {
+            if !runner.is_file() {
+                return Err(BackendError::NoRunner(runner.display().to_string()));
+            }
+            (
+                runner.to_path_buf(),
+                vec![
+                    "--model".into(),
+                    spec.model_path.clone().into_os_string(),
+                    "--served-model-name".into(),
+                    spec.model_name.clone().into(),
+                    "--addr".into(),
+                    format!("127.0.0.1:{port}").into(),
+                ],
+            )
+        }
+    };
+    Ok(LaunchCommand {
+        program,
+        args,
+        env: vec![
+            (ENV_OWNER.into(), owner.into()),
+            (ENV_REPLICA.into(), spec.replica_id.clone()),
+            (ENV_GENERATION.into(), spec.generation.to_string()),
+            (ENV_ENDPOINT.into(), endpoint),
+            ("FLOTILLA_LOG".into(), "warn".into()),
+        ],
+    })
+}
+
+enum Process {
+    /// Started by this instance.
+    Child(Child),
+    /// Started by an earlier instance of this executor and adopted.
+    Adopted(u32),
+}
+
+struct LocalReplica {
+    process: Process,
+}
+
+/// Runs replicas as local processes on free ports.
+pub struct LocalBackend {
+    runner: PathBuf,
+    vllm: Option<PathBuf>,
+    owner: String,
+    running: Mutex<HashMap<String, LocalReplica>>,
+    client: ReplicaClient,
+}
+
+impl LocalBackend {
+    /// `owner` names this executor among others on the machine (cluster and
+    /// cache folder); it must stay the same across restarts.
+    pub fn new(runner: PathBuf, vllm: Option<PathBuf>, owner: String) -> Self {
+        Self {
+            runner,
+            vllm,
+            owner,
+            running: Mutex::new(HashMap::new()),
+            client: ReplicaClient::default(),
+        }
+    }
+
+    /// The owner tag for an executor of `cluster` with its cache at
+    /// `cache_dir`.
+    pub fn owner_for(cluster: &str, cache_dir: &Path) -> String {
+        let dir = std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_path_buf());
+        format!("{cluster}:{}", dir.display())
+    }
+
+    fn insert(&self, replica_id: &str, process: Process) {
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(replica_id.to_string(), LocalReplica { process });
+        }
+    }
+
+    /// Waits until `endpoint` answers `/health`, failing early when the
+    /// process is gone.
+    async fn wait_healthy(
+        &self,
+        endpoint: &str,
+        deadline: Duration,
+        mut exited: impl FnMut() -> Option<String>,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        loop {
+            if let Some(why) = exited() {
+                return Err(BackendError::NotReady(started.elapsed(), why));
+            }
+            let last = match self.client.health(endpoint).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() > deadline {
+                return Err(BackendError::NotReady(deadline, last));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the process `found` is the replica `recorded` describes and
+    /// serves it; `Err` says why not.
+    async fn vouch(&self, found: &RunnerProcess, recorded: &ReplicaStatus) -> Result<(), String> {
+        if found.generation != recorded.generation {
+            return Err(format!(
+                "process {} runs generation {}, the record says {}",
+                found.pid, found.generation, recorded.generation
+            ));
+        }
+        if !recorded.endpoint.is_empty() && recorded.endpoint != found.endpoint {
+            return Err(format!(
+                "process {} listens at {}, the record says {}",
+                found.pid, found.endpoint, recorded.endpoint
+            ));
+        }
+        let pid = found.pid;
+        self.wait_healthy(&found.endpoint, ADOPT_DEADLINE, || {
+            (!procfs::alive(pid)).then(|| format!("process {pid} exited"))
+        })
+        .await
+        .map_err(|e| format!("process {pid}: {e}"))?;
+        let models = self
+            .client
+            .models(&found.endpoint)
+            .await
+            .map_err(|e| format!("process {pid}: {e}"))?;
+        if !models.contains(&recorded.model) {
+            return Err(format!(
+                "process {pid} serves {models:?}, the record says {}",
+                recorded.model
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ReplicaBackend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn start(&self, spec: &ReplicaSpec) -> Result<String, BackendError> {
+        let port = free_port().map_err(|e| BackendError::Spawn(e.to_string()))?;
+        let launch = launch_command(spec, port, &self.owner, &self.runner, self.vllm.as_deref())?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        tracing::info!(replica = %spec.replica_id, "starting {}", launch.display());
+        let mut child = Command::new(&launch.program)
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BackendError::Spawn(format!("{}: {e}", launch.program.display())))?;
+        let deadline = match spec.runtime {
+            v1::Runtime::Vllm => VLLM_READY_DEADLINE,
+            _ => CANDLE_READY_DEADLINE,
+        };
+        let ready = self
+            .wait_healthy(&endpoint, deadline, || match child.try_wait() {
+                Ok(Some(status)) => Some(format!("the process exited ({status})")),
+                _ => None,
+            })
+            .await;
+        if let Err(e) = ready {
+            let _ = child.kill().await;
+            return Err(e);
+        }
+        self.insert(&spec.replica_id, Process::Child(child));
+        Ok(endpoint)
+    }
+
+    async fn stop(&self, replica_id: &str) -> Result<bool, BackendError> {
+        let replica = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(replica_id));
+        let stopped = match replica {
+            Some(LocalReplica {
+                process: Process::Child(mut child),
+            }) => {
+                let _ = child.kill().await;
+                true
+            }
+            Some(LocalReplica {
+                process: Process::Adopted(pid),
+            }) => {
+                procfs::kill(pid);
+                true
+            }
+            None => false,
+        };
+        // A process of this replica that nobody tracks (an earlier
+        // instance's) goes too.
+        for found in procfs::runner_processes(&self.owner) {
+            if found.replica_id == replica_id {
+                procfs::kill(found.pid);
+            }
+        }
+        Ok(stopped)
+    }
+
+    fn runs(&self, replica_id: &str) -> bool {
+        self.running
+            .lock()
+            .map(|r| r.contains_key(replica_id))
+            .unwrap_or(false)
+    }
+
+    async fn observe(&self) -> Vec<ReplicaFailure> {
+        let Ok(mut running) = self.running.lock() else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        running.retain(|id, replica| {
+            let why = match &mut replica.process {
+                Process::Child(child) => match child.try_wait() {
+                    Ok(Some(status)) => Some(format!("the replica process exited ({status})")),
+                    _ => None,
+                },
+                Process::Adopted(pid) => {
+                    (!procfs::alive(*pid)).then(|| format!("the replica process {pid} exited"))
+                }
+            };
+            match why {
+                Some(reason) => {
+                    gone.push(ReplicaFailure {
+                        replica_id: id.clone(),
+                        reason,
+                    });
+                    false
+                }
+                None => true,
+            }
+        });
+        gone
+    }
+
+    async fn adopt(&self, recorded: &ReplicaStatus) -> Adoption {
+        if self.runs(&recorded.replica_id) {
+            return Adoption::Adopted(recorded.endpoint.clone());
+        }
+        let found: Vec<RunnerProcess> = procfs::runner_processes(&self.owner)
+            .into_iter()
+            .filter(|p| p.replica_id == recorded.replica_id)
+            .collect();
+        if found.is_empty() {
+            return Adoption::Gone(
+                "no process of it was running when the executor restarted".into(),
+            );
+        }
+        let mut adopted = None;
+        let mut refusals = Vec::new();
+        for process in found {
+            if adopted.is_some() {
+                // A second process for one replica: never keep two.
+                procfs::kill(process.pid);
+                continue;
+            }
+            match self.vouch(&process, recorded).await {
+                Ok(()) => adopted = Some(process),
+                Err(why) => {
+                    procfs::kill(process.pid);
+                    refusals.push(why);
+                }
+            }
+        }
+        match adopted {
+            Some(process) => {
+                tracing::info!(replica = %recorded.replica_id, pid = process.pid, endpoint = %process.endpoint, "adopted a running replica");
+                self.insert(&recorded.replica_id, Process::Adopted(process.pid));
+                Adoption::Adopted(process.endpoint)
+            }
+            None => Adoption::Refused(format!(
+                "found after the executor restarted but not vouched for, so stopped: {}",
+                refusals.join("; ")
+            )),
+        }
+    }
+
+    async fn stop_unknown(&self, known: &HashSet<String>) -> Vec<String> {
+        let mut stopped = Vec::new();
+        for process in procfs::runner_processes(&self.owner) {
+            if !known.contains(&process.replica_id) && !self.runs(&process.replica_id) {
+                tracing::info!(replica = %process.replica_id, pid = process.pid, "stopping a replica process nobody recorded");
+                procfs::kill(process.pid);
+                stopped.push(process.replica_id);
+            }
+        }
+        stopped
+    }
+}
+
+/// A replica process of some executor, as found in `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerProcess {
+    pub pid: u32,
+    pub replica_id: String,
+    pub generation: u64,
+    pub endpoint: String,
+}
+
+/// Replica processes found through Linux's `/proc`. Reading other users'
+/// environments fails and those processes are skipped: an executor only
+/// adopts what it could have started.
+pub mod procfs {
+    use std::collections::HashMap;
+
+    use super::{ENV_ENDPOINT, ENV_GENERATION, ENV_OWNER, ENV_REPLICA, RunnerProcess};
+
+    /// Whether `pid` exists and is not a zombie.
+    pub fn alive(pid: u32) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // `pid (comm) S ...`: the state follows the last `)`.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    }
+
+    /// The environment `pid` started with.
+    pub fn environment(pid: u32) -> Option<HashMap<String, String>> {
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        Some(
+            raw.split(|b| *b == 0)
+                .filter_map(|entry| {
+                    let text = std::str::from_utf8(entry).ok()?;
+                    let (k, v) = text.split_once('=')?;
+                    Some((k.to_string(), v.to_string()))
+                })
+                .collect(),
+        )
+    }
+
+    /// Live replica processes started by the executor `owner`.
+    pub fn runner_processes(owner: &str) -> Vec<RunnerProcess> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found: Vec<RunnerProcess> = dir
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let env = environment(pid)?;
+                if env.get(ENV_OWNER).map(String::as_str) != Some(owner) || !alive(pid) {
+                    return None;
+                }
+                Some(RunnerProcess {
+                    pid,
+                    replica_id: env.get(ENV_REPLICA)?.clone(),
+                    generation: env.get(ENV_GENERATION)?.parse().ok()?,
+                    endpoint: env.get(ENV_ENDPOINT)?.clone(),
+                })
+            })
+            .collect();
+        found.sort_by_key(|p| p.pid);
+        found
+    }
+
+    /// Sends SIGKILL to `pid`; a process already gone is not an error.
+    pub fn kill(pid: u32) {
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return;
+        };
+        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
+            tracing::debug!("kill {pid:?}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn spec(runtime: v1::Runtime) -> ReplicaSpec {
+        ReplicaSpec {
+            replica_id: "chat-g3-0".into(),
+            deployment: "chat".into(),
+            generation: 3,
+            model_name: "smollm2".into(),
+            model_path: "/cache/smollm2/model.gguf".into(),
+            model_in_cache: "smollm2/model.gguf".into(),
+            runtime,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_candle_replica_runs_the_runner_with_its_identity_in_the_environment() {
+        let runner = std::env::current_exe().unwrap();
+        let launch = launch_command(
+            &spec(v1::Runtime::Candle),
+            8123,
+            "eu-1:/cache",
+            &runner,
+            None,
+        )
+        .unwrap();
+        assert_eq!(launch.program, runner);
+        assert_eq!(
+            launch.args,
+            [
+                "--model",
+                "/cache/smollm2/model.gguf",
+                "--served-model-name",
+                "smollm2",
+                "--addr",
+                "127.0.0.1:8123"
+            ]
+            .map(OsString::from)
+        );
+        let env: HashMap<_, _> = launch.env.into_iter().collect();
+        assert_eq!(env[ENV_OWNER], "eu-1:/cache");
+        assert_eq!(env[ENV_REPLICA], "chat-g3-0");
+        assert_eq!(env[ENV_GENERATION], "3");
+        assert_eq!(env[ENV_ENDPOINT], "http://127.0.0.1:8123");
+    }
+
+    #[test]
+    fn a_vllm_replica_runs_vllm_serve() {
+        let vllm = std::env::current_exe().unwrap();
+        let launch = launch_command(
+            &spec(v1::Runtime::Vllm),
+            9000,
+            "eu-1:/cache",
+            Path::new("/nonexistent/flotilla-runner"),
+            Some(&vllm),
+        )
+        .unwrap();
+        assert_eq!(launch.program, vllm);
+        assert_eq!(
+            launch.args,
+            [
+                "serve",
+                "/cache/smollm2/model.gguf",
+                "--served-model-name",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "9000"
+            ]
+            .map(OsString::from)
+        );
+    }
+
+    #[test]
+    fn a_vllm_replica_without_vllm_fails_with_a_clear_reason() {
+        let runner = std::env::current_exe().unwrap();
+        let err = launch_command(&spec(v1::Runtime::Vllm), 9000, "o", &runner, None).unwrap_err();
+        assert!(matches!(err, BackendError::NoVllm(_)), "{err}");
+        assert!(err.to_string().contains("--vllm-bin"), "{err}");
+        let missing = Path::new("/nonexistent/vllm");
+        let err = launch_command(&spec(v1::Runtime::Vllm), 9000, "o", &runner, Some(missing))
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vllm"), "{err}");
+    }
+
+    #[test]
+    fn this_process_is_alive_and_has_an_environment() {
+        let me = std::process::id();
+        assert!(procfs::alive(me));
+        assert!(procfs::environment(me).unwrap().contains_key("PATH"));
+        assert!(!procfs::alive(u32::MAX));
+        assert!(procfs::runner_processes("nobody-owns-this").is_empty());
+    }
+}

@@ -1,0 +1,113 @@
+//! Where replicas run. [`ReplicaBackend`] is the one interface the replica
+//! half talks to; [`local::LocalBackend`] runs processes on this machine and
+//! [`kubernetes::KubernetesBackend`] runs one Deployment per replica.
+//!
+//! A backend never touches the bus: it starts, stops, observes and adopts
+//! replicas, and the replica half turns what it says into KV records and
+//! events.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_proto::v1::{self, ReplicaStatus};
+
+pub mod kubernetes;
+pub mod local;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(
+        "runner binary {0} not found; build it (cargo build -p flotilla-runner) or pass --runner-bin"
+    )]
+    NoRunner(String),
+    #[error(
+        "runtime vllm needs the `vllm` executable and there is none ({0}); install vLLM or pass --vllm-bin"
+    )]
+    NoVllm(String),
+    #[error("starting the replica: {0}")]
+    Spawn(String),
+    #[error("the replica did not become healthy within {0:?}: {1}")]
+    NotReady(Duration, String),
+    #[error("the replica failed: {0}")]
+    Failed(String),
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
+}
+
+/// What a backend needs to run one replica.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaSpec {
+    pub replica_id: String,
+    pub deployment: String,
+    pub generation: u64,
+    /// The name the server answers to on `/v1/*`.
+    pub model_name: String,
+    /// The model on this machine: the file of a one-part model, else the
+    /// model's folder in the cache.
+    pub model_path: PathBuf,
+    /// The same, relative to the model cache's root (where a Kubernetes
+    /// pod mounts the cache volume).
+    pub model_in_cache: PathBuf,
+    pub runtime: v1::Runtime,
+    /// GPUs one replica gets (`nvidia.com/gpu` on Kubernetes).
+    pub gpus: u32,
+    pub tolerations: Vec<v1::Toleration>,
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// What an executor that restarted finds of a replica its KV record says
+/// it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// Running, of the recorded generation, serving the recorded model:
+    /// this executor runs it again. Its base URL.
+    Adopted(String),
+    /// Nothing of it runs any more; why.
+    Gone(String),
+    /// Something ran under its name that could not be vouched for (wrong
+    /// generation or model, not answering); it has been stopped. Why.
+    Refused(String),
+}
+
+/// A replica that stopped serving on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaFailure {
+    pub replica_id: String,
+    pub reason: String,
+}
+
+/// Starts, stops and watches replicas. Implementations keep, in memory,
+/// which replicas they run; after a restart [`adopt`](Self::adopt) rebuilds
+/// that from what is really running, and
+/// [`stop_unknown`](Self::stop_unknown) stops what nobody recorded.
+pub trait ReplicaBackend: Send + Sync + 'static {
+    /// `local` or `kubernetes`, for logs and messages.
+    fn name(&self) -> &'static str;
+
+    /// Starts a replica and waits until it serves; returns its base URL.
+    fn start(
+        &self,
+        spec: &ReplicaSpec,
+    ) -> impl Future<Output = Result<String, BackendError>> + Send;
+
+    /// Stops a replica; `Ok(false)` when this backend did not run it.
+    fn stop(&self, replica_id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Whether this backend runs the replica now (started or adopted).
+    fn runs(&self, replica_id: &str) -> bool;
+
+    /// Replicas that stopped serving since the last call (a process that
+    /// exited, a pod that failed); they are no longer run.
+    fn observe(&self) -> impl Future<Output = Vec<ReplicaFailure>> + Send;
+
+    /// Finds the replica `recorded` describes after this executor
+    /// restarted, and runs it again when it can vouch for it.
+    fn adopt(&self, recorded: &ReplicaStatus) -> impl Future<Output = Adoption> + Send;
+
+    /// Stops every replica of this executor that is not in `known`
+    /// (started by an earlier instance that died before recording it);
+    /// returns their ids.
+    fn stop_unknown(&self, known: &HashSet<String>) -> impl Future<Output = Vec<String>> + Send;
+}
