@@ -11,7 +11,10 @@
 //! Start reading at [`run`].
 
 pub mod engine;
+pub mod kernels;
+pub mod loader;
 pub mod metrics;
+pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod template;
@@ -44,6 +47,10 @@ pub struct Args {
     /// Requests waiting beyond this get 429.
     #[arg(long, env = "FLOTILLA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+
+    /// Sequences decoded together in one step (continuous batching).
+    #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
 
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
@@ -81,6 +88,11 @@ pub async fn run(
             "--max-queue: must be at least 1".into(),
         ));
     }
+    if args.max_batch == 0 {
+        return Err(RunnerError::Config(
+            "--max-batch: must be at least 1".into(),
+        ));
+    }
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model
             .file_stem()
@@ -116,18 +128,19 @@ pub async fn run(
 
     let path = args.model.clone();
     let started = std::time::Instant::now();
-    let device = candle_core::Device::Cpu;
     let loaded =
         tokio::task::spawn_blocking(move || engine::load_gguf(&path, &candle_core::Device::Cpu))
             .await
             .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
     tracing::info!(elapsed = ?started.elapsed(), context = loaded.context_length, vocab = loaded.tokenizer.vocab_size(), "model loaded; serving {name}");
-    let _ = state.engine.set(engine::Engine::start(
-        loaded,
-        device,
-        args.max_queue,
-        metrics,
-    ));
+    let limits = engine::EngineLimits {
+        max_queue: args.max_queue,
+        max_batch: args.max_batch,
+        ..Default::default()
+    };
+    let _ = state
+        .engine
+        .set(engine::Engine::start(loaded, limits, metrics));
 
     let _ = serving.await;
     Ok(())

@@ -1,5 +1,7 @@
 //! Prometheus metrics of the runner.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -12,6 +14,10 @@ pub struct RunnerMetrics {
     pub requests: Counter,
     pub rejected: Counter,
     pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub kv_cache_tokens: Gauge,
+    pub kv_cache_capacity: Gauge,
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
 }
@@ -24,6 +30,10 @@ impl RunnerMetrics {
         let requests = Counter::default();
         let rejected = Counter::default();
         let queue_depth = Gauge::default();
+        let running = Gauge::default();
+        let kv_cache_tokens = Gauge::default();
+        let kv_cache_capacity = Gauge::default();
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
         let time_to_first_token = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
@@ -47,6 +57,22 @@ impl RunnerMetrics {
             "Requests waiting for the engine",
             queue_depth.clone(),
         );
+        registry.register("running", "Sequences in the running batch", running.clone());
+        registry.register(
+            "kv_cache_tokens",
+            "Tokens held in the KV caches of running sequences",
+            kv_cache_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_capacity_tokens",
+            "Tokens the KV caches may hold: batch slots times the context",
+            kv_cache_capacity.clone(),
+        );
+        registry.register(
+            "kv_cache_usage_ratio",
+            "KV cache tokens held over capacity, 0 to 1",
+            kv_cache_usage.clone(),
+        );
         registry.register(
             "time_to_first_token_seconds",
             "From arrival to the first token",
@@ -64,6 +90,10 @@ impl RunnerMetrics {
             requests,
             rejected,
             queue_depth,
+            running,
+            kv_cache_tokens,
+            kv_cache_capacity,
+            kv_cache_usage,
             time_to_first_token,
             inter_token,
         }

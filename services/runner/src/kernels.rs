@@ -1,0 +1,502 @@
+//! The quantized matrix products that decide decode speed, on the project's
+//! own block layouts: Q4_1 weights (Q4_0 loads into it exactly, as
+//! `m = -8 d`) and Q8_0 weights, against activations quantized per row to
+//! 8 bits in blocks of 32 ([`ActBlock`]). Columns are split across candle's
+//! CPU thread pool; each (row, column) dot product is computed the same way
+//! whatever the number of rows, so a sequence's result does not depend on
+//! what it is batched with.
+//!
+//! The inner loops use AVX2 when the CPU has it (checked at run time) and a
+//! portable loop otherwise; both are tested against candle's own quantized
+//! matmul.
+
+use std::sync::Mutex;
+
+use half::f16;
+
+/// Values per quantization block.
+pub const QK: usize = 32;
+
+/// A GGUF Q4_1 block: `x = d * q + m`, `q` in 0..16; `qs[j]` holds
+/// element `j` in its low nibble and element `j + 16` in its high one.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: u16,
+    pub m: u16,
+    pub qs: [u8; 16],
+}
+
+/// A GGUF Q8_0 block: `x = d * q`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: u16,
+    pub qs: [i8; 32],
+}
+
+/// One block of a quantized activation row: `x ≈ d * q`, `s = d * Σq`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct ActBlock {
+    pub qs: [i8; 32],
+    pub d: f32,
+    pub s: f32,
+}
+
+impl Default for ActBlock {
+    fn default() -> Self {
+        Self {
+            qs: [0; 32],
+            d: 0.0,
+            s: 0.0,
+        }
+    }
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+impl BlockQ4_1 {
+    /// Reads GGUF Q4_1 blocks (20 bytes each).
+    pub fn parse(bytes: &[u8]) -> Option<Vec<Self>> {
+        if !bytes.len().is_multiple_of(20) {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(20)
+                .map(|b| {
+                    let mut qs = [0u8; 16];
+                    qs.copy_from_slice(&b[4..20]);
+                    Self {
+                        d: u16::from_le_bytes([b[0], b[1]]),
+                        m: u16::from_le_bytes([b[2], b[3]]),
+                        qs,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Reads GGUF Q4_0 blocks (18 bytes: `x = d * (q - 8)`) exactly as Q4_1.
+    pub fn parse_q4_0(bytes: &[u8]) -> Option<Vec<Self>> {
+        if !bytes.len().is_multiple_of(18) {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(18)
+                .map(|b| {
+                    let d = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                    let mut qs = [0u8; 16];
+                    qs.copy_from_slice(&b[2..18]);
+                    Self {
+                        d: d.to_bits(),
+                        m: (d * f16::from_f32(-8.0)).to_bits(),
+                        qs,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+impl BlockQ8_0 {
+    /// Reads GGUF Q8_0 blocks (34 bytes each).
+    pub fn parse(bytes: &[u8]) -> Option<Vec<Self>> {
+        if !bytes.len().is_multiple_of(34) {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(34)
+                .map(|b| {
+                    let mut qs = [0i8; 32];
+                    for (q, byte) in qs.iter_mut().zip(&b[2..34]) {
+                        *q = *byte as i8;
+                    }
+                    Self {
+                        d: u16::from_le_bytes([b[0], b[1]]),
+                        qs,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Quantizes `x` (a multiple of [`QK`] long) into `out`.
+pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in block.qs.iter_mut().zip(chunk) {
+            let r = (v * inv).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        block.d = d;
+        block.s = d * sum as f32;
+    }
+}
+
+/// Quantized weights, one row of blocks per output column.
+pub enum QWeights {
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+impl QWeights {
+    pub fn concat(parts: &[&QWeights]) -> Option<QWeights> {
+        match parts.first()? {
+            QWeights::Q4_1(_) => {
+                let mut all = Vec::new();
+                for p in parts {
+                    let QWeights::Q4_1(v) = p else { return None };
+                    all.extend_from_slice(v);
+                }
+                Some(QWeights::Q4_1(all))
+            }
+            QWeights::Q8_0(_) => {
+                let mut all = Vec::new();
+                for p in parts {
+                    let QWeights::Q8_0(v) = p else { return None };
+                    all.extend_from_slice(v);
+                }
+                Some(QWeights::Q8_0(all))
+            }
+        }
+    }
+}
+
+/// Columns per work item handed to a thread.
+const COLUMNS_PER_ITEM: usize = 16;
+/// Rows whose activations share one pass over a weight block.
+const ROW_TILE: usize = 8;
+
+/// `out[r * n + c] = Σ_k x[r, k] * w[c, k]` for `m` rows already quantized
+/// into `acts` (`m * k / QK` blocks), `w` holding `n` columns. `scratch` is
+/// the column-major staging area, reused between calls.
+pub fn matmul(
+    w: &QWeights,
+    acts: &[ActBlock],
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let kb = k / QK;
+    let avx2 = has_avx2();
+    // Column-major staging (`[c][r]`) so that each work item owns one
+    // contiguous slice; for one row it is the output itself.
+    let staging: &mut [f32] = if m == 1 {
+        &mut out[..n]
+    } else {
+        if scratch.len() < m * n {
+            scratch.resize(m * n, 0.0);
+        }
+        &mut scratch[..m * n]
+    };
+    let items: Vec<Mutex<(usize, &mut [f32])>> = staging
+        .chunks_mut(COLUMNS_PER_ITEM * m)
+        .enumerate()
+        .map(|(i, s)| Mutex::new((i * COLUMNS_PER_ITEM, s)))
+        .collect();
+    let work = |range: std::ops::Range<usize>| {
+        for item in &items[range] {
+            let Ok(mut guard) = item.lock() else { continue };
+            let (first, ref mut dst) = *guard;
+            for (j, col_out) in dst.chunks_mut(m).enumerate() {
+                let c = first + j;
+                for (tile, tile_out) in col_out.chunks_mut(ROW_TILE).enumerate() {
+                    let r0 = tile * ROW_TILE;
+                    let rows = &acts[r0 * kb..(r0 + tile_out.len()) * kb];
+                    match w {
+                        QWeights::Q4_1(blocks) => {
+                            dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, avx2)
+                        }
+                        QWeights::Q8_0(blocks) => {
+                            dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, avx2)
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if n * m * k < 1 << 16 {
+        work(0..items.len());
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items.len(), work);
+    }
+    drop(items);
+    if m > 1 {
+        for c in 0..n {
+            for r in 0..m {
+                out[r * n + c] = scratch[c * m + r];
+            }
+        }
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One weight column against up to [`ROW_TILE`] activation rows.
+fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        simd::dot_q4_1(w, rows, kb, out);
+        return;
+    }
+    let _ = avx2;
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &rows[r * kb..(r + 1) * kb];
+        let mut sum = 0f32;
+        for (x, y) in w.iter().zip(row) {
+            let mut dot = 0i32;
+            for j in 0..16 {
+                dot += (x.qs[j] & 0x0f) as i32 * y.qs[j] as i32
+                    + (x.qs[j] >> 4) as i32 * y.qs[j + 16] as i32;
+            }
+            sum += f16_to_f32(x.d) * y.d * dot as f32 + f16_to_f32(x.m) * y.s;
+        }
+        *o = sum;
+    }
+}
+
+fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        simd::dot_q8_0(w, rows, kb, out);
+        return;
+    }
+    let _ = avx2;
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &rows[r * kb..(r + 1) * kb];
+        let mut sum = 0f32;
+        for (x, y) in w.iter().zip(row) {
+            let dot: i32 =
+                x.qs.iter()
+                    .zip(&y.qs)
+                    .map(|(a, b)| *a as i32 * *b as i32)
+                    .sum();
+            sum += f16_to_f32(x.d) * y.d * dot as f32;
+        }
+        *o = sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    //! AVX2 inner loops. The only unsafe operations are unaligned 16/32-byte
+    //! loads from fixed-size arrays (always in bounds) and calls into
+    //! functions compiled for AVX2+FMA, made only after
+    //! `is_x86_feature_detected!` said the CPU has both.
+
+    use std::arch::x86_64::*;
+
+    use super::{ActBlock, BlockQ4_1, BlockQ8_0, ROW_TILE, f16_to_f32};
+
+    pub(super) fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+        // SAFETY: callers checked AVX2 and FMA at run time.
+        unsafe { dot_q4_1_avx2(w, rows, kb, out) }
+    }
+
+    pub(super) fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+        // SAFETY: callers checked AVX2 and FMA at run time.
+        unsafe { dot_q8_0_avx2(w, rows, kb, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn load32(bytes: &[i8; 32]) -> __m256i {
+        // SAFETY: reads exactly the 32 bytes of the array.
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_q4_1_avx2(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+        let n_rows = out.len().min(ROW_TILE);
+        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        let mut mins = [0f32; ROW_TILE];
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        for (b, x) in w.iter().enumerate() {
+            // SAFETY: reads exactly the 16 bytes of `qs`.
+            let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
+            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+            let qx = _mm256_and_si256(both, low);
+            let xd = f16_to_f32(x.d);
+            let xm = f16_to_f32(x.m);
+            for r in 0..n_rows {
+                let y = &rows[r * kb + b];
+                let qy = load32(&y.qs);
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(xd * y.d),
+                    _mm256_cvtepi32_ps(products),
+                    acc[r],
+                );
+                mins[r] += xm * y.s;
+            }
+        }
+        for r in 0..n_rows {
+            out[r] = hsum(acc[r]) + mins[r];
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_q8_0_avx2(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+        let n_rows = out.len().min(ROW_TILE);
+        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        let ones = _mm256_set1_epi16(1);
+        for (b, x) in w.iter().enumerate() {
+            let qx = load32(&x.qs);
+            let ax = _mm256_sign_epi8(qx, qx);
+            let xd = f16_to_f32(x.d);
+            for r in 0..n_rows {
+                let y = &rows[r * kb + b];
+                let sy = _mm256_sign_epi8(load32(&y.qs), qx);
+                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(xd * y.d),
+                    _mm256_cvtepi32_ps(products),
+                    acc[r],
+                );
+            }
+        }
+        for r in 0..n_rows {
+            out[r] = hsum(acc[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn check(dtype: GgmlDType, m: usize, k: usize, n: usize) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = q.data().unwrap();
+        let ours = match dtype {
+            GgmlDType::Q4_1 => QWeights::Q4_1(BlockQ4_1::parse(&bytes).unwrap()),
+            GgmlDType::Q4_0 => QWeights::Q4_1(BlockQ4_1::parse_q4_0(&bytes).unwrap()),
+            GgmlDType::Q8_0 => QWeights::Q8_0(BlockQ8_0::parse(&bytes).unwrap()),
+            _ => unreachable!(),
+        };
+        let reference = QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut acts = vec![ActBlock::default(); m * k / QK];
+        for r in 0..m {
+            quantize_row(
+                &xs[r * k..(r + 1) * k],
+                &mut acts[r * k / QK..(r + 1) * k / QK],
+            );
+        }
+        for avx2 in [false, has_avx2()] {
+            let mut out = vec![0f32; m * n];
+            if avx2 {
+                matmul(&ours, &acts, (m, k, n), &mut out, &mut Vec::new());
+            } else {
+                let kb = k / QK;
+                for c in 0..n {
+                    for r in 0..m {
+                        let mut o = [0f32];
+                        let rows = &acts[r * kb..(r + 1) * kb];
+                        match &ours {
+                            QWeights::Q4_1(b) => {
+                                dot_q4_1(&b[c * kb..(c + 1) * kb], rows, kb, &mut o, false)
+                            }
+                            QWeights::Q8_0(b) => {
+                                dot_q8_0(&b[c * kb..(c + 1) * kb], rows, kb, &mut o, false)
+                            }
+                        }
+                        out[r * n + c] = o[0];
+                    }
+                }
+            }
+            let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 2e-3 * scale.max(1.0),
+                    "{dtype:?} m={m} avx2={avx2} at {i}: ours {a}, candle {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matmuls_match_candles() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            for m in [1, 3, 11] {
+                check(dtype, m, 256, 70);
+            }
+            check(dtype, 1, 576, 1536);
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch() {
+        let dev = Device::Cpu;
+        let (k, n) = (128, 40);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let w = QWeights::Q4_1(BlockQ4_1::parse(&q.data().unwrap()).unwrap());
+        let xs = Tensor::randn(0f32, 1.0, (9, k), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut acts = vec![ActBlock::default(); 9 * k / QK];
+        for r in 0..9 {
+            quantize_row(
+                &xs[r * k..(r + 1) * k],
+                &mut acts[r * k / QK..(r + 1) * k / QK],
+            );
+        }
+        let mut all = vec![0f32; 9 * n];
+        matmul(&w, &acts, (9, k, n), &mut all, &mut Vec::new());
+        for r in 0..9 {
+            let mut one = vec![0f32; n];
+            let row = &acts[r * k / QK..(r + 1) * k / QK];
+            matmul(&w, row, (1, k, n), &mut one, &mut Vec::new());
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        }
+    }
+}
