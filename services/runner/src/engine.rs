@@ -63,6 +63,8 @@ pub struct Job {
     pub max_tokens: usize,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub queued_at: Instant,
 }
@@ -141,6 +143,90 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, EngineErro
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
         context_length,
+    })
+}
+
+/// Loads a GGUF file, or a Hugging Face model folder (safetensors,
+/// `config.json`, `tokenizer.json`, optionally `tokenizer_config.json`).
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, EngineError> {
+    if path.is_dir() {
+        load_hf_folder(path, device)
+    } else {
+        load_gguf(path, device)
+    }
+}
+
+/// The largest context a safetensors model is served with, whatever its
+/// `max_position_embeddings` says (the KV caches and RoPE tables grow with it).
+pub const HF_CONTEXT_CAP: usize = 32_768;
+
+/// Loads a Hugging Face llama/mistral/qwen2 folder.
+pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, EngineError> {
+    let fail = |reason: String| EngineError::Load {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let read_json = |name: &str| -> Result<Option<serde_json::Value>, EngineError> {
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| fail(format!("{name}: {e}")))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| fail(format!("{name}: {e}")))
+    };
+    let config_json = read_json("config.json")?.ok_or_else(|| fail("no config.json".into()))?;
+    let config: crate::loader::HfConfig =
+        serde_json::from_value(config_json).map_err(|e| fail(format!("config.json: {e}")))?;
+    let tokenizer_json =
+        read_json("tokenizer.json")?.ok_or_else(|| fail("no tokenizer.json".into()))?;
+    let tokenizer_config = read_json("tokenizer_config.json")?.unwrap_or_default();
+    let (tokenizer, bos_text, eos_text) =
+        crate::tokenizer::from_hf_json(&tokenizer_json, &tokenizer_config, &config)
+            .map_err(|e| fail(e.to_string()))?;
+    let template_src = match tokenizer_config.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let template =
+        ChatTemplate::new(template_src, bos_text, eos_text).map_err(|e| fail(e.to_string()))?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| fail(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(fail("no .safetensors files".into()));
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| fail(format!("{}: {e}", f.display())))?;
+        tensors.extend(part);
+    }
+    let weights = crate::loader::llama_from_safetensors(&config, &tensors, HF_CONTEXT_CAP)
+        .map_err(|e| fail(format!("loading weights: {e}")))?;
+    let _ = device;
+    if tokenizer.vocab_size() > weights.config.vocab {
+        return Err(fail(format!(
+            "the tokenizer has {} tokens, the model's vocabulary {}",
+            tokenizer.vocab_size(),
+            weights.config.vocab
+        )));
+    }
+    Ok(LoadedModel {
+        context_length: weights.config.context,
+        weights,
+        tokenizer: Arc::new(tokenizer),
+        template: Arc::new(template),
     })
 }
 
@@ -294,7 +380,7 @@ impl Active {
         }
         self.last_token_at = now;
         metrics.completion_tokens.inc();
-        if tokenizer.stop_ids.contains(&token) {
+        if !self.job.ignore_eos && tokenizer.stop_ids.contains(&token) {
             return Step::Finished(FinishReason::Stop);
         }
         self.text
@@ -420,11 +506,22 @@ impl Worker {
                 self.publish(&active);
                 continue;
             }
-            if let Err(e) = self.step(&mut active, &mut scratch, &mut logits) {
+            // A failed (or, by a bug, panicking) step fails the requests in
+            // it, not the engine.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step(&mut active, &mut scratch, &mut logits)
+            }));
+            let failure = match stepped {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the forward pass panicked".to_string()),
+            };
+            if let Some(e) = failure {
                 tracing::error!(error = %e, "a forward step failed; failing its requests");
                 for a in active.drain(..) {
-                    let _ = a.job.events.send(GenEvent::Failed(e.to_string()));
+                    let _ = a.job.events.send(GenEvent::Failed(e.clone()));
                 }
+                scratch = Scratch::default();
             }
             self.publish(&active);
         }

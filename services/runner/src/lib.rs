@@ -33,7 +33,8 @@ use flotilla_kit::Shutdown as CancellationToken;
     about = "OpenAI-compatible inference for one GGUF model"
 )]
 pub struct Args {
-    /// The GGUF file.
+    /// A GGUF file, or a Hugging Face folder (safetensors, config.json,
+    /// tokenizer.json) of a llama, mistral or qwen2 model.
     #[arg(long, env = "FLOTILLA_MODEL")]
     pub model: PathBuf,
 
@@ -77,9 +78,9 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunnerError> {
-    if !args.model.is_file() {
+    if !args.model.is_file() && !args.model.is_dir() {
         return Err(RunnerError::Config(format!(
-            "--model: {} is not a file",
+            "--model: {} is neither a GGUF file nor a model folder",
             args.model.display()
         )));
     }
@@ -129,7 +130,7 @@ pub async fn run(
     let path = args.model.clone();
     let started = std::time::Instant::now();
     let loaded =
-        tokio::task::spawn_blocking(move || engine::load_gguf(&path, &candle_core::Device::Cpu))
+        tokio::task::spawn_blocking(move || engine::load(&path, &candle_core::Device::Cpu))
             .await
             .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
     tracing::info!(elapsed = ?started.elapsed(), context = loaded.context_length, vocab = loaded.tokenizer.vocab_size(), "model loaded; serving {name}");

@@ -452,7 +452,8 @@ impl Llama {
         grow(&mut s.xn, total * h);
         grow(&mut s.qkv, total * (qd + 2 * kvd));
         grow(&mut s.attn, total * qd);
-        grow(&mut s.proj, total * h);
+        // Also holds the unfused q/k/v and gate/up products.
+        grow(&mut s.proj, total * h.max(qd + 2 * kvd).max(2 * c.ffn));
         grow(&mut s.ffn, total * 2 * c.ffn);
         grow(&mut s.act, total * c.ffn);
         let mut row = 0;

@@ -90,6 +90,9 @@ struct CommonParams {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     n: Option<u32>,
+    /// vLLM's extension: generate past the end-of-sequence token.
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 struct Checked {
@@ -97,6 +100,7 @@ struct Checked {
     max_tokens: Option<usize>,
     stop: Vec<String>,
     stream: bool,
+    ignore_eos: bool,
 }
 
 fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
@@ -183,6 +187,7 @@ fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
         max_tokens: max.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         stop,
         stream: p.stream,
+        ignore_eos: p.ignore_eos,
     })
 }
 
@@ -371,6 +376,7 @@ async fn run(
         max_tokens,
         params: checked.params,
         stop: checked.stop,
+        ignore_eos: checked.ignore_eos,
         events: tx,
         queued_at: Instant::now(),
     };
