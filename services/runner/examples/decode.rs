@@ -10,6 +10,20 @@ use flotilla_runner::engine;
 use flotilla_runner::model::{Feed, Scratch};
 use flotilla_runner::sampling::argmax;
 
+/// CPU seconds this process has used (Linux; 0 elsewhere): on a shared
+/// machine, a steadier measure of work than wall time.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn main() {
     let path = std::env::args()
         .nth(1)
@@ -29,6 +43,7 @@ fn main() {
     for batch in [1usize, 8] {
         let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
         let started = Instant::now();
+        let cpu = cpu_seconds();
         let mut next = Vec::new();
         for c in caches.iter_mut() {
             model
@@ -45,7 +60,9 @@ fn main() {
             next.push([argmax(&logits)]);
         }
         let prefill = started.elapsed();
+        let prefill_cpu = cpu_seconds() - cpu;
         let started = Instant::now();
+        let cpu = cpu_seconds();
         for _ in 0..steps {
             let mut feeds: Vec<Feed<'_>> = caches
                 .iter_mut()
@@ -65,12 +82,15 @@ fn main() {
             }
         }
         let decode = started.elapsed();
+        let decode_cpu = cpu_seconds() - cpu;
         println!(
-            "batch {batch}: prefill {} tokens x{batch} in {:.3}s; {steps} decode steps: {:.1} tokens/s per sequence, {:.1} in all",
+            "batch {batch}: prefill {} tokens x{batch} in {:.3}s ({:.3} CPU s); {steps} decode steps: {:.1} tokens/s per sequence, {:.1} in all; {:.2} CPU ms per token",
             prompt.len(),
             prefill.as_secs_f64(),
+            prefill_cpu,
             steps as f64 / decode.as_secs_f64(),
-            (steps * batch) as f64 / decode.as_secs_f64()
+            (steps * batch) as f64 / decode.as_secs_f64(),
+            decode_cpu * 1000.0 / (steps * batch) as f64,
         );
     }
 }

@@ -184,12 +184,23 @@ const ROW_TILE: usize = 8;
 pub fn matmul(
     w: &QWeights,
     acts: &[ActBlock],
+    dims: (usize, usize, usize),
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    matmul_with(best_isa(), w, acts, dims, out, scratch)
+}
+
+/// [`matmul`] with the given inner loops (the CPU must have them).
+pub fn matmul_with(
+    isa: Isa,
+    w: &QWeights,
+    acts: &[ActBlock],
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
     let kb = k / QK;
-    let avx2 = has_avx2();
     // Column-major staging (`[c][r]`) so that each work item owns one
     // contiguous slice; for one row it is the output itself.
     let staging: &mut [f32] = if m == 1 {
@@ -216,10 +227,10 @@ pub fn matmul(
                     let rows = &acts[r0 * kb..(r0 + tile_out.len()) * kb];
                     match w {
                         QWeights::Q4_1(blocks) => {
-                            dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, avx2)
+                            dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
                         }
                         QWeights::Q8_0(blocks) => {
-                            dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, avx2)
+                            dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
                         }
                     }
                 }
@@ -241,25 +252,64 @@ pub fn matmul(
     }
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Which inner loops this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    AvxVnni,
+}
+
+/// The best inner loops for this CPU (`FLOTILLA_RUNNER_ISA=portable|avx2`
+/// caps it, for comparisons).
+pub fn best_isa() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        let cap = std::env::var("FLOTILLA_RUNNER_ISA").unwrap_or_default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            let vnni = avx2 && std::arch::is_x86_feature_detected!("avxvnni");
+            match cap.as_str() {
+                "portable" => Isa::Portable,
+                "avx2" if avx2 => Isa::Avx2,
+                _ if vnni => Isa::AvxVnni,
+                _ if avx2 => Isa::Avx2,
+                _ => Isa::Portable,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = cap;
+            Isa::Portable
+        }
+    })
+}
+
+/// The inner loops this CPU can run, best last (for tests).
+pub fn available_isas() -> Vec<Isa> {
+    let best = best_isa();
+    [Isa::Portable, Isa::Avx2, Isa::AvxVnni]
+        .into_iter()
+        .filter(|i| match i {
+            Isa::Portable => true,
+            Isa::Avx2 => best != Isa::Portable,
+            Isa::AvxVnni => best == Isa::AvxVnni,
+        })
+        .collect()
 }
 
 /// One weight column against up to [`ROW_TILE`] activation rows.
-fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2: bool) {
+fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        simd::dot_q4_1(w, rows, kb, out);
-        return;
+    match isa {
+        Isa::AvxVnni => return simd::vnni::dot_q4_1(w, rows, kb, out),
+        Isa::Avx2 => return simd::avx2::dot_q4_1(w, rows, kb, out),
+        Isa::Portable => {}
     }
-    let _ = avx2;
+    let _ = isa;
     for (r, o) in out.iter_mut().enumerate() {
         let row = &rows[r * kb..(r + 1) * kb];
         let mut sum = 0f32;
@@ -275,13 +325,14 @@ fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2
     }
 }
 
-fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2: bool) {
+fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        simd::dot_q8_0(w, rows, kb, out);
-        return;
+    match isa {
+        Isa::AvxVnni => return simd::vnni::dot_q8_0(w, rows, kb, out),
+        Isa::Avx2 => return simd::avx2::dot_q8_0(w, rows, kb, out),
+        Isa::Portable => {}
     }
-    let _ = avx2;
+    let _ = isa;
     for (r, o) in out.iter_mut().enumerate() {
         let row = &rows[r * kb..(r + 1) * kb];
         let mut sum = 0f32;
@@ -300,96 +351,174 @@ fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32], avx2
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
-    //! AVX2 inner loops. The only unsafe operations are unaligned 16/32-byte
-    //! loads from fixed-size arrays (always in bounds) and calls into
-    //! functions compiled for AVX2+FMA, made only after
-    //! `is_x86_feature_detected!` said the CPU has both.
+    //! x86-64 inner loops: AVX2 (with FMA and F16C, which every AVX2 CPU
+    //! has), and the same with AVX-VNNI's fused byte dot product. The only
+    //! unsafe operations are unaligned 16/32-byte loads from fixed-size
+    //! arrays (always in bounds) and calls into functions compiled for those
+    //! features, made only after `is_x86_feature_detected!` said the CPU has
+    //! them.
 
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, BlockQ4_1, BlockQ8_0, ROW_TILE, f16_to_f32};
+    use super::{ActBlock, BlockQ4_1, BlockQ8_0, ROW_TILE};
 
-    pub(super) fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-        // SAFETY: callers checked AVX2 and FMA at run time.
-        unsafe { dot_q4_1_avx2(w, rows, kb, out) }
-    }
-
-    pub(super) fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-        // SAFETY: callers checked AVX2 and FMA at run time.
-        unsafe { dot_q8_0_avx2(w, rows, kb, out) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     fn load32(bytes: &[i8; 32]) -> __m256i {
-        // SAFETY: reads exactly the 32 bytes of the array.
+        // SAFETY: reads exactly the 32 bytes of the array; only inlined
+        // into functions compiled for AVX2.
         unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+    #[inline(always)]
+    fn load16(bytes: &[u8; 16]) -> __m128i {
+        // SAFETY: reads exactly the 16 bytes of the array.
+        unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_q4_1_avx2(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-        let n_rows = out.len().min(ROW_TILE);
-        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-        let mut mins = [0f32; ROW_TILE];
-        let low = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        for (b, x) in w.iter().enumerate() {
-            // SAFETY: reads exactly the 16 bytes of `qs`.
-            let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
-            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-            let qx = _mm256_and_si256(both, low);
-            let xd = f16_to_f32(x.d);
-            let xm = f16_to_f32(x.m);
-            for r in 0..n_rows {
-                let y = &rows[r * kb + b];
-                let qy = load32(&y.qs);
-                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(xd * y.d),
-                    _mm256_cvtepi32_ps(products),
-                    acc[r],
-                );
-                mins[r] += xm * y.s;
+    macro_rules! kernels {
+        ($name:ident, $features:literal, |$a:ident, $b:ident| $products:expr) => {
+            pub(super) mod $name {
+                use super::*;
+
+                pub(in super::super) fn dot_q4_1(
+                    w: &[BlockQ4_1],
+                    rows: &[ActBlock],
+                    kb: usize,
+                    out: &mut [f32],
+                ) {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { dispatch_q4_1(w, rows, kb, out) }
+                }
+
+                pub(in super::super) fn dot_q8_0(
+                    w: &[BlockQ8_0],
+                    rows: &[ActBlock],
+                    kb: usize,
+                    out: &mut [f32],
+                ) {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { dispatch_q8_0(w, rows, kb, out) }
+                }
+
+                /// Unsigned bytes times signed bytes, summed in fours.
+                #[target_feature(enable = $features)]
+                fn products($a: __m256i, $b: __m256i) -> __m256i {
+                    $products
+                }
+
+                #[target_feature(enable = $features)]
+                fn hsum(v: __m256) -> f32 {
+                    let lo = _mm256_castps256_ps128(v);
+                    let hi = _mm256_extractf128_ps::<1>(v);
+                    let s = _mm_add_ps(lo, hi);
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                    _mm_cvtss_f32(s)
+                }
+
+                #[target_feature(enable = $features)]
+                fn f16x2(a: u16, b: u16) -> (f32, f32) {
+                    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((a as u32 | ((b as u32) << 16)) as i32));
+                    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+                }
+
+                // The row count is a constant so that the accumulators stay
+                // in registers.
+                #[target_feature(enable = $features)]
+                fn dispatch_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+                    match out.len() {
+                        1 => q4_1::<1>(w, rows, kb, out),
+                        2 => q4_1::<2>(w, rows, kb, out),
+                        3 => q4_1::<3>(w, rows, kb, out),
+                        4 => q4_1::<4>(w, rows, kb, out),
+                        5 => q4_1::<5>(w, rows, kb, out),
+                        6 => q4_1::<6>(w, rows, kb, out),
+                        7 => q4_1::<7>(w, rows, kb, out),
+                        _ => q4_1::<ROW_TILE>(w, rows, kb, out),
+                    }
+                }
+
+                #[target_feature(enable = $features)]
+                fn dispatch_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
+                    match out.len() {
+                        1 => q8_0::<1>(w, rows, kb, out),
+                        2 => q8_0::<2>(w, rows, kb, out),
+                        3 => q8_0::<3>(w, rows, kb, out),
+                        4 => q8_0::<4>(w, rows, kb, out),
+                        5 => q8_0::<5>(w, rows, kb, out),
+                        6 => q8_0::<6>(w, rows, kb, out),
+                        7 => q8_0::<7>(w, rows, kb, out),
+                        _ => q8_0::<ROW_TILE>(w, rows, kb, out),
+                    }
+                }
+
+                #[target_feature(enable = $features)]
+                fn q4_1<const R: usize>(
+                    w: &[BlockQ4_1],
+                    rows: &[ActBlock],
+                    kb: usize,
+                    out: &mut [f32],
+                ) {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let mut mins = [0f32; R];
+                    let low = _mm256_set1_epi8(0x0f);
+                    let rows: [&[ActBlock]; R] =
+                        std::array::from_fn(|r| &rows[r * kb..(r + 1) * kb]);
+                    for (b, x) in w.iter().enumerate() {
+                        let packed = load16(&x.qs);
+                        let qx = _mm256_and_si256(
+                            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                            low,
+                        );
+                        let (xd, xm) = f16x2(x.d, x.m);
+                        for r in 0..R {
+                            let y = &rows[r][b];
+                            let p = _mm256_cvtepi32_ps(products(qx, load32(&y.qs)));
+                            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[r]);
+                            mins[r] += xm * y.s;
+                        }
+                    }
+                    for r in 0..R {
+                        out[r] = hsum(acc[r]) + mins[r];
+                    }
+                }
+
+                #[target_feature(enable = $features)]
+                fn q8_0<const R: usize>(
+                    w: &[BlockQ8_0],
+                    rows: &[ActBlock],
+                    kb: usize,
+                    out: &mut [f32],
+                ) {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let rows: [&[ActBlock]; R] =
+                        std::array::from_fn(|r| &rows[r * kb..(r + 1) * kb]);
+                    for (b, x) in w.iter().enumerate() {
+                        let qx = load32(&x.qs);
+                        let ax = _mm256_sign_epi8(qx, qx);
+                        let (xd, _) = f16x2(x.d, 0);
+                        for r in 0..R {
+                            let y = &rows[r][b];
+                            let sy = _mm256_sign_epi8(load32(&y.qs), qx);
+                            let p = _mm256_cvtepi32_ps(products(ax, sy));
+                            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[r]);
+                        }
+                    }
+                    for r in 0..R {
+                        out[r] = hsum(acc[r]);
+                    }
+                }
             }
-        }
-        for r in 0..n_rows {
-            out[r] = hsum(acc[r]) + mins[r];
-        }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_q8_0_avx2(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-        let n_rows = out.len().min(ROW_TILE);
-        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-        let ones = _mm256_set1_epi16(1);
-        for (b, x) in w.iter().enumerate() {
-            let qx = load32(&x.qs);
-            let ax = _mm256_sign_epi8(qx, qx);
-            let xd = f16_to_f32(x.d);
-            for r in 0..n_rows {
-                let y = &rows[r * kb + b];
-                let sy = _mm256_sign_epi8(load32(&y.qs), qx);
-                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(xd * y.d),
-                    _mm256_cvtepi32_ps(products),
-                    acc[r],
-                );
-            }
-        }
-        for r in 0..n_rows {
-            out[r] = hsum(acc[r]);
-        }
-    }
+    kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(a, b),
+        _mm256_set1_epi16(1)
+    ));
+    kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    });
 }
 
 #[cfg(test)]
@@ -428,33 +557,14 @@ mod tests {
                 &mut acts[r * k / QK..(r + 1) * k / QK],
             );
         }
-        for avx2 in [false, has_avx2()] {
+        for isa in available_isas() {
             let mut out = vec![0f32; m * n];
-            if avx2 {
-                matmul(&ours, &acts, (m, k, n), &mut out, &mut Vec::new());
-            } else {
-                let kb = k / QK;
-                for c in 0..n {
-                    for r in 0..m {
-                        let mut o = [0f32];
-                        let rows = &acts[r * kb..(r + 1) * kb];
-                        match &ours {
-                            QWeights::Q4_1(b) => {
-                                dot_q4_1(&b[c * kb..(c + 1) * kb], rows, kb, &mut o, false)
-                            }
-                            QWeights::Q8_0(b) => {
-                                dot_q8_0(&b[c * kb..(c + 1) * kb], rows, kb, &mut o, false)
-                            }
-                        }
-                        out[r * n + c] = o[0];
-                    }
-                }
-            }
+            matmul_with(isa, &ours, &acts, (m, k, n), &mut out, &mut Vec::new());
             let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
             for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                 assert!(
                     (a - b).abs() <= 2e-3 * scale.max(1.0),
-                    "{dtype:?} m={m} avx2={avx2} at {i}: ours {a}, candle {b}"
+                    "{dtype:?} m={m} {isa:?} at {i}: ours {a}, candle {b}"
                 );
             }
         }
