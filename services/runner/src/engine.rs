@@ -212,9 +212,8 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, Engine
             .map_err(|e| fail(format!("{}: {e}", f.display())))?;
         tensors.extend(part);
     }
-    let weights = crate::loader::llama_from_safetensors(&config, &tensors, HF_CONTEXT_CAP)
+    let weights = crate::loader::llama_from_safetensors(&config, &tensors, HF_CONTEXT_CAP, device)
         .map_err(|e| fail(format!("loading weights: {e}")))?;
-    let _ = device;
     if tokenizer.vocab_size() > weights.config.vocab {
         return Err(fail(format!(
             "the tokenizer has {} tokens, the model's vocabulary {}",

@@ -49,6 +49,11 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
+    /// `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature): where
+    /// the linear layers run.
+    #[arg(long, env = "FLOTILLA_DEVICE", default_value = "cpu")]
+    pub device: String,
+
     /// Sequences decoded together in one step (continuous batching).
     #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
@@ -127,12 +132,12 @@ pub async fn run(
             .await
     });
 
+    let device = parse_device(&args.device)?;
     let path = args.model.clone();
     let started = std::time::Instant::now();
-    let loaded =
-        tokio::task::spawn_blocking(move || engine::load(&path, &candle_core::Device::Cpu))
-            .await
-            .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || engine::load(&path, &device))
+        .await
+        .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
     tracing::info!(elapsed = ?started.elapsed(), context = loaded.context_length, vocab = loaded.tokenizer.vocab_size(), "model loaded; serving {name}");
     let limits = engine::EngineLimits {
         max_queue: args.max_queue,
@@ -145,4 +150,19 @@ pub async fn run(
 
     let _ = serving.await;
     Ok(())
+}
+
+fn parse_device(spec: &str) -> Result<candle_core::Device, RunnerError> {
+    let bad = |e: String| RunnerError::Config(format!("--device {spec}: {e}"));
+    match spec.split_once(':') {
+        None if spec == "cpu" => Ok(candle_core::Device::Cpu),
+        None if spec == "cuda" => candle_core::Device::new_cuda(0).map_err(|e| bad(e.to_string())),
+        Some(("cuda", n)) => {
+            let ordinal = n
+                .parse()
+                .map_err(|_| bad("the GPU ordinal is not a number".into()))?;
+            candle_core::Device::new_cuda(ordinal).map_err(|e| bad(e.to_string()))
+        }
+        _ => Err(bad("expected cpu, cuda or cuda:N".into())),
+    }
 }

@@ -52,8 +52,9 @@ pub fn llama_from_gguf<R: Read + Seek>(
         .map_or(hidden / heads.max(1), |v| v as usize);
     let tensor = |reader: &mut R, name: &str| ct.tensor(reader, name, device);
     let vector = |reader: &mut R, name: &str| -> Result<Vec<f32>, ModelError> {
-        Ok(tensor(reader, name)?
-            .dequantize(&Device::Cpu)?
+        let q = tensor(reader, name)?;
+        Ok(q.dequantize(&q.device())?
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?)
@@ -73,7 +74,8 @@ pub fn llama_from_gguf<R: Read + Seek>(
         )));
     }
     let embeddings = embed_q
-        .dequantize(&Device::Cpu)?
+        .dequantize(&embed_q.device())?
+        .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
@@ -174,6 +176,7 @@ pub fn llama_from_safetensors(
     cfg: &HfConfig,
     tensors: &std::collections::HashMap<String, Tensor>,
     context_cap: usize,
+    device: &Device,
 ) -> Result<Llama, ModelError> {
     let model_type = cfg.model_type.clone().unwrap_or_else(|| "llama".into());
     if !HF_MODEL_TYPES.contains(&model_type.as_str()) {
@@ -203,7 +206,7 @@ pub fn llama_from_safetensors(
     };
     let linear = |prefix: &str| -> Result<Linear, ModelError> {
         Linear::from_tensor(
-            get(&format!("{prefix}.weight"))?,
+            get(&format!("{prefix}.weight"))?.to_device(device)?,
             optional(&format!("{prefix}.bias"))?,
         )
     };
@@ -211,7 +214,7 @@ pub fn llama_from_safetensors(
     let output = if tensors.contains_key("lm_head.weight") {
         linear("lm_head")?
     } else {
-        Linear::from_tensor(embed.clone(), None)?
+        Linear::from_tensor(embed.to_device(device)?, None)?
     };
     let embeddings = embed
         .to_dtype(DType::F32)?

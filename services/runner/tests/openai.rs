@@ -39,6 +39,7 @@ async fn start_with(max_queue: usize, max_batch: usize) -> Runner {
         addr: "127.0.0.1:0".parse().unwrap(),
         max_queue,
         max_batch,
+        device: "cpu".into(),
         log_format: Default::default(),
     };
     let stop = CancellationToken::new();

@@ -234,6 +234,7 @@ async fn a_folder_is_served_over_the_openai_api() {
         addr: "127.0.0.1:0".parse().unwrap(),
         max_queue: 4,
         max_batch: 4,
+        device: "cpu".into(),
         log_format: Default::default(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
