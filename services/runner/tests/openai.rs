@@ -271,6 +271,33 @@ async fn bad_requests_get_their_4xx() {
             "model",
         ),
         (json!({"messages": user("hi"), "n": 3}), 400, "n"),
+        (json!({"messages": user("hi"), "top_k": -5}), 400, "top_k"),
+        (
+            json!({"messages": user("hi"), "presence_penalty": 3}),
+            400,
+            "presence_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "frequency_penalty": -2.5}),
+            400,
+            "frequency_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "repetition_penalty": 0}),
+            400,
+            "repetition_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "temperature": "hot"}),
+            400,
+            "temperature",
+        ),
+        // Longer than SmolLM2's 8,192-token context.
+        (
+            json!({"messages": user(&"hello ".repeat(9000))}),
+            400,
+            "messages",
+        ),
         (json!({"messages": "hi"}), 400, "messages"),
     ];
     for (body, status, param) in cases {
