@@ -285,9 +285,21 @@ impl Engine {
             },
             metrics,
         };
+        // The engine loop runs on one of the pool's threads, so the
+        // forward pass's parallel parts use it and its siblings
+        // (RAYON_NUM_THREADS of them; by default one per CPU).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("flotilla-runner-{i}"))
+            .build();
         std::thread::Builder::new()
             .name("flotilla-runner-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || match pool {
+                Ok(pool) => pool.install(|| worker.run()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no thread pool of its own; using rayon's global one");
+                    worker.run()
+                }
+            })
             .ok();
         Self {
             jobs,

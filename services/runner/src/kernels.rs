@@ -1,8 +1,8 @@
 //! The quantized matrix products that decide decode speed, on the project's
 //! own block layouts: Q4_1 weights (Q4_0 loads into it exactly, as
 //! `m = -8 d`) and Q8_0 weights, against activations quantized per row to
-//! 8 bits in blocks of 32 ([`ActBlock`]). Columns are split across candle's
-//! CPU thread pool; each (row, column) dot product is computed the same way
+//! 8 bits in blocks of 32 ([`ActBlock`]). Columns are split across the
+//! rayon thread pool the caller runs in; each (row, column) dot product is computed the same way
 //! whatever the number of rows, so a sequence's result does not depend on
 //! what it is batched with.
 //!
@@ -10,9 +10,8 @@
 //! portable loop otherwise; both are tested against candle's own quantized
 //! matmul.
 
-use std::sync::Mutex;
-
 use half::f16;
+use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const QK: usize = 32;
@@ -214,38 +213,59 @@ pub fn matmul_with(
         }
         &mut scratch[..m * n]
     };
-    let items: Vec<Mutex<(usize, &mut [f32])>> = staging
-        .chunks_mut(COLUMNS_PER_ITEM * m)
-        .enumerate()
-        .map(|(i, s)| Mutex::new((i * COLUMNS_PER_ITEM, s)))
-        .collect();
-    let work = |range: std::ops::Range<usize>| {
-        for item in &items[range] {
-            let Ok(mut guard) = item.lock() else { continue };
-            let (first, ref mut dst) = *guard;
-            for (j, col_out) in dst.chunks_mut(m).enumerate() {
-                let c = first + j;
-                for (tile, tile_out) in col_out.chunks_mut(ROW_TILE).enumerate() {
-                    let r0 = tile * ROW_TILE;
-                    let rows = &acts[r0 * kb..(r0 + tile_out.len()) * kb];
-                    match w {
-                        QWeights::Q4_1(blocks) => {
-                            dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
+    let work = |(item, dst): (usize, &mut [f32])| {
+        let first = item * COLUMNS_PER_ITEM;
+        if m == 1 && isa != Isa::Portable {
+            // Decode: four columns share each activation load.
+            let mut c = first;
+            for quad in dst.chunks_mut(4) {
+                if quad.len() == 4 {
+                    dot4(isa, w, c, kb, acts, quad);
+                } else {
+                    for (j, o) in quad.iter_mut().enumerate() {
+                        let o = std::slice::from_mut(o);
+                        match w {
+                            QWeights::Q4_1(b) => {
+                                dot_q4_1(&b[(c + j) * kb..(c + j + 1) * kb], acts, kb, o, isa)
+                            }
+                            QWeights::Q8_0(b) => {
+                                dot_q8_0(&b[(c + j) * kb..(c + j + 1) * kb], acts, kb, o, isa)
+                            }
                         }
-                        QWeights::Q8_0(blocks) => {
-                            dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
-                        }
+                    }
+                }
+                c += 4;
+            }
+            return;
+        }
+        for (j, col_out) in dst.chunks_mut(m).enumerate() {
+            let c = first + j;
+            for (tile, tile_out) in col_out.chunks_mut(ROW_TILE).enumerate() {
+                let r0 = tile * ROW_TILE;
+                let rows = &acts[r0 * kb..(r0 + tile_out.len()) * kb];
+                match w {
+                    QWeights::Q4_1(blocks) => {
+                        dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
+                    }
+                    QWeights::Q8_0(blocks) => {
+                        dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
                     }
                 }
             }
         }
     };
+    let chunk = COLUMNS_PER_ITEM * m;
     if n * m * k < 1 << 16 {
-        work(0..items.len());
+        staging.chunks_mut(chunk).enumerate().for_each(work);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(items.len(), work);
+        // Rayon's waiting threads steal work, then sleep: they do not spin
+        // against other processes for the cores.
+        staging
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .with_min_len(2)
+            .for_each(work);
     }
-    drop(items);
     if m > 1 {
         for c in 0..n {
             for r in 0..m {
@@ -302,6 +322,36 @@ pub fn available_isas() -> Vec<Isa> {
             Isa::AvxVnni => best == Isa::AvxVnni,
         })
         .collect()
+}
+
+/// Four weight columns from `c` against one activation row.
+fn dot4(isa: Isa, w: &QWeights, c: usize, kb: usize, row: &[ActBlock], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cols = |i: usize| (c + i) * kb..(c + i + 1) * kb;
+        match (isa, w) {
+            (Isa::AvxVnni, QWeights::Q4_1(b)) => {
+                return simd::vnni::dot4_q4_1(std::array::from_fn(|i| &b[cols(i)]), row, out);
+            }
+            (Isa::AvxVnni, QWeights::Q8_0(b)) => {
+                return simd::vnni::dot4_q8_0(std::array::from_fn(|i| &b[cols(i)]), row, out);
+            }
+            (Isa::Avx2, QWeights::Q4_1(b)) => {
+                return simd::avx2::dot4_q4_1(std::array::from_fn(|i| &b[cols(i)]), row, out);
+            }
+            (Isa::Avx2, QWeights::Q8_0(b)) => {
+                return simd::avx2::dot4_q8_0(std::array::from_fn(|i| &b[cols(i)]), row, out);
+            }
+            (Isa::Portable, _) => {}
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        let o = std::slice::from_mut(o);
+        match w {
+            QWeights::Q4_1(b) => dot_q4_1(&b[(c + j) * kb..(c + j + 1) * kb], row, kb, o, isa),
+            QWeights::Q8_0(b) => dot_q8_0(&b[(c + j) * kb..(c + j + 1) * kb], row, kb, o, isa),
+        }
+    }
 }
 
 /// One weight column against up to [`ROW_TILE`] activation rows.
@@ -401,6 +451,76 @@ mod simd {
                 ) {
                     // SAFETY: callers checked the features at run time.
                     unsafe { dispatch_q8_0(w, rows, kb, out) }
+                }
+
+                pub(in super::super) fn dot4_q4_1(
+                    w: [&[BlockQ4_1]; 4],
+                    row: &[ActBlock],
+                    out: &mut [f32],
+                ) {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { q4_1_x4(w, row, out) }
+                }
+
+                pub(in super::super) fn dot4_q8_0(
+                    w: [&[BlockQ8_0]; 4],
+                    row: &[ActBlock],
+                    out: &mut [f32],
+                ) {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { q8_0_x4(w, row, out) }
+                }
+
+                // Per column, the same operations in the same order as
+                // `q4_1::<1>`, so results do not depend on the path.
+                #[target_feature(enable = $features)]
+                fn q4_1_x4(w: [&[BlockQ4_1]; 4], row: &[ActBlock], out: &mut [f32]) {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut mins = [0f32; 4];
+                    let low = _mm256_set1_epi8(0x0f);
+                    let kb = row.len().min(w.iter().map(|c| c.len()).min().unwrap_or(0));
+                    for b in 0..kb {
+                        let y = &row[b];
+                        let qy = load32(&y.qs);
+                        for c in 0..4 {
+                            let x = &w[c][b];
+                            let packed = load16(&x.qs);
+                            let qx = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                                low,
+                            );
+                            let (xd, xm) = f16x2(x.d, x.m);
+                            let p = _mm256_cvtepi32_ps(products(qx, qy));
+                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[c]);
+                            mins[c] += xm * y.s;
+                        }
+                    }
+                    for c in 0..4 {
+                        out[c] = hsum(acc[c]) + mins[c];
+                    }
+                }
+
+                #[target_feature(enable = $features)]
+                fn q8_0_x4(w: [&[BlockQ8_0]; 4], row: &[ActBlock], out: &mut [f32]) {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let kb = row.len().min(w.iter().map(|c| c.len()).min().unwrap_or(0));
+                    for b in 0..kb {
+                        let y = &row[b];
+                        let qy = load32(&y.qs);
+                        for c in 0..4 {
+                            let x = &w[c][b];
+                            let qx = load32(&x.qs);
+                            let (xd, _) = f16x2(x.d, 0);
+                            let p = _mm256_cvtepi32_ps(products(
+                                _mm256_sign_epi8(qx, qx),
+                                _mm256_sign_epi8(qy, qx),
+                            ));
+                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[c]);
+                        }
+                    }
+                    for c in 0..4 {
+                        out[c] = hsum(acc[c]);
+                    }
                 }
 
                 /// Unsigned bytes times signed bytes, summed in fours.

@@ -9,10 +9,10 @@
 //! every other format (K-quants, f16/bf16/f32 from safetensors) goes through
 //! candle's `QMatMul`. Activations are f32 buffers reused from step to step.
 
-use std::sync::Mutex;
-
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+
+use rayon::prelude::*;
 
 use crate::kernels::{self, ActBlock, BlockQ4_1, BlockQ8_0, QK, QWeights};
 
@@ -644,19 +644,10 @@ impl Llama {
             return;
         }
         // Long prompts: rows across the thread pool.
-        let rows: Vec<Mutex<(usize, &mut [f32])>> = out
-            .chunks_exact_mut(qd)
-            .enumerate()
-            .map(|(i, r)| Mutex::new((i, r)))
-            .collect();
-        candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+        out.par_chunks_mut(qd).enumerate().for_each(|(i, row)| {
             let mut scores = Vec::with_capacity(start + n);
-            for r in &rows[range] {
-                let Ok(mut guard) = r.lock() else { continue };
-                let (i, ref mut row) = *guard;
-                for (head, o) in row.chunks_exact_mut(hd).enumerate() {
-                    one(i, head, &mut scores, o);
-                }
+            for (head, o) in row.chunks_exact_mut(hd).enumerate() {
+                one(i, head, &mut scores, o);
             }
         });
     }
