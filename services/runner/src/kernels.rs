@@ -324,6 +324,30 @@ pub fn available_isas() -> Vec<Isa> {
         .collect()
 }
 
+/// `Σ a[i] b[i]` (attention scores).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    match best_isa() {
+        Isa::AvxVnni => return simd::vnni::dot_f32(a, b),
+        Isa::Avx2 => return simd::avx2::dot_f32(a, b),
+        Isa::Portable => {}
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y += alpha x` (attention's weighted sum of values).
+pub fn axpy_f32(y: &mut [f32], alpha: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match best_isa() {
+        Isa::AvxVnni => return simd::vnni::axpy_f32(y, alpha, x),
+        Isa::Avx2 => return simd::avx2::axpy_f32(y, alpha, x),
+        Isa::Portable => {}
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
 /// Four weight columns from `c` against one activation row.
 fn dot4(isa: Isa, w: &QWeights, c: usize, kb: usize, row: &[ActBlock], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -428,6 +452,20 @@ mod simd {
         unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
     }
 
+    #[inline(always)]
+    fn load8(v: &[f32]) -> __m256 {
+        assert!(v.len() >= 8);
+        // SAFETY: the slice holds at least 8 floats (checked above).
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    }
+
+    #[inline(always)]
+    fn store8(v: &mut [f32], x: __m256) {
+        assert!(v.len() >= 8);
+        // SAFETY: the slice holds at least 8 floats (checked above).
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), x) }
+    }
+
     macro_rules! kernels {
         ($name:ident, $features:literal, |$a:ident, $b:ident| $products:expr) => {
             pub(super) mod $name {
@@ -520,6 +558,50 @@ mod simd {
                     }
                     for c in 0..4 {
                         out[c] = hsum(acc[c]);
+                    }
+                }
+
+                pub(in super::super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { dot_f32_impl(a, b) }
+                }
+
+                pub(in super::super) fn axpy_f32(y: &mut [f32], alpha: f32, x: &[f32]) {
+                    // SAFETY: callers checked the features at run time.
+                    unsafe { axpy_f32_impl(y, alpha, x) }
+                }
+
+                #[target_feature(enable = $features)]
+                fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
+                    let n = a.len().min(b.len());
+                    let mut acc = _mm256_setzero_ps();
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        let (x, y) = (load8(&a[i..i + 8]), load8(&b[i..i + 8]));
+                        acc = _mm256_fmadd_ps(x, y, acc);
+                        i += 8;
+                    }
+                    let mut sum = hsum(acc);
+                    while i < n {
+                        sum += a[i] * b[i];
+                        i += 1;
+                    }
+                    sum
+                }
+
+                #[target_feature(enable = $features)]
+                fn axpy_f32_impl(y: &mut [f32], alpha: f32, x: &[f32]) {
+                    let n = x.len().min(y.len());
+                    let a = _mm256_set1_ps(alpha);
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        let v = _mm256_fmadd_ps(a, load8(&x[i..i + 8]), load8(&y[i..i + 8]));
+                        store8(&mut y[i..i + 8], v);
+                        i += 8;
+                    }
+                    while i < n {
+                        y[i] += alpha * x[i];
+                        i += 1;
                     }
                 }
 
@@ -700,6 +782,19 @@ mod tests {
                 check(dtype, m, 256, 70);
             }
             check(dtype, 1, 576, 1536);
+        }
+    }
+
+    #[test]
+    fn f32_helpers_match_plain_loops() {
+        let a: Vec<f32> = (0..67).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..67).map(|i| (i as f32 * 0.11).cos()).collect();
+        let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot_f32(&a, &b) - plain).abs() < 1e-4);
+        let mut y = b.clone();
+        axpy_f32(&mut y, 0.5, &a);
+        for i in 0..67 {
+            assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
         }
     }
 

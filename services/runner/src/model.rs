@@ -615,7 +615,7 @@ impl Llama {
             let mut max = f32::NEG_INFINITY;
             for p in first..=pos {
                 let k = &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let s = kernels::dot_f32(q, k) * scale;
                 max = max.max(s);
                 scores.push(s);
             }
@@ -627,14 +627,11 @@ impl Llama {
             o.fill(0.0);
             for (p, w) in (first..=pos).zip(scores.iter()) {
                 let v = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                let w = w / sum;
-                for (o, v) in o.iter_mut().zip(v) {
-                    *o += w * v;
-                }
+                kernels::axpy_f32(o, w / sum, v);
             }
         };
         let work = n * c.heads * (start + n);
-        if work < 1 << 14 {
+        if work < 1 << 11 {
             let mut scores = Vec::with_capacity(start + n);
             for (i, row) in out.chunks_exact_mut(qd).enumerate() {
                 for (head, o) in row.chunks_exact_mut(hd).enumerate() {
@@ -643,12 +640,10 @@ impl Llama {
             }
             return;
         }
-        // Long prompts: rows across the thread pool.
-        out.par_chunks_mut(qd).enumerate().for_each(|(i, row)| {
-            let mut scores = Vec::with_capacity(start + n);
-            for (head, o) in row.chunks_exact_mut(hd).enumerate() {
-                one(i, head, &mut scores, o);
-            }
-        });
+        // Longer contexts: (row, head) pairs across the thread pool.
+        out.par_chunks_mut(hd).enumerate().for_each_init(
+            || Vec::with_capacity(start + n),
+            |scores, (j, o)| one(j / c.heads, j % c.heads, scores, o),
+        );
     }
 }
