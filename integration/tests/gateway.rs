@@ -31,6 +31,8 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
         served_model_name: Some("smollm2".into()),
         addr: "127.0.0.1:0".parse().unwrap(),
         max_queue: 16,
+        max_batch: 8,
+        device: "cpu".into(),
         log_format: Default::default(),
     };
     tokio::spawn(async move {

@@ -11,7 +11,10 @@
 //! Start reading at [`run`].
 
 pub mod engine;
+pub mod kernels;
+pub mod loader;
 pub mod metrics;
+pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod template;
@@ -30,7 +33,8 @@ use flotilla_kit::Shutdown as CancellationToken;
     about = "OpenAI-compatible inference for one GGUF model"
 )]
 pub struct Args {
-    /// The GGUF file.
+    /// A GGUF file, or a Hugging Face folder (safetensors, config.json,
+    /// tokenizer.json) of a llama, mistral or qwen2 model.
     #[arg(long, env = "FLOTILLA_MODEL")]
     pub model: PathBuf,
 
@@ -44,6 +48,15 @@ pub struct Args {
     /// Requests waiting beyond this get 429.
     #[arg(long, env = "FLOTILLA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+
+    /// `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature): where
+    /// the linear layers run.
+    #[arg(long, env = "FLOTILLA_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Sequences decoded together in one step (continuous batching).
+    #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
 
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
@@ -70,15 +83,20 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunnerError> {
-    if !args.model.is_file() {
+    if !args.model.is_file() && !args.model.is_dir() {
         return Err(RunnerError::Config(format!(
-            "--model: {} is not a file",
+            "--model: {} is neither a GGUF file nor a model folder",
             args.model.display()
         )));
     }
     if args.max_queue == 0 {
         return Err(RunnerError::Config(
             "--max-queue: must be at least 1".into(),
+        ));
+    }
+    if args.max_batch == 0 {
+        return Err(RunnerError::Config(
+            "--max-batch: must be at least 1".into(),
         ));
     }
     let name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -114,21 +132,37 @@ pub async fn run(
             .await
     });
 
+    let device = parse_device(&args.device)?;
     let path = args.model.clone();
     let started = std::time::Instant::now();
-    let device = candle_core::Device::Cpu;
-    let loaded =
-        tokio::task::spawn_blocking(move || engine::load_gguf(&path, &candle_core::Device::Cpu))
-            .await
-            .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || engine::load(&path, &device))
+        .await
+        .map_err(|e| RunnerError::Config(format!("loader crashed: {e}")))??;
     tracing::info!(elapsed = ?started.elapsed(), context = loaded.context_length, vocab = loaded.tokenizer.vocab_size(), "model loaded; serving {name}");
-    let _ = state.engine.set(engine::Engine::start(
-        loaded,
-        device,
-        args.max_queue,
-        metrics,
-    ));
+    let limits = engine::EngineLimits {
+        max_queue: args.max_queue,
+        max_batch: args.max_batch,
+        ..Default::default()
+    };
+    let _ = state
+        .engine
+        .set(engine::Engine::start(loaded, limits, metrics));
 
     let _ = serving.await;
     Ok(())
+}
+
+fn parse_device(spec: &str) -> Result<candle_core::Device, RunnerError> {
+    let bad = |e: String| RunnerError::Config(format!("--device {spec}: {e}"));
+    match spec.split_once(':') {
+        None if spec == "cpu" => Ok(candle_core::Device::Cpu),
+        None if spec == "cuda" => candle_core::Device::new_cuda(0).map_err(|e| bad(e.to_string())),
+        Some(("cuda", n)) => {
+            let ordinal = n
+                .parse()
+                .map_err(|_| bad("the GPU ordinal is not a number".into()))?;
+            candle_core::Device::new_cuda(ordinal).map_err(|e| bad(e.to_string()))
+        }
+        _ => Err(bad("expected cpu, cuda or cuda:N".into())),
+    }
 }

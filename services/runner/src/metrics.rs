@@ -1,5 +1,7 @@
 //! Prometheus metrics of the runner.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -15,6 +17,10 @@ pub struct RunnerMetrics {
     /// Requests accepted and not finished, queued ones included: what the
     /// autoscaler's in-flight target reads.
     pub in_flight: Gauge,
+    pub running: Gauge,
+    pub kv_cache_tokens: Gauge,
+    pub kv_cache_capacity: Gauge,
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
 }
@@ -28,6 +34,10 @@ impl RunnerMetrics {
         let rejected = Counter::default();
         let queue_depth = Gauge::default();
         let in_flight = Gauge::default();
+        let running = Gauge::default();
+        let kv_cache_tokens = Gauge::default();
+        let kv_cache_capacity = Gauge::default();
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
         let time_to_first_token = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
@@ -50,6 +60,22 @@ impl RunnerMetrics {
             "queue_depth",
             "Requests waiting for the engine",
             queue_depth.clone(),
+        );
+        registry.register("running", "Sequences in the running batch", running.clone());
+        registry.register(
+            "kv_cache_tokens",
+            "Tokens held in the KV caches of running sequences",
+            kv_cache_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_capacity_tokens",
+            "Tokens the KV caches may hold: batch slots times the context",
+            kv_cache_capacity.clone(),
+        );
+        registry.register(
+            "kv_cache_usage_ratio",
+            "KV cache tokens held over capacity, 0 to 1",
+            kv_cache_usage.clone(),
         );
         registry.register(
             "requests_in_flight",
@@ -74,6 +100,10 @@ impl RunnerMetrics {
             rejected,
             queue_depth,
             in_flight,
+            running,
+            kv_cache_tokens,
+            kv_cache_capacity,
+            kv_cache_usage,
             time_to_first_token,
             inter_token,
         }

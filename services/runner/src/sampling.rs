@@ -73,11 +73,21 @@ impl Sampler {
 
     fn sample_distribution(&mut self, logits: &[f32]) -> u32 {
         let t = self.params.temperature;
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        // Tokens more than 30 temperatures below the best have a relative
+        // probability under e^-30: leaving them out spares sorting the
+        // whole vocabulary on every token.
+        let best = logits.iter().fold(f32::NEG_INFINITY, |a, &l| a.max(l));
+        let floor = best - 30.0 * t;
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] >= floor)
+            .collect();
+        if order.is_empty() {
+            return argmax(logits);
+        }
         let k = if self.params.top_k == 0 {
-            logits.len()
+            order.len()
         } else {
-            self.params.top_k.min(logits.len())
+            self.params.top_k.min(order.len())
         };
         order.select_nth_unstable_by(k.saturating_sub(1), |a, b| {
             logits[*b as usize].total_cmp(&logits[*a as usize])

@@ -90,6 +90,9 @@ struct CommonParams {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     n: Option<u32>,
+    /// vLLM's extension: generate past the end-of-sequence token.
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 struct Checked {
@@ -97,6 +100,7 @@ struct Checked {
     max_tokens: Option<usize>,
     stop: Vec<String>,
     stream: bool,
+    ignore_eos: bool,
 }
 
 fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
@@ -183,26 +187,48 @@ fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
         max_tokens: max.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         stop,
         stream: p.stream,
+        ignore_eos: p.ignore_eos,
     })
 }
 
 #[derive(Debug, Deserialize)]
+struct ChatFields {
+    messages: Vec<Value>,
+}
+
 struct ChatRequest {
     messages: Vec<Value>,
-    #[serde(flatten)]
     common: CommonParams,
 }
 
 #[derive(Debug, Deserialize)]
+struct CompletionFields {
+    prompt: Value,
+}
+
 struct CompletionRequest {
     prompt: Value,
-    #[serde(flatten)]
     common: CommonParams,
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+/// The body as JSON, then the request's own fields and the common ones,
+/// each read separately so that an error names the parameter exactly.
+fn parse_json<F: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<(F, CommonParams), Box<Response>> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+            None,
+            "invalid_json",
+        ))
+    })?;
+    Ok((from_value(&value)?, from_value(&value)?))
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, Box<Response>> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         Box::new(error(
             StatusCode::BAD_REQUEST,
@@ -228,8 +254,11 @@ async fn chat(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Re
             "loading",
         );
     };
-    let request: ChatRequest = match parse_json(&body) {
-        Ok(r) => r,
+    let request = match parse_json::<ChatFields>(&body) {
+        Ok((fields, common)) => ChatRequest {
+            messages: fields.messages,
+            common,
+        },
         Err(e) => return *e,
     };
     if request.messages.is_empty() {
@@ -303,8 +332,11 @@ async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes
             "loading",
         );
     };
-    let request: CompletionRequest = match parse_json(&body) {
-        Ok(r) => r,
+    let request = match parse_json::<CompletionFields>(&body) {
+        Ok((fields, common)) => CompletionRequest {
+            prompt: fields.prompt,
+            common,
+        },
         Err(e) => return *e,
     };
     let prompt = match request.prompt {
@@ -371,6 +403,7 @@ async fn run(
         max_tokens,
         params: checked.params,
         stop: checked.stop,
+        ignore_eos: checked.ignore_eos,
         events: tx,
         queued_at: Instant::now(),
     };

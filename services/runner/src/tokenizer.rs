@@ -11,6 +11,128 @@ pub enum TokenizerError {
     Missing(&'static str),
     #[error("tokenizer model {0:?} is not supported (only gpt2-style BPE)")]
     Unsupported(String),
+    #[error("tokenizer.json: {0}")]
+    HfJson(String),
+}
+
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
+    match v? {
+        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        serde_json::Value::Array(a) => first_id(a.first()),
+        _ => None,
+    }
+}
+
+/// Builds the tokenizer of a Hugging Face folder from its `tokenizer.json`
+/// (byte-level BPE), with bos/eos from `tokenizer_config.json` or
+/// `config.json`; returns it with the bos and eos texts.
+pub fn from_hf_json(
+    tokenizer: &serde_json::Value,
+    tokenizer_config: &serde_json::Value,
+    config: &crate::loader::HfConfig,
+) -> Result<(Tokenizer, String, String), TokenizerError> {
+    let bad = |m: &str| TokenizerError::HfJson(m.to_string());
+    let model = tokenizer.get("model").ok_or_else(|| bad("no model"))?;
+    let kind = model.get("type").and_then(|t| t.as_str()).unwrap_or("BPE");
+    let byte_level = ["pre_tokenizer", "decoder"].iter().any(|k| {
+        let v = tokenizer.get(*k).map(|v| v.to_string()).unwrap_or_default();
+        v.contains("ByteLevel")
+    });
+    if kind != "BPE" || !byte_level {
+        return Err(TokenizerError::Unsupported(format!(
+            "{kind}{}",
+            if byte_level {
+                ""
+            } else {
+                " without byte-level pre-tokenization"
+            }
+        )));
+    }
+    let vocab = model
+        .get("vocab")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| bad("no model.vocab"))?;
+    let mut entries: Vec<(u32, String, i32)> = Vec::with_capacity(vocab.len());
+    for (text, id) in vocab {
+        let id = id
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| bad("a vocabulary id is not a number"))?;
+        entries.push((id, text.clone(), 1));
+    }
+    for added in tokenizer
+        .get("added_tokens")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(text)) = (
+            added
+                .get("id")
+                .and_then(|i| i.as_u64())
+                .and_then(|i| u32::try_from(i).ok()),
+            added.get("content").and_then(|c| c.as_str()),
+        ) else {
+            continue;
+        };
+        let special = added
+            .get("special")
+            .and_then(|s| s.as_bool())
+            .unwrap_or(false);
+        entries.retain(|(i, _, _)| *i != id);
+        entries.push((id, text.to_string(), if special { 3 } else { 4 }));
+    }
+    let size = entries
+        .iter()
+        .map(|(i, _, _)| *i as usize + 1)
+        .max()
+        .unwrap_or(0);
+    if size > 4 * entries.len().max(1) {
+        return Err(bad("token ids are too sparse"));
+    }
+    let mut tokens = vec![String::new(); size];
+    let mut types = vec![1; size];
+    for (id, text, kind) in entries {
+        tokens[id as usize] = text;
+        types[id as usize] = kind;
+    }
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(pair) => Some(format!(
+                "{} {}",
+                pair.first()?.as_str()?,
+                pair.get(1)?.as_str()?
+            )),
+            _ => None,
+        })
+        .collect();
+    let find = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    let bos = token_text(tokenizer_config.get("bos_token"))
+        .and_then(|t| find(&t))
+        .or_else(|| first_id(config.bos_token_id.as_ref()));
+    let eos = token_text(tokenizer_config.get("eos_token"))
+        .and_then(|t| find(&t))
+        .or_else(|| first_id(config.eos_token_id.as_ref()))
+        .ok_or_else(|| bad("no eos token in tokenizer_config.json or config.json"))?;
+    let bos_text = bos
+        .and_then(|b| tokens.get(b as usize).cloned())
+        .unwrap_or_default();
+    let eos_text = tokens.get(eos as usize).cloned().unwrap_or_default();
+    let tokenizer = Tokenizer::new("gpt2", tokens, types, merges, bos, eos)?;
+    Ok((tokenizer, bos_text, eos_text))
 }
 
 /// GPT-2's reversible map from bytes to printable characters.

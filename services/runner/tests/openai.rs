@@ -29,11 +29,17 @@ struct Runner {
 }
 
 async fn start(max_queue: usize) -> Runner {
+    start_with(max_queue, 8).await
+}
+
+async fn start_with(max_queue: usize, max_batch: usize) -> Runner {
     let args = Args {
         model: gguf(),
         served_model_name: Some("smollm2".into()),
         addr: "127.0.0.1:0".parse().unwrap(),
         max_queue,
+        max_batch,
+        device: "cpu".into(),
         log_format: Default::default(),
     };
     let stop = CancellationToken::new();
@@ -265,6 +271,33 @@ async fn bad_requests_get_their_4xx() {
             "model",
         ),
         (json!({"messages": user("hi"), "n": 3}), 400, "n"),
+        (json!({"messages": user("hi"), "top_k": -5}), 400, "top_k"),
+        (
+            json!({"messages": user("hi"), "presence_penalty": 3}),
+            400,
+            "presence_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "frequency_penalty": -2.5}),
+            400,
+            "frequency_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "repetition_penalty": 0}),
+            400,
+            "repetition_penalty",
+        ),
+        (
+            json!({"messages": user("hi"), "temperature": "hot"}),
+            400,
+            "temperature",
+        ),
+        // Longer than SmolLM2's 8,192-token context.
+        (
+            json!({"messages": user(&"hello ".repeat(9000))}),
+            400,
+            "messages",
+        ),
         (json!({"messages": "hi"}), 400, "messages"),
     ];
     for (body, status, param) in cases {
@@ -284,21 +317,49 @@ async fn bad_requests_get_their_4xx() {
 }
 
 #[tokio::test]
-async fn concurrent_requests_all_complete_and_a_cancelled_one_frees_its_slot() {
+async fn eight_concurrent_requests_batch_and_each_equals_its_answer_alone() {
     let r = start(16).await;
+    let body = |i: usize| json!({"messages": user(&format!("Say hello number {i}.")), "temperature": 0, "max_tokens": 16});
+    let mut alone = Vec::new();
+    for i in 0..8 {
+        alone.push(text_of(&r.chat(body(i)).await));
+    }
     let mut jobs = Vec::new();
     for i in 0..8 {
-        let (client, base) = (r.client.clone(), r.base.clone());
+        let (client, base, body) = (r.client.clone(), r.base.clone(), body(i));
         jobs.push(tokio::spawn(async move {
-            let body = json!({"messages": user(&format!("Say hello number {i}.")), "temperature": 0, "max_tokens": 8});
-            client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap().status()
+            let resp = client
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
         }));
     }
-    for j in jobs {
-        assert_eq!(j.await.unwrap(), 200);
+    // While they run, the batch holds several sequences at once.
+    let mut most_running = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !jobs.iter().all(|j| j.is_finished()) && Instant::now() < deadline {
+        most_running = most_running.max(r.metric("flotilla_runner_running").await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    for (i, j) in jobs.into_iter().enumerate() {
+        let v = j.await.unwrap();
+        assert_eq!(text_of(&v), alone[i], "request {i} batched vs alone");
+    }
+    assert!(
+        most_running >= 2.0,
+        "the requests never shared a step (most running: {most_running})"
+    );
+    assert!(r.metric("flotilla_runner_kv_cache_capacity_tokens").await > 0.0);
+}
 
-    // A long streaming request, abandoned after its first chunk.
+#[tokio::test]
+async fn a_cancelled_request_frees_its_slot_for_a_queued_one() {
+    // One slot: the second request waits until the first leaves.
+    let r = start_with(16, 1).await;
     let before = r.metric("flotilla_runner_completion_tokens_total").await;
     let body = json!({"messages": user("Tell me a long story about a dragon."), "temperature": 0, "max_tokens": 400, "stream": true});
     let resp = r
@@ -310,11 +371,33 @@ async fn concurrent_requests_all_complete_and_a_cancelled_one_frees_its_slot() {
         .unwrap();
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.metric("flotilla_runner_kv_cache_tokens").await == 0.0 {
+        assert!(Instant::now() < deadline, "the KV cache never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (client, base) = (r.client.clone(), r.base.clone());
+    let queued = tokio::spawn(async move {
+        let body = json!({"messages": user("Hi"), "temperature": 0, "max_tokens": 4});
+        let resp = client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<Value>().await.unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.metric("flotilla_runner_queue_depth").await < 1.0 {
+        assert!(Instant::now() < deadline, "second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(stream);
-    // The next request is served, and the abandoned one stopped early.
-    let next = r
-        .chat(json!({"messages": user("Hi"), "temperature": 0, "max_tokens": 4}))
-        .await;
+    let next = tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .expect("the queued request never ran")
+        .unwrap();
     let after = r.metric("flotilla_runner_completion_tokens_total").await;
     let abandoned = after - before - next["usage"]["completion_tokens"].as_f64().unwrap();
     assert!(
@@ -325,7 +408,7 @@ async fn concurrent_requests_all_complete_and_a_cancelled_one_frees_its_slot() {
 
 #[tokio::test]
 async fn a_full_queue_answers_429() {
-    let r = start(1).await;
+    let r = start_with(1, 1).await;
     // One running (streaming, held open), one waiting, the next refused.
     let body = json!({"messages": user("Tell me a long story."), "temperature": 0, "max_tokens": 300, "stream": true});
     let running = r

@@ -1,0 +1,187 @@
+//! The project's forward pass against candle's reference llama on the real
+//! SmolLM2 GGUF, and batched against one-at-a-time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use flotilla_runner::engine;
+use flotilla_runner::model::{Feed, Scratch};
+use flotilla_runner::sampling::argmax;
+
+fn gguf() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-tools",
+        p.display()
+    );
+    p
+}
+
+fn candle_reference(prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut file = std::fs::File::open(gguf()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let first: Vec<f32> = weights
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut tokens = vec![argmax(&first)];
+    for i in 1..steps {
+        let input = Tensor::new(&[tokens[i - 1]], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<f32> = weights
+            .forward(&input, prompt.len() + i - 1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        tokens.push(argmax(&logits));
+    }
+    (first, tokens)
+}
+
+#[test]
+fn the_forward_pass_matches_candles_llama_and_batching_changes_nothing() {
+    let loaded = engine::load_gguf(&gguf(), &Device::Cpu).unwrap();
+    let model = &loaded.weights;
+    let prompt = loaded.tokenizer.encode(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    );
+    let steps = 12;
+    let (reference_logits, reference_tokens) = candle_reference(&prompt, steps);
+
+    // Prompt logits: close to candle's, same top token.
+    let mut scratch = Scratch::default();
+    let mut logits = Vec::new();
+    let mut cache = model.new_cache();
+    model
+        .forward(
+            &mut [Feed {
+                cache: &mut cache,
+                tokens: &prompt,
+                logits: true,
+            }],
+            &mut scratch,
+            &mut logits,
+        )
+        .unwrap();
+    assert_eq!(logits.len(), reference_logits.len());
+    let scale = reference_logits.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let worst = logits
+        .iter()
+        .zip(&reference_logits)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(
+        worst < 0.05 * scale,
+        "logits differ from candle's by {worst} (scale {scale})"
+    );
+
+    // Greedy decoding gives candle's tokens.
+    let mut tokens = vec![argmax(&logits)];
+    for _ in 1..steps {
+        let last = [*tokens.last().unwrap()];
+        model
+            .forward(
+                &mut [Feed {
+                    cache: &mut cache,
+                    tokens: &last,
+                    logits: true,
+                }],
+                &mut scratch,
+                &mut logits,
+            )
+            .unwrap();
+        tokens.push(argmax(&logits));
+    }
+    assert_eq!(
+        tokens,
+        reference_tokens,
+        "ours {:?} vs candle {:?}",
+        loaded.tokenizer.decode(&tokens, false),
+        loaded.tokenizer.decode(&reference_tokens, false)
+    );
+
+    // Three sequences at different positions in one step give exactly the
+    // logits each gets alone.
+    let prompts: Vec<Vec<u32>> = ["The sky is", "One, two, three,", "Paris is the capital of"]
+        .iter()
+        .map(|p| loaded.tokenizer.encode(p))
+        .collect();
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    for p in &prompts {
+        let mut c = model.new_cache();
+        model
+            .forward(
+                &mut [Feed {
+                    cache: &mut c,
+                    tokens: p,
+                    logits: true,
+                }],
+                &mut scratch,
+                &mut logits,
+            )
+            .unwrap();
+        let next = [argmax(&logits)];
+        model
+            .forward(
+                &mut [Feed {
+                    cache: &mut c,
+                    tokens: &next,
+                    logits: true,
+                }],
+                &mut scratch,
+                &mut logits,
+            )
+            .unwrap();
+        alone.push(logits.clone());
+        let mut fresh = model.new_cache();
+        model
+            .forward(
+                &mut [Feed {
+                    cache: &mut fresh,
+                    tokens: p,
+                    logits: true,
+                }],
+                &mut scratch,
+                &mut logits,
+            )
+            .unwrap();
+        caches.push((fresh, [argmax(&logits)]));
+    }
+    let mut feeds: Vec<Feed<'_>> = caches
+        .iter_mut()
+        .map(|(c, next)| Feed {
+            cache: c,
+            tokens: next.as_slice(),
+            logits: true,
+        })
+        .collect();
+    model
+        .forward(&mut feeds, &mut scratch, &mut logits)
+        .unwrap();
+    let vocab = model.config.vocab;
+    for (i, a) in alone.iter().enumerate() {
+        assert_eq!(
+            &logits[i * vocab..(i + 1) * vocab],
+            a.as_slice(),
+            "sequence {i}"
+        );
+    }
+}
