@@ -5,6 +5,7 @@ pub mod answer;
 pub mod clusters;
 pub mod deployments;
 pub mod models;
+pub mod nats_config;
 pub mod replicas;
 pub mod table;
 mod up;
@@ -75,6 +76,9 @@ pub enum Command {
         #[command(subcommand)]
         action: clusters::ClusterAction,
     },
+    /// Write a nats-server configuration with one user per service and per
+    /// cluster's executor, each allowed only its own subjects.
+    NatsConfig(nats_config::NatsConfigArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +192,8 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::describe(&bus, &name, &mut std::io::stdout()).await
         }
+        Command::NatsConfig(args) => nats_config::run(&cli.bus, &args)
+            .map(|conf| println!("wrote {} and users/", conf.display())),
         Command::Cluster { action } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             clusters::cordon(&bus, action, &mut std::io::stdout()).await
