@@ -49,6 +49,9 @@ pub struct NatsServer {
     binary: PathBuf,
     store: tempfile::TempDir,
     port: u16,
+    /// A nats-server configuration file (users, TLS) under the harness's
+    /// own flags.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -56,6 +59,17 @@ impl NatsServer {
     /// Starts a server with JetStream on a free loopback port and an empty
     /// temporary store.
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), with a configuration file (users and
+    /// permissions, TLS). The harness's address, port, JetStream and store
+    /// flags override what the file says about them.
+    pub async fn start_with_config(config: &Path) -> Result<Self, HarnessError> {
+        Self::start_inner(Some(config.to_path_buf())).await
+    }
+
+    async fn start_inner(config: Option<PathBuf>) -> Result<Self, HarnessError> {
         let binary = find_binary()?;
         let store = tempfile::Builder::new()
             .prefix("flotilla-nats-")
@@ -65,6 +79,7 @@ impl NatsServer {
             binary,
             store,
             port: 0,
+            config,
             child: None,
         };
         server.spawn(None).await?;
@@ -135,7 +150,11 @@ impl NatsServer {
 
     async fn spawn(&mut self, port: Option<u16>) -> Result<(), HarnessError> {
         let port_arg = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let mut child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(self.store.path())
             .stdin(Stdio::null())
