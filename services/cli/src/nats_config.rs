@@ -1,4 +1,5 @@
-//! `flotilla nats-config`: writes a nats-server configuration in which each
+//! `flotilla nats-config`: writes a nats-server configuration (and its
+//! `authorization` block alone, `auth.conf`) in which each
 //! service and each cluster's executor has its own user, allowed only its
 //! own subjects (see `flotilla-nats-auth`), and one env file per user.
 //!
@@ -11,7 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flotilla_kit::BusArgs;
 use flotilla_nats_auth::{
-    ServerConfig, ServerTls, User, dev_tls, fleet_roles, render_server_config, user_env,
+    ServerConfig, ServerTls, User, dev_tls, fleet_roles, render_authorization, render_server_config,
+    user_env,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -153,7 +155,7 @@ pub fn run(bus: &BusArgs, args: &NatsConfigArgs) -> anyhow::Result<PathBuf> {
         }
     };
 
-    let conf = render_server_config(&ServerConfig {
+    let server = ServerConfig {
         subjects: bus.subjects.clone(),
         topology: bus.topology.clone(),
         users: users.clone(),
@@ -161,9 +163,13 @@ pub fn run(bus: &BusArgs, args: &NatsConfigArgs) -> anyhow::Result<PathBuf> {
         store_dir: args.store_dir.clone(),
         http_port: (args.http_port != 0).then_some(args.http_port),
         tls,
-    })?;
+    };
     let conf_path = args.out.join("nats-server.conf");
-    write(&conf_path, &conf)?;
+    write(&conf_path, &render_server_config(&server)?)?;
+    write(
+        &args.out.join("auth.conf"),
+        &render_authorization(&server)?,
+    )?;
     for user in &users {
         let env: String = user_env(user)
             .into_iter()

@@ -142,6 +142,14 @@ pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> 
         let _ = writeln!(out, "  verify: {}", tls.verify_clients);
         let _ = writeln!(out, "  timeout: 5\n}}");
     }
+    out.push_str(&render_authorization(config)?);
+    Ok(out)
+}
+
+/// Only the `authorization { users = [...] }` block, to `include` into a
+/// server configuration managed elsewhere (the official NATS Helm chart).
+pub fn render_authorization(config: &ServerConfig) -> Result<String, AuthError> {
+    let mut out = String::new();
     let _ = writeln!(out, "authorization {{\n  users = [");
     for user in &config.users {
         let p = permissions(&user.role, &config.subjects, &config.topology);
