@@ -63,8 +63,10 @@ impl NatsServer {
     }
 
     /// Like [`start`](Self::start), with a configuration file (users and
-    /// permissions, TLS). The harness's address, port, JetStream and store
-    /// flags override what the file says about them.
+    /// permissions, TLS). The harness's address and port flags override
+    /// the file's; the JetStream store is the one the file names (nats-server
+    /// refuses a store given twice), so [`store_dir`](Self::store_dir) is
+    /// not used.
     pub async fn start_with_config(config: &Path) -> Result<Self, HarnessError> {
         Self::start_inner(Some(config.to_path_buf())).await
     }
@@ -151,12 +153,12 @@ impl NatsServer {
     async fn spawn(&mut self, port: Option<u16>) -> Result<(), HarnessError> {
         let port_arg = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
         let mut command = Command::new(&self.binary);
-        if let Some(config) = &self.config {
-            command.arg("-c").arg(config);
-        }
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command.arg("-sd").arg(self.store.path()),
+        };
         let mut child = command
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(self.store.path())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
