@@ -115,11 +115,19 @@ fn read_dockerfile(name: &str) -> Dockerfile {
         .filter_map(|w| w.strip_prefix("target/release/"))
         .map(|b| b.trim_end_matches(['/', '\\']).to_string())
         .collect();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let packages = words
-        .windows(2)
-        .filter(|w| w[0] == "-p")
-        .map(|w| w[1].to_string())
+    // `-p` of the `cargo build` commands only (not `mkdir -p`).
+    let packages = text
+        .replace("\\\n", " ")
+        .split("&&")
+        .filter(|command| command.contains("cargo build"))
+        .flat_map(|command| {
+            let words: Vec<String> = command.split_whitespace().map(str::to_string).collect();
+            words
+                .windows(2)
+                .filter(|w| w[0] == "-p")
+                .map(|w| w[1].clone())
+                .collect::<Vec<_>>()
+        })
         .collect();
     Dockerfile {
         stages,
@@ -144,9 +152,7 @@ fn workspace_packages() -> BTreeSet<String> {
         };
         for c in candidates {
             if let Ok(text) = std::fs::read_to_string(c.join("Cargo.toml"))
-                && let Some(name) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("name = "))
+                && let Some(name) = text.lines().find_map(|l| l.strip_prefix("name = "))
             {
                 out.insert(name.trim_matches('"').to_string());
             }
@@ -159,21 +165,24 @@ fn workspace_packages() -> BTreeSet<String> {
 fn dockerfiles_are_multi_stage_non_root_and_build_workspace_binaries() {
     let bins = workspace_bins();
     let packages = workspace_packages();
-    for name in [
-        "Dockerfile",
-        "runner.Dockerfile",
-        "runner-cuda.Dockerfile",
-    ] {
+    for name in ["Dockerfile", "runner.Dockerfile", "runner-cuda.Dockerfile"] {
         let d = read_dockerfile(name);
         assert_eq!(d.stages, ["build", "runtime"], "{name}: stages");
-        let user = d.final_user.clone().unwrap_or_else(|| panic!("{name}: no USER"));
+        let user = d
+            .final_user
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: no USER"));
         assert!(
             !user.starts_with("root") && !user.starts_with("0"),
             "{name}: runs as {user}"
         );
         assert!(!d.built.is_empty(), "{name}: copies no binary");
+        assert!(!d.packages.is_empty(), "{name}: builds no package");
         for bin in &d.built {
-            assert!(bins.contains(bin), "{name}: {bin} is not a workspace binary");
+            assert!(
+                bins.contains(bin),
+                "{name}: {bin} is not a workspace binary"
+            );
         }
         for p in &d.packages {
             assert!(packages.contains(p), "{name}: no package {p}");
@@ -341,16 +350,22 @@ fn check_workloads(objects: &[serde_json::Value]) {
             assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
             assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
             for probe in ["livenessProbe", "readinessProbe"] {
-                let path = c[probe]["httpGet"]["path"].as_str().unwrap_or_else(|| {
-                    panic!("{name}: no {probe}")
-                });
+                let path = c[probe]["httpGet"]["path"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: no {probe}"));
                 assert!(
                     ["/healthz", "/readyz", "/health"].contains(&path),
                     "{name}: {probe} on {path}"
                 );
             }
-            assert!(c["resources"]["requests"].is_object(), "{name}: no requests");
-            assert!(c["resources"]["limits"]["memory"].is_string(), "{name}: no memory limit");
+            assert!(
+                c["resources"]["requests"].is_object(),
+                "{name}: no requests"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{name}: no memory limit"
+            );
             for m in c["volumeMounts"].as_array().into_iter().flatten() {
                 assert!(volumes.contains(m["name"].as_str().unwrap()), "{name}: {m}");
             }
@@ -429,7 +444,10 @@ fn the_chart_installs_the_hub_with_defaults() {
     assert!(of_kind(&objects, "Role").is_empty());
     assert!(of_kind(&objects, "ClusterRole").is_empty());
     for d in of_kind(&objects, "Deployment") {
-        assert_eq!(d["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["automountServiceAccountToken"],
+            false
+        );
     }
     assert!(of_kind(&objects, "ServiceMonitor").is_empty());
 }
@@ -446,7 +464,10 @@ fn the_chart_installs_a_member_executor_with_namespaced_rbac() {
     let container = &deployments[0]["spec"]["template"]["spec"]["containers"][0];
     let env = container["env"].as_array().unwrap();
     let var = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
-    assert_eq!(var("FLOTILLA_NATS_USER").unwrap()["value"], "executor-member-1");
+    assert_eq!(
+        var("FLOTILLA_NATS_USER").unwrap()["value"],
+        "executor-member-1"
+    );
     assert_eq!(
         var("FLOTILLA_NATS_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["key"],
         "executor-member-1"

@@ -121,8 +121,11 @@ async fn command(bus: &Bus, cluster: &str, replica: &str) {
 async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
-    write_nats_config(&BusArgs::default(), &nats_config_args(out, &["cluster-a", "cluster-b"]))
-        .unwrap();
+    write_nats_config(
+        &BusArgs::default(),
+        &nats_config_args(out, &["cluster-a", "cluster-b"]),
+    )
+    .unwrap();
     let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
         .await
         .unwrap();
@@ -174,7 +177,10 @@ async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
     let other_name = cmd_stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some("spy".into()),
-            filter_subjects: vec![b_filter.clone(), subjects.commands_for("cluster-b").unwrap()],
+            filter_subjects: vec![
+                b_filter.clone(),
+                subjects.commands_for("cluster-b").unwrap(),
+            ],
             ..Default::default()
         })
         .await;
@@ -277,7 +283,13 @@ fn runner_bin() -> PathBuf {
     runner
 }
 
-fn executor(server: &NatsServer, out: &Path, cluster: &str, cost: f64, cache: &Path) -> JoinHandle<()> {
+fn executor(
+    server: &NatsServer,
+    out: &Path,
+    cluster: &str,
+    cost: f64,
+    cache: &Path,
+) -> JoinHandle<()> {
     let c = flotilla_executor::ExecutorArgs {
         bus: bus_args(server, out, &format!("executor-{cluster}")),
         cluster: Some(cluster.into()),
@@ -303,7 +315,11 @@ fn executor(server: &NatsServer, out: &Path, cluster: &str, cost: f64, cache: &P
 async fn every_service_works_with_its_own_user() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
-    write_nats_config(&BusArgs::default(), &nats_config_args(out, &["cheap", "dear"])).unwrap();
+    write_nats_config(
+        &BusArgs::default(),
+        &nats_config_args(out, &["cheap", "dear"]),
+    )
+    .unwrap();
     let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
         .await
         .unwrap();
@@ -408,7 +424,10 @@ spec:
         }
         // The gateway's watch of KV replicas catches up on its own; poll
         // its answer until the deadline.
-        assert!(started.elapsed() < DEADLINE, "the gateway never served the replica");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the gateway never served the replica"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(answer.contains("choices"), "{answer}");
@@ -433,9 +452,13 @@ async fn tls_with_a_generated_ca_works_and_plain_is_refused() {
     inventory.nats_tls_cert = Some(tls.join("client.pem"));
     inventory.nats_tls_key = Some(tls.join("client-key.pem"));
     inventory.nats_require_tls = true;
-    let bus = Bus::connect(&inventory.validate().unwrap(), "inventory", &CancellationToken::new())
-        .await
-        .unwrap();
+    let bus = Bus::connect(
+        &inventory.validate().unwrap(),
+        "inventory",
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let report = flotilla_kit::provision(&bus).await.unwrap();
     assert!(report.drifted.is_empty(), "{report:?}");
 
@@ -457,7 +480,10 @@ async fn tls_with_a_generated_ca_works_and_plain_is_refused() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut rest)).await;
     let rest = String::from_utf8_lossy(&rest);
-    assert!(!rest.contains("PONG"), "a plain connection was served: {rest}");
+    assert!(
+        !rest.contains("PONG"),
+        "a plain connection was served: {rest}"
+    );
 
     // A plain client library connection fails too.
     let refused = async_nats::ConnectOptions::new()

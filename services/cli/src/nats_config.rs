@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flotilla_kit::BusArgs;
 use flotilla_nats_auth::{
-    ServerConfig, ServerTls, User, dev_tls, fleet_roles, render_authorization, render_server_config,
-    user_env,
+    ServerConfig, ServerTls, User, dev_tls, fleet_roles, render_authorization,
+    render_server_config, user_env,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -166,10 +166,7 @@ pub fn run(bus: &BusArgs, args: &NatsConfigArgs) -> anyhow::Result<PathBuf> {
     };
     let conf_path = args.out.join("nats-server.conf");
     write(&conf_path, &render_server_config(&server)?)?;
-    write(
-        &args.out.join("auth.conf"),
-        &render_authorization(&server)?,
-    )?;
+    write(&args.out.join("auth.conf"), &render_authorization(&server)?)?;
     for user in &users {
         let env: String = user_env(user)
             .into_iter()
