@@ -186,6 +186,30 @@ async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
         .await;
     assert!(other_name.is_err());
     violation(&mut errors, "$JS.API.CONSUMER.CREATE.FLOTILLA_CMD.spy").await;
+    // Its own replicas consumer may be created by name only (two filters
+    // cannot be checked by the server); once cluster b's executor has its
+    // consumer, the work-queue stream refuses any overlapping one.
+    let b_start = subjects.command("cluster-b", CommandAction::Start).unwrap();
+    admin
+        .jetstream
+        .get_stream(&topology.commands.name)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("executor-cluster-b-replicas".into()),
+            filter_subjects: vec![b_start.clone(), b_filter.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let overlapping = cmd_stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("executor-cluster-a-replicas".into()),
+            filter_subjects: vec![b_start, b_filter.clone()],
+            ..Default::default()
+        })
+        .await;
+    assert!(overlapping.is_err(), "{overlapping:?}");
     // Neither pulling from cluster b's consumer nor reading the stream
     // directly nor a core subscription gets anything.
     let next = a
