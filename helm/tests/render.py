@@ -5,6 +5,11 @@ then prints JSON: {"lint": <helm lint result>, "manifest": <rendered YAML>,
 objects are exactly what `helm install` would send to one.
 
 Usage: render.py CHART [VALUES_JSON]
+       render.py --real KUBECONFIG NAMESPACE CHART [VALUES_JSON]
+
+With --real, installs into that cluster's namespace instead (the API
+server validates every object; nothing waits for pods), prints the same
+JSON with the objects of the release manifest, and uninstalls.
 """
 
 import asyncio
@@ -106,7 +111,25 @@ class FakeApi(http.server.BaseHTTPRequestHandler):
         return self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
 
+def real(kubeconfig, namespace, chart, values):
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+    lint = asyncio.run(helm_sdkpy.Lint(config).run(chart))
+    name = "flotilla-chart-test"
+    try:
+        release = asyncio.run(helm_sdkpy.Install(config).run(
+            name, chart, values=values, wait=False, create_namespace=True))
+    finally:
+        try:
+            asyncio.run(helm_sdkpy.Uninstall(config).run(name, wait=False))
+        except Exception as e:  # nothing to uninstall when the install failed
+            sys.stderr.write(f"uninstall: {e}\n")
+    json.dump({"lint": lint, "manifest": release.get("manifest", ""), "applied": None}, sys.stdout)
+
+
 def main():
+    if sys.argv[1] == "--real":
+        _, _, kubeconfig, namespace, chart, *rest = sys.argv
+        return real(kubeconfig, namespace, chart, json.loads(rest[0]) if rest else None)
     chart = sys.argv[1]
     values = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)

@@ -520,6 +520,41 @@ fn the_chart_refuses_an_executor_without_a_cluster_name() {
     assert!(stderr.contains("executor.cluster is required"), "{stderr}");
 }
 
+/// Installs the chart (hub and member values) into a real cluster when
+/// `KUBECONFIG` is set: the API server validates every object. Pods are not
+/// waited for (the image need not be pullable there). Uninstalls after.
+#[test]
+fn the_chart_installs_on_a_real_cluster_when_kubeconfig_is_set() {
+    let Ok(kubeconfig) = std::env::var("KUBECONFIG") else {
+        eprintln!("SKIPPED: KUBECONFIG is not set; the chart was not installed on a real cluster");
+        return;
+    };
+    let root = workspace_root();
+    for (namespace, values) in [
+        (
+            "flotilla-chart-test-hub",
+            Value::Mapping(Default::default()),
+        ),
+        (
+            "flotilla-chart-test-member",
+            values_file("values-member.yaml"),
+        ),
+    ] {
+        let out = Process::new(root.join(".tools/venv/bin/python"))
+            .arg(root.join("helm/tests/render.py"))
+            .args(["--real", &kubeconfig, namespace])
+            .arg(root.join("helm/flotilla"))
+            .arg(serde_json::to_string(&serde_json::to_value(&values).unwrap()).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{namespace}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn compose_and_chart_name_only_existing_paths() {
     let root = workspace_root();
