@@ -292,6 +292,33 @@ async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
     assert!(kv.get("cluster-a.r1").await.unwrap().is_some());
 }
 
+#[tokio::test]
+async fn a_refused_password_stops_a_service_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    write_nats_config(&BusArgs::default(), &nats_config_args(out, &["cluster-a"])).unwrap();
+    let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
+        .await
+        .unwrap();
+    let mut args = bus_args(&server, out, "inventory");
+    args.nats_password = Some("wrong".into());
+    // Without the fix this retries forever; the deadline makes it a failure.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(20),
+        Bus::connect(
+            &args.validate().unwrap(),
+            "inventory",
+            &CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("a refused password is retried instead of reported");
+    let e = connected.unwrap_err().to_string();
+    assert!(e.contains("--nats-user"), "{e}");
+    // Anonymous connections are refused too.
+    assert!(async_nats::connect(server.url()).await.is_err());
+}
+
 fn runner_bin() -> PathBuf {
     let runner = std::env::current_exe()
         .unwrap()
@@ -401,8 +428,25 @@ async fn every_service_works_with_its_own_user() {
             .await
             .unwrap()
     });
-    // Inventory must have provisioned before an executor (which may only
-    // check the topology) starts: its first event says so.
+    // Executors may only check the topology, not create it: they start
+    // once the control services have created every stream, bucket and
+    // object store.
+    let topology = &admin.topology;
+    let mut names: Vec<String> = topology.streams().iter().map(|s| s.name.clone()).collect();
+    names.extend(topology.buckets().iter().map(|b| format!("KV_{}", b.name)));
+    names.extend(
+        topology
+            .object_stores()
+            .iter()
+            .map(|o| format!("OBJ_{}", o.name)),
+    );
+    let started = tokio::time::Instant::now();
+    for name in &names {
+        while admin.jetstream.get_stream(name).await.is_err() {
+            assert!(started.elapsed() < DEADLINE, "{name} was never created");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let caches = tempfile::tempdir().unwrap();
     let _cheap = executor(&server, out, "cheap", 1.0, caches.path());
     let _dear = executor(&server, out, "dear", 3.0, caches.path());
