@@ -31,6 +31,20 @@ pub enum AuthError {
     Unquotable(String),
     #[error("certificate generation failed: {0}")]
     Tls(String),
+    #[error("hashing a password failed: {0}")]
+    Hash(String),
+}
+
+/// bcrypt cost of the hashes in the server configuration: what nats-server
+/// documents as its minimum, checked once per client connection.
+const BCRYPT_COST: u32 = 11;
+
+/// The form nats-server stores: a bcrypt hash (`$2a$`), so the server's
+/// configuration does not reveal the passwords.
+pub fn password_hash(password: &str) -> Result<String, AuthError> {
+    bcrypt::hash_with_result(password, BCRYPT_COST)
+        .map(|h| h.format_for_version(bcrypt::Version::TwoA))
+        .map_err(|e| AuthError::Hash(e.to_string()))
 }
 
 /// One user of the server and its secret.
@@ -155,7 +169,11 @@ pub fn render_authorization(config: &ServerConfig) -> Result<String, AuthError> 
         let p = permissions(&user.role, &config.subjects, &config.topology);
         let _ = writeln!(out, "    {{");
         let _ = writeln!(out, "      user: {}", quoted(&user.role.user())?);
-        let _ = writeln!(out, "      password: {}", quoted(&user.password)?);
+        let _ = writeln!(
+            out,
+            "      password: {}",
+            quoted(&password_hash(&user.password)?)?
+        );
         let _ = writeln!(out, "      permissions: {{");
         let _ = writeln!(out, "        publish: {{ allow: {} }}", list(&p.publish)?);
         let _ = writeln!(
@@ -190,7 +208,7 @@ mod tests {
     fn renders_every_user_with_quoted_subjects() {
         let subjects = Subjects::default();
         let topology = Topology::new(&subjects, 1);
-        let users = fleet_roles(&["a".into(), "b".into()])
+        let users: Vec<User> = fleet_roles(&["a".into(), "b".into()])
             .unwrap()
             .into_iter()
             .map(User::generated)
@@ -198,7 +216,7 @@ mod tests {
         let conf = render_server_config(&ServerConfig {
             subjects,
             topology,
-            users,
+            users: users.clone(),
             listen: "0.0.0.0:4222".into(),
             store_dir: "/data".into(),
             http_port: Some(8222),
@@ -218,6 +236,17 @@ mod tests {
             assert!(conf.contains(&format!("user: \"{user}\"")), "{user}");
         }
         assert!(conf.contains("\"$KV.replicas.a.>\""));
+        // Passwords are stored as bcrypt hashes only.
+        let hash = conf
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("password: \""))
+            .unwrap()
+            .trim_end_matches('"');
+        assert!(hash.starts_with("$2a$11$"), "{hash}");
+        assert!(bcrypt::verify(&users[0].password, hash).unwrap());
+        for user in &users {
+            assert!(!conf.contains(&user.password), "a password in clear");
+        }
         assert!(!conf.contains(" $JS"), "every subject is quoted");
     }
 
