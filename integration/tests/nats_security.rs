@@ -302,7 +302,8 @@ async fn a_refused_password_stops_a_service_naming_the_flag() {
         .unwrap();
     let mut args = bus_args(&server, out, "inventory");
     args.nats_password = Some("wrong".into());
-    // Without the fix this retries forever; the deadline makes it a failure.
+    // A connection that kept retrying would never return: the deadline
+    // makes that a failure.
     let connected = tokio::time::timeout(
         Duration::from_secs(20),
         Bus::connect(
