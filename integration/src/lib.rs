@@ -51,6 +51,9 @@ pub struct NatsServer {
     binary: PathBuf,
     store: tempfile::TempDir,
     port: u16,
+    /// A nats-server configuration file (users, TLS) under the harness's
+    /// own flags.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -58,6 +61,19 @@ impl NatsServer {
     /// Starts a server with JetStream on a free loopback port and an empty
     /// temporary store.
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), with a configuration file (users and
+    /// permissions, TLS). The harness's address and port flags override
+    /// the file's; the JetStream store is the one the file names (nats-server
+    /// refuses a store given twice), so [`store_dir`](Self::store_dir) is
+    /// not used.
+    pub async fn start_with_config(config: &Path) -> Result<Self, HarnessError> {
+        Self::start_inner(Some(config.to_path_buf())).await
+    }
+
+    async fn start_inner(config: Option<PathBuf>) -> Result<Self, HarnessError> {
         let binary = find_binary()?;
         let store = tempfile::Builder::new()
             .prefix("flotilla-nats-")
@@ -67,6 +83,7 @@ impl NatsServer {
             binary,
             store,
             port: 0,
+            config,
             child: None,
         };
         server.spawn(None).await?;
@@ -137,9 +154,13 @@ impl NatsServer {
 
     async fn spawn(&mut self, port: Option<u16>) -> Result<(), HarnessError> {
         let port_arg = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
-        let mut child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(self.store.path())
+        let mut command = Command::new(&self.binary);
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command.arg("-sd").arg(self.store.path()),
+        };
+        let mut child = command
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod clusters;
 pub mod deployments;
 pub mod models;
+pub mod nats_config;
 pub mod replicas;
 pub mod rollouts;
 pub mod table;
@@ -87,6 +88,9 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Ask a model through the gateway; the answer is streamed.
     Chat(chat::ChatArgs),
+    /// Write a nats-server configuration with one user per service and per
+    /// cluster's executor, each allowed only its own subjects.
+    NatsConfig(nats_config::NatsConfigArgs),
     /// Run one cluster's executor (what `flotilla up` starts per simulated
     /// cluster); its flags follow `--`, as `flotilla-executor --help` lists.
     #[command(hide = true)]
@@ -237,6 +241,8 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::describe(&bus, &name, &mut std::io::stdout()).await
         }
+        Command::NatsConfig(args) => nats_config::run(&cli.bus, &args)
+            .map(|conf| println!("wrote {} and users/", conf.display())),
         Command::Cluster { action } => {
             let bus = connect(&cli.bus, &shutdown).await?;
             clusters::cordon(&bus, action, &mut std::io::stdout()).await

@@ -252,6 +252,15 @@ async fn connect_once(
             ))
         })?;
     }
+    if let Some((user, password)) = &config.user_password {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(prefix) = &config.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix.clone());
+    }
+    if config.require_tls {
+        options = options.require_tls(true);
+    }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -263,5 +272,20 @@ async fn connect_once(
     options
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| ConnectFailure::Unreachable(e.to_string()))
+        .map_err(|e| match e.kind() {
+            // Wrong credentials do not fix themselves: fail at once,
+            // naming the flag to look at.
+            async_nats::ConnectErrorKind::AuthorizationViolation => {
+                let flag = if config.creds.is_some() {
+                    "nats-creds"
+                } else {
+                    "nats-user"
+                };
+                ConnectFailure::Config(ConfigError::new(
+                    flag,
+                    format!("the server refused these credentials: {e}"),
+                ))
+            }
+            _ => ConnectFailure::Unreachable(e.to_string()),
+        })
 }

@@ -36,6 +36,27 @@ pub struct BusArgs {
     #[arg(long, env = "FLOTILLA_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
 
+    /// NATS user name (with --nats-password), as `flotilla nats-config`
+    /// writes them.
+    #[arg(long, env = "FLOTILLA_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password of --nats-user.
+    #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// Subject prefix of this connection's reply inboxes. A server that
+    /// gives each user its own inboxes (`flotilla nats-config` does:
+    /// `_INBOX.<user>`) needs it; defaults to `_INBOX.<user>` with
+    /// --nats-user, else `_INBOX`.
+    #[arg(long, env = "FLOTILLA_NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
+
+    /// Refuse a NATS connection that is not TLS (also without a CA file:
+    /// the server is then verified against the system's roots).
+    #[arg(long, env = "FLOTILLA_NATS_REQUIRE_TLS")]
+    pub nats_require_tls: bool,
+
     /// CA certificate (PEM) to verify the NATS server with; enables TLS.
     #[arg(long, env = "FLOTILLA_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
@@ -63,6 +84,10 @@ impl Default for BusArgs {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_creds: None,
+            nats_user: None,
+            nats_password: None,
+            nats_inbox_prefix: None,
+            nats_require_tls: false,
             nats_tls_ca: None,
             nats_tls_cert: None,
             nats_tls_key: None,
@@ -77,6 +102,10 @@ impl Default for BusArgs {
 pub struct BusConfig {
     pub nats_url: String,
     pub creds: Option<PathBuf>,
+    /// User name and password.
+    pub user_password: Option<(String, String)>,
+    pub inbox_prefix: Option<String>,
+    pub require_tls: bool,
     pub tls_ca: Option<PathBuf>,
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub subjects: Subjects,
@@ -149,6 +178,45 @@ impl BusArgs {
                 ));
             }
         };
+        let user_password = match (&self.nats_user, &self.nats_password) {
+            (Some(u), Some(p)) if !u.is_empty() => Some((u.clone(), p.clone())),
+            (Some(_), Some(_)) => return Err(ConfigError::new("nats-user", "is empty")),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "nats-password",
+                    "is needed with --nats-user",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "nats-user",
+                    "is needed with --nats-password",
+                ));
+            }
+        };
+        if user_password.is_some() && self.nats_creds.is_some() {
+            return Err(ConfigError::new(
+                "nats-user",
+                "cannot be combined with --nats-creds; choose one way to authenticate",
+            ));
+        }
+        let inbox_prefix = match (&self.nats_inbox_prefix, &user_password) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some((user, _))) => Some(format!("_INBOX.{user}")),
+            (None, None) => None,
+        };
+        if let Some(p) = &inbox_prefix {
+            let bad = p.is_empty()
+                || p.split('.')
+                    .any(|t| t.is_empty() || t.contains(['*', '>', ' ', '\t']));
+            if bad {
+                return Err(ConfigError::new(
+                    "nats-inbox-prefix",
+                    format!("{p:?} is not a subject without wildcards"),
+                ));
+            }
+        }
         if !(1..=5).contains(&self.stream_replicas) {
             return Err(ConfigError::new(
                 "stream-replicas",
@@ -161,6 +229,9 @@ impl BusArgs {
         Ok(BusConfig {
             nats_url: self.nats_url.clone(),
             creds: self.nats_creds.clone(),
+            user_password,
+            inbox_prefix,
+            require_tls: self.nats_require_tls,
             tls_ca: self.nats_tls_ca.clone(),
             tls_client,
             subjects,
@@ -178,6 +249,19 @@ mod tests {
         let c = BusArgs::default().validate().unwrap();
         assert_eq!(c.subjects.prefix(), "flotilla");
         assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn a_user_gets_its_own_inboxes() {
+        let c = BusArgs {
+            nats_user: Some("executor-a".into()),
+            nats_password: Some("secret".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.inbox_prefix.as_deref(), Some("_INBOX.executor-a"));
+        assert_eq!(BusArgs::default().validate().unwrap().inbox_prefix, None);
     }
 
     #[test]
@@ -224,6 +308,36 @@ mod tests {
                     ..Default::default()
                 },
                 "--nats-tls-key",
+            ),
+            (
+                BusArgs {
+                    nats_user: Some("inventory".into()),
+                    ..Default::default()
+                },
+                "--nats-password",
+            ),
+            (
+                BusArgs {
+                    nats_password: Some("secret".into()),
+                    ..Default::default()
+                },
+                "--nats-user",
+            ),
+            (
+                BusArgs {
+                    nats_user: Some("inventory".into()),
+                    nats_password: Some("secret".into()),
+                    nats_creds: Some("Cargo.toml".into()),
+                    ..Default::default()
+                },
+                "--nats-user",
+            ),
+            (
+                BusArgs {
+                    nats_inbox_prefix: Some("_INBOX.>".into()),
+                    ..Default::default()
+                },
+                "--nats-inbox-prefix",
             ),
         ];
         for (args, flag) in cases {

@@ -1,0 +1,102 @@
+{{/* Names and labels. */}}
+{{- define "flotilla.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "flotilla.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "inventory") */}}
+{{- define "flotilla.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "flotilla.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/*
+The bus settings every service takes (services/kit BusArgs), for one NATS
+user: (dict "root" $ "user" "inventory").
+*/}}
+{{- define "flotilla.natsEnv" -}}
+{{- $v := .root.Values.nats -}}
+- name: FLOTILLA_NATS_URL
+  value: {{ $v.url | quote }}
+- name: FLOTILLA_SUBJECT_PREFIX
+  value: {{ $v.subjectPrefix | quote }}
+- name: FLOTILLA_STREAM_REPLICAS
+  value: {{ $v.streamReplicas | quote }}
+- name: FLOTILLA_LOG_FORMAT
+  value: {{ .root.Values.logFormat | quote }}
+{{- if $v.credentialsSecret }}
+- name: FLOTILLA_NATS_USER
+  value: {{ .user | quote }}
+- name: FLOTILLA_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.credentialsSecret }}
+      key: {{ .user }}
+{{- end }}
+{{- if $v.tls.enabled }}
+- name: FLOTILLA_NATS_REQUIRE_TLS
+  value: "true"
+- name: FLOTILLA_NATS_TLS_CA
+  value: /etc/flotilla/nats-tls/ca.crt
+{{- if $v.tls.clientCertificate }}
+- name: FLOTILLA_NATS_TLS_CERT
+  value: /etc/flotilla/nats-tls/tls.crt
+- name: FLOTILLA_NATS_TLS_KEY
+  value: /etc/flotilla/nats-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "flotilla.natsTlsVolume" -}}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ required "nats.tls.secretName is required with nats.tls.enabled" .Values.nats.tls.secretName }}
+{{- end }}
+{{- end -}}
+
+{{- define "flotilla.natsTlsMount" -}}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  mountPath: /etc/flotilla/nats-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by every workload. */}}
+{{- define "flotilla.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,151 @@
+"""Lints and installs a chart with Helm (the helm-sdkpy library) against a
+throw-away in-process Kubernetes API that accepts everything and records it,
+then prints JSON: {"lint": <helm lint result>, "manifest": <rendered YAML>,
+"applied": [<every object Helm created>]}. No cluster is needed; the
+objects are exactly what `helm install` would send to one.
+
+Usage: render.py CHART [VALUES_JSON]
+       render.py --real KUBECONFIG NAMESPACE CHART [VALUES_JSON]
+
+With --real, installs into that cluster's namespace instead (the API
+server validates every object; nothing waits for pods), prints the same
+JSON with the objects of the release manifest, and uninstalls.
+"""
+
+import asyncio
+import http.server
+import json
+import sys
+import tempfile
+import threading
+
+import helm_sdkpy
+
+# The API groups the chart uses, as discovery documents describe them.
+RESOURCES = {
+    "/api/v1": [
+        ("secrets", "Secret", True),
+        ("configmaps", "ConfigMap", True),
+        ("services", "Service", True),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("pods", "Pod", True),
+        ("namespaces", "Namespace", False),
+    ],
+    "/apis/apps/v1": [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True)],
+    "/apis/policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+    "/apis/rbac.authorization.k8s.io/v1": [
+        ("roles", "Role", True),
+        ("rolebindings", "RoleBinding", True),
+        ("clusterroles", "ClusterRole", False),
+        ("clusterrolebindings", "ClusterRoleBinding", False),
+    ],
+    "/apis/monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor", True)],
+}
+
+applied = []
+
+
+class FakeApi(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/version":
+            return self.reply(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64"})
+        if path == "/api":
+            return self.reply(200, {"kind": "APIVersions", "versions": ["v1"],
+                                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+        if path == "/apis":
+            groups = []
+            for p in RESOURCES:
+                if p.startswith("/apis/"):
+                    group, version = p[len("/apis/"):].split("/")
+                    gv = {"groupVersion": f"{group}/{version}", "version": version}
+                    groups.append({"name": group, "versions": [gv], "preferredVersion": gv})
+            return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        if path in RESOURCES:
+            gv = "v1" if path == "/api/v1" else path[len("/apis/"):]
+            return self.reply(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": [
+                {"name": n, "singularName": "", "namespaced": ns, "kind": k,
+                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                for n, k, ns in RESOURCES[path]]})
+        if "labelSelector" in self.path:
+            # Helm's release history: none yet.
+            return self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []})
+        return self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404, "message": "not found"})
+
+    def body(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if "json" not in (self.headers.get("Content-Type") or ""):
+            # Helm's own release record (protobuf); not part of the chart.
+            return None
+        return json.loads(raw or b"{}")
+
+    def do_POST(self):
+        obj = self.body()
+        if obj is None:
+            obj = {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "release"}}
+        else:
+            applied.append(json.loads(json.dumps(obj)))
+        obj.setdefault("metadata", {})["resourceVersion"] = "1"
+        return self.reply(201, obj)
+
+    def do_PUT(self):
+        obj = self.body() or {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "release"}}
+        obj.setdefault("metadata", {})["resourceVersion"] = "2"
+        return self.reply(200, obj)
+
+    do_PATCH = do_PUT
+
+    def do_DELETE(self):
+        return self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+
+def real(kubeconfig, namespace, chart, values):
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+    lint = asyncio.run(helm_sdkpy.Lint(config).run(chart))
+    name = "flotilla-chart-test"
+    try:
+        release = asyncio.run(helm_sdkpy.Install(config).run(
+            name, chart, values=values, wait=False, create_namespace=True))
+    finally:
+        try:
+            asyncio.run(helm_sdkpy.Uninstall(config).run(name, wait=False))
+        except Exception as e:  # nothing to uninstall when the install failed
+            sys.stderr.write(f"uninstall: {e}\n")
+    json.dump({"lint": lint, "manifest": release.get("manifest", ""), "applied": None}, sys.stdout)
+
+
+def main():
+    if sys.argv[1] == "--real":
+        _, _, kubeconfig, namespace, chart, *rest = sys.argv
+        return real(kubeconfig, namespace, chart, json.loads(rest[0]) if rest else None)
+    chart = sys.argv[1]
+    values = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False) as kc:
+        kc.write(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: fake, cluster: {{server: 'http://127.0.0.1:{server.server_address[1]}'}}}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: fake, namespace: flotilla}}]\n"
+            "users: [{name: fake, user: {}}]\ncurrent-context: fake\n"
+        )
+    config = helm_sdkpy.Configuration(namespace="flotilla", kubeconfig=kc.name)
+    lint = asyncio.run(helm_sdkpy.Lint(config).run(chart))
+    release = asyncio.run(helm_sdkpy.Install(config).run("flotilla", chart, values=values, wait=False))
+    json.dump({"lint": lint, "manifest": release.get("manifest", ""), "applied": applied}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,571 @@
+//! The deployment files checked against the code: the Helm chart is linted
+//! and installed with Helm's own library (helm-sdkpy) against a recording
+//! fake API server, `compose.yaml` is parsed, the Dockerfiles are read;
+//! every binary they start must be a workspace binary the image holds, and
+//! every `FLOTILLA_*` variable they set must be one that binary's flags
+//! accept, with a value its parser takes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command as Process;
+
+use clap::{ArgAction, Args as _, CommandFactory};
+use flotilla_integration::workspace_root;
+use serde_yaml::Value;
+
+/// The flags of a service binary, as its library defines them.
+fn service_command(bin: &str) -> clap::Command {
+    match bin {
+        "flotilla-inventory" => flotilla_inventory::Args::command(),
+        "flotilla-placement" => flotilla_placement::Args::command(),
+        "flotilla-rollout" => flotilla_rollout::Args::command(),
+        "flotilla-model-provisioner" => flotilla_model_provisioner::Args::command(),
+        "flotilla-gateway" => flotilla_gateway::Args::command(),
+        "flotilla-runner" => flotilla_runner::Args::command(),
+        // The executor's binary wraps its library's flags with the log
+        // format (services/executor/src/main.rs).
+        "flotilla-executor" => flotilla_executor::ExecutorArgs::augment_args(
+            clap::Command::new("flotilla-executor").arg(
+                clap::Arg::new("log_format")
+                    .long("log-format")
+                    .env("FLOTILLA_LOG_FORMAT")
+                    .value_parser(clap::value_parser!(flotilla_kit::logging::LogFormat)),
+            ),
+        ),
+        other => panic!("{other} is not a Flotilla service binary"),
+    }
+}
+
+/// Checks that `bin` takes every variable of `env` and parses every given
+/// value (`None`: set from a secret, only the name is checked).
+fn check_env(context: &str, bin: &str, env: &BTreeMap<String, Option<String>>) {
+    let command = service_command(bin);
+    let mut argv = vec![bin.to_string()];
+    for (name, value) in env {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+            .unwrap_or_else(|| panic!("{context}: {bin} has no flag for {name}"));
+        let long = arg.get_long().unwrap();
+        match (value, arg.get_action()) {
+            (Some(v), ArgAction::SetTrue) => {
+                if v == "true" {
+                    argv.push(format!("--{long}"));
+                }
+            }
+            (Some(v), _) => argv.push(format!("--{long}={v}")),
+            (None, _) => {}
+        }
+    }
+    if let Err(e) = command.clone().try_get_matches_from(&argv) {
+        panic!("{context}: {bin} refuses {argv:?}: {e}");
+    }
+}
+
+fn workspace_bins() -> BTreeSet<String> {
+    let mut bins = BTreeSet::new();
+    for dir in std::fs::read_dir(workspace_root().join("services")).unwrap() {
+        let manifest = dir.unwrap().path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        let mut in_bin = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_bin = line == "[[bin]]";
+            } else if in_bin && let Some(name) = line.strip_prefix("name = ") {
+                bins.insert(name.trim_matches('"').to_string());
+            }
+        }
+    }
+    bins
+}
+
+struct Dockerfile {
+    stages: Vec<String>,
+    /// `USER` of the last stage.
+    final_user: Option<String>,
+    /// Binaries copied out of `target/release/`.
+    built: BTreeSet<String>,
+    /// Packages passed to `cargo build -p`.
+    packages: BTreeSet<String>,
+    text: String,
+}
+
+fn read_dockerfile(name: &str) -> Dockerfile {
+    let text = std::fs::read_to_string(workspace_root().join("docker").join(name)).unwrap();
+    let mut stages = Vec::new();
+    let mut final_user = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first() {
+            Some(&"FROM") => {
+                stages.push(words.get(3).copied().unwrap_or("").to_string());
+                final_user = None;
+            }
+            Some(&"USER") => final_user = words.get(1).map(|u| u.to_string()),
+            _ => {}
+        }
+    }
+    let built = text
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("target/release/"))
+        .map(|b| b.trim_end_matches(['/', '\\']).to_string())
+        .collect();
+    // `-p` of the `cargo build` commands only (not `mkdir -p`).
+    let packages = text
+        .replace("\\\n", " ")
+        .split("&&")
+        .filter(|command| command.contains("cargo build"))
+        .flat_map(|command| {
+            let words: Vec<String> = command.split_whitespace().map(str::to_string).collect();
+            words
+                .windows(2)
+                .filter(|w| w[0] == "-p")
+                .map(|w| w[1].clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Dockerfile {
+        stages,
+        final_user,
+        built,
+        packages,
+        text,
+    }
+}
+
+fn workspace_packages() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for dir in ["services", "proto", "integration"] {
+        let root = workspace_root().join(dir);
+        let candidates: Vec<std::path::PathBuf> = if dir == "services" {
+            std::fs::read_dir(&root)
+                .unwrap()
+                .map(|d| d.unwrap().path())
+                .collect()
+        } else {
+            vec![root]
+        };
+        for c in candidates {
+            if let Ok(text) = std::fs::read_to_string(c.join("Cargo.toml"))
+                && let Some(name) = text.lines().find_map(|l| l.strip_prefix("name = "))
+            {
+                out.insert(name.trim_matches('"').to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dockerfiles_are_multi_stage_non_root_and_build_workspace_binaries() {
+    let bins = workspace_bins();
+    let packages = workspace_packages();
+    for name in ["Dockerfile", "runner.Dockerfile", "runner-cuda.Dockerfile"] {
+        let d = read_dockerfile(name);
+        assert_eq!(d.stages, ["build", "runtime"], "{name}: stages");
+        let user = d
+            .final_user
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: no USER"));
+        assert!(
+            !user.starts_with("root") && !user.starts_with("0"),
+            "{name}: runs as {user}"
+        );
+        assert!(!d.built.is_empty(), "{name}: copies no binary");
+        assert!(!d.packages.is_empty(), "{name}: builds no package");
+        for bin in &d.built {
+            assert!(
+                bins.contains(bin),
+                "{name}: {bin} is not a workspace binary"
+            );
+        }
+        for p in &d.packages {
+            assert!(packages.contains(p), "{name}: no package {p}");
+        }
+        assert!(d.text.contains("--locked"), "{name}: build is not --locked");
+    }
+    let cuda = read_dockerfile("runner-cuda.Dockerfile");
+    assert!(cuda.text.contains("--features cuda"));
+    assert!(cuda.text.contains("-devel-") && cuda.text.contains("-runtime-"));
+    // The services' image holds every binary the chart and compose start.
+    let all = read_dockerfile("Dockerfile");
+    for bin in &bins {
+        assert!(all.built.contains(bin), "docker/Dockerfile lacks {bin}");
+    }
+}
+
+fn yaml_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+#[test]
+fn compose_starts_every_service_with_flags_it_accepts_on_ports_that_do_not_clash() {
+    let text = std::fs::read_to_string(workspace_root().join("compose.yaml")).unwrap();
+    let mut doc: Value = serde_yaml::from_str(&text).unwrap();
+    doc.apply_merge().unwrap();
+    let services = doc["services"].as_mapping().unwrap();
+    let image_bins = read_dockerfile("Dockerfile").built;
+    let mut started = BTreeMap::<String, usize>::new();
+    let mut ports = BTreeMap::<u16, String>::new();
+    let mut clusters = BTreeSet::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        if name == "nats" {
+            let cmd: Vec<String> = service["command"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(yaml_str)
+                .collect();
+            assert!(cmd.contains(&"-js".to_string()), "nats without JetStream");
+            for flag in ["-p", "-m"] {
+                let i = cmd.iter().position(|c| c == flag).unwrap();
+                let port: u16 = cmd[i + 1].parse().unwrap();
+                assert!(ports.insert(port, name.into()).is_none());
+            }
+            continue;
+        }
+        assert_eq!(service["network_mode"].as_str(), Some("host"), "{name}");
+        assert_eq!(service["read_only"].as_bool(), Some(true), "{name}");
+        let entry = service["entrypoint"][0].as_str().unwrap();
+        let bin = entry.strip_prefix("/usr/local/bin/").unwrap();
+        assert!(image_bins.contains(bin), "{name}: the image has no {bin}");
+        *started.entry(bin.to_string()).or_default() += 1;
+        let env: BTreeMap<String, Option<String>> = service["environment"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), yaml_str(v)))
+            .collect();
+        check_env(&format!("compose {name}"), bin, &env);
+        assert_eq!(
+            env.get("FLOTILLA_NATS_URL").cloned().flatten().as_deref(),
+            Some("nats://127.0.0.1:4222"),
+            "{name}"
+        );
+        for var in ["FLOTILLA_HTTP_ADDR", "FLOTILLA_GATEWAY_ADDR"] {
+            if let Some(Some(addr)) = env.get(var) {
+                let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+                if let Some(other) = ports.insert(port, name.into()) {
+                    panic!("{name} and {other} both use port {port}");
+                }
+            }
+        }
+        if let Some(Some(c)) = env.get("FLOTILLA_CLUSTER") {
+            assert!(clusters.insert(c.clone()), "two executors of {c}");
+        }
+    }
+    for bin in [
+        "flotilla-inventory",
+        "flotilla-placement",
+        "flotilla-rollout",
+        "flotilla-model-provisioner",
+        "flotilla-gateway",
+    ] {
+        assert_eq!(started.get(bin), Some(&1), "{bin}");
+    }
+    assert_eq!(started.get("flotilla-executor"), Some(&2));
+}
+
+/// Lints and installs the chart with `values`; returns the objects Helm
+/// sent to the API server.
+fn render_chart(values: &Value) -> Vec<serde_json::Value> {
+    let root = workspace_root();
+    let python = root.join(".tools/venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/install-tools",
+        python.display()
+    );
+    let values = serde_json::to_string(&serde_json::to_value(values).unwrap()).unwrap();
+    let out = Process::new(python)
+        .arg(root.join("helm/tests/render.py"))
+        .arg(root.join("helm/flotilla"))
+        .arg(values)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Helm's severities: 1 info, 2 warning, 3 error.
+    for m in result["lint"]["Messages"].as_array().into_iter().flatten() {
+        assert!(
+            m["Severity"].as_i64().unwrap_or(0) < 2,
+            "helm lint: {m} in {}",
+            result["lint"]
+        );
+    }
+    assert!(result["lint"]["Errors"].is_null(), "{}", result["lint"]);
+    let manifest = result["manifest"].as_str().unwrap();
+    let applied = result["applied"].as_array().unwrap().clone();
+    // What Helm applied is what it rendered.
+    let rendered = serde_yaml::Deserializer::from_str(manifest)
+        .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+        .filter(|v| !v.is_null())
+        .count();
+    assert_eq!(rendered, applied.len(), "{manifest}");
+    applied
+}
+
+use serde::Deserialize as _;
+
+fn of_kind<'a>(objects: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// Probes, resources, a restrictive security context, flags the binary
+/// accepts: for every Deployment.
+fn check_workloads(objects: &[serde_json::Value]) {
+    let image_bins = read_dockerfile("Dockerfile").built;
+    for d in of_kind(objects, "Deployment") {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let spec = &d["spec"]["template"]["spec"];
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
+        let selector = &d["spec"]["selector"]["matchLabels"];
+        for (k, v) in selector.as_object().unwrap() {
+            assert_eq!(&d["spec"]["template"]["metadata"]["labels"][k], v, "{name}");
+        }
+        let volumes: BTreeSet<&str> = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        for c in spec["containers"].as_array().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+            for probe in ["livenessProbe", "readinessProbe"] {
+                let path = c[probe]["httpGet"]["path"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: no {probe}"));
+                assert!(
+                    ["/healthz", "/readyz", "/health"].contains(&path),
+                    "{name}: {probe} on {path}"
+                );
+            }
+            assert!(
+                c["resources"]["requests"].is_object(),
+                "{name}: no requests"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{name}: no memory limit"
+            );
+            for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                assert!(volumes.contains(m["name"].as_str().unwrap()), "{name}: {m}");
+            }
+            let bin = c["command"][0]
+                .as_str()
+                .unwrap()
+                .strip_prefix("/usr/local/bin/")
+                .unwrap();
+            assert!(image_bins.contains(bin), "{name}: the image has no {bin}");
+            let env: BTreeMap<String, Option<String>> = c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["name"].as_str().unwrap().to_string(),
+                        e["value"].as_str().map(str::to_string),
+                    )
+                })
+                .collect();
+            check_env(&format!("chart {name}"), bin, &env);
+            // Readiness probes reach the service only if it listens beyond
+            // loopback.
+            let addr = env
+                .get("FLOTILLA_HTTP_ADDR")
+                .or(env.get("FLOTILLA_GATEWAY_ADDR"))
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| panic!("{name}: no listen address"));
+            assert!(addr.starts_with("0.0.0.0:"), "{name}: {addr}");
+            let port: u64 = addr.rsplit(':').next().unwrap().parse().unwrap();
+            assert_eq!(c["ports"][0]["containerPort"], port, "{name}");
+        }
+    }
+    // Each Deployment has a PodDisruptionBudget selecting it.
+    for d in of_kind(objects, "Deployment") {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        assert!(
+            of_kind(objects, "PodDisruptionBudget").iter().any(|p| {
+                p["spec"]["selector"]["matchLabels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &labels[k] == v)
+            }),
+            "{} has no PodDisruptionBudget",
+            d["metadata"]["name"]
+        );
+    }
+}
+
+fn values_file(name: &str) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("helm/flotilla").join(name)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_chart_installs_the_hub_with_defaults() {
+    let objects = render_chart(&Value::Mapping(Default::default()));
+    let deployments: BTreeSet<&str> = of_kind(&objects, "Deployment")
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        deployments,
+        BTreeSet::from([
+            "flotilla-inventory",
+            "flotilla-placement",
+            "flotilla-rollout",
+            "flotilla-model-provisioner",
+            "flotilla-gateway",
+        ])
+    );
+    check_workloads(&objects);
+    // The control services need no Kubernetes API at all.
+    assert!(of_kind(&objects, "Role").is_empty());
+    assert!(of_kind(&objects, "ClusterRole").is_empty());
+    for d in of_kind(&objects, "Deployment") {
+        assert_eq!(
+            d["spec"]["template"]["spec"]["automountServiceAccountToken"],
+            false
+        );
+    }
+    assert!(of_kind(&objects, "ServiceMonitor").is_empty());
+}
+
+#[test]
+fn the_chart_installs_a_member_executor_with_namespaced_rbac() {
+    let mut values = values_file("values-member.yaml");
+    values["serviceMonitor"] = serde_yaml::from_str("{enabled: true}").unwrap();
+    let objects = render_chart(&values);
+    let deployments = of_kind(&objects, "Deployment");
+    assert_eq!(deployments.len(), 1);
+    assert_eq!(deployments[0]["metadata"]["name"], "flotilla-executor");
+    check_workloads(&objects);
+    let container = &deployments[0]["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_array().unwrap();
+    let var = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+    assert_eq!(
+        var("FLOTILLA_NATS_USER").unwrap()["value"],
+        "executor-member-1"
+    );
+    assert_eq!(
+        var("FLOTILLA_NATS_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["key"],
+        "executor-member-1"
+    );
+    assert_eq!(var("FLOTILLA_NATS_REQUIRE_TLS").unwrap()["value"], "true");
+
+    // RBAC: one namespaced Role over pods and deployments, bound to the
+    // executor's own service account; nothing cluster-wide.
+    assert!(of_kind(&objects, "ClusterRole").is_empty());
+    assert!(of_kind(&objects, "ClusterRoleBinding").is_empty());
+    let roles = of_kind(&objects, "Role");
+    assert_eq!(roles.len(), 1);
+    let mut resources = BTreeSet::new();
+    for rule in roles[0]["rules"].as_array().unwrap() {
+        for r in rule["resources"].as_array().unwrap() {
+            resources.insert(r.as_str().unwrap().to_string());
+        }
+        for v in rule["verbs"].as_array().unwrap() {
+            assert_ne!(v, "*", "wildcard verb");
+        }
+    }
+    assert_eq!(
+        resources,
+        BTreeSet::from(["pods".into(), "pods/log".into(), "deployments".into()])
+    );
+    let binding = of_kind(&objects, "RoleBinding")[0];
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], roles[0]["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["namespace"], "flotilla");
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        deployments[0]["spec"]["template"]["spec"]["serviceAccountName"]
+    );
+    assert_eq!(of_kind(&objects, "ServiceMonitor").len(), 1);
+}
+
+#[test]
+fn the_chart_refuses_an_executor_without_a_cluster_name() {
+    let values: Value =
+        serde_yaml::from_str("{hub: {enabled: false}, executor: {enabled: true}}").unwrap();
+    let root = workspace_root();
+    let out = Process::new(root.join(".tools/venv/bin/python"))
+        .arg(root.join("helm/tests/render.py"))
+        .arg(root.join("helm/flotilla"))
+        .arg(serde_json::to_string(&serde_json::to_value(&values).unwrap()).unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("executor.cluster is required"), "{stderr}");
+}
+
+/// Installs the chart (hub and member values) into a real cluster when
+/// `KUBECONFIG` is set: the API server validates every object. Pods are not
+/// waited for (the image need not be pullable there). Uninstalls after.
+#[test]
+fn the_chart_installs_on_a_real_cluster_when_kubeconfig_is_set() {
+    let Ok(kubeconfig) = std::env::var("KUBECONFIG") else {
+        eprintln!("SKIPPED: KUBECONFIG is not set; the chart was not installed on a real cluster");
+        return;
+    };
+    let root = workspace_root();
+    for (namespace, values) in [
+        (
+            "flotilla-chart-test-hub",
+            Value::Mapping(Default::default()),
+        ),
+        (
+            "flotilla-chart-test-member",
+            values_file("values-member.yaml"),
+        ),
+    ] {
+        let out = Process::new(root.join(".tools/venv/bin/python"))
+            .arg(root.join("helm/tests/render.py"))
+            .args(["--real", &kubeconfig, namespace])
+            .arg(root.join("helm/flotilla"))
+            .arg(serde_json::to_string(&serde_json::to_value(&values).unwrap()).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{namespace}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn compose_and_chart_name_only_existing_paths() {
+    let root = workspace_root();
+    for p in [
+        "docker/Dockerfile",
+        "docker/runner.Dockerfile",
+        "docker/runner-cuda.Dockerfile",
+        "helm/flotilla/values-member.yaml",
+        "docs/deploy-kubernetes.md",
+        "docs/security.md",
+    ] {
+        assert!(Path::new(&root.join(p)).is_file(), "{p} is missing");
+    }
+}
