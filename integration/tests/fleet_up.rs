@@ -181,12 +181,13 @@ fn log_of(data: &Path) -> String {
 async fn flotilla_up_serves_and_survives_a_killed_cluster() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_string();
-    let (nats_port, gateway_port) = (free_port(), free_port());
+    let (nats_port, gateway_port, grpc_port) = (free_port(), free_port(), free_port());
     let log = std::fs::File::create(data.path().join("up.log")).unwrap();
     let mut up = tokio::process::Command::new(target_bin("flotilla"))
         .args(["up", "--data-dir", &data_dir])
         .args(["--nats-port", &nats_port.to_string()])
         .args(["--gateway-port", &gateway_port.to_string()])
+        .args(["--grpc-port", &grpc_port.to_string()])
         .current_dir(workspace_root())
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().unwrap())
@@ -312,6 +313,25 @@ asyncio.run(main())
         ready_of(all, "chat-b").len() == 1
     })
     .await;
+
+    // Clients that do not speak NATS see both through the gRPC control API.
+    let mut api = flotilla_control_api::api::control_api_client::ControlApiClient::connect(
+        format!("http://127.0.0.1:{grpc_port}"),
+    )
+    .await
+    .unwrap();
+    let listed = api
+        .list_deployments(flotilla_control_api::api::ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<String> = listed
+        .deployments
+        .iter()
+        .map(|d| d.metadata.as_ref().unwrap().name.clone())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["chat-b", "smollm2"]);
 
     // Load through the gateway, then one smollm2 cluster dies whole.
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

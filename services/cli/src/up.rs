@@ -126,6 +126,10 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_deploy: bool,
 
+    /// Port of the gRPC control API (`flotilla.v1.ControlApi`).
+    #[arg(long, env = "FLOTILLA_GRPC_PORT", default_value_t = 50051)]
+    pub grpc_port: u16,
+
     /// Client port of the local nats-server.
     #[arg(long, env = "FLOTILLA_NATS_PORT", default_value_t = 4222)]
     pub nats_port: u16,
@@ -297,6 +301,23 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                 .map_err(|e| anyhow::anyhow!("gateway: {e}"))
         });
     }
+    let control_api = flotilla_control_api::Args::parse_from([
+        "flotilla-control-api",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--listen",
+        &format!("127.0.0.1:{}", args.grpc_port),
+    ]);
+    let mut control_api = control_api.validate()?;
+    control_api.bus = config.clone();
+    {
+        let stop = shutdown.clone();
+        services.spawn(async move {
+            flotilla_control_api::run(control_api, stop, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("control-api: {e}"))
+        });
+    }
     let rollout =
         flotilla_rollout::Args::parse_from(["flotilla-rollout", "--http-addr", "127.0.0.1:0"]);
     let mut rollout = rollout.validate()?;
@@ -357,7 +378,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             .join(", ")
     );
     println!(
-        "  services: inventory, placement, model-provisioner, rollout, gateway; simulated clusters:"
+        "  services: inventory, placement, model-provisioner, rollout, gateway, control-api; simulated clusters:"
     );
     for c in LOCAL_CLUSTERS {
         println!(
@@ -368,6 +389,10 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     println!(
         "  gateway (OpenAI API): http://127.0.0.1:{}/v1",
         args.gateway_port
+    );
+    println!(
+        "  control API (gRPC, flotilla.v1.ControlApi): 127.0.0.1:{}",
+        args.grpc_port
     );
     println!("  list clusters: flotilla get clusters   replicas: flotilla get replicas");
     println!(

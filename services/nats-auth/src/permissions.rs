@@ -341,7 +341,12 @@ mod tests {
         for role in Role::CONTROL {
             let p = permissions(&role, &s, &t);
             assert!(!may_publish(&p, "flotilla.telemetry.a"), "{role:?}");
-            assert!(!may_publish(&p, "flotilla.control.deployments.apply"));
+            // Only rollout re-applies a spec (`rollout undo`).
+            assert_eq!(
+                may_publish(&p, "flotilla.control.deployments.apply"),
+                role == Role::Rollout,
+                "{role:?}"
+            );
             assert!(!may_publish(&p, "$JS.API.CONSUMER.MSG.NEXT.FLOTILLA_CMD.x"));
         }
     }
