@@ -23,6 +23,7 @@ fn service_command(bin: &str) -> clap::Command {
         "flotilla-rollout" => flotilla_rollout::Args::command(),
         "flotilla-model-provisioner" => flotilla_model_provisioner::Args::command(),
         "flotilla-gateway" => flotilla_gateway::Args::command(),
+        "flotilla-control-api" => flotilla_control_api::Args::command(),
         "flotilla-runner" => flotilla_runner::Args::command(),
         // The executor's binary wraps its library's flags with the log
         // format (services/executor/src/main.rs).
@@ -271,6 +272,7 @@ fn compose_starts_every_service_with_flags_it_accepts_on_ports_that_do_not_clash
         "flotilla-rollout",
         "flotilla-model-provisioner",
         "flotilla-gateway",
+        "flotilla-control-api",
     ] {
         assert_eq!(started.get(bin), Some(&1), "{bin}");
     }

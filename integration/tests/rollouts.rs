@@ -422,4 +422,23 @@ spec:
     let model = deployment.spec.unwrap().model.unwrap();
     assert_eq!(model.preset, "smollm2-135m-instruct");
     assert!(model.artifact.is_none());
+
+    // Deleted and applied again under the same name: placement starts over
+    // at generation 1, and the executor serves it (not fenced off by the
+    // generations it saw before).
+    flotilla_cli::deployments::delete(&bus, "chat", &mut Vec::new())
+        .await
+        .unwrap();
+    flotilla_integration::wait_for_event(
+        &mut events,
+        EventType::ReplicaStopped,
+        Some(&first.replica_id),
+        DEADLINE,
+    )
+    .await;
+    apply(&bus, v1_doc).await;
+    let again =
+        flotilla_integration::wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE)
+            .await;
+    assert_eq!(again.generation, 1, "{again:?}");
 }

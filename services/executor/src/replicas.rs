@@ -445,7 +445,20 @@ impl<B: ReplicaBackend> Replicas<B> {
             correlation,
         )
         .await
-        .map_err(HandlerError::retry)
+        .map_err(HandlerError::retry)?;
+        // Its last replica here gone (a delete): forget its generation, so
+        // the same name applied again, which starts over at generation 1,
+        // is not fenced off.
+        let still_live = self.own_records().await.map_or(true, |records| {
+            records.iter().any(|r| {
+                r.deployment == deployment
+                    && matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting)
+            })
+        });
+        if !still_live && let Ok(mut seen) = self.generations.lock() {
+            seen.remove(deployment);
+        }
+        Ok(())
     }
 
     async fn report_failed(&self, replica_id: &str, why: &str) {
