@@ -29,7 +29,7 @@ pub fn target_bin(name: &str) -> PathBuf {
     bin
 }
 
-fn spawn<F, E>(what: &'static str, run: F)
+fn spawn<F, E>(what: &'static str, run: F) -> tokio::task::JoinHandle<()>
 where
     F: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
@@ -38,7 +38,7 @@ where
         if let Err(e) = run.await {
             panic!("{what}: {e}");
         }
-    });
+    })
 }
 
 /// inventory (unhealthy after `unhealthy_after`), placement and the
@@ -93,8 +93,9 @@ pub fn rollout(server: &NatsServer, halt_after_failures: u32) {
     );
 }
 
-/// A simulated cluster: an executor with declared GPUs (`2xH100-80GB`),
-/// `labels`, a cost, and a model cache under `caches`.
+/// A simulated cluster: an executor with declared `gpus` (`2xH100-80GB`),
+/// `labels`, a cost, and a model cache under `caches`. Aborting the handle
+/// kills it as a crash would: no more heartbeats.
 pub fn executor(
     server: &NatsServer,
     cluster: &str,
@@ -102,7 +103,7 @@ pub fn executor(
     labels: &[&str],
     cost_per_gpu_hour: f64,
     caches: &Path,
-) {
+) -> tokio::task::JoinHandle<()> {
     let args = flotilla_executor::ExecutorArgs {
         bus: flotilla_kit::BusArgs {
             nats_url: server.url(),
@@ -122,5 +123,5 @@ pub fn executor(
     spawn(
         "executor",
         flotilla_executor::run(config, CancellationToken::new()),
-    );
+    )
 }

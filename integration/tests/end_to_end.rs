@@ -6,59 +6,16 @@
 
 use std::time::Duration;
 
-use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_integration::{NatsServer, fleet};
 use flotilla_kit::{Bus, BusConfig};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, event::Payload};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn config(server: &NatsServer) -> BusConfig {
     BusConfig::for_url(server.url()).unwrap()
-}
-
-fn executor(
-    server: &NatsServer,
-    cluster: &str,
-    cost: f64,
-    cache: &std::path::Path,
-) -> JoinHandle<()> {
-    let runner = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("flotilla-runner");
-    assert!(
-        runner.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        runner.display()
-    );
-    let c = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: vec![format!("region={cluster}")],
-        gpus: "2xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour: cost,
-        heartbeat_interval: Duration::from_millis(200),
-        model_cache_dir: Some(cache.join(cluster)),
-        runner_bin: Some(runner),
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(c, CancellationToken::new())
-            .await
-            .unwrap()
-    })
 }
 
 async fn next_of(sub: &mut async_nats::Subscriber, ty: EventType) -> v1::Event {
@@ -89,45 +46,25 @@ async fn apply_serves_the_model_and_a_dead_cluster_is_replaced() {
         .unwrap();
     flotilla_kit::provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    let never = CancellationToken::new;
-    let inventory = flotilla_inventory::Config {
-        bus: config(&server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: flotilla_inventory::HealthPolicy {
-            unhealthy_after_ms: 1_000,
-            left_after_ms: 600_000,
-            max_clock_skew_ms: 30_000,
-        },
-        check_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(async move { flotilla_inventory::run(inventory, never()).await.unwrap() });
-    let placement = flotilla_placement::Config {
-        bus: config(&server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Default::default(),
-        flap_probation_ms: 30_000,
-    };
-    tokio::spawn(async move { flotilla_placement::run(placement, never()).await.unwrap() });
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: config(&server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, never())
-            .await
-            .unwrap()
-    });
-    let rollout = flotilla_rollout::Config {
-        bus: config(&server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        halt_after_failures: 3,
-    };
-    tokio::spawn(async move { flotilla_rollout::run(rollout, never()).await.unwrap() });
+    fleet::control_services(&server, Duration::from_secs(1));
+    fleet::rollout(&server, 3);
     let caches = tempfile::tempdir().unwrap();
-    let cheap = executor(&server, "cheap", 1.0, caches.path());
-    let _dear = executor(&server, "dear", 3.0, caches.path());
+    let cheap = fleet::executor(
+        &server,
+        "cheap",
+        "2xH100-80GB",
+        &["region=cheap"],
+        1.0,
+        caches.path(),
+    );
+    let _dear = fleet::executor(
+        &server,
+        "dear",
+        "2xH100-80GB",
+        &["region=dear"],
+        3.0,
+        caches.path(),
+    );
     for _ in 0..2 {
         next_of(&mut events, EventType::ClusterJoined).await;
     }

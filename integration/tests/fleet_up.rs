@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use flotilla_integration::workspace_root;
+use flotilla_integration::{fleet, workspace_root};
 use flotilla_kit::{Bus, BusConfig, RecordStore, now_unix_ms};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, event::Payload};
@@ -25,22 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(180);
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn target_bin(name: &str) -> PathBuf {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        bin.display()
-    );
-    bin
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -183,7 +167,7 @@ async fn flotilla_up_serves_and_survives_a_killed_cluster() {
     let data_dir = data.path().to_str().unwrap().to_string();
     let (nats_port, gateway_port, grpc_port) = (free_port(), free_port(), free_port());
     let log = std::fs::File::create(data.path().join("up.log")).unwrap();
-    let mut up = tokio::process::Command::new(target_bin("flotilla"))
+    let mut up = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args(["up", "--data-dir", &data_dir])
         .args(["--nats-port", &nats_port.to_string()])
         .args(["--gateway-port", &gateway_port.to_string()])
@@ -263,7 +247,7 @@ print(json.dumps({"models": [m.id for m in client.models.list().data], "text": c
     assert!(!answer["streamed"].as_str().unwrap().is_empty(), "{answer}");
 
     // `flotilla chat`, streamed.
-    let chat = tokio::process::Command::new(target_bin("flotilla"))
+    let chat = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args([
             "chat",
             "--gateway",
@@ -406,7 +390,7 @@ asyncio.run(main())
     let failures = failed.load(Ordering::SeqCst);
 
     // The whole story, from `flotilla watch`.
-    let watched = tokio::process::Command::new(target_bin("flotilla"))
+    let watched = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args([
             "--nats-url",
             &nats_url,

@@ -268,7 +268,16 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
         .get_consumer("placement-apply")
         .await
         .unwrap();
-    let info = consumer.info().await.unwrap();
+    // The handler saw the good message before the loop acknowledged it:
+    // wait (with a deadline) for that acknowledgement to land.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info = consumer.info().await.unwrap().clone();
+        if info.num_ack_pending == 0 || tokio::time::Instant::now() > deadline {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(info.num_ack_pending, 0, "{info:?}");
     assert_eq!(info.num_pending, 0, "{info:?}");
     assert_eq!(

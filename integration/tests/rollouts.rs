@@ -6,10 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_integration::{NatsServer, fleet};
 use flotilla_kit::{Bus, BusConfig, RecordStore};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, RolloutPhase, RolloutState};
@@ -21,91 +20,9 @@ fn config(server: &NatsServer) -> BusConfig {
     BusConfig::for_url(server.url()).unwrap()
 }
 
-fn target_bin(name: &str) -> PathBuf {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        bin.display()
-    );
-    bin
-}
-
-/// inventory, placement and the model-provisioner, in this process.
-fn control_services(server: &NatsServer) {
-    let inventory = flotilla_inventory::Config {
-        bus: config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: flotilla_inventory::HealthPolicy {
-            unhealthy_after_ms: 3_000,
-            left_after_ms: 600_000,
-            max_clock_skew_ms: 30_000,
-        },
-        check_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(async move {
-        flotilla_inventory::run(inventory, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-    let placement = flotilla_placement::Config {
-        bus: config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Default::default(),
-        flap_probation_ms: 30_000,
-    };
-    tokio::spawn(async move {
-        flotilla_placement::run(placement, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-}
-
-fn executor(server: &NatsServer, cluster: &str, labels: &[&str], cache: &Path) {
-    let c = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: labels.iter().map(|s| s.to_string()).collect(),
-        gpus: "2xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour: 1.0,
-        heartbeat_interval: Duration::from_millis(200),
-        model_cache_dir: Some(cache.join(cluster)),
-        runner_bin: Some(target_bin("flotilla-runner")),
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(c, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-}
-
 /// The rollout service as its own process, so it can be killed.
 fn rollout_process(server: &NatsServer) -> tokio::process::Child {
-    tokio::process::Command::new(target_bin("flotilla-rollout"))
+    tokio::process::Command::new(fleet::target_bin("flotilla-rollout"))
         .args(["--nats-url", &server.url(), "--http-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
@@ -193,12 +110,33 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
         .unwrap();
     flotilla_kit::provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    control_services(&server);
+    fleet::control_services(&server, Duration::from_secs(3));
     let mut rollout = rollout_process(&server);
     let caches = tempfile::tempdir().unwrap();
-    executor(&server, "a", &["stage=canary"], caches.path());
-    executor(&server, "b", &["stage=main"], caches.path());
-    executor(&server, "c", &["stage=main"], caches.path());
+    fleet::executor(
+        &server,
+        "a",
+        "2xH100-80GB",
+        &["stage=canary"],
+        1.0,
+        caches.path(),
+    );
+    fleet::executor(
+        &server,
+        "b",
+        "2xH100-80GB",
+        &["stage=main"],
+        1.0,
+        caches.path(),
+    );
+    fleet::executor(
+        &server,
+        "c",
+        "2xH100-80GB",
+        &["stage=main"],
+        1.0,
+        caches.path(),
+    );
     for _ in 0..3 {
         flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
             .await;
@@ -328,19 +266,10 @@ async fn a_version_that_never_gets_ready_halts_and_undo_restores_the_previous() 
         .unwrap();
     flotilla_kit::provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    control_services(&server);
-    let rollout = flotilla_rollout::Config {
-        bus: config(&server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        halt_after_failures: 2,
-    };
-    tokio::spawn(async move {
-        flotilla_rollout::run(rollout, CancellationToken::new())
-            .await
-            .unwrap()
-    });
+    fleet::control_services(&server, Duration::from_secs(3));
+    fleet::rollout(&server, 2);
     let caches = tempfile::tempdir().unwrap();
-    executor(&server, "a", &[], caches.path());
+    fleet::executor(&server, "a", "2xH100-80GB", &[], 1.0, caches.path());
     flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
         .await;
 

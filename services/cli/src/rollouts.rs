@@ -143,6 +143,33 @@ pub async fn follow(
     }
 }
 
+/// Publishes a request to the rollout service and waits for its `done`
+/// event (returned) or its refusal (an error starting with `refused`).
+async fn ask_rollout<M: flotilla_proto::Contract>(
+    bus: &Bus,
+    which: ControlSubject,
+    request: &M,
+    request_id: &str,
+    done: EventType,
+    refused: &str,
+) -> anyhow::Result<v1::Event> {
+    let mut events = bus
+        .client
+        .subscribe(bus.subjects.events_all())
+        .await
+        .context("subscribing to events")?;
+    bus.publish(bus.subjects.control(which), request, Some(request_id))
+        .await?;
+    match wait_for_answer(&mut events, request_id, &[done], &[], ANSWER_DEADLINE).await {
+        Answer::Done(event) => Ok(event),
+        Answer::Refused(event) => bail!("{refused}: {}", error_reason(&event)),
+        Answer::Lost => bail!("the event subscription ended before an answer"),
+        Answer::TimedOut => bail!(
+            "no answer within {ANSWER_DEADLINE:?}: is the rollout service running? (`flotilla watch` shows what happens)"
+        ),
+    }
+}
+
 /// Approves the gate after the current stage (or a named one ahead of
 /// time) and waits for the rollout service to confirm it.
 pub async fn approve(
@@ -152,11 +179,6 @@ pub async fn approve(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut events = bus
-        .client
-        .subscribe(bus.subjects.events_all())
-        .await
-        .context("subscribing to events")?;
     let request = v1::ApproveRollout {
         deployment: name.to_string(),
         stage: stage.unwrap_or_default().to_string(),
@@ -164,69 +186,36 @@ pub async fn approve(
         approved_by: std::env::var("USER").unwrap_or_default(),
         ..Default::default()
     };
-    bus.publish(
-        bus.subjects.control(ControlSubject::RolloutApprove),
+    let event = ask_rollout(
+        bus,
+        ControlSubject::RolloutApprove,
         &request,
-        Some(&request_id),
+        &request_id,
+        EventType::RolloutApproved,
+        "not approved",
     )
     .await?;
-    match wait_for_answer(
-        &mut events,
-        &request_id,
-        &[EventType::RolloutApproved],
-        &[],
-        ANSWER_DEADLINE,
-    )
-    .await
-    {
-        Answer::Done(event) => {
-            writeln!(out, "{}", event.message)?;
-            Ok(())
-        }
-        Answer::Refused(event) => bail!("not approved: {}", error_reason(&event)),
-        Answer::Lost => bail!("the event subscription ended before an answer"),
-        Answer::TimedOut => bail!(
-            "no answer within {ANSWER_DEADLINE:?}: is the rollout service running? (`flotilla watch` shows what happens)"
-        ),
-    }
+    writeln!(out, "{}", event.message)?;
+    Ok(())
 }
 
 /// Re-applies the spec the current rollout replaced.
 pub async fn undo(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut events = bus
-        .client
-        .subscribe(bus.subjects.events_all())
-        .await
-        .context("subscribing to events")?;
     let request = v1::UndoRollout {
         deployment: name.to_string(),
         request_id: request_id.clone(),
     };
-    bus.publish(
-        bus.subjects.control(ControlSubject::RolloutUndo),
+    let event = ask_rollout(
+        bus,
+        ControlSubject::RolloutUndo,
         &request,
-        Some(&request_id),
+        &request_id,
+        EventType::RolloutUndone,
+        "not undone",
     )
     .await?;
-    match wait_for_answer(
-        &mut events,
-        &request_id,
-        &[EventType::RolloutUndone],
-        &[],
-        ANSWER_DEADLINE,
-    )
-    .await
-    {
-        Answer::Done(event) => {
-            writeln!(out, "{}", event.message)?;
-            writeln!(out, "follow it with `flotilla rollout status {name}`")?;
-            Ok(())
-        }
-        Answer::Refused(event) => bail!("not undone: {}", error_reason(&event)),
-        Answer::Lost => bail!("the event subscription ended before an answer"),
-        Answer::TimedOut => bail!(
-            "no answer within {ANSWER_DEADLINE:?}: is the rollout service running? (`flotilla watch` shows what happens)"
-        ),
-    }
+    writeln!(out, "{}", event.message)?;
+    writeln!(out, "follow it with `flotilla rollout status {name}`")?;
+    Ok(())
 }

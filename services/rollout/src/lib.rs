@@ -133,40 +133,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     r.deployments.start_watch(shutdown.clone()).await?;
     r.rollouts.start_watch(shutdown.clone()).await?;
 
-    let approve = {
-        let r = r.clone();
-        let stop = shutdown.clone();
-        let spec = ConsumerSpec::new(
-            &bus.topology.control.name,
-            APPROVE_CONSUMER,
-            vec![bus.subjects.control(ControlSubject::RolloutApprove)],
-        );
-        tokio::spawn(async move {
-            let h = r.clone();
-            let handler = move |d: Delivery<v1::ApproveRollout>| {
-                let h = h.clone();
-                async move { h.on_approve(d).await }
-            };
-            run_consumer(&r.bus, spec, handler, stop).await
-        })
-    };
-    let undo = {
-        let r = r.clone();
-        let stop = shutdown.clone();
-        let spec = ConsumerSpec::new(
-            &bus.topology.control.name,
-            UNDO_CONSUMER,
-            vec![bus.subjects.control(ControlSubject::RolloutUndo)],
-        );
-        tokio::spawn(async move {
-            let h = r.clone();
-            let handler = move |d: Delivery<v1::UndoRollout>| {
-                let h = h.clone();
-                async move { h.on_undo(d).await }
-            };
-            run_consumer(&r.bus, spec, handler, stop).await
-        })
-    };
+    let approve = r.spawn_control(
+        APPROVE_CONSUMER,
+        ControlSubject::RolloutApprove,
+        shutdown.clone(),
+        |r, d: Delivery<v1::ApproveRollout>| async move { r.on_approve(d).await },
+    );
+    let undo = r.spawn_control(
+        UNDO_CONSUMER,
+        ControlSubject::RolloutUndo,
+        shutdown.clone(),
+        |r, d: Delivery<v1::UndoRollout>| async move { r.on_undo(d).await },
+    );
 
     let mut placement_changes = r.placements.changes();
     let mut replica_changes = r.replicas.changes();
@@ -311,6 +289,31 @@ fn alive_on(r: &ReplicaStatus, live: &BTreeSet<String>) -> bool {
 }
 
 impl Rollouts {
+    /// Runs `handle` for every request on one control subject.
+    fn spawn_control<M, Fut>(
+        &self,
+        durable: &'static str,
+        which: ControlSubject,
+        shutdown: CancellationToken,
+        handle: fn(Rollouts, Delivery<M>) -> Fut,
+    ) -> tokio::task::JoinHandle<Result<(), KitError>>
+    where
+        M: flotilla_proto::Contract,
+        Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let spec = ConsumerSpec::new(
+            &self.bus.topology.control.name,
+            durable,
+            vec![self.bus.subjects.control(which)],
+        );
+        let r = self.clone();
+        tokio::spawn(async move {
+            let bus = r.bus.clone();
+            let handler = move |d: Delivery<M>| handle(r.clone(), d);
+            run_consumer(&bus, spec, handler, shutdown).await
+        })
+    }
+
     async fn reconcile(&self) {
         let live: BTreeSet<String> = self
             .clusters
