@@ -726,23 +726,24 @@ impl Rollouts {
         Ok(())
     }
 
+    /// The rollout a control request names, or why there is none.
+    async fn rollout_of(&self, name: &str) -> Result<RolloutState, HandlerError> {
+        flotilla_proto::check_name("deployment", name)
+            .map_err(|e| HandlerError::invalid("deployment", e.to_string()))?;
+        match self.rollouts.get(name).await.map_err(HandlerError::retry)? {
+            Some((state, _)) => Ok(state),
+            None => Err(HandlerError::invalid(
+                "deployment",
+                format!("{name} has no rollout"),
+            )),
+        }
+    }
+
     async fn on_approve(&self, d: Delivery<v1::ApproveRollout>) -> Result<(), HandlerError> {
         let request = d.message;
         let request_id = d.msg_id.clone().unwrap_or(request.request_id.clone());
         let name = request.deployment.clone();
-        flotilla_proto::check_name("deployment", &name)
-            .map_err(|e| HandlerError::invalid("deployment", e.to_string()))?;
-        let Some((state, _)) = self
-            .rollouts
-            .get(&name)
-            .await
-            .map_err(HandlerError::retry)?
-        else {
-            return Err(HandlerError::invalid(
-                "deployment",
-                format!("{name} has no rollout"),
-            ));
-        };
+        let state = self.rollout_of(&name).await?;
         if request.generation != 0 && request.generation != state.deployment_generation {
             return Err(HandlerError::invalid(
                 "generation",
@@ -832,19 +833,7 @@ impl Rollouts {
         let request = d.message;
         let request_id = d.msg_id.clone().unwrap_or(request.request_id.clone());
         let name = request.deployment.clone();
-        flotilla_proto::check_name("deployment", &name)
-            .map_err(|e| HandlerError::invalid("deployment", e.to_string()))?;
-        let Some((state, _)) = self
-            .rollouts
-            .get(&name)
-            .await
-            .map_err(HandlerError::retry)?
-        else {
-            return Err(HandlerError::invalid(
-                "deployment",
-                format!("{name} has no rollout"),
-            ));
-        };
+        let state = self.rollout_of(&name).await?;
         let Some(previous) = state.previous_spec.clone() else {
             return Err(HandlerError::invalid(
                 "deployment",
