@@ -25,6 +25,14 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() {
+    // Like the engine: the loop runs on one of the pool's threads.
+    rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("a thread pool")
+        .install(run);
+}
+
+fn run() {
     let path = std::env::args()
         .nth(1)
         .expect("usage: decode MODEL.gguf [STEPS]");
@@ -40,7 +48,13 @@ fn main() {
     );
     let mut scratch = Scratch::default();
     let mut logits = Vec::new();
-    for batch in [1usize, 8] {
+    // `DECODE_BATCHES=1,8` (the default): the batch sizes to time.
+    let batches: Vec<usize> = std::env::var("DECODE_BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    for batch in batches {
         let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
         let started = Instant::now();
         let cpu = cpu_seconds();

@@ -1,20 +1,34 @@
-//! The quantized matrix products that decide decode speed, on the project's
-//! own block layouts: Q4_1 weights (Q4_0 loads into it exactly, as
-//! `m = -8 d`) and Q8_0 weights, against activations quantized per row to
-//! 8 bits in blocks of 32 ([`ActBlock`]). Columns are split across the
-//! rayon thread pool the caller runs in; each (row, column) dot product is computed the same way
-//! whatever the number of rows, so a sequence's result does not depend on
-//! what it is batched with.
+//! The quantized matrix products that decide inference speed.
 //!
-//! The inner loops use AVX2 when the CPU has it (checked at run time) and a
-//! portable loop otherwise; both are tested against candle's own quantized
-//! matmul.
+//! GGUF stores a quantized matrix row by row (one output column's blocks
+//! after another). At load time the runner repacks it into groups of
+//! [`GROUP`] columns, block by block ([`Q4Group`], [`Q8Group`]), so that
+//! one vector register holds the same four inputs of sixteen columns: a
+//! broadcast of four activation bytes and one fused byte dot product
+//! (`vpdpbusd`) advance sixteen columns at once, the sums land one column
+//! per lane (no horizontal adds), and a group's weights are unpacked once
+//! for every activation row of the batch. Activations are quantized per row
+//! to 8 bits in blocks of 32 ([`ActBlock`]).
+//!
+//! Each block's integer dot product is exact, and each row goes through
+//! the same float operations whatever else is in the batch, so a sequence's
+//! result does not depend on what it is batched with. Column groups are
+//! split across the rayon pool the caller runs in.
+//!
+//! Inner loops: AVX-512 VNNI, AVX-VNNI or AVX2 when the CPU has them
+//! (checked at run time), a portable loop otherwise; all are tested against
+//! candle's own quantized matmul.
 
 use half::f16;
 use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const QK: usize = 32;
+/// Output columns packed together: sixteen f32 lanes of one AVX-512
+/// register (two AVX2 registers).
+pub const GROUP: usize = 16;
+/// Activation rows that share one unpacking of a weight block.
+const ROW_TILE: usize = 4;
 
 /// A GGUF Q4_1 block: `x = d * q + m`, `q` in 0..16; `qs[j]` holds
 /// element `j` in its low nibble and element `j + 16` in its high one.
@@ -34,13 +48,15 @@ pub struct BlockQ8_0 {
     pub qs: [i8; 32],
 }
 
-/// One block of a quantized activation row: `x ≈ d * q`, `s = d * Σq`.
+/// One block of a quantized activation row: `x ≈ d * q`, `sum = Σq`,
+/// `s = d * sum`.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C, align(64))]
 pub struct ActBlock {
     pub qs: [i8; 32],
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
 }
 
 impl Default for ActBlock {
@@ -49,6 +65,7 @@ impl Default for ActBlock {
             qs: [0; 32],
             d: 0.0,
             s: 0.0,
+            sum: 0,
         }
     }
 }
@@ -143,134 +160,343 @@ pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
         }
         block.d = d;
         block.s = d * sum as f32;
+        block.sum = sum;
     }
 }
 
-/// Quantized weights, one row of blocks per output column.
-pub enum QWeights {
+/// Quantized weights as GGUF stores them: one row of blocks per output
+/// column, columns one after another.
+pub enum QBlocks {
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
 }
 
-impl QWeights {
-    pub fn concat(parts: &[&QWeights]) -> Option<QWeights> {
-        match parts.first()? {
-            QWeights::Q4_1(_) => {
-                let mut all = Vec::new();
-                for p in parts {
-                    let QWeights::Q4_1(v) = p else { return None };
-                    all.extend_from_slice(v);
-                }
-                Some(QWeights::Q4_1(all))
-            }
-            QWeights::Q8_0(_) => {
-                let mut all = Vec::new();
-                for p in parts {
-                    let QWeights::Q8_0(v) = p else { return None };
-                    all.extend_from_slice(v);
-                }
-                Some(QWeights::Q8_0(all))
-            }
-        }
-    }
+/// Sixteen columns' Q4_1 blocks for the same 32 inputs. `qs[64 j + 4 c + i]`
+/// is byte `4 j + i` of column `c`'s GGUF block: input `4 j + i` in its low
+/// nibble, input `16 + 4 j + i` in its high one.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Q4Group {
+    d: [u16; GROUP],
+    m: [u16; GROUP],
+    qs: [u8; 256],
 }
 
-/// Columns per work item handed to a thread.
-const COLUMNS_PER_ITEM: usize = 16;
-/// Rows whose activations share one pass over a weight block.
-const ROW_TILE: usize = 8;
-
-/// `out[r * n + c] = Σ_k x[r, k] * w[c, k]` for `m` rows already quantized
-/// into `acts` (`m * k / QK` blocks), `w` holding `n` columns. `scratch` is
-/// the column-major staging area, reused between calls.
-pub fn matmul(
-    w: &QWeights,
-    acts: &[ActBlock],
-    dims: (usize, usize, usize),
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    matmul_with(best_isa(), w, acts, dims, out, scratch)
+/// Sixteen columns' Q8_0 blocks for the same 32 inputs. `qs[64 j + 4 c + i]`
+/// is input `4 j + i` of column `c` plus 128, as the unsigned bytes the
+/// fused dot product takes (the sums subtract `128 Σq` again).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct Q8Group {
+    d: [u16; GROUP],
+    qs: [u8; 512],
 }
 
-/// [`matmul`] with the given inner loops (the CPU must have them).
-pub fn matmul_with(
-    isa: Isa,
-    w: &QWeights,
-    acts: &[ActBlock],
-    (m, k, n): (usize, usize, usize),
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    let kb = k / QK;
-    // Column-major staging (`[c][r]`) so that each work item owns one
-    // contiguous slice; for one row it is the output itself.
-    let staging: &mut [f32] = if m == 1 {
-        &mut out[..n]
-    } else {
-        if scratch.len() < m * n {
-            scratch.resize(m * n, 0.0);
+enum Groups {
+    Q4_1(Vec<Q4Group>),
+    Q8_0(Vec<Q8Group>),
+}
+
+/// An `n × k` quantized matrix repacked for [`matmul`]: group `g`'s block
+/// `b` at `g * k / QK + b`. Columns past `n` in the last group are zero.
+pub struct PackedWeights {
+    n: usize,
+    kb: usize,
+    groups: Groups,
+}
+
+impl PackedWeights {
+    /// Repacks `n` columns of `k` inputs (a multiple of [`QK`]); `None` when
+    /// the block count does not match.
+    pub fn pack(blocks: &QBlocks, n: usize, k: usize) -> Option<Self> {
+        if n == 0 || k == 0 || !k.is_multiple_of(QK) {
+            return None;
         }
-        &mut scratch[..m * n]
-    };
-    let work = |(item, dst): (usize, &mut [f32])| {
-        let first = item * COLUMNS_PER_ITEM;
-        if m == 1 && isa != Isa::Portable {
-            // Decode: four columns share each activation load.
-            let mut c = first;
-            for quad in dst.chunks_mut(4) {
-                if quad.len() == 4 {
-                    dot4(isa, w, c, kb, acts, quad);
-                } else {
-                    for (j, o) in quad.iter_mut().enumerate() {
-                        let o = std::slice::from_mut(o);
-                        match w {
-                            QWeights::Q4_1(b) => {
-                                dot_q4_1(&b[(c + j) * kb..(c + j + 1) * kb], acts, kb, o, isa)
-                            }
-                            QWeights::Q8_0(b) => {
-                                dot_q8_0(&b[(c + j) * kb..(c + j + 1) * kb], acts, kb, o, isa)
+        let kb = k / QK;
+        let count = n.div_ceil(GROUP) * kb;
+        let groups = match blocks {
+            QBlocks::Q4_1(rows) => {
+                if rows.len() != n * kb {
+                    return None;
+                }
+                let mut out = vec![
+                    Q4Group {
+                        d: [0; GROUP],
+                        m: [0; GROUP],
+                        qs: [0; 256],
+                    };
+                    count
+                ];
+                for (col, row) in rows.chunks_exact(kb).enumerate() {
+                    let (g, c) = (col / GROUP, col % GROUP);
+                    for (b, block) in row.iter().enumerate() {
+                        let dst = &mut out[g * kb + b];
+                        dst.d[c] = block.d;
+                        dst.m[c] = block.m;
+                        for j in 0..4 {
+                            dst.qs[64 * j + 4 * c..64 * j + 4 * c + 4]
+                                .copy_from_slice(&block.qs[4 * j..4 * j + 4]);
+                        }
+                    }
+                }
+                Groups::Q4_1(out)
+            }
+            QBlocks::Q8_0(rows) => {
+                if rows.len() != n * kb {
+                    return None;
+                }
+                // Zero columns are stored as 128 (zero plus the offset).
+                let mut out = vec![
+                    Q8Group {
+                        d: [0; GROUP],
+                        qs: [0x80; 512],
+                    };
+                    count
+                ];
+                for (col, row) in rows.chunks_exact(kb).enumerate() {
+                    let (g, c) = (col / GROUP, col % GROUP);
+                    for (b, block) in row.iter().enumerate() {
+                        let dst = &mut out[g * kb + b];
+                        dst.d[c] = block.d;
+                        for j in 0..8 {
+                            for i in 0..4 {
+                                dst.qs[64 * j + 4 * c + i] = (block.qs[4 * j + i] as u8) ^ 0x80;
                             }
                         }
                     }
                 }
-                c += 4;
+                Groups::Q8_0(out)
             }
-            return;
+        };
+        Some(Self { n, kb, groups })
+    }
+
+    /// The GGUF layout back (to stack matrices that read the same input).
+    pub fn unpack(&self) -> QBlocks {
+        let kb = self.kb;
+        match &self.groups {
+            Groups::Q4_1(groups) => QBlocks::Q4_1(
+                (0..self.n * kb)
+                    .map(|i| {
+                        let (col, b) = (i / kb, i % kb);
+                        let (g, c) = (col / GROUP, col % GROUP);
+                        let src = &groups[g * kb + b];
+                        let mut qs = [0u8; 16];
+                        for j in 0..4 {
+                            qs[4 * j..4 * j + 4]
+                                .copy_from_slice(&src.qs[64 * j + 4 * c..64 * j + 4 * c + 4]);
+                        }
+                        BlockQ4_1 {
+                            d: src.d[c],
+                            m: src.m[c],
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
+            Groups::Q8_0(groups) => QBlocks::Q8_0(
+                (0..self.n * kb)
+                    .map(|i| {
+                        let (col, b) = (i / kb, i % kb);
+                        let (g, c) = (col / GROUP, col % GROUP);
+                        let src = &groups[g * kb + b];
+                        let qs = std::array::from_fn(|e| {
+                            let (j, i) = (e / 4, e % 4);
+                            (src.qs[64 * j + 4 * c + i] ^ 0x80) as i8
+                        });
+                        BlockQ8_0 { d: src.d[c], qs }
+                    })
+                    .collect(),
+            ),
         }
-        for (j, col_out) in dst.chunks_mut(m).enumerate() {
-            let c = first + j;
-            for (tile, tile_out) in col_out.chunks_mut(ROW_TILE).enumerate() {
-                let r0 = tile * ROW_TILE;
-                let rows = &acts[r0 * kb..(r0 + tile_out.len()) * kb];
-                match w {
-                    QWeights::Q4_1(blocks) => {
-                        dot_q4_1(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
-                    }
-                    QWeights::Q8_0(blocks) => {
-                        dot_q8_0(&blocks[c * kb..(c + 1) * kb], rows, kb, tile_out, isa)
-                    }
+    }
+
+    /// One matrix with the columns of all `parts` (same `k`, same format).
+    pub fn stack(parts: &[&PackedWeights]) -> Option<PackedWeights> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.kb != first.kb) {
+            return None;
+        }
+        let all = match first.unpack() {
+            QBlocks::Q4_1(_) => {
+                let mut all = Vec::new();
+                for p in parts {
+                    let QBlocks::Q4_1(v) = p.unpack() else {
+                        return None;
+                    };
+                    all.extend(v);
                 }
+                QBlocks::Q4_1(all)
+            }
+            QBlocks::Q8_0(_) => {
+                let mut all = Vec::new();
+                for p in parts {
+                    let QBlocks::Q8_0(v) = p.unpack() else {
+                        return None;
+                    };
+                    all.extend(v);
+                }
+                QBlocks::Q8_0(all)
+            }
+        };
+        let n = parts.iter().map(|p| p.n).sum();
+        Self::pack(&all, n, first.kb * QK)
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.kb * QK
+    }
+}
+
+/// `out[r * n + c] = Σ_k x[r, k] * w[c, k]` for the `m` rows quantized
+/// into `acts` (`m * k / QK` blocks). `scratch` is a staging area reused
+/// between calls.
+pub fn matmul(
+    w: &PackedWeights,
+    acts: &[ActBlock],
+    m: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    matmul_with(best_isa(), w, acts, m, out, scratch)
+}
+
+/// [`matmul`] with the given inner loops (ones this CPU lacks fall back to
+/// the portable loop).
+pub fn matmul_with(
+    isa: Isa,
+    w: &PackedWeights,
+    acts: &[ActBlock],
+    m: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let isa = if supported_isas().contains(&isa) {
+        isa
+    } else {
+        Isa::Portable
+    };
+    let (n, kb) = (w.n, w.kb);
+    let groups = n.div_ceil(GROUP);
+    assert!(acts.len() >= m * kb && out.len() >= m * n, "matmul sizes");
+    // Staged `[group][row][lane]`, so that each work item owns one
+    // contiguous slice; for one row of whole groups that is the output.
+    let direct = m == 1 && n.is_multiple_of(GROUP);
+    let staging: &mut [f32] = if direct {
+        &mut out[..n]
+    } else {
+        if scratch.len() < groups * m * GROUP {
+            scratch.resize(groups * m * GROUP, 0.0);
+        }
+        &mut scratch[..groups * m * GROUP]
+    };
+    // Enough groups per item that a thread's share is worth handing over.
+    let per_item = (8 / m).clamp(1, 4);
+    let work = |(item, dst): (usize, &mut [f32])| {
+        for (i, group_out) in dst.chunks_mut(m * GROUP).enumerate() {
+            let g = item * per_item + i;
+            for (t, tile_out) in group_out.chunks_mut(ROW_TILE * GROUP).enumerate() {
+                let r0 = t * ROW_TILE;
+                let rows = tile_out.len() / GROUP;
+                group_tile(isa, w, g, &acts[r0 * kb..(r0 + rows) * kb], tile_out);
             }
         }
     };
-    let chunk = COLUMNS_PER_ITEM * m;
-    if n * m * k < 1 << 16 {
-        staging.chunks_mut(chunk).enumerate().for_each(work);
+    if groups * m * kb < 256 {
+        staging
+            .chunks_mut(per_item * m * GROUP)
+            .enumerate()
+            .for_each(work);
     } else {
         // Rayon's waiting threads steal work, then sleep: they do not spin
         // against other processes for the cores.
         staging
-            .par_chunks_mut(chunk)
+            .par_chunks_mut(per_item * m * GROUP)
             .enumerate()
-            .with_min_len(2)
             .for_each(work);
     }
-    if m > 1 {
-        for c in 0..n {
+    if !direct {
+        for g in 0..groups {
+            let cols = GROUP.min(n - g * GROUP);
             for r in 0..m {
-                out[r * n + c] = scratch[c * m + r];
+                let src = &scratch[(g * m + r) * GROUP..(g * m + r) * GROUP + cols];
+                out[r * n + g * GROUP..r * n + g * GROUP + cols].copy_from_slice(src);
             }
+        }
+    }
+}
+
+/// Group `g` against up to [`ROW_TILE`] activation rows (`out`: `rows × 16`).
+fn group_tile(isa: Isa, w: &PackedWeights, g: usize, rows: &[ActBlock], out: &mut [f32]) {
+    let kb = w.kb;
+    match &w.groups {
+        Groups::Q4_1(groups) => {
+            let wg = &groups[g * kb..(g + 1) * kb];
+            #[cfg(target_arch = "x86_64")]
+            match isa {
+                Isa::Avx512Vnni => return simd::avx512::q4_1(wg, rows, out),
+                Isa::AvxVnni => return simd::vnni::q4_1(wg, rows, out),
+                Isa::Avx2 => return simd::avx2::q4_1(wg, rows, out),
+                Isa::Portable => {}
+            }
+            portable_q4_1(wg, rows, out)
+        }
+        Groups::Q8_0(groups) => {
+            let wg = &groups[g * kb..(g + 1) * kb];
+            #[cfg(target_arch = "x86_64")]
+            match isa {
+                Isa::Avx512Vnni => return simd::avx512::q8_0(wg, rows, out),
+                Isa::AvxVnni => return simd::vnni::q8_0(wg, rows, out),
+                Isa::Avx2 => return simd::avx2::q8_0(wg, rows, out),
+                Isa::Portable => {}
+            }
+            portable_q8_0(wg, rows, out)
+        }
+    }
+}
+
+fn portable_q4_1(w: &[Q4Group], rows: &[ActBlock], out: &mut [f32]) {
+    let kb = w.len();
+    for (row, o) in rows.chunks_exact(kb).zip(out.chunks_exact_mut(GROUP)) {
+        for (c, o) in o.iter_mut().enumerate() {
+            let (mut acc_d, mut acc_m) = (0f32, 0f32);
+            for (x, y) in w.iter().zip(row) {
+                let mut dot = 0i32;
+                for j in 0..4 {
+                    for i in 0..4 {
+                        let q = x.qs[64 * j + 4 * c + i];
+                        dot += (q & 0x0f) as i32 * y.qs[4 * j + i] as i32
+                            + (q >> 4) as i32 * y.qs[16 + 4 * j + i] as i32;
+                    }
+                }
+                acc_d += dot as f32 * y.d * f16_to_f32(x.d[c]);
+                acc_m += y.s * f16_to_f32(x.m[c]);
+            }
+            *o = acc_d + acc_m;
+        }
+    }
+}
+
+fn portable_q8_0(w: &[Q8Group], rows: &[ActBlock], out: &mut [f32]) {
+    let kb = w.len();
+    for (row, o) in rows.chunks_exact(kb).zip(out.chunks_exact_mut(GROUP)) {
+        for (c, o) in o.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (x, y) in w.iter().zip(row) {
+                let mut dot = 0i32;
+                for j in 0..8 {
+                    for i in 0..4 {
+                        let q = (x.qs[64 * j + 4 * c + i] ^ 0x80) as i8;
+                        dot += q as i32 * y.qs[4 * j + i] as i32;
+                    }
+                }
+                acc += dot as f32 * y.d * f16_to_f32(x.d[c]);
+            }
+            *o = acc;
         }
     }
 }
@@ -281,56 +507,68 @@ pub enum Isa {
     Portable,
     Avx2,
     AvxVnni,
+    Avx512Vnni,
 }
 
-/// The best inner loops for this CPU (`FLOTILLA_RUNNER_ISA=portable|avx2`
-/// caps it, for comparisons).
+/// The best inner loops for this CPU (`FLOTILLA_RUNNER_ISA=portable|avx2|
+/// avxvnni` caps it, for comparisons).
 pub fn best_isa() -> Isa {
     static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
         let cap = std::env::var("FLOTILLA_RUNNER_ISA").unwrap_or_default();
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c");
-            let vnni = avx2 && std::arch::is_x86_feature_detected!("avxvnni");
-            match cap.as_str() {
-                "portable" => Isa::Portable,
-                "avx2" if avx2 => Isa::Avx2,
-                _ if vnni => Isa::AvxVnni,
-                _ if avx2 => Isa::Avx2,
-                _ => Isa::Portable,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = cap;
-            Isa::Portable
+        let supported = supported_isas();
+        let best = supported.last().copied().unwrap_or(Isa::Portable);
+        let capped = match cap.as_str() {
+            "portable" => Isa::Portable,
+            "avx2" => Isa::Avx2,
+            "avxvnni" => Isa::AvxVnni,
+            _ => best,
+        };
+        if supported.contains(&capped) {
+            capped
+        } else {
+            best
         }
     })
 }
 
-/// The inner loops this CPU can run, best last (for tests).
+/// Every set of inner loops this CPU can run, best last.
+fn supported_isas() -> &'static [Isa] {
+    static ALL: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+    ALL.get_or_init(detect_isas)
+}
+
+fn detect_isas() -> Vec<Isa> {
+    let mut isas = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            isas.push(Isa::Avx2);
+            if has!("avxvnni") {
+                isas.push(Isa::AvxVnni);
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                isas.push(Isa::Avx512Vnni);
+            }
+        }
+    }
+    isas
+}
+
+/// The inner loops this CPU can run, up to the chosen best (for tests).
 pub fn available_isas() -> Vec<Isa> {
+    let all = supported_isas();
     let best = best_isa();
-    [Isa::Portable, Isa::Avx2, Isa::AvxVnni]
-        .into_iter()
-        .filter(|i| match i {
-            Isa::Portable => true,
-            Isa::Avx2 => best != Isa::Portable,
-            Isa::AvxVnni => best == Isa::AvxVnni,
-        })
-        .collect()
+    let end = all.iter().position(|i| *i == best).map_or(1, |p| p + 1);
+    all[..end].to_vec()
 }
 
 /// `Σ a[i] b[i]` (attention scores).
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    match best_isa() {
-        Isa::AvxVnni => return simd::vnni::dot_f32(a, b),
-        Isa::Avx2 => return simd::avx2::dot_f32(a, b),
-        Isa::Portable => {}
+    if best_isa() != Isa::Portable {
+        return simd::f32x8::dot(a, b);
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -338,392 +576,357 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// `y += alpha x` (attention's weighted sum of values).
 pub fn axpy_f32(y: &mut [f32], alpha: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    match best_isa() {
-        Isa::AvxVnni => return simd::vnni::axpy_f32(y, alpha, x),
-        Isa::Avx2 => return simd::avx2::axpy_f32(y, alpha, x),
-        Isa::Portable => {}
+    if best_isa() != Isa::Portable {
+        return simd::f32x8::axpy(y, alpha, x);
     }
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
     }
 }
 
-/// Four weight columns from `c` against one activation row.
-fn dot4(isa: Isa, w: &QWeights, c: usize, kb: usize, row: &[ActBlock], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let cols = |i: usize| (c + i) * kb..(c + i + 1) * kb;
-        match (isa, w) {
-            (Isa::AvxVnni, QWeights::Q4_1(b)) => {
-                return simd::vnni::dot4_q4_1(std::array::from_fn(|i| &b[cols(i)]), row, out);
-            }
-            (Isa::AvxVnni, QWeights::Q8_0(b)) => {
-                return simd::vnni::dot4_q8_0(std::array::from_fn(|i| &b[cols(i)]), row, out);
-            }
-            (Isa::Avx2, QWeights::Q4_1(b)) => {
-                return simd::avx2::dot4_q4_1(std::array::from_fn(|i| &b[cols(i)]), row, out);
-            }
-            (Isa::Avx2, QWeights::Q8_0(b)) => {
-                return simd::avx2::dot4_q8_0(std::array::from_fn(|i| &b[cols(i)]), row, out);
-            }
-            (Isa::Portable, _) => {}
-        }
-    }
-    for (j, o) in out.iter_mut().enumerate() {
-        let o = std::slice::from_mut(o);
-        match w {
-            QWeights::Q4_1(b) => dot_q4_1(&b[(c + j) * kb..(c + j + 1) * kb], row, kb, o, isa),
-            QWeights::Q8_0(b) => dot_q8_0(&b[(c + j) * kb..(c + j + 1) * kb], row, kb, o, isa),
-        }
-    }
-}
-
-/// One weight column against up to [`ROW_TILE`] activation rows.
-fn dot_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32], isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        Isa::AvxVnni => return simd::vnni::dot_q4_1(w, rows, kb, out),
-        Isa::Avx2 => return simd::avx2::dot_q4_1(w, rows, kb, out),
-        Isa::Portable => {}
-    }
-    let _ = isa;
-    for (r, o) in out.iter_mut().enumerate() {
-        let row = &rows[r * kb..(r + 1) * kb];
-        let mut sum = 0f32;
-        for (x, y) in w.iter().zip(row) {
-            let mut dot = 0i32;
-            for j in 0..16 {
-                dot += (x.qs[j] & 0x0f) as i32 * y.qs[j] as i32
-                    + (x.qs[j] >> 4) as i32 * y.qs[j + 16] as i32;
-            }
-            sum += f16_to_f32(x.d) * y.d * dot as f32 + f16_to_f32(x.m) * y.s;
-        }
-        *o = sum;
-    }
-}
-
-fn dot_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32], isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        Isa::AvxVnni => return simd::vnni::dot_q8_0(w, rows, kb, out),
-        Isa::Avx2 => return simd::avx2::dot_q8_0(w, rows, kb, out),
-        Isa::Portable => {}
-    }
-    let _ = isa;
-    for (r, o) in out.iter_mut().enumerate() {
-        let row = &rows[r * kb..(r + 1) * kb];
-        let mut sum = 0f32;
-        for (x, y) in w.iter().zip(row) {
-            let dot: i32 =
-                x.qs.iter()
-                    .zip(&y.qs)
-                    .map(|(a, b)| *a as i32 * *b as i32)
-                    .sum();
-            sum += f16_to_f32(x.d) * y.d * dot as f32;
-        }
-        *o = sum;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
-    //! x86-64 inner loops: AVX2 (with FMA and F16C, which every AVX2 CPU
-    //! has), and the same with AVX-VNNI's fused byte dot product. The only
-    //! unsafe operations are unaligned 16/32-byte loads from fixed-size
-    //! arrays (always in bounds) and calls into functions compiled for those
-    //! features, made only after `is_x86_feature_detected!` said the CPU has
-    //! them.
+    //! x86-64 inner loops. The only unsafe operations are unaligned vector
+    //! loads from fixed-size arrays or from slices whose length is checked
+    //! first, stores into checked slices, and calls into functions compiled
+    //! for CPU features that `is_x86_feature_detected!` reported (the
+    //! callers only pass an [`super::Isa`] from [`super::available_isas`]).
 
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, BlockQ4_1, BlockQ8_0, ROW_TILE};
+    use super::{ActBlock, GROUP, Q4Group, Q8Group, ROW_TILE};
+
+    /// The four activation bytes `4 j..4 j + 4` of a block, as one lane.
+    #[inline(always)]
+    fn word(y: &ActBlock, j: usize) -> i32 {
+        let q = &y.qs;
+        i32::from_le_bytes([
+            q[4 * j] as u8,
+            q[4 * j + 1] as u8,
+            q[4 * j + 2] as u8,
+            q[4 * j + 3] as u8,
+        ])
+    }
+
+    /// Splits `rows` (`R` rows of `kb` blocks) into per-row slices.
+    #[inline(always)]
+    fn split<const R: usize>(rows: &[ActBlock], kb: usize) -> [&[ActBlock]; R] {
+        std::array::from_fn(|r| &rows[r * kb..(r + 1) * kb])
+    }
+
+    macro_rules! dispatch_rows {
+        ($kernel:ident, $w:expr, $rows:expr, $out:expr) => {{
+            let (w, rows, out) = ($w, $rows, $out);
+            let kb = w.len();
+            assert!(kb > 0 && rows.len() == kb * (out.len() / GROUP) && out.len() % GROUP == 0);
+            // SAFETY: the caller chose this module from `available_isas`,
+            // so the CPU has the features the kernel is compiled for.
+            unsafe {
+                match out.len() / GROUP {
+                    1 => $kernel::<1>(w, split::<1>(rows, kb), out),
+                    2 => $kernel::<2>(w, split::<2>(rows, kb), out),
+                    3 => $kernel::<3>(w, split::<3>(rows, kb), out),
+                    ROW_TILE => $kernel::<ROW_TILE>(w, split::<ROW_TILE>(rows, kb), out),
+                    _ => unreachable!("row tiles hold at most ROW_TILE rows"),
+                }
+            }
+        }};
+    }
+
+    pub(super) mod avx512 {
+        //! Sixteen columns per register.
+        use super::*;
+
+        #[inline(always)]
+        fn load512(bytes: &[u8]) -> __m512i {
+            assert!(bytes.len() >= 64);
+            // SAFETY: at least 64 bytes (checked above).
+            unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
+        }
+
+        #[inline(always)]
+        fn halves(h: &[u16; GROUP]) -> __m256i {
+            // SAFETY: exactly the 32 bytes of the array.
+            unsafe { _mm256_loadu_si256(h.as_ptr().cast()) }
+        }
+
+        #[inline(always)]
+        fn store(out: &mut [f32], v: __m512) {
+            assert!(out.len() >= GROUP);
+            // SAFETY: at least 16 floats (checked above).
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) }
+        }
+
+        pub(in super::super) fn q4_1(w: &[Q4Group], rows: &[ActBlock], out: &mut [f32]) {
+            dispatch_rows!(q4_1_rows, w, rows, out)
+        }
+
+        pub(in super::super) fn q8_0(w: &[Q8Group], rows: &[ActBlock], out: &mut [f32]) {
+            dispatch_rows!(q8_0_rows, w, rows, out)
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        fn q4_1_rows<const R: usize>(w: &[Q4Group], rows: [&[ActBlock]; R], out: &mut [f32]) {
+            let low = _mm512_set1_epi8(0x0f);
+            let zero = _mm512_setzero_si512();
+            let mut acc_d = [_mm512_setzero_ps(); R];
+            let mut acc_m = [_mm512_setzero_ps(); R];
+            for (b, x) in w.iter().enumerate() {
+                let d = _mm512_cvtph_ps(halves(&x.d));
+                let m = _mm512_cvtph_ps(halves(&x.m));
+                let packed: [__m512i; 4] = std::array::from_fn(|j| load512(&x.qs[64 * j..]));
+                let lo = packed.map(|v| _mm512_and_si512(v, low));
+                let hi = packed.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
+                for r in 0..R {
+                    let y = &rows[r][b];
+                    let bc = |j| _mm512_set1_epi32(word(y, j));
+                    let mut s0 = _mm512_dpbusd_epi32(zero, lo[0], bc(0));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, lo[1], bc(1));
+                    s0 = _mm512_dpbusd_epi32(s0, lo[2], bc(2));
+                    s1 = _mm512_dpbusd_epi32(s1, lo[3], bc(3));
+                    s0 = _mm512_dpbusd_epi32(s0, hi[0], bc(4));
+                    s1 = _mm512_dpbusd_epi32(s1, hi[1], bc(5));
+                    s0 = _mm512_dpbusd_epi32(s0, hi[2], bc(6));
+                    s1 = _mm512_dpbusd_epi32(s1, hi[3], bc(7));
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    let t = _mm512_mul_ps(dot, _mm512_set1_ps(y.d));
+                    acc_d[r] = _mm512_fmadd_ps(t, d, acc_d[r]);
+                    acc_m[r] = _mm512_fmadd_ps(_mm512_set1_ps(y.s), m, acc_m[r]);
+                }
+            }
+            for r in 0..R {
+                store(&mut out[r * GROUP..], _mm512_add_ps(acc_d[r], acc_m[r]));
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        fn q8_0_rows<const R: usize>(w: &[Q8Group], rows: [&[ActBlock]; R], out: &mut [f32]) {
+            let zero = _mm512_setzero_si512();
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (b, x) in w.iter().enumerate() {
+                let d = _mm512_cvtph_ps(halves(&x.d));
+                let q: [__m512i; 8] = std::array::from_fn(|j| load512(&x.qs[64 * j..]));
+                for r in 0..R {
+                    let y = &rows[r][b];
+                    let bc = |j| _mm512_set1_epi32(word(y, j));
+                    let mut s0 = _mm512_dpbusd_epi32(zero, q[0], bc(0));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, q[1], bc(1));
+                    for j in (2..8).step_by(2) {
+                        s0 = _mm512_dpbusd_epi32(s0, q[j], bc(j));
+                        s1 = _mm512_dpbusd_epi32(s1, q[j + 1], bc(j + 1));
+                    }
+                    // The weights carry +128: take 128 Σq back off.
+                    let sum =
+                        _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(y.sum << 7));
+                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(y.d));
+                    acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+                }
+            }
+            for r in 0..R {
+                store(&mut out[r * GROUP..], acc[r]);
+            }
+        }
+    }
 
     #[inline(always)]
-    fn load32(bytes: &[i8; 32]) -> __m256i {
-        // SAFETY: reads exactly the 32 bytes of the array; only inlined
-        // into functions compiled for AVX2.
+    fn load256(bytes: &[u8]) -> __m256i {
+        assert!(bytes.len() >= 32);
+        // SAFETY: at least 32 bytes (checked above).
         unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
     }
 
     #[inline(always)]
-    fn load16(bytes: &[u8; 16]) -> __m128i {
-        // SAFETY: reads exactly the 16 bytes of the array.
-        unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+    fn halves8(h: &[u16]) -> __m128i {
+        assert!(h.len() >= 8);
+        // SAFETY: at least 8 halves (checked above).
+        unsafe { _mm_loadu_si128(h.as_ptr().cast()) }
     }
 
     #[inline(always)]
-    fn load8(v: &[f32]) -> __m256 {
-        assert!(v.len() >= 8);
-        // SAFETY: the slice holds at least 8 floats (checked above).
-        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    fn store8(out: &mut [f32], v: __m256) {
+        assert!(out.len() >= 8);
+        // SAFETY: at least 8 floats (checked above).
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
     }
 
-    #[inline(always)]
-    fn store8(v: &mut [f32], x: __m256) {
-        assert!(v.len() >= 8);
-        // SAFETY: the slice holds at least 8 floats (checked above).
-        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), x) }
-    }
-
-    macro_rules! kernels {
-        ($name:ident, $features:literal, |$a:ident, $b:ident| $products:expr) => {
+    /// Eight columns per register, each group in two halves; `$dot` adds
+    /// unsigned-by-signed byte products, four per lane, into its first
+    /// argument. Q8_0 uses the sign trick (`|w|` times `y` with `w`'s sign),
+    /// which never saturates `vpmaddubsw` for values within ±127.
+    macro_rules! avx2_kernels {
+        ($name:ident, $features:literal, |$s:ident, $a:ident, $b:ident| $dot:expr) => {
             pub(super) mod $name {
                 use super::*;
 
-                pub(in super::super) fn dot_q4_1(
-                    w: &[BlockQ4_1],
-                    rows: &[ActBlock],
-                    kb: usize,
-                    out: &mut [f32],
-                ) {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { dispatch_q4_1(w, rows, kb, out) }
+                pub(in super::super) fn q4_1(w: &[Q4Group], rows: &[ActBlock], out: &mut [f32]) {
+                    dispatch_rows!(q4_1_rows, w, rows, out)
                 }
 
-                pub(in super::super) fn dot_q8_0(
-                    w: &[BlockQ8_0],
-                    rows: &[ActBlock],
-                    kb: usize,
-                    out: &mut [f32],
-                ) {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { dispatch_q8_0(w, rows, kb, out) }
+                pub(in super::super) fn q8_0(w: &[Q8Group], rows: &[ActBlock], out: &mut [f32]) {
+                    dispatch_rows!(q8_0_rows, w, rows, out)
                 }
 
-                pub(in super::super) fn dot4_q4_1(
-                    w: [&[BlockQ4_1]; 4],
-                    row: &[ActBlock],
-                    out: &mut [f32],
-                ) {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { q4_1_x4(w, row, out) }
-                }
-
-                pub(in super::super) fn dot4_q8_0(
-                    w: [&[BlockQ8_0]; 4],
-                    row: &[ActBlock],
-                    out: &mut [f32],
-                ) {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { q8_0_x4(w, row, out) }
-                }
-
-                // Per column, the same operations in the same order as
-                // `q4_1::<1>`, so results do not depend on the path.
                 #[target_feature(enable = $features)]
-                fn q4_1_x4(w: [&[BlockQ4_1]; 4], row: &[ActBlock], out: &mut [f32]) {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    let mut mins = [0f32; 4];
+                fn dot($s: __m256i, $a: __m256i, $b: __m256i) -> __m256i {
+                    $dot
+                }
+
+                #[target_feature(enable = $features)]
+                fn q4_1_rows<const R: usize>(
+                    w: &[Q4Group],
+                    rows: [&[ActBlock]; R],
+                    out: &mut [f32],
+                ) {
                     let low = _mm256_set1_epi8(0x0f);
-                    let kb = row.len().min(w.iter().map(|c| c.len()).min().unwrap_or(0));
-                    for b in 0..kb {
-                        let y = &row[b];
-                        let qy = load32(&y.qs);
-                        for c in 0..4 {
-                            let x = &w[c][b];
-                            let packed = load16(&x.qs);
-                            let qx = _mm256_and_si256(
-                                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-                                low,
+                    let zero = _mm256_setzero_si256();
+                    for h in 0..2 {
+                        let mut acc_d = [_mm256_setzero_ps(); R];
+                        let mut acc_m = [_mm256_setzero_ps(); R];
+                        for (b, x) in w.iter().enumerate() {
+                            let d = _mm256_cvtph_ps(halves8(&x.d[8 * h..]));
+                            let m = _mm256_cvtph_ps(halves8(&x.m[8 * h..]));
+                            let packed: [__m256i; 4] =
+                                std::array::from_fn(|j| load256(&x.qs[64 * j + 32 * h..]));
+                            let lo = packed.map(|v| _mm256_and_si256(v, low));
+                            let hi =
+                                packed.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
+                            for r in 0..R {
+                                let y = &rows[r][b];
+                                let bc = |j| _mm256_set1_epi32(word(y, j));
+                                let mut s0 = dot(zero, lo[0], bc(0));
+                                let mut s1 = dot(zero, lo[1], bc(1));
+                                s0 = dot(s0, lo[2], bc(2));
+                                s1 = dot(s1, lo[3], bc(3));
+                                s0 = dot(s0, hi[0], bc(4));
+                                s1 = dot(s1, hi[1], bc(5));
+                                s0 = dot(s0, hi[2], bc(6));
+                                s1 = dot(s1, hi[3], bc(7));
+                                let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                                let t = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
+                                acc_d[r] = _mm256_fmadd_ps(t, d, acc_d[r]);
+                                acc_m[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.s), m, acc_m[r]);
+                            }
+                        }
+                        for r in 0..R {
+                            store8(
+                                &mut out[r * GROUP + 8 * h..],
+                                _mm256_add_ps(acc_d[r], acc_m[r]),
                             );
-                            let (xd, xm) = f16x2(x.d, x.m);
-                            let p = _mm256_cvtepi32_ps(products(qx, qy));
-                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[c]);
-                            mins[c] += xm * y.s;
                         }
                     }
-                    for c in 0..4 {
-                        out[c] = hsum(acc[c]) + mins[c];
-                    }
                 }
 
                 #[target_feature(enable = $features)]
-                fn q8_0_x4(w: [&[BlockQ8_0]; 4], row: &[ActBlock], out: &mut [f32]) {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    let kb = row.len().min(w.iter().map(|c| c.len()).min().unwrap_or(0));
-                    for b in 0..kb {
-                        let y = &row[b];
-                        let qy = load32(&y.qs);
-                        for c in 0..4 {
-                            let x = &w[c][b];
-                            let qx = load32(&x.qs);
-                            let (xd, _) = f16x2(x.d, 0);
-                            let p = _mm256_cvtepi32_ps(products(
-                                _mm256_sign_epi8(qx, qx),
-                                _mm256_sign_epi8(qy, qx),
-                            ));
-                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[c]);
-                        }
-                    }
-                    for c in 0..4 {
-                        out[c] = hsum(acc[c]);
-                    }
-                }
-
-                pub(in super::super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { dot_f32_impl(a, b) }
-                }
-
-                pub(in super::super) fn axpy_f32(y: &mut [f32], alpha: f32, x: &[f32]) {
-                    // SAFETY: callers checked the features at run time.
-                    unsafe { axpy_f32_impl(y, alpha, x) }
-                }
-
-                #[target_feature(enable = $features)]
-                fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
-                    let n = a.len().min(b.len());
-                    let mut acc = _mm256_setzero_ps();
-                    let mut i = 0;
-                    while i + 8 <= n {
-                        let (x, y) = (load8(&a[i..i + 8]), load8(&b[i..i + 8]));
-                        acc = _mm256_fmadd_ps(x, y, acc);
-                        i += 8;
-                    }
-                    let mut sum = hsum(acc);
-                    while i < n {
-                        sum += a[i] * b[i];
-                        i += 1;
-                    }
-                    sum
-                }
-
-                #[target_feature(enable = $features)]
-                fn axpy_f32_impl(y: &mut [f32], alpha: f32, x: &[f32]) {
-                    let n = x.len().min(y.len());
-                    let a = _mm256_set1_ps(alpha);
-                    let mut i = 0;
-                    while i + 8 <= n {
-                        let v = _mm256_fmadd_ps(a, load8(&x[i..i + 8]), load8(&y[i..i + 8]));
-                        store8(&mut y[i..i + 8], v);
-                        i += 8;
-                    }
-                    while i < n {
-                        y[i] += alpha * x[i];
-                        i += 1;
-                    }
-                }
-
-                /// Unsigned bytes times signed bytes, summed in fours.
-                #[target_feature(enable = $features)]
-                fn products($a: __m256i, $b: __m256i) -> __m256i {
-                    $products
-                }
-
-                #[target_feature(enable = $features)]
-                fn hsum(v: __m256) -> f32 {
-                    let lo = _mm256_castps256_ps128(v);
-                    let hi = _mm256_extractf128_ps::<1>(v);
-                    let s = _mm_add_ps(lo, hi);
-                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                    _mm_cvtss_f32(s)
-                }
-
-                #[target_feature(enable = $features)]
-                fn f16x2(a: u16, b: u16) -> (f32, f32) {
-                    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((a as u32 | ((b as u32) << 16)) as i32));
-                    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-                }
-
-                // The row count is a constant so that the accumulators stay
-                // in registers.
-                #[target_feature(enable = $features)]
-                fn dispatch_q4_1(w: &[BlockQ4_1], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-                    match out.len() {
-                        1 => q4_1::<1>(w, rows, kb, out),
-                        2 => q4_1::<2>(w, rows, kb, out),
-                        3 => q4_1::<3>(w, rows, kb, out),
-                        4 => q4_1::<4>(w, rows, kb, out),
-                        5 => q4_1::<5>(w, rows, kb, out),
-                        6 => q4_1::<6>(w, rows, kb, out),
-                        7 => q4_1::<7>(w, rows, kb, out),
-                        _ => q4_1::<ROW_TILE>(w, rows, kb, out),
-                    }
-                }
-
-                #[target_feature(enable = $features)]
-                fn dispatch_q8_0(w: &[BlockQ8_0], rows: &[ActBlock], kb: usize, out: &mut [f32]) {
-                    match out.len() {
-                        1 => q8_0::<1>(w, rows, kb, out),
-                        2 => q8_0::<2>(w, rows, kb, out),
-                        3 => q8_0::<3>(w, rows, kb, out),
-                        4 => q8_0::<4>(w, rows, kb, out),
-                        5 => q8_0::<5>(w, rows, kb, out),
-                        6 => q8_0::<6>(w, rows, kb, out),
-                        7 => q8_0::<7>(w, rows, kb, out),
-                        _ => q8_0::<ROW_TILE>(w, rows, kb, out),
-                    }
-                }
-
-                #[target_feature(enable = $features)]
-                fn q4_1<const R: usize>(
-                    w: &[BlockQ4_1],
-                    rows: &[ActBlock],
-                    kb: usize,
+                fn q8_0_rows<const R: usize>(
+                    w: &[Q8Group],
+                    rows: [&[ActBlock]; R],
                     out: &mut [f32],
                 ) {
-                    let mut acc = [_mm256_setzero_ps(); R];
-                    let mut mins = [0f32; R];
-                    let low = _mm256_set1_epi8(0x0f);
-                    let rows: [&[ActBlock]; R] =
-                        std::array::from_fn(|r| &rows[r * kb..(r + 1) * kb]);
-                    for (b, x) in w.iter().enumerate() {
-                        let packed = load16(&x.qs);
-                        let qx = _mm256_and_si256(
-                            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-                            low,
-                        );
-                        let (xd, xm) = f16x2(x.d, x.m);
-                        for r in 0..R {
-                            let y = &rows[r][b];
-                            let p = _mm256_cvtepi32_ps(products(qx, load32(&y.qs)));
-                            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[r]);
-                            mins[r] += xm * y.s;
+                    let offset = _mm256_set1_epi8(-128);
+                    let zero = _mm256_setzero_si256();
+                    for h in 0..2 {
+                        let mut acc = [_mm256_setzero_ps(); R];
+                        for (b, x) in w.iter().enumerate() {
+                            let d = _mm256_cvtph_ps(halves8(&x.d[8 * h..]));
+                            let q: [__m256i; 8] = std::array::from_fn(|j| {
+                                _mm256_xor_si256(load256(&x.qs[64 * j + 32 * h..]), offset)
+                            });
+                            let abs = q.map(|v| _mm256_sign_epi8(v, v));
+                            for r in 0..R {
+                                let y = &rows[r][b];
+                                let sy = |j: usize| {
+                                    _mm256_sign_epi8(_mm256_set1_epi32(word(y, j)), q[j])
+                                };
+                                let mut s0 = dot(zero, abs[0], sy(0));
+                                let mut s1 = dot(zero, abs[1], sy(1));
+                                for j in (2..8).step_by(2) {
+                                    s0 = dot(s0, abs[j], sy(j));
+                                    s1 = dot(s1, abs[j + 1], sy(j + 1));
+                                }
+                                let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                                let t = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
+                                acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+                            }
                         }
-                    }
-                    for r in 0..R {
-                        out[r] = hsum(acc[r]) + mins[r];
-                    }
-                }
-
-                #[target_feature(enable = $features)]
-                fn q8_0<const R: usize>(
-                    w: &[BlockQ8_0],
-                    rows: &[ActBlock],
-                    kb: usize,
-                    out: &mut [f32],
-                ) {
-                    let mut acc = [_mm256_setzero_ps(); R];
-                    let rows: [&[ActBlock]; R] =
-                        std::array::from_fn(|r| &rows[r * kb..(r + 1) * kb]);
-                    for (b, x) in w.iter().enumerate() {
-                        let qx = load32(&x.qs);
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        let (xd, _) = f16x2(x.d, 0);
                         for r in 0..R {
-                            let y = &rows[r][b];
-                            let sy = _mm256_sign_epi8(load32(&y.qs), qx);
-                            let p = _mm256_cvtepi32_ps(products(ax, sy));
-                            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y.d), p, acc[r]);
+                            store8(&mut out[r * GROUP + 8 * h..], acc[r]);
                         }
-                    }
-                    for r in 0..R {
-                        out[r] = hsum(acc[r]);
                     }
                 }
             }
         };
     }
 
-    kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(a, b),
-        _mm256_set1_epi16(1)
+    avx2_kernels!(avx2, "avx2,fma,f16c", |s, a, b| _mm256_add_epi32(
+        s,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     ));
-    kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    avx2_kernels!(vnni, "avx2,fma,f16c,avxvnni", |s, a, b| {
+        _mm256_dpbusd_avx_epi32(s, a, b)
     });
+
+    pub(super) mod f32x8 {
+        //! Attention's float loops (AVX2 with FMA).
+        use super::*;
+
+        #[inline(always)]
+        fn load8(v: &[f32]) -> __m256 {
+            assert!(v.len() >= 8);
+            // SAFETY: the slice holds at least 8 floats (checked above).
+            unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        }
+
+        pub(in super::super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+            // SAFETY: callers checked the features at run time.
+            unsafe { dot_impl(a, b) }
+        }
+
+        pub(in super::super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+            // SAFETY: callers checked the features at run time.
+            unsafe { axpy_impl(y, alpha, x) }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                acc = _mm256_fmadd_ps(load8(&a[i..i + 8]), load8(&b[i..i + 8]), acc);
+                i += 8;
+            }
+            let lo = _mm256_castps256_ps128(acc);
+            let hi = _mm256_extractf128_ps::<1>(acc);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            let mut sum = _mm_cvtss_f32(s);
+            while i < n {
+                sum += a[i] * b[i];
+                i += 1;
+            }
+            sum
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        fn axpy_impl(y: &mut [f32], alpha: f32, x: &[f32]) {
+            let n = x.len().min(y.len());
+            let a = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i + 8 <= n {
+                let v = _mm256_fmadd_ps(a, load8(&x[i..i + 8]), load8(&y[i..i + 8]));
+                let dst = &mut y[i..i + 8];
+                // SAFETY: `dst` holds exactly 8 floats.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) };
+                i += 8;
+            }
+            while i < n {
+                y[i] += alpha * x[i];
+                i += 1;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -734,18 +937,33 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
+    fn blocks(q: &QTensor) -> QBlocks {
+        let bytes = q.data().unwrap();
+        match q.dtype() {
+            GgmlDType::Q4_1 => QBlocks::Q4_1(BlockQ4_1::parse(&bytes).unwrap()),
+            GgmlDType::Q4_0 => QBlocks::Q4_1(BlockQ4_1::parse_q4_0(&bytes).unwrap()),
+            GgmlDType::Q8_0 => QBlocks::Q8_0(BlockQ8_0::parse(&bytes).unwrap()),
+            _ => unreachable!(),
+        }
+    }
+
+    fn quantize(xs: &[f32], m: usize, k: usize) -> Vec<ActBlock> {
+        let mut acts = vec![ActBlock::default(); m * k / QK];
+        for r in 0..m {
+            quantize_row(
+                &xs[r * k..(r + 1) * k],
+                &mut acts[r * k / QK..(r + 1) * k / QK],
+            );
+        }
+        acts
+    }
+
     fn check(dtype: GgmlDType, m: usize, k: usize, n: usize) {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let bytes = q.data().unwrap();
-        let ours = match dtype {
-            GgmlDType::Q4_1 => QWeights::Q4_1(BlockQ4_1::parse(&bytes).unwrap()),
-            GgmlDType::Q4_0 => QWeights::Q4_1(BlockQ4_1::parse_q4_0(&bytes).unwrap()),
-            GgmlDType::Q8_0 => QWeights::Q8_0(BlockQ8_0::parse(&bytes).unwrap()),
-            _ => unreachable!(),
-        };
+        let ours = PackedWeights::pack(&blocks(&q), n, k).unwrap();
         let reference = QMatMul::from_qtensor(q)
             .unwrap()
             .forward(&x)
@@ -754,22 +972,15 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut acts = vec![ActBlock::default(); m * k / QK];
-        for r in 0..m {
-            quantize_row(
-                &xs[r * k..(r + 1) * k],
-                &mut acts[r * k / QK..(r + 1) * k / QK],
-            );
-        }
+        let acts = quantize(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, k);
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
         for isa in available_isas() {
-            let mut out = vec![0f32; m * n];
-            matmul_with(isa, &ours, &acts, (m, k, n), &mut out, &mut Vec::new());
-            let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let mut out = vec![f32::NAN; m * n];
+            matmul_with(isa, &ours, &acts, m, &mut out, &mut Vec::new());
             for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                 assert!(
                     (a - b).abs() <= 2e-3 * scale.max(1.0),
-                    "{dtype:?} m={m} {isa:?} at {i}: ours {a}, candle {b}"
+                    "{dtype:?} m={m} n={n} {isa:?} at {i}: ours {a}, candle {b}"
                 );
             }
         }
@@ -778,11 +989,43 @@ mod tests {
     #[test]
     fn quantized_matmuls_match_candles() {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0] {
-            for m in [1, 3, 11] {
+            for m in [1, 3, 4, 11] {
+                // 70 columns: a last group of 6.
                 check(dtype, m, 256, 70);
             }
             check(dtype, 1, 576, 1536);
+            check(dtype, 9, 576, 192);
         }
+    }
+
+    #[test]
+    fn packing_round_trips_and_stacks() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let a = QTensor::quantize(&Tensor::randn(0f32, 1.0, (20, 64), &dev).unwrap(), dtype)
+                .unwrap();
+            let b = QTensor::quantize(&Tensor::randn(0f32, 1.0, (7, 64), &dev).unwrap(), dtype)
+                .unwrap();
+            let (pa, pb) = (
+                PackedWeights::pack(&blocks(&a), 20, 64).unwrap(),
+                PackedWeights::pack(&blocks(&b), 7, 64).unwrap(),
+            );
+            let stacked = PackedWeights::stack(&[&pa, &pb]).unwrap();
+            assert_eq!((stacked.n(), stacked.k()), (27, 64));
+            let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
+            let acts = quantize(&x, 1, 64);
+            let run = |w: &PackedWeights| {
+                let mut out = vec![0f32; w.n()];
+                matmul(w, &acts, 1, &mut out, &mut Vec::new());
+                out
+            };
+            let mut separate = run(&pa);
+            separate.extend(run(&pb));
+            assert_eq!(run(&stacked), separate, "{dtype:?}");
+        }
+        assert!(
+            PackedWeights::pack(&QBlocks::Q4_1(vec![BlockQ4_1::default(); 3]), 2, 64).is_none()
+        );
     }
 
     #[test]
@@ -802,29 +1045,27 @@ mod tests {
     fn a_rows_result_does_not_depend_on_its_batch() {
         let dev = Device::Cpu;
         let (k, n) = (128, 40);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let w = QWeights::Q4_1(BlockQ4_1::parse(&q.data().unwrap()).unwrap());
-        let xs = Tensor::randn(0f32, 1.0, (9, k), &dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let mut acts = vec![ActBlock::default(); 9 * k / QK];
-        for r in 0..9 {
-            quantize_row(
-                &xs[r * k..(r + 1) * k],
-                &mut acts[r * k / QK..(r + 1) * k / QK],
-            );
-        }
-        let mut all = vec![0f32; 9 * n];
-        matmul(&w, &acts, (9, k, n), &mut all, &mut Vec::new());
-        for r in 0..9 {
-            let mut one = vec![0f32; n];
-            let row = &acts[r * k / QK..(r + 1) * k / QK];
-            matmul(&w, row, (1, k, n), &mut one, &mut Vec::new());
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let w = PackedWeights::pack(&blocks(&q), n, k).unwrap();
+            let xs = Tensor::randn(0f32, 1.0, (9, k), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let acts = quantize(&xs, 9, k);
+            for isa in available_isas() {
+                let mut all = vec![0f32; 9 * n];
+                matmul_with(isa, &w, &acts, 9, &mut all, &mut Vec::new());
+                for r in 0..9 {
+                    let mut one = vec![0f32; n];
+                    let row = &acts[r * k / QK..(r + 1) * k / QK];
+                    matmul_with(isa, &w, row, 1, &mut one, &mut Vec::new());
+                    assert_eq!(one, all[r * n..(r + 1) * n], "{dtype:?} {isa:?} row {r}");
+                }
+            }
         }
     }
 }

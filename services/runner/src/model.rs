@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, ActBlock, BlockQ4_1, BlockQ8_0, QK, QWeights};
+use crate::kernels::{self, ActBlock, BlockQ4_1, BlockQ8_0, PackedWeights, QBlocks, QK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -69,7 +69,7 @@ impl Config {
 }
 
 enum Weight {
-    Own(QWeights),
+    Own(PackedWeights),
     Candle(QMatMul),
 }
 
@@ -87,11 +87,12 @@ impl Linear {
         let (n_out, n_in) = q.shape().dims2()?;
         let own = if n_in.is_multiple_of(QK) && q.device().is_cpu() {
             match q.dtype() {
-                GgmlDType::Q4_1 => BlockQ4_1::parse(&q.data()?).map(QWeights::Q4_1),
-                GgmlDType::Q4_0 => BlockQ4_1::parse_q4_0(&q.data()?).map(QWeights::Q4_1),
-                GgmlDType::Q8_0 => BlockQ8_0::parse(&q.data()?).map(QWeights::Q8_0),
+                GgmlDType::Q4_1 => BlockQ4_1::parse(&q.data()?).map(QBlocks::Q4_1),
+                GgmlDType::Q4_0 => BlockQ4_1::parse_q4_0(&q.data()?).map(QBlocks::Q4_1),
+                GgmlDType::Q8_0 => BlockQ8_0::parse(&q.data()?).map(QBlocks::Q8_0),
                 _ => None,
             }
+            .and_then(|blocks| PackedWeights::pack(&blocks, n_out, n_in))
         } else {
             None
         };
@@ -131,7 +132,7 @@ impl Linear {
     /// Stacks the outputs of several layers reading the same input (q/k/v,
     /// gate/up) into one product, when all use the project's kernels.
     fn fuse(parts: Vec<Linear>) -> Vec<Linear> {
-        let owned: Vec<&QWeights> = parts
+        let owned: Vec<&PackedWeights> = parts
             .iter()
             .filter_map(|p| match &p.weight {
                 Weight::Own(w) => Some(w),
@@ -141,7 +142,7 @@ impl Linear {
         if owned.len() != parts.len() || parts.iter().any(|p| p.n_in != parts[0].n_in) {
             return parts;
         }
-        let Some(weight) = QWeights::concat(&owned) else {
+        let Some(weight) = PackedWeights::stack(&owned) else {
             return parts;
         };
         let bias = if parts.iter().any(|p| p.bias.is_some()) {
@@ -185,7 +186,7 @@ impl Linear {
                 kernels::matmul(
                     w,
                     &scratch.acts[..m * kb],
-                    (m, k, n),
+                    m,
                     &mut out[..m * n],
                     &mut scratch.staging,
                 );
