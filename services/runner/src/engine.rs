@@ -102,38 +102,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, EngineErro
     let arch = meta_str(&content, "general.architecture").unwrap_or_default();
     let context_length =
         meta_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048) as usize;
-    let model = meta_str(&content, "tokenizer.ggml.model")
-        .ok_or_else(|| fail("no tokenizer.ggml.model".into()))?;
-    let tokens: Vec<String> = match content.metadata.get("tokenizer.ggml.tokens") {
-        Some(gguf_file::Value::Array(values)) => values
-            .iter()
-            .filter_map(|v| v.to_string().ok().cloned())
-            .collect(),
-        _ => return Err(fail("no tokenizer.ggml.tokens".into())),
-    };
-    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-        Some(gguf_file::Value::Array(values)) => {
-            values.iter().map(|v| v.to_i32().unwrap_or(1)).collect()
-        }
-        _ => vec![1; tokens.len()],
-    };
-    let merges: Vec<String> = match content.metadata.get("tokenizer.ggml.merges") {
-        Some(gguf_file::Value::Array(values)) => values
-            .iter()
-            .filter_map(|v| v.to_string().ok().cloned())
-            .collect(),
-        _ => Vec::new(),
-    };
-    let bos = meta_u32(&content, "tokenizer.ggml.bos_token_id");
-    let eos = meta_u32(&content, "tokenizer.ggml.eos_token_id")
-        .ok_or_else(|| fail("no tokenizer.ggml.eos_token_id".into()))?;
     let template_src = meta_str(&content, "tokenizer.chat_template");
-    let tokenizer =
-        Tokenizer::new(&model, tokens, types, merges, bos, eos).map_err(|e| fail(e.to_string()))?;
-    let bos_text = bos
+    let tokenizer = crate::tokenizer::from_gguf(&content).map_err(|e| fail(e.to_string()))?;
+    let bos_text = tokenizer
+        .bos
         .map(|b| tokenizer.decode(&[b], false))
         .unwrap_or_default();
-    let eos_text = tokenizer.decode(&[eos], false);
+    let eos_text = tokenizer.decode(&[tokenizer.eos], false);
     let template =
         ChatTemplate::new(template_src, bos_text, eos_text).map_err(|e| fail(e.to_string()))?;
     let weights = crate::loader::llama_from_gguf(&content, &mut file, device, context_length)

@@ -367,7 +367,16 @@ async fn run(
     checked: Checked,
     chat: bool,
 ) -> Response {
-    let ids = engine.tokenizer.encode(&prompt);
+    let mut ids = engine.tokenizer.encode(&prompt);
+    // A chat template writes the bos token itself; a bare completion
+    // prompt gets it when the model asks for it.
+    if !chat
+        && engine.tokenizer.add_bos
+        && let Some(bos) = engine.tokenizer.bos
+        && ids.first() != Some(&bos)
+    {
+        ids.insert(0, bos);
+    }
     let room = engine.context_length.saturating_sub(ids.len());
     if room == 0 {
         return error(

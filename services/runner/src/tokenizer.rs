@@ -1,18 +1,59 @@
-//! The tokenizer of a GGUF model, built from its metadata: byte-level BPE
-//! (GPT-2 style: `tokenizer.ggml.model = gpt2`) with its merges, special
-//! tokens matched before anything else, and digits split one by one as
-//! SmolLM2 and Qwen2 tokenizers do.
+//! The tokenizer of a model, built from its GGUF metadata or its
+//! `tokenizer.json`. Two families:
+//!
+//! - byte-level BPE (GPT-2 style, `tokenizer.ggml.model = gpt2`: SmolLM2,
+//!   Qwen2, Llama 3): bytes mapped to printable characters, the GPT-2 split
+//!   with digits one by one, merges by rank;
+//! - SentencePiece (`tokenizer.ggml.model = llama`: Llama 2, Mistral,
+//!   TinyLlama, Phi-3): spaces become `▁`, a `▁` is put before the text
+//!   (and after each special token), pieces merge by the merged token's
+//!   score (GGUF) or by merge rank (`tokenizer.json`), and characters the
+//!   vocabulary lacks fall back to `<0xXX>` byte tokens.
+//!
+//! Special tokens written in the text are matched before anything else.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use candle_core::quantized::gguf_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("GGUF metadata {0} is missing or of the wrong type")]
     Missing(&'static str),
-    #[error("tokenizer model {0:?} is not supported (only gpt2-style BPE)")]
+    #[error("tokenizer model {0:?} is not supported (byte-level BPE and SentencePiece BPE are)")]
     Unsupported(String),
     #[error("tokenizer.json: {0}")]
     HfJson(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How text becomes pieces before merging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerModel {
+    ByteLevel,
+    SentencePiece,
+}
+
+/// Everything a tokenizer is built from, as a GGUF file or a
+/// `tokenizer.json` states it.
+#[derive(Debug, Clone)]
+pub struct Vocabulary {
+    pub model: TokenizerModel,
+    pub tokens: Vec<String>,
+    /// Per token (GGUF numbering): 1 normal, 2 unknown, 3 control,
+    /// 4 user-defined, 5 unused, 6 byte.
+    pub types: Vec<i32>,
+    /// `"a b"`, best first. When empty, pieces merge by `scores`.
+    pub merges: Vec<String>,
+    pub scores: Vec<f32>,
+    /// SentencePiece: a `▁` before the text and after each special token.
+    pub add_space_prefix: bool,
+    /// A completion prompt starts with the bos token.
+    pub add_bos: bool,
+    pub bos: Option<u32>,
+    pub eos: u32,
 }
 
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
@@ -31,9 +72,34 @@ fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// Every object in `v` (at any depth) whose `"type"` is `kind`.
+fn components<'a>(
+    v: Option<&'a serde_json::Value>,
+    kind: &str,
+    out: &mut Vec<&'a serde_json::Value>,
+) {
+    match v {
+        Some(serde_json::Value::Object(o)) => {
+            if o.get("type").and_then(|t| t.as_str()) == Some(kind) {
+                out.push(v.unwrap_or(&serde_json::Value::Null));
+            }
+            for child in o.values() {
+                components(Some(child), kind, out);
+            }
+        }
+        Some(serde_json::Value::Array(a)) => {
+            for child in a {
+                components(Some(child), kind, out);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Builds the tokenizer of a Hugging Face folder from its `tokenizer.json`
-/// (byte-level BPE), with bos/eos from `tokenizer_config.json` or
-/// `config.json`; returns it with the bos and eos texts.
+/// (byte-level BPE, or SentencePiece-style BPE with `▁` and byte
+/// fallback), with bos/eos from `tokenizer_config.json` or `config.json`;
+/// returns it with the bos and eos texts.
 pub fn from_hf_json(
     tokenizer: &serde_json::Value,
     tokenizer_config: &serde_json::Value,
@@ -42,20 +108,38 @@ pub fn from_hf_json(
     let bad = |m: &str| TokenizerError::HfJson(m.to_string());
     let model = tokenizer.get("model").ok_or_else(|| bad("no model"))?;
     let kind = model.get("type").and_then(|t| t.as_str()).unwrap_or("BPE");
-    let byte_level = ["pre_tokenizer", "decoder"].iter().any(|k| {
-        let v = tokenizer.get(*k).map(|v| v.to_string()).unwrap_or_default();
-        v.contains("ByteLevel")
-    });
-    if kind != "BPE" || !byte_level {
+    let find = |part: &str, kind: &str| {
+        let mut found = Vec::new();
+        components(tokenizer.get(part), kind, &mut found);
+        found
+    };
+    let byte_level =
+        !find("pre_tokenizer", "ByteLevel").is_empty() || !find("decoder", "ByteLevel").is_empty();
+    let metaspace = find("pre_tokenizer", "Metaspace");
+    let spaces_replaced = find("normalizer", "Replace")
+        .iter()
+        .any(|r| r.get("content").and_then(|c| c.as_str()) == Some("\u{2581}"));
+    let tokenizer_model = if byte_level {
+        TokenizerModel::ByteLevel
+    } else if !metaspace.is_empty() || spaces_replaced {
+        TokenizerModel::SentencePiece
+    } else {
         return Err(TokenizerError::Unsupported(format!(
-            "{kind}{}",
-            if byte_level {
-                ""
-            } else {
-                " without byte-level pre-tokenization"
-            }
+            "{kind} without byte-level or SentencePiece (▁) pre-tokenization"
         )));
+    };
+    if kind != "BPE" {
+        return Err(TokenizerError::Unsupported(kind.to_string()));
     }
+    let add_space_prefix = tokenizer_model == TokenizerModel::SentencePiece
+        && (find("normalizer", "Prepend")
+            .iter()
+            .any(|p| p.get("prepend").and_then(|c| c.as_str()) == Some("\u{2581}"))
+            || metaspace.iter().any(|m| {
+                let scheme = m.get("prepend_scheme").and_then(|s| s.as_str());
+                let add = m.get("add_prefix_space").and_then(|s| s.as_bool());
+                scheme.map_or(add != Some(false), |s| s != "never")
+            }));
     let vocab = model
         .get("vocab")
         .and_then(|v| v.as_object())
@@ -66,7 +150,8 @@ pub fn from_hf_json(
             .as_u64()
             .and_then(|i| u32::try_from(i).ok())
             .ok_or_else(|| bad("a vocabulary id is not a number"))?;
-        entries.push((id, text.clone(), 1));
+        let byte = text.len() == 6 && text.starts_with("<0x") && text.ends_with('>');
+        entries.push((id, text.clone(), if byte { 6 } else { 1 }));
     }
     for added in tokenizer
         .get("added_tokens")
@@ -119,20 +204,106 @@ pub fn from_hf_json(
             _ => None,
         })
         .collect();
-    let find = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    if merges.is_empty() {
+        return Err(bad("model.merges is empty"));
+    }
+    let find_id = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
     let bos = token_text(tokenizer_config.get("bos_token"))
-        .and_then(|t| find(&t))
+        .and_then(|t| find_id(&t))
         .or_else(|| first_id(config.bos_token_id.as_ref()));
     let eos = token_text(tokenizer_config.get("eos_token"))
-        .and_then(|t| find(&t))
+        .and_then(|t| find_id(&t))
         .or_else(|| first_id(config.eos_token_id.as_ref()))
         .ok_or_else(|| bad("no eos token in tokenizer_config.json or config.json"))?;
+    let add_bos = tokenizer_config
+        .get("add_bos_token")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(tokenizer_model == TokenizerModel::SentencePiece);
     let bos_text = bos
         .and_then(|b| tokens.get(b as usize).cloned())
         .unwrap_or_default();
     let eos_text = tokens.get(eos as usize).cloned().unwrap_or_default();
-    let tokenizer = Tokenizer::new("gpt2", tokens, types, merges, bos, eos)?;
+    let tokenizer = Tokenizer::new(Vocabulary {
+        model: tokenizer_model,
+        tokens,
+        types,
+        merges,
+        scores: Vec::new(),
+        add_space_prefix,
+        add_bos,
+        bos,
+        eos,
+    })?;
     Ok((tokenizer, bos_text, eos_text))
+}
+
+fn meta_strings(content: &gguf_file::Content, key: &str) -> Option<Vec<String>> {
+    match content.metadata.get(key) {
+        Some(gguf_file::Value::Array(values)) => Some(
+            values
+                .iter()
+                .filter_map(|v| v.to_string().ok().cloned())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
+    content.metadata.get(key).and_then(|v| v.to_bool().ok())
+}
+
+/// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*`
+/// metadata.
+pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
+    let model = content
+        .metadata
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .ok_or(TokenizerError::Missing("tokenizer.ggml.model"))?;
+    let tokenizer_model = match model.as_str() {
+        "gpt2" => TokenizerModel::ByteLevel,
+        "llama" => TokenizerModel::SentencePiece,
+        other => return Err(TokenizerError::Unsupported(other.to_string())),
+    };
+    let tokens = meta_strings(content, "tokenizer.ggml.tokens")
+        .ok_or(TokenizerError::Missing("tokenizer.ggml.tokens"))?;
+    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(gguf_file::Value::Array(values)) => {
+            values.iter().map(|v| v.to_i32().unwrap_or(1)).collect()
+        }
+        _ => vec![1; tokens.len()],
+    };
+    let scores: Vec<f32> = match content.metadata.get("tokenizer.ggml.scores") {
+        Some(gguf_file::Value::Array(values)) => {
+            values.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect()
+        }
+        _ => Vec::new(),
+    };
+    let merges = meta_strings(content, "tokenizer.ggml.merges").unwrap_or_default();
+    if tokenizer_model == TokenizerModel::ByteLevel && merges.is_empty() {
+        return Err(TokenizerError::Missing("tokenizer.ggml.merges"));
+    }
+    if tokenizer_model == TokenizerModel::SentencePiece
+        && merges.is_empty()
+        && scores.len() != tokens.len()
+    {
+        return Err(TokenizerError::Missing("tokenizer.ggml.scores"));
+    }
+    let id = |key| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let spm = tokenizer_model == TokenizerModel::SentencePiece;
+    Tokenizer::new(Vocabulary {
+        model: tokenizer_model,
+        tokens,
+        types,
+        merges,
+        scores,
+        add_space_prefix: meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
+        add_bos: meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spm),
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id")
+            .ok_or(TokenizerError::Missing("tokenizer.ggml.eos_token_id"))?,
+    })
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
@@ -153,15 +324,71 @@ fn byte_to_char() -> [char; 256] {
     map
 }
 
+/// SentencePiece's visible space.
+const SPACE: char = '\u{2581}';
+
+/// Which adjacent pair merges first.
+enum Ranking {
+    /// `(left id, right id) → rank`, lower first.
+    Merges(HashMap<(u32, u32), u32>),
+    /// The merged token's score, higher first.
+    Scores(Vec<f32>),
+}
+
+/// A merge candidate in the queue: best priority, then leftmost.
+#[derive(PartialEq)]
+struct Candidate {
+    priority: f32,
+    left: usize,
+    right: usize,
+    /// Byte length of the merged piece when queued; a stale entry no
+    /// longer matches.
+    len: usize,
+}
+
+impl Eq for Candidate {}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.priority
+            .total_cmp(&other.priority)
+            .then(other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// A piece of the text being merged: a byte range, linked to its
+/// neighbours.
+#[derive(Clone, Copy)]
+struct Piece {
+    start: usize,
+    end: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+    id: Option<u32>,
+}
+
 pub struct Tokenizer {
+    model: TokenizerModel,
     tokens: Vec<String>,
+    types: Vec<i32>,
     ids: HashMap<String, u32>,
-    merges: HashMap<(String, String), u32>,
+    ranking: Ranking,
     /// Special tokens, longest first, matched verbatim in text.
     specials: Vec<(String, u32)>,
-    special_ids: std::collections::HashSet<u32>,
+    special_ids: HashSet<u32>,
     byte_char: [char; 256],
     char_byte: HashMap<char, u8>,
+    /// SentencePiece's `<0xXX>` tokens.
+    byte_tokens: [Option<u32>; 256],
+    unknown: Option<u32>,
+    add_space_prefix: bool,
+    pub add_bos: bool,
     pub bos: Option<u32>,
     pub eos: u32,
     /// Other tokens that end a turn (e.g. `<|im_end|>`).
@@ -173,46 +400,58 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Tokenizer({} tokens, {} merges)",
-            self.tokens.len(),
-            self.merges.len()
+            "Tokenizer({:?}, {} tokens)",
+            self.model,
+            self.tokens.len()
         )
     }
 }
 
 impl Tokenizer {
-    /// `token_types`: 1 normal, 3 control, 4 user-defined (GGUF).
-    pub fn new(
-        model: &str,
-        tokens: Vec<String>,
-        token_types: Vec<i32>,
-        merges: Vec<String>,
-        bos: Option<u32>,
-        eos: u32,
-    ) -> Result<Self, TokenizerError> {
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(model.to_string()));
+    pub fn new(v: Vocabulary) -> Result<Self, TokenizerError> {
+        let n = v.tokens.len();
+        if n == 0 {
+            return Err(TokenizerError::Invalid("the vocabulary is empty".into()));
         }
-        let ids = tokens
+        for (what, id) in [("eos", Some(v.eos)), ("bos", v.bos)] {
+            if let Some(id) = id.filter(|id| *id as usize >= n) {
+                return Err(TokenizerError::Invalid(format!(
+                    "the {what} token {id} is outside the vocabulary of {n}"
+                )));
+            }
+        }
+        let mut types = v.types;
+        types.resize(n, 1);
+        let ids: HashMap<String, u32> = v
+            .tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let merges = merges
+        let ranking = if v.merges.is_empty() {
+            let mut scores = v.scores;
+            scores.resize(n, f32::NEG_INFINITY);
+            Ranking::Scores(scores)
+        } else {
+            Ranking::Merges(
+                v.merges
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(rank, m)| {
+                        let (a, b) = m.split_once(' ')?;
+                        Some(((*ids.get(a)?, *ids.get(b)?), rank as u32))
+                    })
+                    .collect(),
+            )
+        };
+        let mut specials: Vec<(String, u32)> = v
+            .tokens
             .iter()
             .enumerate()
-            .filter_map(|(rank, m)| {
-                let (a, b) = m.split_once(' ')?;
-                Some(((a.to_string(), b.to_string()), rank as u32))
-            })
-            .collect();
-        let mut specials: Vec<(String, u32)> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| matches!(token_types.get(*i), Some(3 | 4)) && !t.is_empty())
+            .filter(|(i, t)| matches!(types[*i], 3 | 4) && !t.is_empty())
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        specials.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        specials.sort_by_key(|(t, _)| Reverse(t.len()));
         let special_ids = specials.iter().map(|(_, id)| *id).collect();
         let byte_char = byte_to_char();
         let char_byte = byte_char
@@ -220,24 +459,36 @@ impl Tokenizer {
             .enumerate()
             .map(|(b, c)| (*c, b as u8))
             .collect();
+        let byte_tokens = std::array::from_fn(|b| ids.get(&format!("<0x{b:02X}>")).copied());
+        let unknown = types.iter().position(|t| *t == 2).map(|i| i as u32);
         let stop_ids = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"]
             .iter()
-            .filter_map(|t| tokens.iter().position(|x| x == t).map(|i| i as u32))
-            .chain(std::iter::once(eos))
+            .filter_map(|t| ids.get(*t).copied())
+            .chain(std::iter::once(v.eos))
             .collect();
         Ok(Self {
-            tokens,
+            model: v.model,
+            tokens: v.tokens,
+            types,
             ids,
-            merges,
+            ranking,
             specials,
             special_ids,
             byte_char,
             char_byte,
-            bos,
-            eos,
+            byte_tokens,
+            unknown,
+            add_space_prefix: v.add_space_prefix,
+            add_bos: v.add_bos,
+            bos: v.bos,
+            eos: v.eos,
             stop_ids,
             cache: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn model(&self) -> TokenizerModel {
+        self.model
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -257,13 +508,29 @@ impl Tokenizer {
                 .specials
                 .iter()
                 .filter_map(|(t, id)| rest.find(t.as_str()).map(|at| (at, t.len(), *id)))
-                .min_by_key(|(at, len, _)| (*at, std::cmp::Reverse(*len)));
+                .min_by_key(|(at, len, _)| (*at, Reverse(*len)));
             let (plain, special) = match next_special {
                 Some((at, len, id)) => (&rest[..at], Some((id, at + len))),
                 None => (rest, None),
             };
-            for piece in pre_tokenize(plain) {
-                self.encode_piece(piece, &mut out);
+            if !plain.is_empty() {
+                match self.model {
+                    TokenizerModel::ByteLevel => {
+                        for piece in pre_tokenize(plain) {
+                            self.encode_byte_level(piece, &mut out);
+                        }
+                    }
+                    TokenizerModel::SentencePiece => {
+                        let mut text = String::with_capacity(plain.len() + 3);
+                        // Each plain stretch starts the text or follows a
+                        // special token.
+                        if self.add_space_prefix {
+                            text.push(SPACE);
+                        }
+                        text.extend(plain.chars().map(|c| if c == ' ' { SPACE } else { c }));
+                        self.encode_sentencepiece(&text, &mut out);
+                    }
+                }
             }
             match special {
                 Some((id, end)) => {
@@ -276,43 +543,107 @@ impl Tokenizer {
         out
     }
 
-    fn encode_piece(&self, piece: &str, out: &mut Vec<u32>) {
+    /// Merges the characters of `text` pair by pair, best pair first.
+    fn merge(&self, text: &str) -> Vec<Piece> {
+        let mut pieces: Vec<Piece> = text
+            .char_indices()
+            .map(|(i, c)| Piece {
+                start: i,
+                end: i + c.len_utf8(),
+                prev: None,
+                next: None,
+                id: None,
+            })
+            .collect();
+        let count = pieces.len();
+        for (i, p) in pieces.iter_mut().enumerate() {
+            p.prev = i.checked_sub(1);
+            p.next = (i + 1 < count).then_some(i + 1);
+            p.id = self.ids.get(&text[p.start..p.end]).copied();
+        }
+        let candidate = |pieces: &[Piece], left: usize, right: usize| -> Option<Candidate> {
+            let (l, r) = (&pieces[left], &pieces[right]);
+            let merged = self.ids.get(&text[l.start..r.end]).copied()?;
+            let priority = match &self.ranking {
+                Ranking::Merges(ranks) => -(*ranks.get(&(l.id?, r.id?))? as f32),
+                Ranking::Scores(scores) => scores[merged as usize],
+            };
+            Some(Candidate {
+                priority,
+                left,
+                right,
+                len: r.end - l.start,
+            })
+        };
+        let mut queue: BinaryHeap<Candidate> = BinaryHeap::new();
+        for i in 1..count {
+            queue.extend(candidate(&pieces, i - 1, i));
+        }
+        while let Some(c) = queue.pop() {
+            let (l, r) = (pieces[c.left], pieces[c.right]);
+            if l.end == l.start
+                || r.end == r.start
+                || l.next != Some(c.right)
+                || r.end - l.start != c.len
+            {
+                continue;
+            }
+            pieces[c.left].end = r.end;
+            pieces[c.left].next = r.next;
+            pieces[c.left].id = self.ids.get(&text[l.start..r.end]).copied();
+            pieces[c.right].end = pieces[c.right].start;
+            if let Some(n) = r.next {
+                pieces[n].prev = Some(c.left);
+                queue.extend(candidate(&pieces, c.left, n));
+            }
+            if let Some(p) = l.prev {
+                queue.extend(candidate(&pieces, p, c.left));
+            }
+        }
+        let mut out = Vec::new();
+        let mut at = (count > 0).then_some(0);
+        while let Some(i) = at {
+            out.push(pieces[i]);
+            at = pieces[i].next;
+        }
+        out
+    }
+
+    fn encode_sentencepiece(&self, text: &str, out: &mut Vec<u32>) {
+        for piece in self.merge(text) {
+            match piece.id {
+                Some(id) => out.push(id),
+                None => {
+                    for b in text[piece.start..piece.end].bytes() {
+                        if let Some(id) = self.byte_tokens[b as usize].or(self.unknown) {
+                            out.push(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn encode_byte_level(&self, piece: &str, out: &mut Vec<u32>) {
         if let Ok(cache) = self.cache.lock()
             && let Some(ids) = cache.get(piece)
         {
             out.extend_from_slice(ids);
             return;
         }
-        let mut symbols: Vec<String> = piece
-            .bytes()
-            .map(|b| self.byte_char[b as usize].to_string())
-            .collect();
-        while symbols.len() > 1 {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    self.merges
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|r| (*r, i))
-                })
-                .min();
-            let Some((_, i)) = best else { break };
-            let merged = format!("{}{}", symbols[i], symbols[i + 1]);
-            symbols[i] = merged;
-            symbols.remove(i + 1);
-        }
-        let ids: Vec<u32> = symbols
-            .iter()
-            .flat_map(|s| match self.ids.get(s) {
-                Some(id) => vec![*id],
+        let mapped: String = piece.bytes().map(|b| self.byte_char[b as usize]).collect();
+        let mut ids = Vec::new();
+        for p in self.merge(&mapped) {
+            match p.id {
+                Some(id) => ids.push(id),
                 // Unknown symbol: fall back to its single-byte tokens.
-                None => s
-                    .chars()
-                    .filter_map(|c| self.ids.get(&c.to_string()).copied())
-                    .collect(),
-            })
-            .collect();
+                None => ids.extend(
+                    mapped[p.start..p.end]
+                        .chars()
+                        .filter_map(|c| self.ids.get(c.encode_utf8(&mut [0; 4]) as &str).copied()),
+                ),
+            }
+        }
         out.extend_from_slice(&ids);
         if let Ok(mut cache) = self.cache.lock()
             && cache.len() < 100_000
@@ -329,13 +660,26 @@ impl Tokenizer {
         if self.is_special(id) {
             return token.as_bytes().to_vec();
         }
-        token
-            .chars()
-            .flat_map(|c| match self.char_byte.get(&c) {
-                Some(b) => vec![*b],
-                None => c.to_string().into_bytes(),
-            })
-            .collect()
+        match self.model {
+            TokenizerModel::ByteLevel => token
+                .chars()
+                .flat_map(|c| match self.char_byte.get(&c) {
+                    Some(b) => vec![*b],
+                    None => c.to_string().into_bytes(),
+                })
+                .collect(),
+            TokenizerModel::SentencePiece => {
+                if self.types[id as usize] == 6
+                    && let Some(b) = token
+                        .strip_prefix("<0x")
+                        .and_then(|t| t.strip_suffix('>'))
+                        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                {
+                    return vec![b];
+                }
+                token.replace(SPACE, " ").into_bytes()
+            }
+        }
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {

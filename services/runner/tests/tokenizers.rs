@@ -1,0 +1,198 @@
+//! SentencePiece tokenizers against llama.cpp's reference results: its
+//! vocabulary-only GGUF files for Llama 2 and Phi-3 with the test texts
+//! and token ids it ships (fetched by `scripts/install-tools`), read once
+//! from the GGUF metadata and once as a `tokenizer.json` written here from
+//! the same vocabulary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use flotilla_runner::loader::HfConfig;
+use flotilla_runner::tokenizer::{self, Tokenizer, TokenizerModel};
+
+fn fixture(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.tools/tokenizers")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-tools",
+        p.display()
+    );
+    p
+}
+
+fn content(vocab: &str) -> gguf_file::Content {
+    let mut file = std::fs::File::open(fixture(&format!("ggml-vocab-{vocab}.gguf"))).unwrap();
+    gguf_file::Content::read(&mut file).unwrap()
+}
+
+/// The test texts and the ids llama.cpp gives each (no bos).
+fn cases(vocab: &str) -> Vec<(String, Vec<u32>)> {
+    let inp = std::fs::read_to_string(fixture(&format!("ggml-vocab-{vocab}.gguf.inp"))).unwrap();
+    let out = std::fs::read_to_string(fixture(&format!("ggml-vocab-{vocab}.gguf.out"))).unwrap();
+    let texts: Vec<&str> = inp
+        .strip_suffix("\n__ggml_vocab_test__\n")
+        .unwrap_or(&inp)
+        .split("\n__ggml_vocab_test__\n")
+        .collect();
+    let ids: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(
+        texts.len(),
+        ids.len(),
+        "{vocab}: inputs and outputs pair up"
+    );
+    assert!(texts.len() > 30);
+    texts.into_iter().map(str::to_string).zip(ids).collect()
+}
+
+fn check(vocab: &str, how: &str, tok: &Tokenizer) {
+    let mut wrong = Vec::new();
+    let all = cases(vocab);
+    for (text, expected) in &all {
+        let got = tok.encode(text);
+        if &got != expected {
+            wrong.push(format!("{text:?}: ours {got:?}, llama.cpp {expected:?}"));
+        }
+        // Decoding gives the text back, after the `▁` put in front.
+        let back = tok.decode(&got, false);
+        let want = if text.is_empty() {
+            String::new()
+        } else {
+            format!(" {text}")
+        };
+        assert_eq!(back, want, "{vocab} ({how}): {text:?} does not decode back");
+    }
+    assert!(
+        wrong.is_empty(),
+        "{vocab} ({how}): {} of {} texts differ:\n{}",
+        wrong.len(),
+        all.len(),
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn sentencepiece_vocabularies_from_gguf_match_llama_cpp() {
+    for vocab in ["llama-spm", "phi-3"] {
+        let tok = tokenizer::from_gguf(&content(vocab)).unwrap();
+        assert_eq!(tok.model(), TokenizerModel::SentencePiece);
+        assert!(tok.add_bos, "{vocab} asks for a bos token");
+        check(vocab, "GGUF scores", &tok);
+        // Special tokens written in the text stay whole, and the text
+        // after them gets its `▁`.
+        let ids = tok.encode("<s>Hello</s>");
+        assert_eq!(ids.first(), tok.bos.as_ref());
+        assert_eq!(tok.decode(&ids, false), "<s> Hello</s>");
+        assert_eq!(tok.decode(&ids, true), " Hello");
+    }
+}
+
+/// A Llama-2-style `tokenizer.json` (normalizer Prepend + Replace, BPE with
+/// byte fallback) for the same vocabulary: merges derived the way the
+/// Hugging Face converter does, pairs whose join is a token, ordered by
+/// the joined token's score.
+fn tokenizer_json(c: &gguf_file::Content) -> serde_json::Value {
+    let strings = |key: &str| match c.metadata.get(key) {
+        Some(gguf_file::Value::Array(v)) => v
+            .iter()
+            .map(|x| x.to_string().unwrap().clone())
+            .collect::<Vec<_>>(),
+        _ => panic!("{key}"),
+    };
+    let tokens = strings("tokenizer.ggml.tokens");
+    let (scores, types): (Vec<f32>, Vec<i32>) = match (
+        c.metadata.get("tokenizer.ggml.scores"),
+        c.metadata.get("tokenizer.ggml.token_type"),
+    ) {
+        (Some(gguf_file::Value::Array(s)), Some(gguf_file::Value::Array(t))) => (
+            s.iter().map(|x| x.to_f32().unwrap()).collect(),
+            t.iter().map(|x| x.to_i32().unwrap()).collect(),
+        ),
+        _ => panic!("scores and types"),
+    };
+    let index: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] == 1)
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, String)> = Vec::new();
+    for (merged, &id) in &index {
+        for (at, _) in merged.char_indices().skip(1) {
+            let (a, b) = merged.split_at(at);
+            if let (Some(&ia), Some(&ib)) = (index.get(a), index.get(b)) {
+                merges.push((-scores[id], ia, ib, format!("{a} {b}")));
+            }
+        }
+    }
+    merges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] != 3)
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] == 3)
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "special": true}))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}
+        ]},
+        "pre_tokenizer": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {"type": "BPE", "byte_fallback": true, "fuse_unk": true,
+                  "vocab": vocab,
+                  "merges": merges.into_iter().map(|m| m.3).collect::<Vec<_>>()}
+    })
+}
+
+#[test]
+fn a_sentencepiece_tokenizer_json_matches_llama_cpp() {
+    let c = content("llama-spm");
+    let json = tokenizer_json(&c);
+    let config: HfConfig = serde_json::from_value(serde_json::json!({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "vocab_size": 32000,
+        "bos_token_id": 1, "eos_token_id": 2
+    }))
+    .unwrap();
+    let tokenizer_config = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
+    let (tok, bos, eos) = tokenizer::from_hf_json(&json, &tokenizer_config, &config).unwrap();
+    assert_eq!((bos.as_str(), eos.as_str()), ("<s>", "</s>"));
+    assert_eq!(tok.model(), TokenizerModel::SentencePiece);
+    check("llama-spm", "tokenizer.json merges", &tok);
+}
+
+#[test]
+fn an_unknown_tokenizer_model_is_refused_by_name() {
+    let json = serde_json::json!({
+        "model": {"type": "WordPiece", "vocab": {"a": 0}},
+        "pre_tokenizer": {"type": "BertPreTokenizer"}
+    });
+    let config: HfConfig = serde_json::from_value(serde_json::json!({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "vocab_size": 1, "eos_token_id": 0
+    }))
+    .unwrap();
+    let err = tokenizer::from_hf_json(&json, &serde_json::json!({}), &config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("WordPiece"), "{err}");
+}
