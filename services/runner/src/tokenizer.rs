@@ -731,17 +731,18 @@ impl StreamDecoder {
 }
 
 /// Splits text as the GPT-2 regex does (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|
-/// ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`), after isolating every digit.
+/// ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`), after isolating every
+/// numeric character (`\p{N}`, as SmolLM2 and Qwen2 do).
 pub fn pre_tokenize(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, c) in text.char_indices() {
-        if c.is_ascii_digit() {
+        if c.is_numeric() {
             if start < i {
                 gpt2_split(&text[start..i], &mut out);
             }
-            out.push(&text[i..i + 1]);
-            start = i + 1;
+            start = i + c.len_utf8();
+            out.push(&text[i..start]);
         }
     }
     if start < text.len() {

@@ -196,3 +196,41 @@ fn an_unknown_tokenizer_model_is_refused_by_name() {
         .to_string();
     assert!(err.contains("WordPiece"), "{err}");
 }
+
+/// The shipped model's byte-level BPE against ids llama.cpp gave for the
+/// same texts (recorded in `tests/data/smollm2-tokens.json` with
+/// llama-cpp-python 0.3.36, which CI does not install).
+#[test]
+fn the_shipped_models_byte_level_bpe_matches_llama_cpp() {
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut file = std::fs::File::open(&gguf).expect("run scripts/install-tools");
+    let tok = tokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap();
+    assert_eq!(tok.model(), TokenizerModel::ByteLevel);
+    assert!(!tok.add_bos);
+    let recorded: serde_json::Value =
+        serde_json::from_str(include_str!("data/smollm2-tokens.json")).unwrap();
+    let cases = recorded["cases"].as_array().unwrap();
+    assert!(cases.len() > 40);
+    let mut wrong = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text);
+        if got != expected {
+            wrong.push(format!("{text:?}: ours {got:?}, llama.cpp {expected:?}"));
+        }
+        assert_eq!(tok.decode(&got, false), text);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} texts differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
