@@ -104,7 +104,17 @@ pub async fn run(
             .file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
-    let metrics = Arc::new(metrics::RunnerMetrics::new());
+    let mut runner_metrics = metrics::RunnerMetrics::new();
+    if let Some(selection) = metrics::gpu_selection(
+        &args.device,
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+    ) {
+        match flotilla_gpu::NvmlReader::open() {
+            Ok(reader) => runner_metrics = runner_metrics.with_gpus(Box::new(reader), selection),
+            Err(e) => tracing::warn!(error = %e, "no GPU metrics"),
+        }
+    }
+    let metrics = Arc::new(runner_metrics);
     let state = Arc::new(server::AppState {
         model_name: name.clone(),
         engine: OnceLock::new(),
