@@ -42,9 +42,15 @@ fn run() {
         .unwrap_or(128);
     let loaded = engine::load_gguf(path.as_ref(), &candle_core::Device::Cpu).expect("loading");
     let model = &loaded.weights;
+    // `DECODE_PROMPT_REPEAT=N`: the prompt N times over, to time prefill.
+    let repeat: usize = std::env::var("DECODE_PROMPT_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     let prompt = loaded.tokenizer.encode(
-        "Write a short story about a lighthouse keeper who finds a message in a bottle. \
-         Describe the sea, the weather and what the message says.",
+        &"Write a short story about a lighthouse keeper who finds a message in a bottle. \
+         Describe the sea, the weather and what the message says. "
+            .repeat(repeat),
     );
     let mut scratch = Scratch::default();
     let mut logits = Vec::new();

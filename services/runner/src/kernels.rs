@@ -584,6 +584,55 @@ pub fn axpy_f32(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// One query head's softmax attention over cached positions:
+/// `out = Σ_p softmax_p(scale q·k_p) v_p` for `p` in `positions`, where
+/// position `p`'s key (value) is `keys[p * stride + offset..][..q.len()]`.
+/// `scores` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    positions: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512Vnni
+        && hd.is_multiple_of(16)
+        && hd <= 128
+        && out.len() >= hd
+        && positions.end.saturating_sub(1) * stride + offset + hd <= keys.len().min(values.len())
+    {
+        return simd::attention::attend(
+            q, keys, values, stride, offset, positions, scale, scores, out,
+        );
+    }
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in positions.clone() {
+        let k = &keys[p * stride + offset..p * stride + offset + hd];
+        let s = dot_f32(q, k) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let out = &mut out[..hd];
+    out.fill(0.0);
+    for (p, w) in positions.zip(scores.iter()) {
+        let v = &values[p * stride + offset..p * stride + offset + hd];
+        axpy_f32(out, w / sum, v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
@@ -866,6 +915,101 @@ mod simd {
         _mm256_dpbusd_avx_epi32(s, a, b)
     });
 
+    pub(super) mod attention {
+        //! One head's attention with AVX-512: the output stays in registers
+        //! across all positions.
+        use super::*;
+
+        #[inline(always)]
+        fn load16(v: &[f32]) -> __m512 {
+            assert!(v.len() >= 16);
+            // SAFETY: the slice holds at least 16 floats (checked above).
+            unsafe { _mm512_loadu_ps(v.as_ptr()) }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub(in super::super) fn attend(
+            q: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            stride: usize,
+            offset: usize,
+            positions: std::ops::Range<usize>,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            let args = (
+                q, keys, values, stride, offset, positions, scale, scores, out,
+            );
+            // SAFETY: the caller checked that the CPU has AVX-512 (its
+            // best ISA is AVX-512 VNNI).
+            unsafe {
+                match q.len() / 16 {
+                    1 => heads::<1>(args),
+                    2 => heads::<2>(args),
+                    3 => heads::<3>(args),
+                    4 => heads::<4>(args),
+                    5 => heads::<5>(args),
+                    6 => heads::<6>(args),
+                    7 => heads::<7>(args),
+                    8 => heads::<8>(args),
+                    _ => unreachable!("head dimensions of 16 to 128 only"),
+                }
+            }
+        }
+
+        type Args<'a> = (
+            &'a [f32],
+            &'a [f32],
+            &'a [f32],
+            usize,
+            usize,
+            std::ops::Range<usize>,
+            f32,
+            &'a mut Vec<f32>,
+            &'a mut [f32],
+        );
+
+        #[target_feature(enable = "avx512f")]
+        fn heads<const N: usize>(
+            (q, keys, values, stride, offset, positions, scale, scores, out): Args<'_>,
+        ) {
+            let qv: [__m512; N] = std::array::from_fn(|i| load16(&q[16 * i..]));
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for p in positions.clone() {
+                let k = &keys[p * stride + offset..p * stride + offset + 16 * N];
+                let mut acc = _mm512_mul_ps(qv[0], load16(k));
+                for i in 1..N {
+                    acc = _mm512_fmadd_ps(qv[i], load16(&k[16 * i..]), acc);
+                }
+                let s = _mm512_reduce_add_ps(acc) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            let mut o = [_mm512_setzero_ps(); N];
+            for (p, w) in positions.zip(scores.iter()) {
+                let v = &values[p * stride + offset..p * stride + offset + 16 * N];
+                let w = _mm512_set1_ps(w * inv);
+                for i in 0..N {
+                    o[i] = _mm512_fmadd_ps(w, load16(&v[16 * i..]), o[i]);
+                }
+            }
+            for i in 0..N {
+                let dst = &mut out[16 * i..16 * i + 16];
+                // SAFETY: `dst` holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), o[i]) };
+            }
+        }
+    }
+
     pub(super) mod f32x8 {
         //! Attention's float loops (AVX2 with FMA).
         use super::*;
@@ -1038,6 +1182,55 @@ mod tests {
         axpy_f32(&mut y, 0.5, &a);
         for i in 0..67 {
             assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_plain_softmax() {
+        let (hd, stride, positions) = (64, 192, 37);
+        let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.21).sin()).collect();
+        let keys: Vec<f32> = (0..positions * stride)
+            .map(|i| (i as f32 * 0.013).cos())
+            .collect();
+        let values: Vec<f32> = (0..positions * stride)
+            .map(|i| (i as f32 * 0.007).sin())
+            .collect();
+        let offset = 64;
+        let scale = 0.125;
+        let mut expected = vec![0f32; hd];
+        let s: Vec<f32> = (3..positions)
+            .map(|p| {
+                let k = &keys[p * stride + offset..p * stride + offset + hd];
+                q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = s.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+        let total: f32 = s.iter().map(|x| (x - max).exp()).sum();
+        for (j, p) in (3..positions).enumerate() {
+            let w = (s[j] - max).exp() / total;
+            for i in 0..hd {
+                expected[i] += w * values[p * stride + offset + i];
+            }
+        }
+        let mut out = vec![0f32; hd];
+        attend(
+            &q,
+            &keys,
+            &values,
+            stride,
+            offset,
+            3..positions,
+            scale,
+            &mut Vec::new(),
+            &mut out,
+        );
+        for i in 0..hd {
+            assert!(
+                (out[i] - expected[i]).abs() < 1e-5,
+                "{i}: {} vs {}",
+                out[i],
+                expected[i]
+            );
         }
     }
 

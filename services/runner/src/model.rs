@@ -612,24 +612,7 @@ impl Llama {
             let first = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let q = &qkv[i * width + head * hd..i * width + (head + 1) * hd];
             let kvh = head / group;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in first..=pos {
-                let k = &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                let s = kernels::dot_f32(q, k) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (p, w) in (first..=pos).zip(scores.iter()) {
-                let v = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                kernels::axpy_f32(o, w / sum, v);
-            }
+            kernels::attend(q, kc, vc, kvd, kvh * hd, first..pos + 1, scale, scores, o);
         };
         let work = n * c.heads * (start + n);
         if work < 1 << 11 {
