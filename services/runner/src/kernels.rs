@@ -27,8 +27,13 @@ pub const QK: usize = 32;
 /// Output columns packed together: sixteen f32 lanes of one AVX-512
 /// register (two AVX2 registers).
 pub const GROUP: usize = 16;
-/// Activation rows that share one unpacking of a weight block.
-const ROW_TILE: usize = 4;
+/// Activation rows that share one unpacking of a weight block (AVX-512
+/// has the registers for eight, AVX2 for four).
+const ROW_TILE: usize = 8;
+
+fn row_tile(isa: Isa) -> usize {
+    if isa == Isa::Avx512Vnni { ROW_TILE } else { 4 }
+}
 
 /// A GGUF Q4_1 block: `x = d * q + m`, `q` in 0..16; `qs[j]` holds
 /// element `j` in its low nibble and element `j + 16` in its high one.
@@ -396,11 +401,12 @@ pub fn matmul_with(
     };
     // Enough groups per item that a thread's share is worth handing over.
     let per_item = (8 / m).clamp(1, 4);
+    let tile = row_tile(isa);
     let work = |(item, dst): (usize, &mut [f32])| {
         for (i, group_out) in dst.chunks_mut(m * GROUP).enumerate() {
             let g = item * per_item + i;
-            for (t, tile_out) in group_out.chunks_mut(ROW_TILE * GROUP).enumerate() {
-                let r0 = t * ROW_TILE;
+            for (t, tile_out) in group_out.chunks_mut(tile * GROUP).enumerate() {
+                let r0 = t * tile;
                 let rows = tile_out.len() / GROUP;
                 group_tile(isa, w, g, &acts[r0 * kb..(r0 + rows) * kb], tile_out);
             }
@@ -430,7 +436,7 @@ pub fn matmul_with(
     }
 }
 
-/// Group `g` against up to [`ROW_TILE`] activation rows (`out`: `rows × 16`).
+/// Group `g` against up to [`row_tile`] activation rows (`out`: `rows × 16`).
 fn group_tile(isa: Isa, w: &PackedWeights, g: usize, rows: &[ActBlock], out: &mut [f32]) {
     let kb = w.kb;
     match &w.groups {
@@ -676,6 +682,10 @@ mod simd {
                     1 => $kernel::<1>(w, split::<1>(rows, kb), out),
                     2 => $kernel::<2>(w, split::<2>(rows, kb), out),
                     3 => $kernel::<3>(w, split::<3>(rows, kb), out),
+                    4 => $kernel::<4>(w, split::<4>(rows, kb), out),
+                    5 => $kernel::<5>(w, split::<5>(rows, kb), out),
+                    6 => $kernel::<6>(w, split::<6>(rows, kb), out),
+                    7 => $kernel::<7>(w, split::<7>(rows, kb), out),
                     ROW_TILE => $kernel::<ROW_TILE>(w, split::<ROW_TILE>(rows, kb), out),
                     _ => unreachable!("row tiles hold at most ROW_TILE rows"),
                 }
@@ -719,8 +729,7 @@ mod simd {
         fn q4_1_rows<const R: usize>(w: &[Q4Group], rows: [&[ActBlock]; R], out: &mut [f32]) {
             let low = _mm512_set1_epi8(0x0f);
             let zero = _mm512_setzero_si512();
-            let mut acc_d = [_mm512_setzero_ps(); R];
-            let mut acc_m = [_mm512_setzero_ps(); R];
+            let mut acc = [_mm512_setzero_ps(); R];
             for (b, x) in w.iter().enumerate() {
                 let d = _mm512_cvtph_ps(halves(&x.d));
                 let m = _mm512_cvtph_ps(halves(&x.m));
@@ -740,12 +749,12 @@ mod simd {
                     s1 = _mm512_dpbusd_epi32(s1, hi[3], bc(7));
                     let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
                     let t = _mm512_mul_ps(dot, _mm512_set1_ps(y.d));
-                    acc_d[r] = _mm512_fmadd_ps(t, d, acc_d[r]);
-                    acc_m[r] = _mm512_fmadd_ps(_mm512_set1_ps(y.s), m, acc_m[r]);
+                    acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(y.s), m, acc[r]);
                 }
             }
             for r in 0..R {
-                store(&mut out[r * GROUP..], _mm512_add_ps(acc_d[r], acc_m[r]));
+                store(&mut out[r * GROUP..], acc[r]);
             }
         }
 
