@@ -150,6 +150,28 @@ impl BlockQ8_0 {
 
 /// Quantizes `x` (a multiple of [`QK`] long) into `out`.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512Vnni {
+        return simd::avx512::quantize_row(x, out);
+    }
+    quantize_row_portable(x, out)
+}
+
+/// Quantizes `m` rows of `k` (`x`: `m × k`) into `out`, rows split across
+/// the pool when there are many.
+pub fn quantize_rows(x: &[f32], m: usize, k: usize, out: &mut [ActBlock]) {
+    let kb = k / QK;
+    let rows = x[..m * k]
+        .chunks_exact(k)
+        .zip(out[..m * kb].chunks_exact_mut(kb));
+    if m >= 16 {
+        rows.par_bridge().for_each(|(x, out)| quantize_row(x, out));
+    } else {
+        rows.for_each(|(x, out)| quantize_row(x, out));
+    }
+}
+
+fn quantize_row_portable(x: &[f32], out: &mut [ActBlock]) {
     for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -725,6 +747,52 @@ mod simd {
             dispatch_rows!(q8_0_rows, w, rows, out)
         }
 
+        pub(in super::super) fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+            // SAFETY: the caller checked the CPU has AVX-512.
+            unsafe { quantize(x, out) }
+        }
+
+        #[inline(always)]
+        fn load16(v: &[f32]) -> __m512 {
+            assert!(v.len() >= 16);
+            // SAFETY: at least 16 floats (checked above).
+            unsafe { _mm512_loadu_ps(v.as_ptr()) }
+        }
+
+        /// The portable rounding exactly (half away from zero, then
+        /// truncation), sixteen values at a time.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        fn quantize(x: &[f32], out: &mut [ActBlock]) {
+            let sign = _mm512_set1_epi32(i32::MIN);
+            let half = _mm512_set1_ps(0.5);
+            for (chunk, block) in x.chunks_exact(super::super::QK).zip(out.iter_mut()) {
+                let (a, b) = (load16(chunk), load16(&chunk[16..]));
+                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+                let d = amax / 127.0;
+                let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+                let round = |v: __m512| {
+                    let scaled = _mm512_mul_ps(v, inv);
+                    let bits = _mm512_castps_si512(scaled);
+                    let bias = _mm512_castsi512_ps(_mm512_or_si512(
+                        _mm512_and_si512(bits, sign),
+                        _mm512_castps_si512(half),
+                    ));
+                    _mm512_cvttps_epi32(_mm512_add_ps(scaled, bias))
+                };
+                let (qa, qb) = (round(a), round(b));
+                let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+                let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
+                for (half, q) in bytes.iter().enumerate() {
+                    let dst = &mut block.qs[16 * half..16 * half + 16];
+                    // SAFETY: `dst` holds exactly 16 bytes.
+                    unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), *q) };
+                }
+                block.d = d;
+                block.s = d * sum as f32;
+                block.sum = sum;
+            }
+        }
+
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
         fn q4_1_rows<const R: usize>(w: &[Q4Group], rows: [&[ActBlock]; R], out: &mut [f32]) {
             let low = _mm512_set1_epi8(0x0f);
@@ -1192,6 +1260,25 @@ mod tests {
         for i in 0..67 {
             assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn quantizing_is_the_same_on_every_path() {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i as f32 * 0.77).sin() * 3.0).powi(3) + if i % 37 == 0 { 0.5 } else { 0.0 })
+            .chain(std::iter::repeat_n(0.0, 32))
+            .collect();
+        let mut portable = vec![ActBlock::default(); x.len() / QK];
+        quantize_row_portable(&x, &mut portable);
+        let mut best = vec![ActBlock::default(); x.len() / QK];
+        quantize_row(&x, &mut best);
+        for (a, b) in portable.iter().zip(&best) {
+            assert_eq!(
+                (a.qs, a.d.to_bits(), a.s.to_bits(), a.sum),
+                (b.qs, b.d.to_bits(), b.s.to_bits(), b.sum)
+            );
+        }
+        assert_eq!(portable.last().map(|b| b.sum), Some(0), "an all-zero block");
     }
 
     #[test]

@@ -177,12 +177,7 @@ impl Linear {
                 if scratch.acts.len() < m * kb {
                     scratch.acts.resize(m * kb, ActBlock::default());
                 }
-                for r in 0..m {
-                    kernels::quantize_row(
-                        &x[r * k..(r + 1) * k],
-                        &mut scratch.acts[r * kb..(r + 1) * kb],
-                    );
-                }
+                kernels::quantize_rows(x, m, k, &mut scratch.acts);
                 kernels::matmul(
                     w,
                     &scratch.acts[..m * kb],
