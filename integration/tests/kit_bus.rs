@@ -562,3 +562,55 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "acked messages handled twice: {twice:?}");
 }
+
+#[tokio::test]
+async fn listing_records_while_one_is_rewritten_names_each_once() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = bus(&server, "test").await;
+    provision(&bus).await.unwrap();
+    let store: flotilla_kit::RecordStore<v1::ModelDeployment> =
+        flotilla_kit::RecordStore::open(&bus, &bus.topology.deployments.name)
+            .await
+            .unwrap();
+    let named = |name: &str, replicas: i32| {
+        let mut d: v1::ModelDeployment = serde_json::from_str(&format!(
+            r#"{{"metadata": {{"name": "{name}"}}, "spec": {{"model": {{"preset": "p"}}}}}}"#
+        ))
+        .unwrap();
+        if let Some(spec) = d.spec.as_mut() {
+            spec.replicas = replicas;
+        }
+        d
+    };
+    for name in ["a", "b", "c"] {
+        store.update(name, |_| Some(named(name, 1))).await.unwrap();
+    }
+    // A writer rewriting `b` as fast as it can, as placement does with a
+    // deployment's status right after accepting it.
+    let writer = store.clone();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let rewrites = tokio::spawn(async move {
+        let mut n = 1;
+        while !stopped.is_cancelled() {
+            n += 1;
+            writer.update("b", |_| Some(named("b", n))).await.unwrap();
+        }
+        n
+    });
+    for _ in 0..200 {
+        let names: Vec<String> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|d| d.metadata.as_ref().map(|m| m.name.clone()))
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+    stop.cancel();
+    assert!(
+        rewrites.await.unwrap() > 10,
+        "b was rewritten during the listings"
+    );
+}

@@ -1,6 +1,7 @@
 //! NATS security on a real nats-server configured by `flotilla nats-config`:
 //! each executor reaches only its own cluster's subjects and keys, every
-//! service works with its own user, and TLS is enforced.
+//! service (the gRPC control API included) works with its own user, and TLS
+//! is enforced.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -8,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_cli::nats_config::{NatsConfigArgs, run as write_nats_config};
+use flotilla_control_api::api::control_api_client::ControlApiClient;
+use flotilla_control_api::api::{ApplyDeploymentRequest, ListDeploymentsRequest};
 use flotilla_integration::{NatsServer, wait_for_event, workspace_root};
 use flotilla_kit::{Bus, BusArgs, BusConfig};
-use flotilla_proto::v1::{self, event::Payload};
+use flotilla_proto::v1::{self, ModelDeployment, event::Payload};
 use flotilla_proto::{CommandAction, EventType, Subjects, Topology};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -456,22 +459,38 @@ async fn every_service_works_with_its_own_user() {
         wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE).await;
     }
 
-    let doc = r#"
-metadata: {name: chat}
-spec:
-  model: {preset: smollm2-135m-instruct}
-  replicas: 1
-  placement:
-    policy: PickN
-    numberOfClusters: 1
-    affinity:
-      preferred:
-        - {weight: 100, propertySorter: {name: cost.perGpuHour, order: Ascending}}
-"#;
-    let docs = flotilla_cli::deployments::parse_documents(doc).unwrap();
-    flotilla_cli::deployments::apply(&admin, docs, &mut Vec::new())
+    // The deployment goes in through the gRPC control API, with its own
+    // user: the request to placement and its answer.
+    let control_api = flotilla_control_api::Config {
+        bus: bus_config(&server, out, "control-api"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        answer_timeout: Duration::from_secs(10),
+    };
+    let (api_addr, api_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        flotilla_control_api::run(control_api, never(), Some(api_addr))
+            .await
+            .unwrap()
+    });
+    let mut api = ControlApiClient::connect(format!("http://{}", api_rx.await.unwrap()))
         .await
         .unwrap();
+    let doc = r#"{"metadata": {"name": "chat"}, "spec": {
+        "model": {"preset": "smollm2-135m-instruct"}, "replicas": 1,
+        "placement": {"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [
+            {"weight": 100, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}}}"#;
+    api.apply_deployment(ApplyDeploymentRequest {
+        deployment: Some(serde_json::from_str::<ModelDeployment>(doc).unwrap()),
+    })
+    .await
+    .unwrap();
+    let listed = api
+        .list_deployments(ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.deployments.len(), 1, "{listed:?}");
     let ready = wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE).await;
     let Some(Payload::Replica(replica)) = ready.payload else {
         panic!("no status")

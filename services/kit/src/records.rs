@@ -196,14 +196,23 @@ impl<M: Contract + Clone> RecordStore<M> {
 
     /// Reads every record from the server (for clients that do not watch).
     pub async fn list(&self) -> Result<Vec<M>, KitError> {
-        let mut keys = self
+        // The subjects the stream holds, in one answer from the server: a
+        // KV key listing (an ordered consumer) can miss a key or name it
+        // twice while the key is being rewritten. Deleted keys still hold
+        // a marker; `get` leaves them out.
+        let prefix = self.kv.prefix.clone();
+        let mut subjects = self
             .kv
-            .keys()
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
             .await
             .map_err(|e| store_error(&self.bucket, "", e))?;
         let mut names = Vec::new();
-        while let Some(key) = keys.next().await {
-            names.push(key.map_err(|e| store_error(&self.bucket, "", e))?);
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|e| store_error(&self.bucket, "", e))?;
+            if let Some(key) = subject.strip_prefix(&prefix) {
+                names.push(key.to_string());
+            }
         }
         names.sort();
         let mut out = Vec::with_capacity(names.len());

@@ -17,6 +17,9 @@ pub enum Role {
     Rollout,
     ModelProvisioner,
     Gateway,
+    /// The gRPC control API: applies and deletes deployments through
+    /// placement, like the command line, and reads records and events.
+    ControlApi,
     /// The executor of one cluster.
     Executor {
         cluster: String,
@@ -28,12 +31,13 @@ pub enum Role {
 
 impl Role {
     /// The control services of a hub, in the order their users are written.
-    pub const CONTROL: [Role; 5] = [
+    pub const CONTROL: [Role; 6] = [
         Role::Inventory,
         Role::Placement,
         Role::Rollout,
         Role::ModelProvisioner,
         Role::Gateway,
+        Role::ControlApi,
     ];
 
     /// The executor of `cluster`; the name must be a valid cluster name.
@@ -53,6 +57,7 @@ impl Role {
             Role::Rollout => "rollout",
             Role::ModelProvisioner => "model-provisioner",
             Role::Gateway => "gateway",
+            Role::ControlApi => "control-api",
             Role::Executor { .. } => "executor",
             Role::Admin => "admin",
         }
@@ -198,6 +203,17 @@ fn control_service(p: &mut Permissions, role: &Role, subjects: &Subjects, topolo
         // `rollout undo` re-applies the previous spec through placement.
         p.publish(subjects.control(flotilla_proto::ControlSubject::DeploymentApply));
     }
+    if *role == Role::ControlApi {
+        // It waits for placement's answer on a plain subscription to the
+        // events (readable through the stream anyway).
+        p.subscribe.push(subjects.events_all());
+        for c in [
+            flotilla_proto::ControlSubject::DeploymentApply,
+            flotilla_proto::ControlSubject::DeploymentDelete,
+        ] {
+            p.publish(subjects.control(c));
+        }
+    }
 }
 
 fn executor(p: &mut Permissions, cluster: &str, subjects: &Subjects, topology: &Topology) {
@@ -341,14 +357,36 @@ mod tests {
         for role in Role::CONTROL {
             let p = permissions(&role, &s, &t);
             assert!(!may_publish(&p, "flotilla.telemetry.a"), "{role:?}");
-            // Only rollout re-applies a spec (`rollout undo`).
+            // Only rollout (`rollout undo`) and the control API apply a
+            // spec; only the control API deletes one.
             assert_eq!(
                 may_publish(&p, "flotilla.control.deployments.apply"),
-                role == Role::Rollout,
+                matches!(role, Role::Rollout | Role::ControlApi),
+                "{role:?}"
+            );
+            assert_eq!(
+                may_publish(&p, "flotilla.control.deployments.delete"),
+                role == Role::ControlApi,
                 "{role:?}"
             );
             assert!(!may_publish(&p, "$JS.API.CONSUMER.MSG.NEXT.FLOTILLA_CMD.x"));
         }
+        let api = permissions(&Role::ControlApi, &s, &t);
+        assert!(!may_publish(&api, "flotilla.cmd.a.start"));
+        assert!(!may_publish(&api, "$KV.deployments.d"));
+        assert!(!may_publish(&api, "flotilla.control.rollouts.approve"));
+        assert!(!may_publish(&api, "flotilla.events.deployment.d.placed"));
+        assert!(api.subscribe.contains(&"flotilla.events.>".to_string()));
+        assert_eq!(
+            permissions(&Role::Gateway, &s, &t).subscribe,
+            vec!["_INBOX.gateway.>".to_string()]
+        );
+        // It follows the events stream (Watch) and reads the records.
+        assert!(may_publish(&api, "$JS.API.CONSUMER.CREATE.FLOTILLA_EVENTS"));
+        assert!(may_publish(
+            &api,
+            "$JS.API.DIRECT.GET.KV_deployments.$KV.deployments.d"
+        ));
     }
 
     #[test]
