@@ -439,9 +439,33 @@ fn the_chart_installs_the_hub_with_defaults() {
             "flotilla-rollout",
             "flotilla-model-provisioner",
             "flotilla-gateway",
+            "flotilla-control-api",
         ])
     );
     check_workloads(&objects);
+    // The control API's Service carries gRPC to the port the binary listens on.
+    let api = of_kind(&objects, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "flotilla-control-api")
+        .expect("a Service for the control API");
+    let grpc = api["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("a grpc port");
+    assert_eq!(grpc["port"], 50051);
+    let container = &of_kind(&objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "flotilla-control-api")
+        .unwrap()["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "FLOTILLA_CONTROL_API_ADDR" && e["value"] == "0.0.0.0:50051")
+    );
     // The control services need no Kubernetes API at all.
     assert!(of_kind(&objects, "Role").is_empty());
     assert!(of_kind(&objects, "ClusterRole").is_empty());
