@@ -1,7 +1,7 @@
 //! Load summaries of this cluster's ready replicas, for the autoscaler.
 //!
 //! Every few seconds the executor reads each local replica's own
-//! `/metrics` (the runner's; vLLM's names are not read yet) and turns it
+//! `/metrics` (the runner's or vLLM's) and turns it
 //! into a [`v1::ReplicaUsage`]: requests in flight and queued, tokens per
 //! second and the time-to-first-token p95 over the last period. The
 //! heartbeat carries the latest summaries, so they reach the bus with no
@@ -25,38 +25,52 @@ pub struct Scrape {
     pub ttft_buckets: Vec<(f64, f64)>,
 }
 
-/// Reads the runner's Prometheus text; unknown lines are skipped.
+/// Reads a replica's Prometheus text: the runner's names or vLLM's
+/// (`vllm:num_requests_running` + `_waiting` in flight, `_waiting` queued,
+/// `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds`).
+/// Series of one name (vLLM labels them by model and engine) are summed;
+/// unknown lines are skipped.
 pub fn parse(text: &str) -> Scrape {
     let mut out = Scrape::default();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else {
+        let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
         let Ok(value) = value.trim().parse::<f64>() else {
             continue;
         };
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         match name {
-            "flotilla_runner_requests_in_flight" => out.in_flight = value,
-            "flotilla_runner_queue_depth" => out.queued = value,
-            "flotilla_runner_completion_tokens_total" => out.completion_tokens = value,
-            _ => {
-                if let Some(labels) =
-                    name.strip_prefix("flotilla_runner_time_to_first_token_seconds_bucket{")
-                    && let Some(le) = labels
-                        .split(',')
-                        .find_map(|l| l.strip_prefix("le=\""))
-                        .and_then(|l| {
-                            l.trim_end_matches('}')
-                                .trim_end_matches('"')
-                                .parse::<f64>()
-                                .ok()
-                        })
-                {
-                    out.ttft_buckets.push((le, value));
+            "flotilla_runner_requests_in_flight" | "vllm:num_requests_running" => {
+                out.in_flight += value
+            }
+            "flotilla_runner_queue_depth" => out.queued += value,
+            // vLLM's running requests do not count its waiting ones.
+            "vllm:num_requests_waiting" => {
+                out.queued += value;
+                out.in_flight += value;
+            }
+            "flotilla_runner_completion_tokens_total" | "vllm:generation_tokens_total" => {
+                out.completion_tokens += value
+            }
+            "flotilla_runner_time_to_first_token_seconds_bucket"
+            | "vllm:time_to_first_token_seconds_bucket" => {
+                let le = labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .find_map(|l| l.trim().strip_prefix("le=\""))
+                    .and_then(|l| l.trim_end_matches('"').parse::<f64>().ok());
+                if let Some(le) = le {
+                    match out.ttft_buckets.iter_mut().find(|(b, _)| *b == le) {
+                        Some((_, count)) => *count += value,
+                        None => out.ttft_buckets.push((le, value)),
+                    }
                 }
             }
+            _ => {}
         }
     }
+    out.ttft_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     out
 }
 
@@ -234,6 +248,37 @@ flotilla_runner_time_to_first_token_seconds_bucket{le="+Inf"} 10
         );
         assert_eq!(s.ttft_buckets.len(), 4);
         assert!(s.ttft_buckets[3].0.is_infinite());
+    }
+
+    /// vLLM 0.10's exposition: labelled series, two engines.
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 3.0
+vllm:num_requests_running{engine="1",model_name="qwen"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="qwen"} 0.0
+vllm:generation_tokens_total{engine="0",model_name="qwen"} 1000.0
+vllm:generation_tokens_total{engine="1",model_name="qwen"} 500.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="qwen"} 4.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="qwen"} 6.0
+vllm:time_to_first_token_seconds_bucket{engine="1",le="0.1",model_name="qwen"} 1.0
+vllm:time_to_first_token_seconds_bucket{engine="1",le="+Inf",model_name="qwen"} 1.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="qwen"} 6.0
+vllm:gpu_cache_usage_perc{engine="0",model_name="qwen"} 0.5
+"#;
+
+    #[test]
+    fn reads_vllms_metrics_summed_over_its_series() {
+        let s = parse(VLLM);
+        assert_eq!(
+            (s.in_flight, s.queued, s.completion_tokens),
+            (6.0, 2.0, 1500.0)
+        );
+        assert_eq!(s.ttft_buckets, vec![(0.1, 5.0), (f64::INFINITY, 7.0)]);
+        // 7 first tokens, 5 under 100 ms: the p95 is past the largest
+        // bound, reported as that bound.
+        assert_eq!(ttft_p95_ms(&[], &s.ttft_buckets), 100.0);
+        assert_eq!(ttft_p95_ms(&[], &parse(TEXT).ttft_buckets), 400.0);
     }
 
     #[test]
