@@ -479,8 +479,8 @@ async fn an_executor_killed_while_starting_a_replica_adopts_it_after_restart() {
 
     let _second = f.executor.spawn().await;
     f.until(EventType::ReplicaReady, "chat-g4-0").await;
-    // The unacknowledged start comes again (after the consumer's ack wait)
-    // and finds the replica running.
+    // The unacknowledged start comes again (after the consumer's 10 s ack
+    // wait) and finds the replica running.
     f.commands_done().await;
     assert_eq!(
         replica_processes(&owner, "chat-g4-0"),

@@ -445,6 +445,10 @@ impl Heartbeats {
 /// How often the replicas' load is sampled for the autoscaler.
 const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long a command the executor took stays claimed without a progress
+/// ack (the kit sends one every third of it while the handler works).
+pub(crate) const COMMAND_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs the executor until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
     let gpus = choose_gpus(&config)?;

@@ -29,7 +29,10 @@ pub fn spawn_prefetch(
     // A model still being stored upstream is waited for, up to ~10 minutes.
     spec.max_deliveries = 25;
     spec.max_backoff = Duration::from_secs(30);
-    spec.ack_wait = Duration::from_secs(60);
+    // A long start or fetch stays claimed by progress acks (every third of
+    // this); the command of a killed executor goes to its successor after
+    // at most this long.
+    spec.ack_wait = crate::COMMAND_ACK_WAIT;
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
         let models = match RecordStore::<ModelRecord>::open(&bus, &bus.topology.models.name).await {

@@ -552,7 +552,10 @@ pub fn spawn<B: ReplicaBackend>(
     );
     spec.max_deliveries = 25;
     spec.max_backoff = Duration::from_secs(30);
-    spec.ack_wait = Duration::from_secs(60);
+    // A long start or fetch stays claimed by progress acks (every third of
+    // this); the command of a killed executor goes to its successor after
+    // at most this long.
+    spec.ack_wait = crate::COMMAND_ACK_WAIT;
     Ok(tokio::spawn(async move {
         // Commands wait until what runs matches KV, so none acts on a
         // replica an earlier instance left behind.
