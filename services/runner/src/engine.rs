@@ -250,6 +250,7 @@ impl Engine {
         let context_length = model.context_length;
         let worker = Worker {
             model: model.weights,
+            spare: Default::default(),
             tokenizer: tokenizer.clone(),
             jobs: rx,
             waiting: waiting.clone(),
@@ -439,6 +440,9 @@ impl Active {
 
 struct Worker {
     model: Llama,
+    /// Caches of sequences that left, emptied, for the next ones: a new
+    /// request reuses memory rather than faulting in fresh pages.
+    spare: std::cell::RefCell<Vec<SeqCache>>,
     tokenizer: Arc<Tokenizer>,
     jobs: std::sync::mpsc::Receiver<Job>,
     waiting: Arc<AtomicUsize>,
@@ -483,11 +487,22 @@ impl Worker {
                 }
                 self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
                 let mut a = Active::new(job);
-                a.cache = self.model.new_cache();
+                a.cache = self
+                    .spare
+                    .borrow_mut()
+                    .pop()
+                    .unwrap_or_else(|| self.model.new_cache());
                 active.push(a);
             }
             // Abandoned requests leave before costing a step.
-            active.retain(|a| !a.job.events.is_closed());
+            let mut i = 0;
+            while i < active.len() {
+                if active[i].job.events.is_closed() {
+                    self.recycle(active.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
             if active.is_empty() {
                 self.publish(&active);
                 continue;
@@ -511,6 +526,16 @@ impl Worker {
             }
             self.publish(&active);
         }
+    }
+
+    fn keep_cache(&self, a: &mut Active) {
+        let mut cache = std::mem::take(&mut a.cache);
+        cache.clear();
+        self.spare.borrow_mut().push(cache);
+    }
+
+    fn recycle(&self, mut a: Active) {
+        self.keep_cache(&mut a);
     }
 
     fn publish(&self, active: &[Active]) {
@@ -594,8 +619,12 @@ impl Worker {
         for (i, step) in outcomes.into_iter().rev() {
             match step {
                 Step::Continue => {}
-                Step::Finished(reason) => active.swap_remove(i).finish(reason),
-                Step::Abandoned => drop(active.swap_remove(i)),
+                Step::Finished(reason) => {
+                    let mut a = active.swap_remove(i);
+                    self.keep_cache(&mut a);
+                    a.finish(reason)
+                }
+                Step::Abandoned => self.recycle(active.swap_remove(i)),
             }
         }
         Ok(())

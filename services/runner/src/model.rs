@@ -275,6 +275,13 @@ impl SeqCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Empties the cache for another sequence, keeping its memory.
+    pub fn clear(&mut self) {
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.clear();
+        }
+        self.len = 0;
+    }
 }
 
 #[derive(Default)]
