@@ -54,6 +54,45 @@ pub struct Vocabulary {
     pub add_bos: bool,
     pub bos: Option<u32>,
     pub eos: u32,
+    /// How byte-level text is cut into words before merging.
+    pub split: Split,
+    /// A word that is itself a token is taken whole, without merging
+    /// (Llama 3's `ignore_merges`).
+    pub ignore_merges: bool,
+}
+
+/// The pre-tokenizer of a byte-level BPE vocabulary (GGUF
+/// `tokenizer.ggml.pre`, or the `Split` regex of a `tokenizer.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// GPT-2's regex.
+    Gpt2,
+    /// Every numeral alone, then GPT-2's regex (SmolLM2).
+    Gpt2Numerals,
+    /// Llama 3's regex: letters with one leading non-letter, numbers in
+    /// threes, newlines kept with the whitespace before them.
+    Llama3,
+    /// Qwen2's: Llama 3's with numerals one by one.
+    Qwen2,
+}
+
+impl Split {
+    /// From GGUF's `tokenizer.ggml.pre`, as llama.cpp names them.
+    pub fn from_gguf_pre(pre: Option<&str>) -> Split {
+        match pre {
+            Some("smollm") => Split::Gpt2Numerals,
+            Some("llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "falcon3") => Split::Llama3,
+            Some("qwen2" | "deepseek-r1-qwen") => Split::Qwen2,
+            None | Some("gpt-2" | "gpt2" | "default") => Split::Gpt2,
+            Some(other) => {
+                tracing::warn!(
+                    pre = other,
+                    "an unknown pre-tokenizer; splitting words as GPT-2 does"
+                );
+                Split::Gpt2
+            }
+        }
+    }
 }
 
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
@@ -215,6 +254,22 @@ pub fn from_hf_json(
         .and_then(|t| find_id(&t))
         .or_else(|| first_id(config.eos_token_id.as_ref()))
         .ok_or_else(|| bad("no eos token in tokenizer_config.json or config.json"))?;
+    let regexes: Vec<String> = find("pre_tokenizer", "Split")
+        .iter()
+        .filter_map(|s| s.get("pattern")?.get("Regex")?.as_str().map(str::to_string))
+        .collect();
+    let split = if regexes.iter().any(|r| r.contains("\\p{N}{1,3}")) {
+        Split::Llama3
+    } else if regexes
+        .iter()
+        .any(|r| r.contains("[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"))
+    {
+        Split::Qwen2
+    } else if !find("pre_tokenizer", "Digits").is_empty() {
+        Split::Gpt2Numerals
+    } else {
+        Split::Gpt2
+    };
     let add_bos = tokenizer_config
         .get("add_bos_token")
         .and_then(|b| b.as_bool())
@@ -233,6 +288,11 @@ pub fn from_hf_json(
         add_bos,
         bos,
         eos,
+        split,
+        ignore_merges: model
+            .get("ignore_merges")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false),
     })?;
     Ok((tokenizer, bos_text, eos_text))
 }
@@ -292,6 +352,13 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, TokenizerErr
     }
     let id = |key| content.metadata.get(key).and_then(|v| v.to_u32().ok());
     let spm = tokenizer_model == TokenizerModel::SentencePiece;
+    let split = Split::from_gguf_pre(
+        content
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str),
+    );
     Tokenizer::new(Vocabulary {
         model: tokenizer_model,
         tokens,
@@ -303,6 +370,10 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, TokenizerErr
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id")
             .ok_or(TokenizerError::Missing("tokenizer.ggml.eos_token_id"))?,
+        split,
+        // llama.cpp takes Llama 3's whole-word tokens without merging, as
+        // its tokenizer.json says (`ignore_merges`).
+        ignore_merges: split == Split::Llama3,
     })
 }
 
@@ -388,6 +459,8 @@ pub struct Tokenizer {
     byte_tokens: [Option<u32>; 256],
     unknown: Option<u32>,
     add_space_prefix: bool,
+    split: Split,
+    ignore_merges: bool,
     pub add_bos: bool,
     pub bos: Option<u32>,
     pub eos: u32,
@@ -479,6 +552,8 @@ impl Tokenizer {
             byte_tokens,
             unknown,
             add_space_prefix: v.add_space_prefix,
+            split: v.split,
+            ignore_merges: v.ignore_merges,
             add_bos: v.add_bos,
             bos: v.bos,
             eos: v.eos,
@@ -489,6 +564,10 @@ impl Tokenizer {
 
     pub fn model(&self) -> TokenizerModel {
         self.model
+    }
+
+    pub fn split(&self) -> Split {
+        self.split
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -516,7 +595,7 @@ impl Tokenizer {
             if !plain.is_empty() {
                 match self.model {
                     TokenizerModel::ByteLevel => {
-                        for piece in pre_tokenize(plain) {
+                        for piece in pre_tokenize(self.split, plain) {
                             self.encode_byte_level(piece, &mut out);
                         }
                     }
@@ -632,6 +711,12 @@ impl Tokenizer {
             return;
         }
         let mapped: String = piece.bytes().map(|b| self.byte_char[b as usize]).collect();
+        if self.ignore_merges
+            && let Some(id) = self.ids.get(&mapped)
+        {
+            out.push(*id);
+            return;
+        }
         let mut ids = Vec::new();
         for p in self.merge(&mapped) {
             match p.id {
@@ -730,25 +815,106 @@ impl StreamDecoder {
     }
 }
 
-/// Splits text as the GPT-2 regex does (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|
-/// ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`), after isolating every
-/// numeric character (`\p{N}`, as SmolLM2 and Qwen2 do).
-pub fn pre_tokenize(text: &str) -> Vec<&str> {
+/// Cuts text into the words BPE merges within.
+pub fn pre_tokenize(split: Split, text: &str) -> Vec<&str> {
     let mut out = Vec::new();
-    let mut start = 0;
-    for (i, c) in text.char_indices() {
-        if c.is_numeric() {
-            if start < i {
-                gpt2_split(&text[start..i], &mut out);
+    match split {
+        Split::Gpt2 => gpt2_split(text, &mut out),
+        Split::Gpt2Numerals => {
+            let mut start = 0;
+            for (i, c) in text.char_indices() {
+                if c.is_numeric() {
+                    if start < i {
+                        gpt2_split(&text[start..i], &mut out);
+                    }
+                    start = i + c.len_utf8();
+                    out.push(&text[i..start]);
+                }
             }
-            start = i + c.len_utf8();
-            out.push(&text[i..start]);
+            if start < text.len() {
+                gpt2_split(&text[start..], &mut out);
+            }
         }
-    }
-    if start < text.len() {
-        gpt2_split(&text[start..], &mut out);
+        Split::Llama3 => llama3_split(text, 3, &mut out),
+        Split::Qwen2 => llama3_split(text, 1, &mut out),
     }
     out
+}
+
+/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,N}|
+/// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`, alternative by
+/// alternative as a backtracking regex engine takes them.
+fn llama3_split<'a>(text: &'a str, max_digits: usize, out: &mut Vec<&'a str>) {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let n = chars.len();
+    let end_of = |k: usize| chars.get(k).map_or(text.len(), |(i, _)| *i);
+    let letter = |c: char| c.is_alphabetic();
+    let number = |c: char| c.is_numeric();
+    let newline = |c: char| c == '\r' || c == '\n';
+    let other = |c: char| !c.is_whitespace() && !letter(c) && !number(c);
+    let mut k = 0;
+    while k < n {
+        let (start, c) = chars[k];
+        let mut take = |j: usize, k: &mut usize| {
+            out.push(&text[start..end_of(j)]);
+            *k = j;
+        };
+        if c == '\'' {
+            let contraction = ["s", "t", "re", "ve", "m", "ll", "d"].iter().find(|s| {
+                s.chars().enumerate().all(|(o, sc)| {
+                    chars
+                        .get(k + 1 + o)
+                        .is_some_and(|(_, tc)| tc.to_lowercase().eq(sc.to_lowercase()))
+                })
+            });
+            if let Some(s) = contraction {
+                take(k + 1 + s.len(), &mut k);
+                continue;
+            }
+        }
+        let lead = !letter(c) && !number(c) && !newline(c) && k + 1 < n && letter(chars[k + 1].1);
+        if letter(c) || lead {
+            let mut j = k + usize::from(lead);
+            while j < n && letter(chars[j].1) {
+                j += 1;
+            }
+            take(j, &mut k);
+            continue;
+        }
+        if number(c) {
+            let mut j = k;
+            while j < n && j - k < max_digits && number(chars[j].1) {
+                j += 1;
+            }
+            take(j, &mut k);
+            continue;
+        }
+        let spaced = c == ' ' && k + 1 < n && other(chars[k + 1].1);
+        if other(c) || spaced {
+            let mut j = k + usize::from(spaced);
+            while j < n && other(chars[j].1) {
+                j += 1;
+            }
+            while j < n && newline(chars[j].1) {
+                j += 1;
+            }
+            take(j, &mut k);
+            continue;
+        }
+        let mut run = k;
+        while run < n && chars[run].1.is_whitespace() {
+            run += 1;
+        }
+        if let Some(last) = (k..run).rev().find(|&j| newline(chars[j].1)) {
+            // `\s*[\r\n]+`: up to the run's last newline.
+            take(last + 1, &mut k);
+        } else if run < n && run - k >= 2 {
+            // `\s+(?!\S)`: the run but its last, which goes with the word.
+            take(run - 1, &mut k);
+        } else {
+            take(run, &mut k);
+        }
+    }
 }
 
 fn gpt2_split<'a>(text: &'a str, out: &mut Vec<&'a str>) {
@@ -816,6 +982,7 @@ mod tests {
 
     #[test]
     fn splits_like_gpt2_with_single_digits() {
+        let pre_tokenize = |t| pre_tokenize(Split::Gpt2Numerals, t);
         assert_eq!(pre_tokenize("Hello world"), vec!["Hello", " world"]);
         assert_eq!(
             pre_tokenize("it's 42!"),

@@ -234,3 +234,39 @@ fn the_shipped_models_byte_level_bpe_matches_llama_cpp() {
         wrong.join("\n")
     );
 }
+
+/// Byte-level BPE vocabularies with the three pre-tokenizers besides
+/// SmolLM2's: Llama 3's, Qwen2's and GPT-2's regexes.
+#[test]
+fn byte_level_vocabularies_from_gguf_match_llama_cpp() {
+    for (vocab, split) in [
+        ("llama-bpe", tokenizer::Split::Llama3),
+        ("qwen2", tokenizer::Split::Qwen2),
+        ("gpt-2", tokenizer::Split::Gpt2),
+    ] {
+        let tok = tokenizer::from_gguf(&content(vocab)).unwrap();
+        assert_eq!(tok.model(), TokenizerModel::ByteLevel, "{vocab}");
+        assert_eq!(tok.split(), split, "{vocab}");
+        let all = cases(vocab);
+        let mut wrong = Vec::new();
+        for (text, expected) in &all {
+            let mut got = tok.encode(text);
+            // llama.cpp's outputs start with the bos token where the vocabulary
+            // asks for one.
+            if tok.add_bos && tok.bos.is_some() && expected.first() == tok.bos.as_ref() {
+                got.insert(0, expected[0]);
+            }
+            if &got != expected {
+                wrong.push(format!("{text:?}: ours {got:?}, llama.cpp {expected:?}"));
+            }
+            assert_eq!(tok.decode(&tok.encode(text), false), *text, "{vocab}");
+        }
+        assert!(
+            wrong.is_empty(),
+            "{vocab}: {} of {} texts differ:\n{}",
+            wrong.len(),
+            all.len(),
+            wrong.join("\n")
+        );
+    }
+}
