@@ -68,6 +68,11 @@ pub fn control_services(server: &NatsServer, unhealthy_after: Duration) {
         "placement",
         flotilla_placement::run(placement, CancellationToken::new()),
     );
+    model_provisioner(server);
+}
+
+/// The model-provisioner in this process, presets from `.tools/models`.
+pub fn model_provisioner(server: &NatsServer) -> tokio::task::JoinHandle<()> {
     let provisioner = flotilla_model_provisioner::Config {
         bus: config(server),
         http_addr: ([127, 0, 0, 1], 0).into(),
@@ -77,7 +82,7 @@ pub fn control_services(server: &NatsServer, unhealthy_after: Duration) {
     spawn(
         "model-provisioner",
         flotilla_model_provisioner::run(provisioner, CancellationToken::new()),
-    );
+    )
 }
 
 /// The rollout service in this process.

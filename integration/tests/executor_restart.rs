@@ -25,24 +25,10 @@ use prost::Message;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use flotilla_integration::fleet::target_bin;
+
 const DEADLINE: Duration = Duration::from_secs(120);
 const CLUSTER: &str = "eu-1";
-
-fn target_bin(name: &str) -> PathBuf {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo test --workspace builds it (or cargo build -p flotilla-executor -p flotilla-runner)",
-        bin.display()
-    );
-    bin
-}
 
 /// Live (not zombie) processes whose environment says they are replica
 /// `replica` of the executor `owner`.
@@ -243,17 +229,7 @@ impl Fleet {
             sub: bus.client.subscribe("flotilla.events.>").await.unwrap(),
             seen: Vec::new(),
         };
-        let provisioner = flotilla_model_provisioner::Config {
-            bus: BusConfig::for_url(server.url()).unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            preset_dir: workspace_root().join(".tools/models"),
-            takeover_after_ms: 60_000,
-        };
-        tokio::spawn(async move {
-            flotilla_model_provisioner::run(provisioner, CancellationToken::new())
-                .await
-                .unwrap()
-        });
+        flotilla_integration::fleet::model_provisioner(&server);
         let model = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
         flotilla_cli::models::push(
             &bus,

@@ -48,17 +48,7 @@ async fn setup() -> (NatsServer, Bus) {
 }
 
 fn start_provisioner(server: &NatsServer) {
-    let config = flotilla_model_provisioner::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    });
+    flotilla_integration::fleet::model_provisioner(server);
 }
 
 fn start_executor(server: &NatsServer, cluster: &str, cache: &std::path::Path) {

@@ -324,19 +324,7 @@ async fn a_refused_password_stops_a_service_naming_the_flag() {
 }
 
 fn runner_bin() -> PathBuf {
-    let runner = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("flotilla-runner");
-    assert!(
-        runner.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        runner.display()
-    );
-    runner
+    flotilla_integration::fleet::target_bin("flotilla-runner")
 }
 
 fn executor(

@@ -79,30 +79,9 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
     .unwrap();
     flotilla_kit::provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: flotilla_integration::workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, CancellationToken::new())
-            .await
-            .unwrap()
-    });
+    flotilla_integration::fleet::model_provisioner(&server);
     let cache = tempfile::tempdir().unwrap();
-    let runner = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("flotilla-runner");
-    assert!(
-        runner.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        runner.display()
-    );
+    let runner = flotilla_integration::fleet::target_bin("flotilla-runner");
     let executor = flotilla_executor::ExecutorArgs {
         bus: flotilla_kit::BusArgs {
             nats_url: server.url(),

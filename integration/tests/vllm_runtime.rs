@@ -24,19 +24,7 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn runner_bin() -> PathBuf {
-    let runner = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("flotilla-runner");
-    assert!(
-        runner.is_file(),
-        "{} is missing: cargo test --workspace builds it",
-        runner.display()
-    );
-    runner
+    flotilla_integration::fleet::target_bin("flotilla-runner")
 }
 
 /// A `vllm` that accepts only `vllm serve MODEL --served-model-name NAME
@@ -123,17 +111,7 @@ async fn vllm_replicas_fail_clearly_without_vllm_and_serve_through_vllm_serve_wi
     .unwrap();
     flotilla_kit::provision(&bus).await.unwrap();
     let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, CancellationToken::new())
-            .await
-            .unwrap()
-    });
+    flotilla_integration::fleet::model_provisioner(&server);
     flotilla_cli::models::push(
         &bus,
         &workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
