@@ -488,6 +488,33 @@ impl<B: ReplicaBackend> Replicas<B> {
             self.report_failed(&failure.replica_id, &failure.reason)
                 .await;
         }
+        for (replica_id, endpoint) in self.backend.take_moved() {
+            self.record_moved(&replica_id, endpoint).await;
+        }
+    }
+
+    /// A ready replica now serves at `endpoint`: KV says so, and the
+    /// gateway (which watches KV) routes there.
+    async fn record_moved(&self, replica_id: &str, endpoint: String) {
+        let moved = self
+            .replicas
+            .update(&self.key(replica_id), |current| {
+                let mut status = current?.clone();
+                if status.phase() != ReplicaPhase::Ready || status.endpoint == endpoint {
+                    return None;
+                }
+                status.endpoint = endpoint.clone();
+                status.updated_at_unix_ms = now_unix_ms();
+                Some(status)
+            })
+            .await;
+        match moved {
+            Ok(Some(_)) => {
+                tracing::info!(replica = %replica_id, %endpoint, "the replica serves from a new address")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(replica = %replica_id, "recording the new address: {e}"),
+        }
     }
 
     /// Probes `/health` of every ready replica this executor runs; one

@@ -329,6 +329,8 @@ pub struct KubernetesBackend {
     pods: Api<Pod>,
     /// Replica id to base URL, for the replicas this instance runs.
     running: Mutex<HashMap<String, String>>,
+    /// Replicas `observe` found serving at a new address, for `take_moved`.
+    moved: Mutex<Vec<(String, String)>>,
     last_observed: Mutex<Option<Instant>>,
 }
 
@@ -339,6 +341,7 @@ impl KubernetesBackend {
             pods: Api::namespaced(client, &config.namespace),
             config,
             running: Mutex::new(HashMap::new()),
+            moved: Mutex::new(Vec::new()),
             last_observed: Mutex::new(None),
         }
     }
@@ -533,7 +536,25 @@ impl ReplicaBackend for KubernetesBackend {
                 })
                 .map(pod_state)
                 .collect();
-            if states.iter().any(|s| matches!(s, PodState::Ready(_))) {
+            let ready: Vec<&String> = states
+                .iter()
+                .filter_map(|s| match s {
+                    PodState::Ready(url) => Some(url),
+                    _ => None,
+                })
+                .collect();
+            if let Some(first) = ready.first() {
+                // Its pod was re-created elsewhere (a node left): serve
+                // from where it is now, unless the old address still is.
+                if let Ok(mut r) = self.running.lock()
+                    && let Some(current) = r.get_mut(&id)
+                    && !ready.contains(&&*current)
+                {
+                    *current = (*first).clone();
+                    if let Ok(mut moved) = self.moved.lock() {
+                        moved.push((id.clone(), (*first).clone()));
+                    }
+                }
                 continue;
             }
             if let Some(reason) = states.into_iter().find_map(|s| match s {
@@ -553,6 +574,13 @@ impl ReplicaBackend for KubernetesBackend {
             }
         }
         failures
+    }
+
+    fn take_moved(&self) -> Vec<(String, String)> {
+        self.moved
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
     }
 
     async fn adopt(&self, recorded: &ReplicaStatus) -> Adoption {
@@ -1133,5 +1161,40 @@ mod tests {
             "{failures:?}"
         );
         assert!(!backend.runs("chat-g3-0"));
+    }
+
+    #[tokio::test]
+    async fn a_pod_re_created_on_another_node_moves_the_replica() {
+        let (backend, mut api) = backend();
+        if let Ok(mut running) = backend.running.lock() {
+            running.insert("chat-g3-0".into(), "http://10.1.2.3:8000".into());
+        }
+        let server = tokio::spawn(async move {
+            for ip in ["10.1.2.3", "10.4.5.6", "10.4.5.6"] {
+                let (_, path, _, _, reply) = next(&mut api).await;
+                assert_eq!(path, "/api/v1/namespaces/flotilla/pods");
+                answer(
+                    reply,
+                    200,
+                    &pod_list(vec![pod("chat-g3-0", ready_status(ip))]),
+                );
+            }
+        });
+        // Where it started: nothing moved.
+        assert!(backend.observe().await.is_empty());
+        assert!(backend.take_moved().is_empty());
+        // Its pod came back elsewhere: one move, reported once.
+        *backend.last_observed.lock().unwrap() = None;
+        assert!(backend.observe().await.is_empty());
+        assert_eq!(
+            backend.take_moved(),
+            vec![("chat-g3-0".to_string(), "http://10.4.5.6:8000".to_string())]
+        );
+        assert!(backend.take_moved().is_empty());
+        *backend.last_observed.lock().unwrap() = None;
+        assert!(backend.observe().await.is_empty());
+        assert!(backend.take_moved().is_empty(), "already there");
+        server.await.unwrap();
+        assert!(backend.runs("chat-g3-0"));
     }
 }

@@ -110,4 +110,11 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// (started by an earlier instance that died before recording it);
     /// returns their ids.
     fn stop_unknown(&self, known: &HashSet<String>) -> impl Future<Output = Vec<String>> + Send;
+
+    /// Replicas still serving at another address than they started on
+    /// since the last call (a pod re-created on another node), with the
+    /// new base URL; the last [`observe`](Self::observe) found them.
+    fn take_moved(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
