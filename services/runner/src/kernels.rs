@@ -219,6 +219,7 @@ pub struct Q8Group {
     qs: [u8; 512],
 }
 
+#[derive(Clone)]
 enum Groups {
     Q4_1(Vec<Q4Group>),
     Q8_0(Vec<Q8Group>),
@@ -340,34 +341,41 @@ impl PackedWeights {
 
     /// One matrix with the columns of all `parts` (same `k`, same format).
     pub fn stack(parts: &[&PackedWeights]) -> Option<PackedWeights> {
-        let first = parts.first()?;
-        if parts.iter().any(|p| p.kb != first.kb) {
+        let (first, rest) = parts.split_first()?;
+        if rest.iter().any(|p| p.kb != first.kb) {
             return None;
         }
-        let all = match first.unpack() {
-            QBlocks::Q4_1(_) => {
-                let mut all = Vec::new();
-                for p in parts {
-                    let QBlocks::Q4_1(v) = p.unpack() else {
-                        return None;
-                    };
-                    all.extend(v);
-                }
-                QBlocks::Q4_1(all)
-            }
-            QBlocks::Q8_0(_) => {
-                let mut all = Vec::new();
-                for p in parts {
-                    let QBlocks::Q8_0(v) = p.unpack() else {
-                        return None;
-                    };
-                    all.extend(v);
-                }
-                QBlocks::Q8_0(all)
-            }
-        };
         let n = parts.iter().map(|p| p.n).sum();
-        Self::pack(&all, n, first.kb * QK)
+        // Parts of whole groups line up as they are (the last may end in a
+        // partly filled one); a partly filled group inside would shift the
+        // columns after it, so then the columns are packed again.
+        if parts[..parts.len() - 1]
+            .iter()
+            .all(|p| p.n.is_multiple_of(GROUP))
+        {
+            let mut groups = first.groups.clone();
+            for p in rest {
+                match (&mut groups, &p.groups) {
+                    (Groups::Q4_1(all), Groups::Q4_1(more)) => all.extend_from_slice(more),
+                    (Groups::Q8_0(all), Groups::Q8_0(more)) => all.extend_from_slice(more),
+                    _ => return None,
+                }
+            }
+            return Some(Self {
+                n,
+                kb: first.kb,
+                groups,
+            });
+        }
+        let mut blocks = first.unpack();
+        for p in rest {
+            match (&mut blocks, p.unpack()) {
+                (QBlocks::Q4_1(all), QBlocks::Q4_1(more)) => all.extend(more),
+                (QBlocks::Q8_0(all), QBlocks::Q8_0(more)) => all.extend(more),
+                _ => return None,
+            }
+        }
+        Self::pack(&blocks, n, first.kb * QK)
     }
 
     pub fn n(&self) -> usize {
@@ -1243,6 +1251,15 @@ mod tests {
             let mut separate = run(&pa);
             separate.extend(run(&pb));
             assert_eq!(run(&stacked), separate, "{dtype:?}");
+            // Whole groups first: stacked without repacking.
+            let c = QTensor::quantize(&Tensor::randn(0f32, 1.0, (32, 64), &dev).unwrap(), dtype)
+                .unwrap();
+            let pc = PackedWeights::pack(&blocks(&c), 32, 64).unwrap();
+            let whole = PackedWeights::stack(&[&pc, &pb]).unwrap();
+            assert_eq!((whole.n(), whole.k()), (39, 64));
+            let mut separate = run(&pc);
+            separate.extend(run(&pb));
+            assert_eq!(run(&whole), separate, "{dtype:?}");
         }
         assert!(
             PackedWeights::pack(&QBlocks::Q4_1(vec![BlockQ4_1::default(); 3]), 2, 64).is_none()
