@@ -15,6 +15,7 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use tokio::sync::mpsc;
 
+use crate::gguf_meta::{get_str, get_u32};
 use crate::model::{Feed, Llama, Scratch, SeqCache};
 
 use crate::metrics::RunnerMetrics;
@@ -77,18 +78,6 @@ pub struct LoadedModel {
     pub context_length: usize,
 }
 
-fn meta_str(content: &gguf_file::Content, key: &str) -> Option<String> {
-    content
-        .metadata
-        .get(key)
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-}
-
-fn meta_u32(content: &gguf_file::Content, key: &str) -> Option<u32> {
-    content.metadata.get(key).and_then(|v| v.to_u32().ok())
-}
-
 /// Loads a GGUF model and builds its tokenizer and chat template from the
 /// file's own metadata.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, EngineError> {
@@ -99,10 +88,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, EngineErro
     let mut file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| fail(format!("not a readable GGUF file: {e}")))?;
-    let arch = meta_str(&content, "general.architecture").unwrap_or_default();
+    let arch = get_str(&content, "general.architecture").unwrap_or_default();
     let context_length =
-        meta_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048) as usize;
-    let template_src = meta_str(&content, "tokenizer.chat_template");
+        get_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048) as usize;
+    let template_src = get_str(&content, "tokenizer.chat_template").map(str::to_string);
     let tokenizer = crate::tokenizer::from_gguf(&content).map_err(|e| fail(e.to_string()))?;
     let bos_text = tokenizer
         .bos

@@ -11,6 +11,7 @@
 //! Start reading at [`run`].
 
 pub mod engine;
+pub mod gguf_meta;
 pub mod kernels;
 pub mod loader;
 pub mod metrics;

@@ -6,15 +6,8 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use crate::gguf_meta::{get_f32 as meta_f32, get_str, get_u32 as meta_u32};
 use crate::model::{Config, Layer, Linear, Llama, ModelError};
-
-fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
-    ct.metadata.get(key).and_then(|v| v.to_u32().ok())
-}
-
-fn meta_f32(ct: &gguf_file::Content, key: &str) -> Option<f32> {
-    ct.metadata.get(key).and_then(|v| v.to_f32().ok())
-}
 
 /// The GGUF architectures this forward pass serves.
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
@@ -25,12 +18,9 @@ pub fn llama_from_gguf<R: Read + Seek>(
     device: &Device,
     context_length: usize,
 ) -> Result<Llama, ModelError> {
-    let arch = ct
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
+    let arch = get_str(ct, "general.architecture")
+        .unwrap_or_default()
+        .to_string();
     if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
         return Err(ModelError::Shape(format!(
             "architecture {arch:?} is not served (only {})",

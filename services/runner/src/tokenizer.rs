@@ -17,6 +17,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use candle_core::quantized::gguf_file;
 
+use crate::gguf_meta::{get_array, get_bool, get_str, get_strings, get_u32};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("GGUF metadata {0} is missing or of the wrong type")]
@@ -297,50 +299,26 @@ pub fn from_hf_json(
     Ok((tokenizer, bos_text, eos_text))
 }
 
-fn meta_strings(content: &gguf_file::Content, key: &str) -> Option<Vec<String>> {
-    match content.metadata.get(key) {
-        Some(gguf_file::Value::Array(values)) => Some(
-            values
-                .iter()
-                .filter_map(|v| v.to_string().ok().cloned())
-                .collect(),
-        ),
-        _ => None,
-    }
-}
-
-fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
-    content.metadata.get(key).and_then(|v| v.to_bool().ok())
-}
-
 /// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*`
 /// metadata.
 pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
-    let model = content
-        .metadata
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok())
+    let model = get_str(content, "tokenizer.ggml.model")
         .ok_or(TokenizerError::Missing("tokenizer.ggml.model"))?;
-    let tokenizer_model = match model.as_str() {
+    let tokenizer_model = match model {
         "gpt2" => TokenizerModel::ByteLevel,
         "llama" => TokenizerModel::SentencePiece,
         other => return Err(TokenizerError::Unsupported(other.to_string())),
     };
-    let tokens = meta_strings(content, "tokenizer.ggml.tokens")
+    let tokens = get_strings(content, "tokenizer.ggml.tokens")
         .ok_or(TokenizerError::Missing("tokenizer.ggml.tokens"))?;
-    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-        Some(gguf_file::Value::Array(values)) => {
-            values.iter().map(|v| v.to_i32().unwrap_or(1)).collect()
-        }
-        _ => vec![1; tokens.len()],
-    };
-    let scores: Vec<f32> = match content.metadata.get("tokenizer.ggml.scores") {
-        Some(gguf_file::Value::Array(values)) => {
-            values.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect()
-        }
-        _ => Vec::new(),
-    };
-    let merges = meta_strings(content, "tokenizer.ggml.merges").unwrap_or_default();
+    let types: Vec<i32> = get_array(content, "tokenizer.ggml.token_type").map_or_else(
+        || vec![1; tokens.len()],
+        |values| values.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+    );
+    let scores: Vec<f32> = get_array(content, "tokenizer.ggml.scores")
+        .map(|values| values.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    let merges = get_strings(content, "tokenizer.ggml.merges").unwrap_or_default();
     if tokenizer_model == TokenizerModel::ByteLevel && merges.is_empty() {
         return Err(TokenizerError::Missing("tokenizer.ggml.merges"));
     }
@@ -350,23 +328,17 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, TokenizerErr
     {
         return Err(TokenizerError::Missing("tokenizer.ggml.scores"));
     }
-    let id = |key| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let id = |key| get_u32(content, key);
     let spm = tokenizer_model == TokenizerModel::SentencePiece;
-    let split = Split::from_gguf_pre(
-        content
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str),
-    );
+    let split = Split::from_gguf_pre(get_str(content, "tokenizer.ggml.pre"));
     Tokenizer::new(Vocabulary {
         model: tokenizer_model,
         tokens,
         types,
         merges,
         scores,
-        add_space_prefix: meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
-        add_bos: meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spm),
+        add_space_prefix: get_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
+        add_bos: get_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spm),
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id")
             .ok_or(TokenizerError::Missing("tokenizer.ggml.eos_token_id"))?,
