@@ -157,6 +157,22 @@ async fn next_event(
         .unwrap_or_else(|| panic!("no {what} within {DEADLINE:?}"))
 }
 
+/// Runs the `flotilla` command line to the end; its standard output,
+/// after checking it succeeded.
+async fn flotilla(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(fleet::target_bin("flotilla"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flotilla {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn log_of(data: &Path) -> String {
     std::fs::read_to_string(data.join("up.log")).unwrap_or_default()
 }
@@ -247,24 +263,16 @@ print(json.dumps({"models": [m.id for m in client.models.list().data], "text": c
     assert!(!answer["streamed"].as_str().unwrap().is_empty(), "{answer}");
 
     // `flotilla chat`, streamed.
-    let chat = tokio::process::Command::new(fleet::target_bin("flotilla"))
-        .args([
-            "chat",
-            "--gateway",
-            &gateway,
-            "--max-tokens",
-            "8",
-            "Say hello.",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        chat.status.success(),
-        "{}",
-        String::from_utf8_lossy(&chat.stderr)
-    );
-    assert!(!String::from_utf8_lossy(&chat.stdout).trim().is_empty());
+    let chat = flotilla(&[
+        "chat",
+        "--gateway",
+        &gateway,
+        "--max-tokens",
+        "8",
+        "Say hello.",
+    ])
+    .await;
+    assert!(!chat.trim().is_empty());
 
     // A second deployment, as JSON, from nats-py.
     let publish = r#"
@@ -390,27 +398,18 @@ asyncio.run(main())
     let failures = failed.load(Ordering::SeqCst);
 
     // The whole story, from `flotilla watch`.
-    let watched = tokio::process::Command::new(fleet::target_bin("flotilla"))
-        .args([
-            "--nats-url",
-            &nats_url,
-            "watch",
-            "--since",
-            "1h",
-            "--no-follow",
-            "-o",
-            "json",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        watched.status.success(),
-        "{}",
-        String::from_utf8_lossy(&watched.stderr)
-    );
-    let story: Vec<v1::Event> = String::from_utf8(watched.stdout)
-        .unwrap()
+    let watched = flotilla(&[
+        "--nats-url",
+        &nats_url,
+        "watch",
+        "--since",
+        "1h",
+        "--no-follow",
+        "-o",
+        "json",
+    ])
+    .await;
+    let story: Vec<v1::Event> = watched
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -487,7 +487,7 @@ impl Worker {
             let mut i = 0;
             while i < active.len() {
                 if active[i].job.events.is_closed() {
-                    self.recycle(active.remove(i));
+                    self.keep_cache(&mut active.remove(i));
                 } else {
                     i += 1;
                 }
@@ -517,14 +517,11 @@ impl Worker {
         }
     }
 
+    /// Empties a leaving sequence's cache and keeps it for the next one.
     fn keep_cache(&self, a: &mut Active) {
         let mut cache = std::mem::take(&mut a.cache);
         cache.clear();
         self.spare.borrow_mut().push(cache);
-    }
-
-    fn recycle(&self, mut a: Active) {
-        self.keep_cache(&mut a);
     }
 
     fn publish(&self, active: &[Active]) {
@@ -613,7 +610,7 @@ impl Worker {
                     self.keep_cache(&mut a);
                     a.finish(reason)
                 }
-                Step::Abandoned => self.recycle(active.swap_remove(i)),
+                Step::Abandoned => self.keep_cache(&mut active.swap_remove(i)),
             }
         }
         Ok(())

@@ -277,6 +277,11 @@ pub enum PodState {
     Failed(String),
 }
 
+/// The replica an object of this executor belongs to (its label).
+fn replica_of(meta: &ObjectMeta) -> Option<&String> {
+    meta.labels.as_ref()?.get(LABEL_REPLICA)
+}
+
 pub fn pod_state(pod: &Pod) -> PodState {
     let Some(status) = pod.status.as_ref() else {
         return PodState::Pending;
@@ -527,13 +532,7 @@ impl ReplicaBackend for KubernetesBackend {
         for id in running {
             let states: Vec<PodState> = pods
                 .iter()
-                .filter(|p| {
-                    p.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(LABEL_REPLICA))
-                        == Some(&id)
-                })
+                .filter(|p| replica_of(&p.metadata) == Some(&id))
                 .map(pod_state)
                 .collect();
             let ready: Vec<&String> = states
@@ -660,13 +659,7 @@ impl ReplicaBackend for KubernetesBackend {
         };
         let mut stopped = Vec::new();
         for d in list {
-            let Some(id) = d
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_REPLICA))
-                .cloned()
-            else {
+            let Some(id) = replica_of(&d.metadata).cloned() else {
                 continue;
             };
             if known.contains(&id) || self.runs(&id) {
