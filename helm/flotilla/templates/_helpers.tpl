@@ -27,7 +27,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/*
-The bus settings every service takes (services/kit BusArgs), for one NATS
+The bus settings every service takes (crates/kit BusArgs), for one NATS
 user: (dict "root" $ "user" "inventory").
 */}}
 {{- define "flotilla.natsEnv" -}}

@@ -28,12 +28,12 @@ pub struct XidEvent {
     pub xid: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("NVIDIA driver library not loadable: {0}")]
-    NoDriver(String),
+    NoDriver(#[source] nvml_wrapper::error::NvmlError),
     #[error("NVML: {0}")]
-    Nvml(String),
+    Nvml(#[source] nvml_wrapper::error::NvmlError),
 }
 
 /// Reads devices; implemented over NVML and over recorded data.
@@ -83,8 +83,8 @@ impl NvmlReader {
     pub fn open() -> Result<Self, GpuError> {
         use nvml_wrapper::error::NvmlError;
         let nvml = nvml_wrapper::Nvml::init().map_err(|e| match e {
-            NvmlError::LibloadingError(e) => GpuError::NoDriver(e.to_string()),
-            other => GpuError::Nvml(other.to_string()),
+            NvmlError::LibloadingError(_) => GpuError::NoDriver(e),
+            other => GpuError::Nvml(other),
         })?;
         // One NVML handle lives as long as the process; leaking it lets the
         // event set borrow it for 'static.
@@ -113,7 +113,7 @@ impl NvmlReader {
 impl DeviceReader for NvmlReader {
     fn read_devices(&mut self) -> Result<Vec<DeviceReading>, GpuError> {
         use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
-        let err = |e: nvml_wrapper::error::NvmlError| GpuError::Nvml(e.to_string());
+        let err = GpuError::Nvml;
         let count = self.nvml.device_count().map_err(err)?;
         let mut out = Vec::with_capacity(count as usize);
         for index in 0..count {
