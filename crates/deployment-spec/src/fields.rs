@@ -5,7 +5,6 @@ use crate::{FieldError, LabelOp, LabelRequirement, bad};
 use flotilla_proto::v1::{self, LabelOperator};
 use std::time::Duration;
 
-
 /// Reads a label selector; the errors name the field under `field`.
 pub fn check_label_selector(
     field: &str,
@@ -108,7 +107,7 @@ pub fn check_int_or_percent(field: &str, value: &str) -> Result<(), FieldError> 
     }
 }
 
-fn check_duration(field: &str, value: &str) -> Result<(), FieldError> {
+pub(crate) fn check_duration(field: &str, value: &str) -> Result<(), FieldError> {
     parse_duration(field, value).map(|_| ())
 }
 
@@ -134,5 +133,3 @@ pub fn parse_duration(field: &str, value: &str) -> Result<Option<Duration>, Fiel
         ),
     }
 }
-
-/// Checks everything that does not depend on the fleet.

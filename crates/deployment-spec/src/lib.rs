@@ -242,7 +242,6 @@ impl Autoscaling {
     }
 }
 
-
 mod fields;
 mod validate;
 

@@ -1,11 +1,10 @@
 //! The whole document checked, section by section.
 
 use crate::{
-    Autoscaling, DeploymentRequest, FieldError, LabelRequirement, ModelChoice, Policy,
-    Preference, Property, PropertyRequirement, RequiredTerm, ScalingRules, Spread, bad,
-    check_int_or_percent, check_label_selector, parse_duration,
+    Autoscaling, DeploymentRequest, FieldError, ModelChoice, Policy, Preference, Property,
+    PropertyRequirement, RequiredTerm, ScalingRules, Spread, bad, check_int_or_percent,
+    check_label_selector, fields::check_duration, parse_duration,
 };
-use flotilla_model_catalog::Precision;
 use flotilla_proto::json::name_of;
 use flotilla_proto::v1::{
     self, PlacementPolicy, PropertyOperator, SortOrder, TolerationOperator, WhenUnsatisfiable,
