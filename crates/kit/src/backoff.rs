@@ -81,7 +81,11 @@ mod tests {
         let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
         let draws: std::collections::BTreeSet<u128> =
             (0..64).map(|_| b.delay(1).as_micros()).collect();
-        assert!(draws.len() > 32, "only {} distinct delays of 64", draws.len());
+        assert!(
+            draws.len() > 32,
+            "only {} distinct delays of 64",
+            draws.len()
+        );
         assert!(draws.iter().all(|d| (500_000..=1_000_000).contains(d)));
     }
 }

@@ -1,0 +1,314 @@
+//! Typed records in a KV bucket, written with compare-and-set.
+//!
+//! Several instances of one service may write the same bucket: every write
+//! is conditional on the revision it was computed from, and a conflict
+//! re-reads and recomputes. A watch keeps a local copy of the whole bucket
+//! so periodic work (timeouts, scans) needs no reads.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation};
+use flotilla_proto::codec::Contract;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Backoff, BoxError, Bus, KitError, sync};
+
+/// How many times a conflicting write is recomputed before giving up.
+const MAX_CONFLICTS: usize = 16;
+
+/// Waits before watching again after a watch broke or could not start.
+const WATCH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+
+pub struct RecordStore<M> {
+    kv: kv::Store,
+    bucket: String,
+    cache: Arc<RwLock<HashMap<String, (M, u64)>>>,
+    changes: tokio::sync::broadcast::Sender<String>,
+    _type: PhantomData<M>,
+}
+
+impl<M> Clone for RecordStore<M> {
+    fn clone(&self) -> Self {
+        Self {
+            kv: self.kv.clone(),
+            bucket: self.bucket.clone(),
+            cache: Arc::clone(&self.cache),
+            changes: self.changes.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<M: Contract + Clone> RecordStore<M> {
+    pub async fn open(bus: &Bus, bucket: &str) -> Result<Self, KitError> {
+        let kv = bus
+            .jetstream
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| store_error(bucket, "", e))?;
+        Ok(Self {
+            kv,
+            bucket: bucket.to_string(),
+            cache: Arc::default(),
+            changes: tokio::sync::broadcast::channel(4096).0,
+            _type: PhantomData,
+        })
+    }
+
+    /// Keeps the local copy equal to the bucket until `shutdown`, across
+    /// server restarts. Returns once the current contents are loaded.
+    pub async fn start_watch(&self, shutdown: CancellationToken) -> Result<(), KitError> {
+        let empty = self
+            .kv
+            .status()
+            .await
+            .map_err(|e| store_error(&self.bucket, "", e))?
+            .values()
+            == 0;
+        let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut loaded = Some(loaded_tx);
+            let mut failures = 0u32;
+            while !shutdown.is_cancelled() {
+                match store.kv.watch_with_history(">").await {
+                    Ok(mut watch) => loop {
+                        let next = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            next = watch.next() => next,
+                        };
+                        match next {
+                            Some(Ok(entry)) => {
+                                failures = 0;
+                                // delta: how many more the watch has queued.
+                                let caught_up = entry.delta == 0;
+                                store.absorb(entry);
+                                if caught_up && let Some(tx) = loaded.take() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(bucket = %store.bucket, "watch interrupted: {e}; restarting");
+                                break;
+                            }
+                            None => break,
+                        }
+                    },
+                    Err(e) => tracing::warn!(bucket = %store.bucket, "cannot watch: {e}"),
+                }
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(WATCH_BACKOFF.delay(failures)) => {}
+                }
+            }
+        });
+        // An empty bucket sends nothing to wait for.
+        if !empty {
+            let _ = tokio::time::timeout(Duration::from_secs(30), loaded_rx).await;
+        }
+        Ok(())
+    }
+
+    /// Keys whose record changed in the local copy, from any writer. A
+    /// receiver that lags gets `Lagged` and should rescan everything.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn absorb(&self, entry: kv::Entry) {
+        let key = entry.key.clone();
+        if self.absorb_entry(entry) {
+            let _ = self.changes.send(key);
+        }
+    }
+
+    /// Returns whether the local copy changed.
+    fn absorb_entry(&self, entry: kv::Entry) -> bool {
+        let mut cache = sync::write(&self.cache);
+        match entry.operation {
+            Operation::Put => {
+                // Our own writes come back through the watch: already known.
+                let newer = cache
+                    .get(&entry.key)
+                    .is_none_or(|(_, rev)| *rev < entry.revision);
+                if !newer {
+                    return false;
+                }
+                match M::decode(entry.value.clone()) {
+                    Ok(record) => {
+                        cache.insert(entry.key, (record, entry.revision));
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(bucket = %self.bucket, key = %entry.key, "undecodable record ignored: {e}");
+                        false
+                    }
+                }
+            }
+            Operation::Delete | Operation::Purge => cache.remove(&entry.key).is_some(),
+        }
+    }
+
+    /// The local copy of one record.
+    pub fn cached(&self, key: &str) -> Option<M> {
+        sync::read(&self.cache).get(key).map(|(m, _)| m.clone())
+    }
+
+    /// The local copies of the records `wanted` picks, by key. Only those
+    /// are cloned: scans over large buckets stay cheap.
+    pub fn select(&self, mut wanted: impl FnMut(&str, &M) -> bool) -> Vec<(String, M)> {
+        sync::read(&self.cache)
+            .iter()
+            .filter(|(k, (m, _))| wanted(k, m))
+            .map(|(k, (m, _))| (k.clone(), m.clone()))
+            .collect()
+    }
+
+    /// The local copy of every record, by key.
+    pub fn cached_all(&self) -> Vec<(String, M)> {
+        sync::read(&self.cache)
+            .iter()
+            .map(|(k, (m, _))| (k.clone(), m.clone()))
+            .collect()
+    }
+
+    /// Reads one record from the server.
+    pub async fn get(&self, key: &str) -> Result<Option<(M, u64)>, KitError> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| store_error(&self.bucket, key, e))?;
+        match entry {
+            Some(e) if e.operation == Operation::Put => {
+                let record =
+                    M::decode(e.value).map_err(|err| store_error(&self.bucket, key, err))?;
+                Ok(Some((record, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads every record from the server (for clients that do not watch).
+    pub async fn list(&self) -> Result<Vec<M>, KitError> {
+        // The subjects the stream holds, in one answer from the server: a
+        // KV key listing (an ordered consumer) can miss a key or name it
+        // twice while the key is being rewritten. Deleted keys still hold
+        // a marker; `get` leaves them out.
+        let prefix = self.kv.prefix.clone();
+        let mut subjects = self
+            .kv
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| store_error(&self.bucket, "", e))?;
+        let mut names = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|e| store_error(&self.bucket, "", e))?;
+            if let Some(key) = subject.strip_prefix(&prefix) {
+                names.push(key.to_string());
+            }
+        }
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some((record, _)) = self.get(&name).await? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Computes and writes a record with compare-and-set. `change` gets the
+    /// current record (or `None`) and returns the new one, or `None` to
+    /// write nothing. On a conflict it runs again on the fresh record.
+    /// Returns what was written.
+    pub async fn update<F>(&self, key: &str, mut change: F) -> Result<Option<M>, KitError>
+    where
+        F: FnMut(Option<&M>) -> Option<M>,
+    {
+        let mut current = sync::read(&self.cache)
+            .get(key)
+            .map(|(m, rev)| (m.clone(), *rev));
+        if current.is_none() {
+            current = self.get(key).await?;
+        }
+        for _ in 0..MAX_CONFLICTS {
+            let Some(next) = change(current.as_ref().map(|(m, _)| m)) else {
+                return Ok(None);
+            };
+            let value = bytes::Bytes::from(next.encode_to_vec());
+            let written = match &current {
+                Some((_, rev)) => {
+                    self.kv
+                        .update(key, value, *rev)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            kv::UpdateErrorKind::WrongLastRevision => None,
+                            _ => Some(store_error(&self.bucket, key, e)),
+                        })
+                }
+                None => self
+                    .kv
+                    .create(key, value)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => None,
+                        _ => Some(store_error(&self.bucket, key, e)),
+                    }),
+            };
+            match written {
+                Ok(revision) => {
+                    let changed = {
+                        let mut cache = sync::write(&self.cache);
+                        let newer = cache.get(key).is_none_or(|(_, rev)| *rev < revision);
+                        if newer {
+                            cache.insert(key.to_string(), (next.clone(), revision));
+                        }
+                        newer
+                    };
+                    if changed {
+                        let _ = self.changes.send(key.to_string());
+                    }
+                    return Ok(Some(next));
+                }
+                Err(Some(e)) => return Err(e),
+                // Someone wrote first: start again from what they wrote.
+                Err(None) => current = self.get(key).await?,
+            }
+        }
+        Err(KitError::StoreConflict {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            tries: MAX_CONFLICTS,
+        })
+    }
+}
+
+impl<M: Contract + Clone> RecordStore<M> {
+    /// Deletes a record (a tombstone; watchers see the delete).
+    pub async fn delete(&self, key: &str) -> Result<(), KitError> {
+        self.kv
+            .delete(key)
+            .await
+            .map_err(|e| store_error(&self.bucket, key, e))?;
+        let removed = sync::write(&self.cache).remove(key).is_some();
+        if removed {
+            let _ = self.changes.send(key.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn store_error(bucket: &str, key: &str, e: impl Into<BoxError>) -> KitError {
+    KitError::Store {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        source: e.into(),
+    }
+}
