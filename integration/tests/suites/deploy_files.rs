@@ -5,8 +5,6 @@
 //! every `FLOTILLA_*` variable they set must be one that binary's flags
 //! accept, with a value its parser takes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command as Process;

@@ -10,8 +10,6 @@
 //! built with the workspace), the runners are real `flotilla-runner`
 //! processes serving the shipped SmolLM2, the bus a real nats-server.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,8 +2,6 @@
 //! places it, rollout starts replicas, executors run real runners with the
 //! shipped SmolLM2; a cluster dies and its replica is replaced elsewhere.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::Duration;
 
 use flotilla_integration::{NatsServer, fleet};

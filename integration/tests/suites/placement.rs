@@ -2,8 +2,6 @@
 //! deployment from a plain NATS client is placed; a failing cluster's
 //! replicas move within a second while other deployments stay put.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::{Duration, Instant};
 
 use flotilla_integration::NatsServer;

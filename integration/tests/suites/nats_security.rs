@@ -3,8 +3,6 @@
 //! service (the gRPC control API included) works with its own user, and TLS
 //! is enforced.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -4,8 +4,6 @@
 //! or placement catches it), Delete too, and Watch streams the events of
 //! that deployment in stream order, resumable by sequence or time.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::Duration;
 
 use flotilla_control_api::api::control_api_client::ControlApiClient;

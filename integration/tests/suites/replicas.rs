@@ -2,8 +2,6 @@
 //! brings up a real runner on the shipped model; a stale generation is
 //! ignored; a stop command stops it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::Duration;
 
 use flotilla_integration::NatsServer;

@@ -8,8 +8,6 @@
 //!   runner in its place (same OpenAI paths), so the shared replica client
 //!   is exercised for real on `/health`, `/v1/models` and `/metrics`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

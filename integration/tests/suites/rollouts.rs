@@ -3,8 +3,6 @@
 //! survives a `kill -9` of the rollout service; a version that never
 //! becomes ready halts, and undo returns to the previous one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 

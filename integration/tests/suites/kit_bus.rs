@@ -2,8 +2,6 @@
 //! loop's error policy, deduplication, trace context, and surviving a
 //! `kill -9` of the server.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;

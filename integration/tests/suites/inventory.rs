@@ -1,8 +1,6 @@
 //! Inventory and executor heartbeats on a real nats-server: join, silence,
 //! recovery, two inventory instances, cordon, bad heartbeats.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -2,8 +2,6 @@
 //! retry on a replica that refuses connections, streaming pass-through,
 //! ejection, and the `/metrics` that count all of it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::time::{Duration, Instant};
 
 use flotilla_integration::{NatsServer, workspace_root};

@@ -7,8 +7,6 @@
 //!
 //! Run with `--nocapture` to see the failover timings.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -7,8 +7,6 @@
 //! Run with `--nocapture` to see the time from the load step to the new
 //! replicas serving.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

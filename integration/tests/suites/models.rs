@@ -2,8 +2,6 @@
 //! push, fetch with digest check, tampering refused, resume, one upload by
 //! two provisioners, LRU eviction.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
