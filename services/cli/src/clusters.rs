@@ -11,6 +11,7 @@ use futures::StreamExt;
 use prost::Message;
 
 use crate::Output;
+use crate::answer::Pending;
 use crate::table;
 
 #[derive(Debug, clap::Subcommand)]
@@ -112,8 +113,6 @@ pub async fn cordon(bus: &Bus, action: ClusterAction, out: &mut impl Write) -> a
         .await
         .context("the fleet has no cluster inventory yet")?;
     let mut watch = kv.watch_with_history(&name).await?;
-    let rejections = bus.subjects.events_of_type(EventType::BusMessageRejected);
-    let mut rejected = bus.client.subscribe(rejections).await?;
 
     let request = v1::CordonCluster {
         cluster: name.clone(),
@@ -121,12 +120,10 @@ pub async fn cordon(bus: &Bus, action: ClusterAction, out: &mut impl Write) -> a
         reason,
         request_id: request_id.clone(),
     };
-    bus.publish(
-        bus.subjects.control(ControlSubject::ClusterCordon),
-        &request,
-        Some(&request_id),
-    )
-    .await?;
+    // Inventory answers by writing the record; only a refusal is an event.
+    let mut pending =
+        Pending::send(bus, ControlSubject::ClusterCordon, &request, &request_id).await?;
+    let refused = EventType::BusMessageRejected.to_string();
 
     let verb = if cordon { "cordoned" } else { "uncordoned" };
     let wait = async {
@@ -139,16 +136,12 @@ pub async fn cordon(bus: &Bus, action: ClusterAction, out: &mut impl Write) -> a
                         return Ok(());
                     }
                 }
-                Some(msg) = rejected.next() => {
-                    if let Ok(event) = v1::Event::decode(msg.payload)
-                        && event.correlation_id == request_id
-                    {
-                        let reason = match event.payload {
-                            Some(Payload::Error(e)) => e.reason,
-                            _ => event.message,
-                        };
-                        bail!("refused: {reason}");
-                    }
+                Some(event) = pending.next_event(|e| e.r#type == refused && e.correlation_id == request_id) => {
+                    let reason = match event.payload {
+                        Some(Payload::Error(e)) => e.reason,
+                        _ => event.message,
+                    };
+                    bail!("refused: {reason}");
                 }
                 else => bail!("lost the connection to NATS"),
             }

@@ -15,7 +15,7 @@ use prost::Message;
 use serde::Deserialize;
 
 use crate::Output;
-use crate::answer::{Answer, error_reason, wait_for_answer};
+use crate::answer::{Answer, Pending, ask, error_reason};
 use crate::table;
 
 /// Reads every document of a YAML (or JSON) file; `-` is standard input.
@@ -53,22 +53,10 @@ pub fn parse_documents(text: &str) -> anyhow::Result<Vec<ModelDeployment>> {
     Ok(docs)
 }
 
-async fn next_matching(
-    sub: &mut async_nats::Subscriber,
-    request_id: &str,
-    name: &str,
-) -> Option<v1::Event> {
-    while let Some(msg) = sub.next().await {
-        let Ok(event) = v1::Event::decode(msg.payload) else {
-            continue;
-        };
-        if event.correlation_id == request_id
-            || (event.name == name && event.r#type.starts_with("deployment."))
-        {
-            return Some(event);
-        }
-    }
-    None
+/// An event about `name`'s deployment, or the answer to `request_id`.
+fn about(event: &v1::Event, request_id: &str, name: &str) -> bool {
+    event.correlation_id == request_id
+        || (event.name == name && event.r#type.starts_with("deployment."))
 }
 
 /// Publishes each document and reports what placement made of it.
@@ -93,16 +81,11 @@ pub async fn apply(
             continue;
         }
         let request_id = uuid::Uuid::new_v4().to_string();
-        let mut events = bus.client.subscribe(bus.subjects.events_all()).await?;
-        bus.publish(
-            bus.subjects.control(ControlSubject::DeploymentApply),
-            &doc,
-            Some(&request_id),
-        )
-        .await?;
+        let mut pending =
+            Pending::send(bus, ControlSubject::DeploymentApply, &doc, &request_id).await?;
         let answer = tokio::time::timeout(
             Duration::from_secs(10),
-            next_matching(&mut events, &request_id, &name),
+            pending.next_event(|e| about(e, &request_id, &name)),
         )
         .await;
         let event = match answer {
@@ -127,7 +110,7 @@ pub async fn apply(
         // Then the placement, if it comes promptly.
         let placed = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                match next_matching(&mut events, &request_id, &name).await {
+                match pending.next_event(|e| about(e, &request_id, &name)).await {
                     Some(e) if e.r#type != EventType::DeploymentAccepted.to_string() => {
                         return Some(e);
                     }
@@ -155,26 +138,21 @@ pub async fn apply(
 pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
     flotilla_proto::check_name("deployment", name)?;
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut events = bus.client.subscribe(bus.subjects.events_all()).await?;
     let request = v1::DeleteDeployment {
         name: name.to_string(),
         request_id: request_id.clone(),
     };
-    bus.publish(
-        bus.subjects.control(ControlSubject::DeploymentDelete),
+    let answer = ask(
+        bus,
+        ControlSubject::DeploymentDelete,
         &request,
-        Some(&request_id),
-    )
-    .await?;
-    match wait_for_answer(
-        &mut events,
         &request_id,
         &[EventType::DeploymentDeleted],
         &[],
         Duration::from_secs(10),
     )
-    .await
-    {
+    .await?;
+    match answer {
         Answer::Done(_) => writeln!(out, "deployment/{name} deleted").map_err(Into::into),
         Answer::Refused(event) => bail!("refused: {}", error_reason(&event)),
         Answer::Lost => bail!("lost the connection to NATS"),

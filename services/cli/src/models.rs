@@ -10,7 +10,7 @@ use flotilla_proto::v1::{self, ClusterRecord, ModelPhase, ModelRecord};
 use flotilla_proto::{ControlSubject, EventType};
 
 use crate::Output;
-use crate::answer::{Answer, error_reason, wait_for_answer};
+use crate::answer::{Answer, ask, error_reason};
 use crate::table;
 
 /// Uploads a GGUF file or a safetensors folder, then asks the provisioner
@@ -62,7 +62,6 @@ pub async fn push(
     let _ = writeln!(progress);
 
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut events = bus.client.subscribe(bus.subjects.events_all()).await?;
     let request = v1::RegisterModel {
         name: name.to_string(),
         digest: uploaded.digest.clone(),
@@ -71,21 +70,17 @@ pub async fn push(
         parts: uploaded.parts.clone(),
         request_id: request_id.clone(),
     };
-    bus.publish(
-        bus.subjects.control(ControlSubject::ModelRegister),
+    let answer = ask(
+        bus,
+        ControlSubject::ModelRegister,
         &request,
-        Some(&request_id),
-    )
-    .await?;
-    match wait_for_answer(
-        &mut events,
         &request_id,
         &[EventType::ModelReady],
         &[EventType::ModelFailed],
         Duration::from_secs(120),
     )
-    .await
-    {
+    .await?;
+    match answer {
         Answer::Done(_) => {
             writeln!(
                 out,

@@ -8,7 +8,7 @@ use flotilla_kit::{Bus, RecordStore, now_unix_ms};
 use flotilla_proto::v1::{self, RolloutPhase, RolloutState};
 use flotilla_proto::{ControlSubject, EventType};
 
-use crate::answer::{Answer, error_reason, wait_for_answer};
+use crate::answer::{Answer, ask, error_reason};
 use crate::{Output, table};
 
 const ANSWER_DEADLINE: Duration = Duration::from_secs(15);
@@ -153,14 +153,17 @@ async fn ask_rollout<M: flotilla_proto::Contract>(
     done: EventType,
     refused: &str,
 ) -> anyhow::Result<v1::Event> {
-    let mut events = bus
-        .client
-        .subscribe(bus.subjects.events_all())
-        .await
-        .context("subscribing to events")?;
-    bus.publish(bus.subjects.control(which), request, Some(request_id))
-        .await?;
-    match wait_for_answer(&mut events, request_id, &[done], &[], ANSWER_DEADLINE).await {
+    match ask(
+        bus,
+        which,
+        request,
+        request_id,
+        &[done],
+        &[],
+        ANSWER_DEADLINE,
+    )
+    .await?
+    {
         Answer::Done(event) => Ok(event),
         Answer::Refused(event) => bail!("{refused}: {}", error_reason(&event)),
         Answer::Lost => bail!("the event subscription ended before an answer"),

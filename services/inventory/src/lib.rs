@@ -19,10 +19,9 @@ pub mod lifecycle;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
     Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
-    KitError, RecordStore, now_unix_ms,
+    KitError, RecordStore, now_unix_ms, spawn_consumer,
 };
 use flotilla_proto::v1::{self, ClusterRecord, event::Payload};
 use flotilla_proto::{ControlSubject, EventType, check_name};
@@ -150,36 +149,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
     // ignored by its sequence, so they may be handled side by side.
     telemetry.max_in_flight = 64;
     telemetry.confirm_acks = false;
-    let cordon = ConsumerSpec::new(
-        &bus.topology.control.name,
-        CORDON_CONSUMER,
-        vec![bus.subjects.control(ControlSubject::ClusterCordon)],
-    );
+    let cordon = ConsumerSpec::control(&bus, CORDON_CONSUMER, ControlSubject::ClusterCordon);
 
-    let telemetry_task = {
-        let inv = inventory.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let handler_inv = inv.clone();
-            let handler = move |d: Delivery<v1::ClusterHeartbeat>| {
-                let inv = handler_inv.clone();
-                async move { inv.on_heartbeat(d).await }
-            };
-            run_consumer(&inv.bus, telemetry, handler, stop).await
-        })
-    };
-    let cordon_task = {
-        let inv = inventory.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let handler_inv = inv.clone();
-            let handler = move |d: Delivery<v1::CordonCluster>| {
-                let inv = handler_inv.clone();
-                async move { inv.on_cordon(d).await }
-            };
-            run_consumer(&inv.bus, cordon, handler, stop).await
-        })
-    };
+    let telemetry_task = spawn_consumer(
+        &bus,
+        telemetry,
+        inventory.clone(),
+        |inv: Inventory, d| async move { inv.on_heartbeat(d).await },
+        shutdown.clone(),
+    );
+    let cordon_task = spawn_consumer(
+        &bus,
+        cordon,
+        inventory.clone(),
+        |inv: Inventory, d| async move { inv.on_cordon(d).await },
+        shutdown.clone(),
+    );
     let ticker_task = {
         let inv = inventory.clone();
         let stop = shutdown.clone();

@@ -17,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
-use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
     Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
-    KitError, RecordStore, now_unix_ms,
+    KitError, RecordStore, now_unix_ms, spawn_consumer,
 };
 use flotilla_proto::v1::{self, ModelDeployment, ModelPhase, ModelRecord, event::Payload};
 use flotilla_proto::{ControlSubject, EventType, model_token};
@@ -79,8 +78,12 @@ impl Args {
 pub enum ProvisionerError {
     #[error(transparent)]
     Kit(#[from] KitError),
-    #[error("object store {0}: {1}")]
-    ObjectStore(String, String),
+    #[error("object store {bucket}: {source}")]
+    ObjectStore {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::ObjectStoreError,
+    },
 }
 
 /// The weights the project ships, by preset.
@@ -141,7 +144,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Prov
         .jetstream
         .get_object_store(&bucket)
         .await
-        .map_err(|e| ProvisionerError::ObjectStore(bucket.clone(), e.to_string()))?;
+        .map_err(|source| ProvisionerError::ObjectStore {
+            bucket: bucket.clone(),
+            source,
+        })?;
     let models = RecordStore::<ModelRecord>::open(&bus, &bus.topology.models.name).await?;
     let deployments =
         RecordStore::<ModelDeployment>::open(&bus, &bus.topology.deployments.name).await?;
@@ -157,22 +163,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Prov
         instance: uuid::Uuid::new_v4().to_string(),
     };
 
-    let register = {
-        let spec = ConsumerSpec::new(
-            &bus.topology.control.name,
+    let register = spawn_consumer(
+        &bus,
+        ConsumerSpec::control(
+            &bus,
             "model-provisioner-register",
-            vec![bus.subjects.control(ControlSubject::ModelRegister)],
-        );
-        let (p, stop) = (p.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let handler_p = p.clone();
-            let handler = move |d: Delivery<v1::RegisterModel>| {
-                let p = handler_p.clone();
-                async move { p.register(d).await }
-            };
-            run_consumer(&p.bus, spec, handler, stop).await
-        })
-    };
+            ControlSubject::ModelRegister,
+        ),
+        p.clone(),
+        |p: Provisioner, d| async move { p.register(d).await },
+        shutdown.clone(),
+    );
 
     health.set_ready(true);
     tracing::info!(preset_dir = %config.preset_dir.display(), "model-provisioner running");
