@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use flotilla_kit::answer::{Answer, error_reason, wait_for_answer};
+use flotilla_kit::answer::{self, Answer, error_reason};
 use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, Health, KitError, RecordStore};
 use flotilla_proto::v1::{self as contracts, ModelDeployment, PlacementDecision};
 use flotilla_proto::{ControlSubject, EventKind, EventType, check_name};
@@ -128,30 +128,18 @@ impl Control {
         done: EventType,
         failed: &[EventType],
     ) -> Result<contracts::Event, Status> {
-        // Subscribed before publishing, so the answer cannot slip past.
-        let mut events = self
-            .bus
-            .client
-            .subscribe(self.bus.subjects.events_all())
-            .await
-            .map_err(|e| Status::unavailable(format!("subscribing to events: {e}")))?;
-        self.bus
-            .publish(
-                self.bus.subjects.control(subject),
-                message,
-                Some(request_id),
-            )
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        match wait_for_answer(
-            &mut events,
+        let answer = answer::ask(
+            &self.bus,
+            subject,
+            message,
             request_id,
             &[done],
             failed,
             self.answer_timeout,
         )
         .await
-        {
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+        match answer {
             Answer::Done(event) => Ok(event),
             Answer::Refused(event) => Err(Status::invalid_argument(error_reason(&event))),
             Answer::Lost => Err(Status::unavailable("lost the connection to NATS")),
