@@ -303,10 +303,14 @@ pub enum ExecutorError {
     Nvml(#[from] gpu::GpuError),
     #[error(transparent)]
     Cache(#[from] flotilla_model_store::FetchError),
-    #[error("object store {0}: {1}")]
-    ObjectStore(String, String),
+    #[error("object store {bucket}: {source}")]
+    ObjectStore {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::ObjectStoreError,
+    },
     #[error("Kubernetes client: {0}")]
-    Kubernetes(String),
+    Kubernetes(#[source] kube::Error),
 }
 
 /// Where this executor's GPU figures come from, decided once at start.
@@ -471,7 +475,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         .jetstream
         .get_object_store(&bucket)
         .await
-        .map_err(|e| ExecutorError::ObjectStore(bucket.clone(), e.to_string()))?;
+        .map_err(|source| ExecutorError::ObjectStore {
+            bucket: bucket.clone(),
+            source,
+        })?;
     let prefetch = models::spawn_prefetch(
         bus.clone(),
         cluster.clone(),
@@ -501,7 +508,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         BackendSettings::Kubernetes(settings) => {
             let client = kube::Client::try_default()
                 .await
-                .map_err(|e| ExecutorError::Kubernetes(e.to_string()))?;
+                .map_err(ExecutorError::Kubernetes)?;
             let backend = backends::kubernetes::KubernetesBackend::new(client, settings.clone());
             let half = replicas::Replicas::open(
                 bus.clone(),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_kit::{RecordStore, now_unix_ms};
+use flotilla_kit::{RecordStore, now_unix_ms, sync};
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus};
 use tokio_util::sync::CancellationToken;
 
@@ -131,7 +131,7 @@ impl LoadSampler {
 
     /// The latest summaries, for the next heartbeat.
     pub fn snapshot(&self) -> Vec<v1::ReplicaUsage> {
-        self.latest.lock().map(|l| l.clone()).unwrap_or_default()
+        sync::lock(&self.latest).clone()
     }
 
     async fn sample(&self, replicas: &RecordStore<ReplicaStatus>) {
@@ -168,12 +168,10 @@ impl LoadSampler {
             };
             let scrape = parse(&text);
             let now = Instant::now();
-            let (tokens_per_second, ttft) = match self
-                .previous
-                .lock()
-                .ok()
-                .and_then(|p| p.get(&r.replica_id).map(|p| (p.at, p.scrape.clone())))
-            {
+            let before = sync::lock(&self.previous)
+                .get(&r.replica_id)
+                .map(|p| (p.at, p.scrape.clone()));
+            let (tokens_per_second, ttft) = match before {
                 Some((at, before)) => {
                     let secs = now.duration_since(at).as_secs_f64().max(1e-3);
                     (
@@ -194,16 +192,10 @@ impl LoadSampler {
                 sampled_at_unix_ms: now_unix_ms(),
                 ..Default::default()
             });
-            if let Ok(mut p) = self.previous.lock() {
-                p.insert(r.replica_id.clone(), Previous { at: now, scrape });
-            }
+            sync::lock(&self.previous).insert(r.replica_id.clone(), Previous { at: now, scrape });
         }
-        if let Ok(mut p) = self.previous.lock() {
-            p.retain(|id, _| usage.iter().any(|u| &u.replica_id == id));
-        }
-        if let Ok(mut l) = self.latest.lock() {
-            *l = usage;
-        }
+        sync::lock(&self.previous).retain(|id, _| usage.iter().any(|u| &u.replica_id == id));
+        *sync::lock(&self.latest) = usage;
     }
 
     /// Samples every `interval` until `shutdown`.

@@ -5,13 +5,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
-use flotilla_kit::consumer::run_consumer;
-use flotilla_kit::{Bus, ConsumerSpec, Delivery, EventDraft, HandlerError, KitError, RecordStore};
+use flotilla_kit::{
+    Bus, ConsumerSpec, Delivery, EventDraft, HandlerError, KitError, RecordStore, spawn_consumer,
+};
 use flotilla_model_store::ModelCache;
 use flotilla_proto::v1::{self, ModelPhase, ModelRecord, event::Payload, executor_command::Action};
 use flotilla_proto::{CommandAction, EventType, model_token};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// What a prefetch needs, shared by every command.
+#[derive(Clone)]
+struct Prefetcher {
+    bus: Bus,
+    cluster: String,
+    store: ObjectStore,
+    cache: Arc<ModelCache>,
+    models: RecordStore<ModelRecord>,
+    shutdown: CancellationToken,
+}
 
 /// Consumes `<prefix>.cmd.<cluster>.prefetch` until `shutdown`.
 pub fn spawn_prefetch(
@@ -26,7 +38,8 @@ pub fn spawn_prefetch(
         &format!("executor-{cluster}-prefetch"),
         vec![bus.subjects.command(&cluster, CommandAction::Prefetch)?],
     );
-    // A model still being stored upstream is waited for, up to ~10 minutes.
+    // A model still being stored upstream is waited for: 5 to 10 minutes
+    // over all tries (each delay is drawn between half its ceiling and it).
     spec.max_deliveries = 25;
     spec.max_backoff = Duration::from_secs(30);
     // A long start or fetch stays claimed by progress acks (every third of
@@ -42,19 +55,24 @@ pub fn spawn_prefetch(
                 return;
             }
         };
-        let handler_bus = bus.clone();
-        let handler = move |d: Delivery<v1::ExecutorCommand>| {
-            let (bus, cluster, store, cache, models, stop) = (
-                handler_bus.clone(),
-                cluster.clone(),
-                store.clone(),
-                cache.clone(),
-                models.clone(),
-                shutdown.clone(),
-            );
-            async move { prefetch(&bus, &cluster, &store, &cache, &models, &stop, d).await }
+        let prefetcher = Prefetcher {
+            bus: bus.clone(),
+            cluster,
+            store,
+            cache,
+            models,
+            shutdown,
         };
-        if let Err(e) = run_consumer(&bus, spec, handler, stop).await {
+        let consumer = spawn_consumer(
+            &bus,
+            spec,
+            prefetcher,
+            |p: Prefetcher, d| async move {
+                prefetch(&p.bus, &p.cluster, &p.store, &p.cache, &p.models, &p.shutdown, d).await
+            },
+            stop,
+        );
+        if let Ok(Err(e)) = consumer.await {
             tracing::error!("prefetch consumer: {e}");
         }
     }))

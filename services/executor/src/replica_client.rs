@@ -7,12 +7,20 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaClientError {
-    #[error("{url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    #[error("{url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("{url} answered {status}")]
     Status { url: String, status: u16 },
-    #[error("{url} sent something that is not an OpenAI model list: {reason}")]
-    NotAModelList { url: String, reason: String },
+    #[error("{url} sent something that is not an OpenAI model list: {source}")]
+    NotAModelList {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 /// Talks to one replica's HTTP server, given its base URL
@@ -57,9 +65,9 @@ impl ReplicaClient {
                 .get(&url)
                 .send()
                 .await
-                .map_err(|e| ReplicaClientError::Unreachable {
+                .map_err(|source| ReplicaClientError::Unreachable {
                     url: url.clone(),
-                    reason: e.to_string(),
+                    source,
                 })?;
         if !response.status().is_success() {
             return Err(ReplicaClientError::Status {
@@ -83,22 +91,18 @@ impl ReplicaClient {
             .await?
             .json()
             .await
-            .map_err(|e| ReplicaClientError::NotAModelList {
-                url,
-                reason: e.to_string(),
-            })?;
+            .map_err(|source| ReplicaClientError::NotAModelList { url, source })?;
         Ok(list.data.into_iter().map(|m| m.id).collect())
     }
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self, base: &str) -> Result<String, ReplicaClientError> {
         let url = format!("{}/metrics", base.trim_end_matches('/'));
-        self.get(base, "/metrics").await?.text().await.map_err(|e| {
-            ReplicaClientError::Unreachable {
-                url,
-                reason: e.to_string(),
-            }
-        })
+        self.get(base, "/metrics")
+            .await?
+            .text()
+            .await
+            .map_err(|source| ReplicaClientError::Unreachable { url, source })
     }
 }
 

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
-use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
-    Bus, ConsumerSpec, Delivery, EventDraft, HandlerError, KitError, RecordStore, now_unix_ms,
+    Backoff, Bus, ConsumerSpec, Delivery, EventDraft, HandlerError, KitError, RecordStore,
+    now_unix_ms, spawn_consumer, sync,
 };
 use flotilla_model_store::ModelCache;
 use flotilla_proto::v1::{
@@ -32,15 +32,18 @@ use flotilla_proto::v1::{
 use flotilla_proto::{CommandAction, EventType};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backends::{Adoption, ReplicaBackend, ReplicaSpec};
 use crate::replica_client::ReplicaClient;
 
-/// Consecutive failed `/health` probes after which a ready replica is
-/// reported failed and stopped.
-const PROBE_FAILURES_ALLOWED: u32 = 3;
+mod probe;
+
 /// How often ready replicas are probed.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// Waits between tries to reconcile with KV before commands are consumed.
+const RECONCILE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
 pub struct Replicas<B: ReplicaBackend> {
     pub bus: Bus,
@@ -69,9 +72,7 @@ struct StartingGuard<'a> {
 
 impl Drop for StartingGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.replica_id);
-        }
+        sync::lock(self.set).remove(&self.replica_id);
     }
 }
 
@@ -126,9 +127,7 @@ impl<B: ReplicaBackend> Replicas<B> {
 
     /// Whether a command of `generation` for `deployment` is current.
     fn fenced(&self, deployment: &str, generation: u64) -> bool {
-        let Ok(mut seen) = self.generations.lock() else {
-            return false;
-        };
+        let mut seen = sync::lock(&self.generations);
         let newest = seen.entry(deployment.to_string()).or_insert(0);
         if generation < *newest {
             return true;
@@ -159,7 +158,8 @@ impl<B: ReplicaBackend> Replicas<B> {
     /// starts it.
     pub async fn reconcile(&self) -> Result<(), KitError> {
         let records = self.own_records().await?;
-        if let Ok(mut seen) = self.generations.lock() {
+        {
+            let mut seen = sync::lock(&self.generations);
             // Live replicas only: a deployment deleted and applied again
             // starts over at generation 1, and its stopped replicas must
             // not fence it.
@@ -242,7 +242,17 @@ impl<B: ReplicaBackend> Replicas<B> {
         }
         match c.action {
             Some(Action::Start(start)) => {
+                // Its own span: a start outlives most messages (a fetch, a
+                // load) and its lines are looked up by replica.
+                let span = tracing::info_span!(
+                    "replica_start",
+                    deployment = %c.deployment,
+                    cluster = %self.cluster,
+                    replica = %start.replica_id,
+                    generation = c.generation,
+                );
                 self.start(&c.deployment, c.generation, start, &c.command_id, shutdown)
+                    .instrument(span)
                     .await
             }
             Some(Action::Stop(stop)) => {
@@ -391,7 +401,7 @@ impl<B: ReplicaBackend> Replicas<B> {
     }
 
     fn claim_start(&self, replica_id: &str) -> Option<StartingGuard<'_>> {
-        let mut set = self.starting.lock().ok()?;
+        let mut set = sync::lock(&self.starting);
         set.insert(replica_id.to_string()).then(|| StartingGuard {
             set: &self.starting,
             replica_id: replica_id.to_string(),
@@ -455,8 +465,8 @@ impl<B: ReplicaBackend> Replicas<B> {
                     && matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting)
             })
         });
-        if !still_live && let Ok(mut seen) = self.generations.lock() {
-            seen.remove(deployment);
+        if !still_live {
+            sync::lock(&self.generations).remove(deployment);
         }
         Ok(())
     }
@@ -516,49 +526,6 @@ impl<B: ReplicaBackend> Replicas<B> {
             Err(e) => tracing::warn!(replica = %replica_id, "recording the new address: {e}"),
         }
     }
-
-    /// Probes `/health` of every ready replica this executor runs; one
-    /// that fails [`PROBE_FAILURES_ALLOWED`] probes in a row is stopped and
-    /// reported failed, so the rollout replaces it.
-    pub async fn probe_ready(&self) {
-        let Ok(records) = self.own_records().await else {
-            return;
-        };
-        for status in records {
-            if status.phase() != ReplicaPhase::Ready || !self.backend.runs(&status.replica_id) {
-                continue;
-            }
-            let id = status.replica_id.clone();
-            let failures = match self.client.health(&status.endpoint).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::debug!(replica = %id, "health probe: {e}");
-                    self.probe_failures
-                        .lock()
-                        .map(|f| f.get(&id).copied().unwrap_or(0) + 1)
-                        .unwrap_or(1)
-                }
-            };
-            if let Ok(mut f) = self.probe_failures.lock() {
-                if failures == 0 {
-                    f.remove(&id);
-                } else {
-                    f.insert(id.clone(), failures);
-                }
-            }
-            if failures >= PROBE_FAILURES_ALLOWED {
-                let _ = self.backend.stop(&id).await;
-                if let Ok(mut f) = self.probe_failures.lock() {
-                    f.remove(&id);
-                }
-                self.report_failed(
-                    &id,
-                    &format!("{failures} health probes in a row failed; stopped"),
-                )
-                .await;
-            }
-        }
-    }
 }
 
 /// Reconciles with KV, then consumes `<prefix>.cmd.<cluster>.start|stop`
@@ -586,17 +553,17 @@ pub fn spawn<B: ReplicaBackend>(
     Ok(tokio::spawn(async move {
         // Commands wait until what runs matches KV, so none acts on a
         // replica an earlier instance left behind.
-        let mut wait = Duration::from_millis(200);
+        let mut failures = 0u32;
         loop {
             match replicas.reconcile().await {
                 Ok(()) => break,
                 Err(e) => tracing::warn!("reconciling replicas with KV: {e}; retrying"),
             }
+            failures = failures.saturating_add(1);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(RECONCILE_BACKOFF.delay(failures)) => {}
             }
-            wait = (wait * 2).min(Duration::from_secs(10));
         }
         let watcher = {
             let (r, stop) = (replicas.clone(), shutdown.clone());
@@ -612,13 +579,14 @@ pub fn spawn<B: ReplicaBackend>(
                 }
             })
         };
-        let handler_r = replicas.clone();
-        let handler_stop = shutdown.clone();
-        let handler = move |d: Delivery<v1::ExecutorCommand>| {
-            let (r, stop) = (handler_r.clone(), handler_stop.clone());
-            async move { r.handle(d, &stop).await }
-        };
-        if let Err(e) = run_consumer(&bus, spec, handler, shutdown).await {
+        let consumer = spawn_consumer(
+            &bus,
+            spec,
+            (replicas, shutdown.clone()),
+            |(r, stop), d: Delivery<v1::ExecutorCommand>| async move { r.handle(d, &stop).await },
+            shutdown,
+        );
+        if let Ok(Err(e)) = consumer.await {
             tracing::error!("replica consumer: {e}");
         }
         let _ = watcher.await;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use flotilla_kit::sync;
 use flotilla_proto::v1::{self, ReplicaStatus};
 use tokio::process::{Child, Command};
 
@@ -197,9 +198,7 @@ impl LocalBackend {
     }
 
     fn insert(&self, replica_id: &str, process: Process) {
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(replica_id.to_string(), LocalReplica { process });
-        }
+        sync::lock(&self.running).insert(replica_id.to_string(), LocalReplica { process });
     }
 
     /// Waits until `endpoint` answers `/health`, failing early when the
@@ -268,7 +267,7 @@ impl ReplicaBackend for LocalBackend {
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<String, BackendError> {
-        let port = free_port().map_err(|e| BackendError::Spawn(e.to_string()))?;
+        let port = free_port().map_err(BackendError::NoPort)?;
         let launch = launch_command(spec, port, &self.owner, &self.runner, self.vllm.as_deref())?;
         let endpoint = format!("http://127.0.0.1:{port}");
         tracing::info!(replica = %spec.replica_id, "starting {}", launch.display());
@@ -278,7 +277,10 @@ impl ReplicaBackend for LocalBackend {
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| BackendError::Spawn(format!("{}: {e}", launch.program.display())))?;
+            .map_err(|source| BackendError::Spawn {
+                program: launch.program.display().to_string(),
+                source,
+            })?;
         let deadline = match spec.runtime {
             v1::Runtime::Vllm => VLLM_READY_DEADLINE,
             _ => CANDLE_READY_DEADLINE,
@@ -298,11 +300,7 @@ impl ReplicaBackend for LocalBackend {
     }
 
     async fn stop(&self, replica_id: &str) -> Result<bool, BackendError> {
-        let replica = self
-            .running
-            .lock()
-            .ok()
-            .and_then(|mut r| r.remove(replica_id));
+        let replica = sync::lock(&self.running).remove(replica_id);
         let stopped = match replica {
             Some(LocalReplica {
                 process: Process::Child(mut child),
@@ -329,16 +327,11 @@ impl ReplicaBackend for LocalBackend {
     }
 
     fn runs(&self, replica_id: &str) -> bool {
-        self.running
-            .lock()
-            .map(|r| r.contains_key(replica_id))
-            .unwrap_or(false)
+        sync::lock(&self.running).contains_key(replica_id)
     }
 
     async fn observe(&self) -> Vec<ReplicaFailure> {
-        let Ok(mut running) = self.running.lock() else {
-            return Vec::new();
-        };
+        let mut running = sync::lock(&self.running);
         let mut gone = Vec::new();
         running.retain(|id, replica| {
             let why = match &mut replica.process {

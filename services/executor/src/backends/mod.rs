@@ -26,8 +26,14 @@ pub enum BackendError {
         "runtime vllm needs the `vllm` executable and there is none ({0}); install vLLM or pass --vllm-bin"
     )]
     NoVllm(String),
-    #[error("starting the replica: {0}")]
-    Spawn(String),
+    #[error("starting the replica: no free port: {0}")]
+    NoPort(#[source] std::io::Error),
+    #[error("starting the replica: {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the replica did not become healthy within {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("the replica failed: {0}")]
