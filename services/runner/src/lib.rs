@@ -12,7 +12,6 @@
 
 pub mod engine;
 pub mod gguf_meta;
-pub mod kernels;
 pub mod loader;
 pub mod metrics;
 pub mod model;

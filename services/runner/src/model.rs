@@ -5,7 +5,7 @@
 //! one matrix product, so weights are read once per step, not once per
 //! sequence; attention runs per sequence over its own cache.
 //!
-//! Q4_0/Q4_1/Q8_0 weights use the project's kernels ([`crate::kernels`]);
+//! Q4_0/Q4_1/Q8_0 weights use the project's kernels ([`flotilla_kernels`]);
 //! every other format (K-quants, f16/bf16/f32 from safetensors) goes through
 //! candle's `QMatMul`. Activations are f32 buffers reused from step to step.
 
@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, ActBlock, BlockQ4_1, BlockQ8_0, PackedWeights, QBlocks, QK};
+use flotilla_kernels::{
+    self as kernels, ActBlock, BlockQ4_1, BlockQ8_0, PackedWeights, QBlocks, QK,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
