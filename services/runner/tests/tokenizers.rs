@@ -246,7 +246,7 @@ fn byte_level_vocabularies_from_gguf_match_llama_cpp() {
     ] {
         let tok = tokenizer::from_gguf(&content(vocab)).unwrap();
         assert_eq!(tok.model(), TokenizerModel::ByteLevel, "{vocab}");
-        assert_eq!(tok.split(), split, "{vocab}");
+        assert_eq!(tok.split(), Some(split), "{vocab}");
         let all = cases(vocab);
         let mut wrong = Vec::new();
         for (text, expected) in &all {
@@ -269,4 +269,59 @@ fn byte_level_vocabularies_from_gguf_match_llama_cpp() {
             wrong.join("\n")
         );
     }
+}
+
+/// A byte-level vocabulary whose pre-tokenizer is unknown or missing is
+/// refused, naming it and the supported ones, rather than split another
+/// way; a SentencePiece one does not read the key at all.
+#[test]
+fn an_unknown_or_missing_pre_tokenizer_is_refused_by_name() {
+    let mut c = content("gpt-2");
+    c.metadata.insert(
+        "tokenizer.ggml.pre".into(),
+        gguf_file::Value::String("tekken".into()),
+    );
+    let err = tokenizer::from_gguf(&c).unwrap_err().to_string();
+    assert!(err.contains("\"tekken\""), "{err}");
+    assert!(err.contains("llama-bpe") && err.contains("qwen2"), "{err}");
+    c.metadata.remove("tokenizer.ggml.pre");
+    let err = tokenizer::from_gguf(&c).unwrap_err().to_string();
+    assert!(err.contains("missing"), "{err}");
+
+    let mut spm = content("llama-spm");
+    spm.metadata.remove("tokenizer.ggml.pre");
+    let tok = tokenizer::from_gguf(&spm).unwrap();
+    assert_eq!(tok.split(), None);
+    check("llama-spm", "GGUF without tokenizer.ggml.pre", &tok);
+}
+
+/// The same for a `tokenizer.json`: a Split regex the runner does not
+/// implement is refused, one it does picks its pre-tokenizer.
+#[test]
+fn a_tokenizer_json_pre_tokenizer_is_known_by_its_regex() {
+    let config: HfConfig = serde_json::from_value(serde_json::json!({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "vocab_size": 3, "eos_token_id": 2
+    }))
+    .unwrap();
+    let json = |regex: &str| {
+        serde_json::json!({
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            ]},
+            "decoder": {"type": "ByteLevel"}
+        })
+    };
+    let llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let (tok, _, _) =
+        tokenizer::from_hf_json(&json(llama3), &serde_json::json!({}), &config).unwrap();
+    assert_eq!(tok.split(), Some(tokenizer::Split::Llama3));
+    assert_eq!(tok.encode("ab"), vec![2]);
+    let unknown = r"\p{L}+|\p{N}{1,3}|\s+";
+    let err = tokenizer::from_hf_json(&json(unknown), &serde_json::json!({}), &config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(unknown) && err.contains("Qwen2"), "{err}");
 }

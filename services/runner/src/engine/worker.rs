@@ -1,0 +1,333 @@
+//! The worker thread: admits jobs into the running batch, runs one
+//! forward pass per step over every active sequence, samples, streams text
+//! and lets finished or abandoned sequences go.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use super::{EngineLimits, FinishReason, GenEvent, Job};
+use crate::metrics::RunnerMetrics;
+use crate::model::{Feed, Llama, Scratch, SeqCache};
+use crate::sampling::Sampler;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// One request in the running batch.
+struct Active {
+    job: Job,
+    cache: SeqCache,
+    sampler: Sampler,
+    /// How much of the prompt is in the cache.
+    fed: usize,
+    /// The token to feed next, once the prompt is in.
+    next: Option<u32>,
+    decoder: StreamDecoder,
+    text: String,
+    sent: usize,
+    hold: usize,
+    completion: usize,
+    last_token_at: Instant,
+    started: Instant,
+}
+
+enum Step {
+    Continue,
+    Finished(FinishReason),
+    /// The client is gone.
+    Abandoned,
+}
+
+impl Active {
+    fn new(job: Job) -> Self {
+        let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        Self {
+            sampler: Sampler::new(job.params.clone()),
+            job,
+            cache: SeqCache::default(),
+            fed: 0,
+            next: None,
+            decoder: StreamDecoder::default(),
+            text: String::new(),
+            sent: 0,
+            hold,
+            completion: 0,
+            last_token_at: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Takes the sampled token: streams what text is safe to send.
+    fn accept(&mut self, token: u32, tokenizer: &Tokenizer, metrics: &RunnerMetrics) -> Step {
+        self.completion += 1;
+        let now = Instant::now();
+        if self.completion == 1 {
+            metrics
+                .time_to_first_token
+                .observe((now - self.job.queued_at).as_secs_f64());
+        } else {
+            metrics
+                .inter_token
+                .observe((now - self.last_token_at).as_secs_f64());
+        }
+        self.last_token_at = now;
+        metrics.completion_tokens.inc();
+        if !self.job.ignore_eos && tokenizer.stop_ids.contains(&token) {
+            return Step::Finished(FinishReason::Stop);
+        }
+        self.text
+            .push_str(&self.decoder.push(&tokenizer.token_bytes(token)));
+        if let Some(at) = self
+            .job
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            return Step::Finished(FinishReason::Stop);
+        }
+        // Send what can no longer become part of a stop sequence.
+        let safe = self.text.len().saturating_sub(self.hold.saturating_sub(1));
+        let safe = (0..=safe)
+            .rev()
+            .find(|i| self.text.is_char_boundary(*i))
+            .unwrap_or(0);
+        if safe > self.sent {
+            if self
+                .job
+                .events
+                .send(GenEvent::Text(self.text[self.sent..safe].to_string()))
+                .is_err()
+            {
+                return Step::Abandoned;
+            }
+            self.sent = safe;
+        }
+        if self.completion >= self.job.max_tokens {
+            return Step::Finished(FinishReason::Length);
+        }
+        self.next = Some(token);
+        Step::Continue
+    }
+
+    fn finish(mut self, reason: FinishReason) {
+        self.text.push_str(&self.decoder.finish());
+        if reason == FinishReason::Stop
+            && let Some(at) = self
+                .job
+                .stop
+                .iter()
+                .filter_map(|s| self.text.find(s.as_str()))
+                .min()
+        {
+            self.text.truncate(at);
+        }
+        if self.text.len() > self.sent {
+            let _ = self
+                .job
+                .events
+                .send(GenEvent::Text(self.text[self.sent..].to_string()));
+        }
+        let _ = self.job.events.send(GenEvent::Done {
+            reason,
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.completion,
+        });
+        tracing::debug!(
+            prompt_tokens = self.job.prompt.len(),
+            completion = self.completion,
+            elapsed = ?self.started.elapsed(),
+            "generated"
+        );
+    }
+}
+
+pub(super) struct Worker {
+    pub(super) model: Llama,
+    /// Caches of sequences that left, emptied, for the next ones: a new
+    /// request reuses memory rather than faulting in fresh pages.
+    pub(super) spare: std::cell::RefCell<Vec<SeqCache>>,
+    pub(super) tokenizer: Arc<Tokenizer>,
+    pub(super) jobs: std::sync::mpsc::Receiver<Job>,
+    pub(super) waiting: Arc<AtomicUsize>,
+    pub(super) limits: EngineLimits,
+    pub(super) metrics: Arc<RunnerMetrics>,
+}
+
+impl Worker {
+    pub(super) fn run(self) {
+        let mut active: Vec<Active> = Vec::new();
+        let mut scratch = Scratch::default();
+        let mut logits = Vec::new();
+        let capacity = self.limits.max_batch * self.model.config.context;
+        self.metrics.kv_cache_capacity.set(capacity as i64);
+        loop {
+            // Admit waiting requests into free slots; block only when idle.
+            while active.len() < self.limits.max_batch {
+                let job = if active.is_empty() {
+                    match self.jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                } else {
+                    match self.jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                let left = self
+                    .waiting
+                    .fetch_sub(1, Ordering::SeqCst)
+                    .saturating_sub(1);
+                self.metrics.queue_depth.set(left as i64);
+                if job.events.is_closed() {
+                    continue;
+                }
+                if job.prompt.is_empty() || job.max_tokens == 0 {
+                    let _ = job.events.send(GenEvent::Failed(
+                        "an empty prompt or max_tokens of 0".into(),
+                    ));
+                    continue;
+                }
+                self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+                let mut a = Active::new(job);
+                a.cache = self
+                    .spare
+                    .borrow_mut()
+                    .pop()
+                    .unwrap_or_else(|| self.model.new_cache());
+                active.push(a);
+            }
+            // Abandoned requests leave before costing a step.
+            let mut i = 0;
+            while i < active.len() {
+                if active[i].job.events.is_closed() {
+                    self.keep_cache(&mut active.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            if active.is_empty() {
+                self.publish(&active);
+                continue;
+            }
+            // A failed (or, by a bug, panicking) step fails the requests in
+            // it, not the engine.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step(&mut active, &mut scratch, &mut logits)
+            }));
+            let failure = match stepped {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the forward pass panicked".to_string()),
+            };
+            if let Some(e) = failure {
+                tracing::error!(error = %e, "a forward step failed; failing its requests");
+                for a in active.drain(..) {
+                    let _ = a.job.events.send(GenEvent::Failed(e.clone()));
+                }
+                scratch = Scratch::default();
+            }
+            self.publish(&active);
+        }
+    }
+
+    /// Empties a leaving sequence's cache and keeps it for the next one.
+    fn keep_cache(&self, a: &mut Active) {
+        let mut cache = std::mem::take(&mut a.cache);
+        cache.clear();
+        self.spare.borrow_mut().push(cache);
+    }
+
+    fn publish(&self, active: &[Active]) {
+        let tokens: usize = active.iter().map(|a| a.cache.len()).sum();
+        self.metrics.kv_cache_tokens.set(tokens as i64);
+        let capacity = (self.limits.max_batch * self.model.config.context).max(1);
+        self.metrics
+            .kv_cache_usage
+            .set(tokens as f64 / capacity as f64);
+        self.metrics.running.set(active.len() as i64);
+    }
+
+    /// One forward pass over every active sequence, then sampling.
+    fn step(
+        &self,
+        active: &mut Vec<Active>,
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), crate::model::ModelError> {
+        let mut budget = self.limits.prefill_chunk;
+        // Which sequences take part, and how many prompt tokens each feeds.
+        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(active.len());
+        for (i, a) in active.iter().enumerate() {
+            if a.next.is_some() {
+                plan.push((i, 1));
+            } else if budget > 0 {
+                let n = (a.job.prompt.len() - a.fed).min(budget);
+                budget -= n;
+                plan.push((i, n));
+            }
+        }
+        let mut singles: Vec<[u32; 1]> = vec![[0]; active.len()];
+        for (i, a) in active.iter().enumerate() {
+            if let Some(t) = a.next {
+                singles[i] = [t];
+            }
+        }
+        let mut wants: Vec<usize> = Vec::with_capacity(plan.len());
+        {
+            let mut feeds: Vec<Feed<'_>> = Vec::with_capacity(plan.len());
+            let mut planned = plan.iter().peekable();
+            for (i, (a, single)) in active.iter_mut().zip(singles.iter()).enumerate() {
+                let Some(&&(_, n)) = planned.peek().filter(|(j, _)| *j == i) else {
+                    continue;
+                };
+                planned.next();
+                let (tokens, done_prompt): (&[u32], bool) = if a.next.is_some() {
+                    (single, true)
+                } else {
+                    (
+                        &a.job.prompt[a.fed..a.fed + n],
+                        a.fed + n == a.job.prompt.len(),
+                    )
+                };
+                if done_prompt {
+                    wants.push(i);
+                }
+                feeds.push(Feed {
+                    cache: &mut a.cache,
+                    tokens,
+                    logits: done_prompt,
+                });
+            }
+            self.model.forward(&mut feeds, scratch, logits)?;
+        }
+        for &(i, n) in &plan {
+            if active[i].next.is_none() {
+                active[i].fed += n;
+            }
+        }
+        let vocab = self.model.config.vocab;
+        let mut outcomes: Vec<(usize, Step)> = Vec::with_capacity(wants.len());
+        for (slot, &i) in wants.iter().enumerate() {
+            let a = &mut active[i];
+            let row = &mut logits[slot * vocab..(slot + 1) * vocab];
+            let token = a.sampler.sample(row);
+            a.next = None;
+            outcomes.push((i, a.accept(token, &self.tokenizer, &self.metrics)));
+        }
+        // Leave in reverse so earlier indices stay valid.
+        for (i, step) in outcomes.into_iter().rev() {
+            match step {
+                Step::Continue => {}
+                Step::Finished(reason) => {
+                    let mut a = active.swap_remove(i);
+                    self.keep_cache(&mut a);
+                    a.finish(reason)
+                }
+                Step::Abandoned => self.keep_cache(&mut active.swap_remove(i)),
+            }
+        }
+        Ok(())
+    }
+}
