@@ -1,8 +1,28 @@
 //! `flotilla-runner`: the inference server an executor starts for each
-//! replica. It loads a GGUF llama-family model with candle, builds the
-//! tokenizer and chat template from the file's own metadata, and serves the
-//! OpenAI API on the same paths as vLLM, so executors and the gateway treat
-//! both alike.
+//! replica. It loads one model, builds its tokenizer and chat template from
+//! the model's own files, and serves the OpenAI API on the same paths as
+//! vLLM, so executors and the gateway treat both alike.
+//!
+//! What it loads today:
+//!
+//! - **Models**: the llama, mistral and qwen2 architectures, from a GGUF
+//!   file or from a Hugging Face folder (`config.json`, `*.safetensors`,
+//!   `tokenizer.json`, optionally `tokenizer_config.json`).
+//! - **Weights**: GGUF Q4_0, Q4_1 and Q8_0 through the project's own
+//!   kernels ([`flotilla_kernels`], x86-64 SIMD chosen at run time); every
+//!   other type candle's `QMatMul` runs (the K-quants, f16, f32, ...)
+//!   through candle. Safetensors in f32, f16 or bf16, computed in f32.
+//! - **Tokenizers** ([`tokenizer`]): byte-level BPE (`tokenizer.ggml.model
+//!   = gpt2`, or a `tokenizer.json` with ByteLevel) with GPT-2's, SmolLM2's,
+//!   Llama 3's or Qwen2's pre-tokenizer, any other refused by name; and
+//!   SentencePiece BPE (`llama`, or a `tokenizer.json` that writes spaces as
+//!   `▁`) with byte fallback. Not Unigram or WordPiece.
+//! - **Chat templates** ([`template`]): the model's own Jinja template
+//!   (GGUF `tokenizer.chat_template`, or `chat_template` in
+//!   `tokenizer_config.json`), rendered with minijinja; ChatML when it has
+//!   none.
+//! - **Devices**: the CPU; with the `cuda` feature, the linear layers on an
+//!   NVIDIA GPU (`--device cuda:N`).
 //!
 //! The model runs on one engine thread ([`engine`]); HTTP handlers
 //! ([`server`]) queue jobs on it and stream tokens back. It never talks to
@@ -30,7 +50,20 @@ use flotilla_kit::Shutdown as CancellationToken;
 #[command(
     name = "flotilla-runner",
     version,
-    about = "OpenAI-compatible inference for one GGUF model"
+    about = "OpenAI-compatible inference for one llama, mistral or qwen2 model",
+    long_about = "OpenAI-compatible inference (/v1/chat/completions, /v1/completions, \
+/v1/models; /health, /metrics) for one model, on the CPU or, built with the cuda \
+feature, an NVIDIA GPU.
+
+Loads:
+  models      llama, mistral and qwen2, from a GGUF file or a Hugging Face folder
+              (config.json, *.safetensors, tokenizer.json, tokenizer_config.json)
+  weights     GGUF Q4_0, Q4_1, Q8_0 (own x86-64 kernels), other GGUF types through
+              candle (K-quants, f16, f32, ...); safetensors f32, f16, bf16
+  tokenizers  byte-level BPE with the GPT-2, SmolLM2, Llama 3 or Qwen2
+              pre-tokenizer (others are refused), SentencePiece BPE
+  templates   the model's own chat template (GGUF tokenizer.chat_template or
+              tokenizer_config.json), rendered with minijinja; ChatML if none"
 )]
 pub struct Args {
     /// A GGUF file, or a Hugging Face folder (safetensors, config.json,
