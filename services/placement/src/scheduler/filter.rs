@@ -1,0 +1,287 @@
+//! Step 1: the filter plugins, in order; the first that fails is the
+//! reason a cluster is left out. What passes becomes a [`Candidate`] with
+//! its best GPU group and how many replicas fit there.
+
+use flotilla_model_catalog::{GpuType, ServingProfile, size_replica};
+use flotilla_proto::v1::{self, TaintEffect, TolerationOperator};
+
+use super::{Candidate, Decision, Exclusion, Why};
+use crate::fleet::{Availability, ClusterView, Commitments, Fleet, GpuGroup};
+use crate::spec::{DeploymentRequest, ModelChoice, Policy, Property};
+
+/// (model, GPUs in the group, memory per GPU) -> sizing, see
+/// [`SizingCache::size`].
+type SizedModel = (String, u32, u64, Result<(u32, u32), u32>);
+
+/// GPUs per replica and tensor parallelism of a deployment on one GPU
+/// model, computed once per model per decision.
+struct SizingCache<'a> {
+    request: &'a DeploymentRequest,
+    entries: Vec<SizedModel>,
+}
+
+impl<'a> SizingCache<'a> {
+    fn new(request: &'a DeploymentRequest) -> Self {
+        Self {
+            request,
+            entries: Vec::new(),
+        }
+    }
+
+    /// `Ok((gpus per replica, tensor parallel))`, or `Err(needed)` where
+    /// needed is 0 when the model cannot fit at all.
+    fn size(&mut self, group: &GpuGroup) -> Result<(u32, u32), u32> {
+        if let Some((_, _, _, r)) = self.entries.iter().find(|(m, n, mem, _)| {
+            *m == group.model && *n == group.count && *mem == group.memory_bytes
+        }) {
+            return *r;
+        }
+        let result = match &self.request.model {
+            ModelChoice::Artifact { .. } => {
+                let n = self.request.gpu_count.unwrap_or(1);
+                Ok((n, n))
+            }
+            ModelChoice::Preset { preset, precision } => {
+                let mut profile = ServingProfile::default_for(preset);
+                profile.precision = *precision;
+                let gpu = GpuType {
+                    model: group.model.clone(),
+                    memory_bytes: group.memory_bytes,
+                    gpus_per_node: group.count.max(1),
+                };
+                match (
+                    size_replica(&preset.shape, &profile, &gpu),
+                    self.request.gpu_count,
+                ) {
+                    (Err(_), _) => Err(0),
+                    (Ok(s), None) => Ok((s.gpus_per_replica, s.tensor_parallel)),
+                    (Ok(s), Some(n)) if n >= s.gpus_per_replica => Ok((n, s.tensor_parallel)),
+                    (Ok(s), Some(_)) => Err(s.gpus_per_replica),
+                }
+            }
+        };
+        self.entries
+            .push((group.model.clone(), group.count, group.memory_bytes, result));
+        result
+    }
+}
+
+pub fn tolerates(tolerations: &[v1::Toleration], taint: &v1::Taint) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_ok = t.effect == 0 || t.effect == taint.effect;
+        let key_ok = match t.operator() {
+            TolerationOperator::Exists => t.key.is_empty() || t.key == taint.key,
+            _ => t.key == taint.key && t.value == taint.value,
+        };
+        effect_ok && key_ok
+    })
+}
+
+fn type_accepted(types: &[String], model: &str) -> bool {
+    types.is_empty()
+        || types.iter().any(|t| {
+            model.len() >= t.len()
+                && model[..t.len()].eq_ignore_ascii_case(t)
+                && (model.len() == t.len() || model.as_bytes()[t.len()] == b'-')
+        })
+}
+
+pub(super) fn property_value(
+    p: Property,
+    cluster: &ClusterView,
+    group: Option<&GpuGroup>,
+    free_gpus: u32,
+    model: &str,
+) -> f64 {
+    match p {
+        Property::GpuFreeCount => f64::from(free_gpus),
+        Property::GpuTotalCount => f64::from(group.map_or(0, |g| g.count)),
+        Property::GpuFreeMemoryGiB => {
+            group.map_or(0.0, |g| g.largest_free_bytes as f64 / (1u64 << 30) as f64)
+        }
+        Property::GpuMemoryGiB => {
+            group.map_or(0.0, |g| g.memory_bytes as f64 / (1u64 << 30) as f64)
+        }
+        Property::CostPerGpuHour => cluster.cost_per_gpu_hour,
+        Property::ModelCached => {
+            f64::from(u8::from(cluster.cached_models.iter().any(|m| m == model)))
+        }
+    }
+}
+
+/// Replicas this deployment holds on each cluster now, and the GPUs.
+fn own_holdings(
+    fleet: &Fleet,
+    current: Option<&v1::PlacementDecision>,
+) -> Vec<(u32, String, u32, u32)> {
+    current
+        .map(|c| {
+            c.assignments
+                .iter()
+                .filter_map(|a| {
+                    let idx = fleet.index_of(&a.cluster)?;
+                    Some((
+                        idx,
+                        a.gpu_model.clone(),
+                        a.replicas,
+                        a.replicas.saturating_mul(a.gpus_per_replica),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the filters over every cluster: exclusions go into `decision`,
+/// the clusters that pass are returned in name order.
+pub(super) fn filter(
+    request: &DeploymentRequest,
+    fleet: &Fleet,
+    held: &Commitments,
+    current: Option<&v1::PlacementDecision>,
+    decision: &mut Decision,
+) -> Vec<Candidate> {
+    let own = own_holdings(fleet, current);
+    let mut sizing = SizingCache::new(request);
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let model_name = request.model.cache_name();
+
+    'clusters: for (i, cluster) in fleet.clusters.iter().enumerate() {
+        let idx = u32::try_from(i).unwrap_or(u32::MAX);
+        let exclude = |why| Exclusion { cluster: idx, why };
+        if cluster.availability != Availability::Available {
+            decision.exclusions.push(exclude(Why::Unavailable));
+            continue;
+        }
+        if cluster.cordoned.is_some() {
+            decision.exclusions.push(exclude(Why::Cordoned));
+            continue;
+        }
+        if let Policy::Fixed(names) = &request.policy
+            && !names.contains(&cluster.name)
+        {
+            decision.exclusions.push(exclude(Why::NotNamed));
+            continue;
+        }
+        for (t, taint) in cluster.taints.iter().enumerate() {
+            let hard = taint.effect() != TaintEffect::PreferNoSchedule;
+            if hard && !tolerates(&request.tolerations, taint) {
+                decision
+                    .exclusions
+                    .push(exclude(Why::Taint { taint: t as u16 }));
+                continue 'clusters;
+            }
+        }
+        for (ti, term) in request.required.iter().enumerate() {
+            for (ri, req) in term.labels.iter().enumerate() {
+                if !req.matches(&cluster.labels) {
+                    decision.exclusions.push(exclude(Why::Label {
+                        term: ti as u16,
+                        requirement: ri as u16,
+                    }));
+                    continue 'clusters;
+                }
+            }
+        }
+
+        // The best GPU group of the cluster for this deployment, and how
+        // far the others got, for the reason when none fits.
+        let mut best: Option<Candidate> = None;
+        let mut furthest: Option<Why> = None;
+        let mut stage = 0u8;
+        for (g, group) in cluster.gpus.iter().enumerate() {
+            if !type_accepted(&request.gpu_types, &group.model) {
+                continue;
+            }
+            if group.largest_free_bytes < request.min_gpu_memory_bytes {
+                if stage < 1 {
+                    stage = 1;
+                    furthest = Some(Why::GpuMemory {
+                        largest_free: group.largest_free_bytes,
+                    });
+                } else if let Some(Why::GpuMemory { largest_free }) = &mut furthest {
+                    *largest_free = (*largest_free).max(group.largest_free_bytes);
+                }
+                continue;
+            }
+            let (gpr, tp) = match sizing.size(group) {
+                Ok(s) => s,
+                Err(needed) => {
+                    if stage < 2 {
+                        stage = 2;
+                        furthest = Some(if needed == 0 {
+                            Why::ModelTooBig { group: g as u16 }
+                        } else {
+                            Why::GpuCountTooSmall {
+                                group: g as u16,
+                                needed,
+                            }
+                        });
+                    }
+                    continue;
+                }
+            };
+            let own_replicas: u32 = own
+                .iter()
+                .filter(|(c, m, _, _)| *c == idx && *m == group.model)
+                .map(|(_, _, replicas, _)| replicas)
+                .sum();
+            let free = group
+                .count
+                .saturating_sub(held.held(&cluster.name, &group.model));
+            let capacity = free.checked_div(gpr).unwrap_or(0);
+            if capacity == 0 {
+                if stage < 3 {
+                    stage = 3;
+                    furthest = Some(Why::Capacity { free, need: gpr });
+                }
+                continue;
+            }
+            let candidate = Candidate {
+                cluster: idx,
+                group: g as u16,
+                gpus_per_replica: gpr,
+                tensor_parallel: tp,
+                capacity,
+                free_gpus: free,
+                current: own_replicas,
+                score: 0.0,
+            };
+            if best
+                .is_none_or(|b| (candidate.current, candidate.capacity) > (b.current, b.capacity))
+            {
+                best = Some(candidate);
+            }
+        }
+        let Some(candidate) = best else {
+            decision
+                .exclusions
+                .push(exclude(furthest.unwrap_or(Why::NoGpuType)));
+            continue;
+        };
+
+        // Property requirements need the chosen group.
+        let group = cluster.gpus.get(candidate.group as usize);
+        for (ti, term) in request.required.iter().enumerate() {
+            for (ri, req) in term.properties.iter().enumerate() {
+                let actual = property_value(
+                    req.property,
+                    cluster,
+                    group,
+                    candidate.free_gpus,
+                    model_name,
+                );
+                if !req.holds(actual) {
+                    decision.exclusions.push(exclude(Why::Property {
+                        term: ti as u16,
+                        requirement: ri as u16,
+                        actual,
+                    }));
+                    continue 'clusters;
+                }
+            }
+        }
+        candidates.push(candidate);
+    }
+    candidates
+}

@@ -1,0 +1,404 @@
+//! Example placements, as tables: a fleet, a request and what the
+//! placement must say.
+
+use flotilla_proto::v1::{self, PlacementOutcome, TaintEffect};
+
+use super::Expect::{
+    Assignments, Clusters, Excluded, First, GpusPerReplicaAtLeast, MissingClusters, On, Outcome,
+    Placed, SummaryHas, Unplaced,
+};
+use super::Reason::{Any, Contains, Is, StartsWith};
+use super::{Expect, check, check_with, cluster, holding, request, simple, standard_fleet};
+use crate::fleet::{Availability, ClusterView, Commitments, Fleet};
+use crate::scheduler::{same_assignments, tolerates};
+use crate::spec::DeploymentRequest;
+
+struct Example {
+    what: &'static str,
+    fleet: Fleet,
+    /// GPUs other deployments hold.
+    held: Commitments,
+    request: DeploymentRequest,
+    expect: Vec<Expect>,
+}
+
+fn example(
+    what: &'static str,
+    fleet: Fleet,
+    request: DeploymentRequest,
+    expect: Vec<Expect>,
+) -> Example {
+    Example {
+        what,
+        fleet,
+        held: Commitments::default(),
+        request,
+        expect,
+    }
+}
+
+fn run(examples: Vec<Example>) {
+    for e in examples {
+        let checked = if e.held == Commitments::default() {
+            check(&e.fleet, &e.request)
+        } else {
+            check_with(&e.fleet, &e.request, &e.held, None)
+        };
+        checked.expect(e.what, &e.expect);
+    }
+}
+
+fn spot_taint() -> v1::Taint {
+    v1::Taint {
+        key: "spot".into(),
+        value: "true".into(),
+        effect: TaintEffect::NoSchedule.into(),
+    }
+}
+
+/// The standard fleet and one cluster for each way a cluster is left out
+/// before its GPUs are looked at.
+fn fleet_with_every_filter() -> Fleet {
+    let mut clusters = standard_fleet().clusters;
+    let h100 = |name: &str| cluster(name, "eu", 8, "H100-80GB", 80, 1.0);
+    clusters.push(ClusterView {
+        availability: Availability::Unhealthy("no heartbeat for 4.0 s".into()),
+        ..h100("x-sick")
+    });
+    clusters.push(ClusterView {
+        availability: Availability::Left,
+        ..h100("x-gone")
+    });
+    clusters.push(ClusterView {
+        availability: Availability::Probation {
+            remaining_ms: 12_000,
+        },
+        ..h100("x-flappy")
+    });
+    clusters.push(ClusterView {
+        cordoned: Some("driver upgrade".into()),
+        ..h100("x-cordoned")
+    });
+    let mut tainted = h100("x-spot");
+    tainted.taints.push(spot_taint());
+    clusters.push(tainted);
+    let mut canary = h100("x-canary");
+    canary.labels.insert("env".into(), "canary".into());
+    clusters.push(canary);
+    Fleet::new(clusters)
+}
+
+#[test]
+fn filters_name_the_plugin_and_the_reason() {
+    run(vec![example(
+        "health, cordon, taints, affinity and GPU type",
+        fleet_with_every_filter(),
+        request(
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 2,
+                    "resources": {"gpu": {"minMemoryGiB": 40, "types": ["H100", "A100"]}},
+                    "placement": {"affinity": {"required": [{"labelSelector": {"matchLabels": {"env": "prod"}}}]}}}}"#,
+        ),
+        vec![
+            Excluded(
+                "x-sick",
+                "ClusterHealth",
+                StartsWith("unhealthy: no heartbeat for 4.0 s"),
+            ),
+            Excluded("x-gone", "ClusterHealth", StartsWith("left the fleet")),
+            Excluded(
+                "x-flappy",
+                "ClusterHealth",
+                StartsWith("recovered moments ago; new replicas wait 12 s more"),
+            ),
+            Excluded(
+                "x-cordoned",
+                "Cordon",
+                StartsWith("cordoned: driver upgrade"),
+            ),
+            Excluded(
+                "x-spot",
+                "TaintToleration",
+                StartsWith("taint spot=true:NoSchedule is not tolerated"),
+            ),
+            Excluded(
+                "x-canary",
+                "RequiredAffinity",
+                StartsWith("requires env=prod; cluster has env=canary"),
+            ),
+            Excluded(
+                "ap-a",
+                "GpuType",
+                StartsWith("needs H100 or A100; cluster has 2xL4-24GB"),
+            ),
+        ],
+    )]);
+}
+
+#[test]
+fn memory_model_size_and_capacity_filters() {
+    run(vec![
+        example(
+            "GPU memory",
+            standard_fleet(),
+            request(
+                r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1, "resources": {"gpu": {"minMemoryGiB": 40}}}}"#,
+            ),
+            vec![Excluded(
+                "ap-a",
+                "GpuMemory",
+                Is("needs 40 GiB free per GPU; largest free is 24.0 GiB"),
+            )],
+        ),
+        example(
+            "a 70B model needs tensor parallelism on 80 GB GPUs",
+            standard_fleet(),
+            request(
+                r#"{"metadata": {"name": "big"}, "spec": {"model": {"preset": "llama-3.1-70b-instruct"}, "runtime": "vllm", "replicas": 1}}"#,
+            ),
+            vec![
+                Excluded("ap-a", "ModelFit", Contains("llama-3.1-70b")),
+                GpusPerReplicaAtLeast(2),
+            ],
+        ),
+        Example {
+            what: "capacity held by other deployments",
+            fleet: standard_fleet(),
+            held: holding(&[("eu-b", "H100-80GB", 4)]),
+            request: simple(1, r#"{"policy": "PickFixed", "clusterNames": ["eu-b"]}"#),
+            expect: vec![
+                Outcome(PlacementOutcome::Unschedulable),
+                Excluded(
+                    "eu-b",
+                    "Capacity",
+                    Is("needs 1 free GPUs for one replica; 0 free"),
+                ),
+                SummaryHas("no cluster fits 1 replicas"),
+            ],
+        },
+    ]);
+}
+
+#[test]
+fn policies_pick_all_n_and_fixed() {
+    run(vec![
+        example(
+            "PickAll",
+            standard_fleet(),
+            simple(4, r#"{"policy": "PickAll"}"#),
+            vec![Placed(4), Outcome(PlacementOutcome::Placed)],
+        ),
+        example(
+            "PickN 2: by default the most free capacity and the lowest cost win",
+            standard_fleet(),
+            simple(4, r#"{"policy": "PickN", "numberOfClusters": 2}"#),
+            vec![
+                On(&[("eu-a", 2), ("us-a", 2)]),
+                Excluded("ap-a", "Selection", StartsWith("qualifies but scored")),
+            ],
+        ),
+        example(
+            "PickN more than qualify: placed where possible, and said why",
+            standard_fleet(),
+            simple(2, r#"{"policy": "PickN", "numberOfClusters": 9}"#),
+            vec![
+                MissingClusters(5),
+                Outcome(PlacementOutcome::Partial),
+                SummaryHas("PickN wants 9 clusters, only 4 qualify"),
+            ],
+        ),
+        example(
+            "PickFixed",
+            standard_fleet(),
+            simple(
+                3,
+                r#"{"policy": "PickFixed", "clusterNames": ["ap-a", "eu-b"]}"#,
+            ),
+            vec![Assignments(2), Excluded("eu-a", "ClusterNames", Any)],
+        ),
+    ]);
+}
+
+#[test]
+fn replicas_are_divided_by_free_capacity() {
+    let fleet = || {
+        Fleet::new(vec![
+            cluster("big", "eu", 6, "H100-80GB", 80, 1.0),
+            cluster("small", "us", 2, "H100-80GB", 80, 1.0),
+        ])
+    };
+    let all = r#"{"policy": "PickAll"}"#;
+    run(vec![
+        example(
+            "exactly the capacity",
+            fleet(),
+            simple(8, all),
+            vec![On(&[("big", 6), ("small", 2)])],
+        ),
+        example(
+            "half of it, in proportion",
+            fleet(),
+            simple(4, all),
+            vec![On(&[("big", 3), ("small", 1)])],
+        ),
+        example(
+            "more than fits",
+            fleet(),
+            simple(10, all),
+            vec![Unplaced(2), Outcome(PlacementOutcome::Partial)],
+        ),
+    ]);
+}
+
+#[test]
+fn topology_spread_keeps_regions_balanced() {
+    let fleet = Fleet::new(vec![
+        cluster("eu-1", "eu", 8, "H100-80GB", 80, 1.0),
+        cluster("eu-2", "eu", 8, "H100-80GB", 80, 1.0),
+        cluster("eu-3", "eu", 8, "H100-80GB", 80, 1.0),
+        cluster("us-1", "us", 2, "H100-80GB", 80, 3.0),
+    ]);
+    run(vec![example(
+        "PickN 2 over two regions, max skew 1",
+        fleet,
+        simple(
+            2,
+            r#"{"policy": "PickN", "numberOfClusters": 2, "topologySpread": [{"topologyKey": "region", "maxSkew": 1}]}"#,
+        ),
+        vec![
+            Clusters(&["eu-1", "us-1"]),
+            Excluded("eu-2", "TopologySpread", Contains("region=eu (maxSkew 1)")),
+        ],
+    )]);
+}
+
+#[test]
+fn tolerations_and_soft_taints() {
+    let cases = [
+        (r#"{"key": "spot", "operator": "Exists"}"#, true),
+        (
+            r#"{"key": "spot", "operator": "Equal", "value": "true"}"#,
+            true,
+        ),
+        (
+            r#"{"key": "spot", "operator": "Equal", "value": "false"}"#,
+            false,
+        ),
+        (
+            r#"{"key": "spot", "operator": "Exists", "effect": "NoExecute"}"#,
+            false,
+        ),
+        (r#"{"operator": "Exists"}"#, true),
+        (r#"{"key": "gpu", "operator": "Exists"}"#, false),
+    ];
+    for (toleration, expected) in cases {
+        let t: v1::Toleration = serde_json::from_str(toleration).unwrap();
+        assert_eq!(tolerates(&[t], &spot_taint()), expected, "{toleration}");
+    }
+    let mut soft = cluster("soft", "eu", 8, "H100-80GB", 80, 1.0);
+    soft.taints.push(v1::Taint {
+        key: "busy".into(),
+        value: String::new(),
+        effect: TaintEffect::PreferNoSchedule.into(),
+    });
+    run(vec![example(
+        "PreferNoSchedule only lowers the score",
+        Fleet::new(vec![soft, cluster("plain", "eu", 8, "H100-80GB", 80, 1.0)]),
+        simple(1, r#"{"policy": "PickN", "numberOfClusters": 1}"#),
+        vec![First("plain")],
+    )]);
+}
+
+#[test]
+fn preferred_terms_and_property_requirements() {
+    run(vec![
+        example(
+            "the cheapest",
+            standard_fleet(),
+            simple(
+                1,
+                r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}}"#,
+            ),
+            vec![First("ap-a")],
+        ),
+        example(
+            "a preferred label",
+            standard_fleet(),
+            simple(
+                1,
+                r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "labelSelector": {"matchLabels": {"region": "us"}}}]}}"#,
+            ),
+            vec![First("us-a")],
+        ),
+        example(
+            "a required property",
+            standard_fleet(),
+            simple(
+                1,
+                r#"{"affinity": {"required": [{"propertySelector": [{"name": "gpu.freeCount", "operator": "Ge", "values": ["8"]}]}]}}"#,
+            ),
+            vec![Excluded(
+                "eu-b",
+                "RequiredAffinity",
+                Is("requires gpu.freeCount Ge 8; cluster has 4"),
+            )],
+        ),
+    ]);
+}
+
+#[test]
+fn healthy_replicas_stay_unless_a_cluster_is_clearly_better() {
+    let fleet = Fleet::new(vec![
+        cluster("a", "eu", 8, "H100-80GB", 80, 2.0),
+        cluster("b", "eu", 8, "H100-80GB", 80, 2.0),
+    ]);
+    let req = simple(2, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
+    let first = check(&fleet, &req);
+    first.expect("first placement", &[First("a")]);
+    let current = first.record();
+    // b becomes a little cheaper: nothing moves.
+    let slightly = Fleet::new(vec![
+        cluster("a", "eu", 8, "H100-80GB", 80, 2.0),
+        cluster("b", "eu", 8, "H100-80GB", 80, 1.9),
+    ]);
+    let again = check_with(&slightly, &req, &Commitments::default(), Some(&current));
+    assert!(
+        same_assignments(&again.record(), &current),
+        "{current:?} then {:?}",
+        again.decision
+    );
+    // a fails: the replicas move.
+    let mut failed = slightly.clusters.clone();
+    failed[0].availability = Availability::Unhealthy("no heartbeat".into());
+    let failed = Fleet::new(failed);
+    check_with(&failed, &req, &Commitments::default(), Some(&current))
+        .expect("a failed", &[On(&[("b", 2)])]);
+}
+
+#[test]
+fn autoscaled_replicas_pack_onto_the_best_cluster_first() {
+    let fleet = Fleet::new(vec![
+        cluster("cheap", "eu", 2, "H100-80GB", 80, 1.0),
+        cluster("dear", "us", 2, "H100-80GB", 80, 3.0),
+    ]);
+    let autoscaled = |replicas: u32| {
+        request(&format!(
+            r#"{{"metadata": {{"name": "d"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas},
+                "resources": {{"gpu": {{"count": 1}}}},
+                "placement": {{"policy": "PickAll", "affinity": {{"preferred": [{{"weight": 100, "propertySorter": {{"name": "cost.perGpuHour", "order": "Ascending"}}}}]}}}},
+                "autoscaling": {{"minReplicas": 1, "maxReplicas": 4, "targets": [{{"metric": "InFlightPerReplica", "value": 1}}]}}}}}}"#
+        ))
+    };
+    // One replica: the cheap cluster only (PickAll would otherwise give
+    // every cluster one).
+    let one = autoscaled(1);
+    check(&fleet, &one).expect("one", &[On(&[("cheap", 1)])]);
+    // Three: the cheap one fills, then the burst goes to the dear one.
+    let three = autoscaled(3);
+    let placed = check(&fleet, &three);
+    placed.expect("three", &[On(&[("cheap", 2), ("dear", 1)])]);
+    let current = placed.record();
+    // Down to two: the dear replica goes first.
+    let two = autoscaled(2);
+    check_with(&fleet, &two, &Commitments::default(), Some(&current))
+        .expect("down to two", &[On(&[("cheap", 2)])]);
+}
