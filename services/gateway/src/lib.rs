@@ -3,10 +3,12 @@
 //! It watches KV `replicas` and routes `/v1/chat/completions` and
 //! `/v1/completions` by the request's `model` to a ready replica: its own
 //! region first, then the one with the fewest requests in flight. A
-//! replica that refuses the connection (before any byte of an answer) is
-//! skipped and the request goes to the next; a replica that keeps failing
-//! is ejected for a while. Responses, streaming ones too, pass through
-//! unchanged. `/metrics` has latency histograms per model and cluster.
+//! replica that fails before any byte of an answer (it refuses the
+//! connection, or a streaming request's response headers do not come
+//! within `--response-headers-timeout`) is skipped and the request goes to
+//! the next; a replica that keeps failing is ejected for a while.
+//! Responses, streaming ones too, pass through unchanged. `/metrics` has
+//! latency histograms per model and cluster.
 //!
 //! The service is a stack of tower layers, outermost first: API keys
 //! ([`auth`]), timing ([`metrics`]), then the proxy ([`proxy`]) over the
@@ -28,6 +30,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
+use flotilla_kit::sync::lock;
 use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, KitError, Metrics, RecordStore};
 use flotilla_proto::v1::ReplicaStatus;
 use serde_json::json;
@@ -39,6 +42,9 @@ use crate::proxy::Proxy;
 use crate::routing::ReplicaTable;
 
 pub const SERVICE: &str = "gateway";
+
+/// The default of `--response-headers-timeout`.
+pub const DEFAULT_RESPONSE_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -61,6 +67,20 @@ pub struct Args {
     #[arg(long = "api-key", env = "FLOTILLA_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<String>,
 
+    /// How long a replica may take to send the response headers of a
+    /// streaming request before the request goes to another replica. A
+    /// replica sends them once it has queued the request, well before its
+    /// first token; a few seconds more than a normal time to first byte
+    /// tells a hung replica from a busy one. Non-streaming answers send
+    /// their headers with the whole completion and are not timed.
+    #[arg(
+        long,
+        env = "FLOTILLA_GATEWAY_RESPONSE_HEADERS_TIMEOUT",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
+    pub response_headers_timeout: Duration,
+
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
 }
@@ -71,6 +91,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub region: String,
     pub api_keys: Vec<String>,
+    pub response_headers_timeout: Duration,
 }
 
 impl Args {
@@ -78,11 +99,18 @@ impl Args {
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(ConfigError::new("api-key", "an API key is empty"));
         }
+        if self.response_headers_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "response-headers-timeout",
+                "must be longer than zero",
+            ));
+        }
         Ok(Config {
             bus: self.bus.validate()?,
             listen: self.listen,
             region: self.region.clone(),
             api_keys: self.api_keys.clone(),
+            response_headers_timeout: self.response_headers_timeout,
         })
     }
 }
@@ -93,6 +121,14 @@ pub enum GatewayError {
     Kit(#[from] KitError),
     #[error("binding {addr}: {source}")]
     Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("making the HTTP client for replicas: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    #[error("serving on {addr}: {source}")]
+    Serve {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -131,18 +167,16 @@ pub async fn run(
     flotilla_kit::provision(&bus).await?;
     let replicas = RecordStore::<ReplicaStatus>::open(&bus, &bus.topology.replicas.name).await?;
     replicas.start_watch(shutdown.clone()).await?;
-    let metrics = match bus.metrics.registry.lock() {
-        Ok(mut registry) => Arc::new(GatewayMetrics::register(&mut registry)),
-        // A poisoned registry: serve, unmeasured.
-        Err(_) => Arc::new(GatewayMetrics::register(&mut Default::default())),
-    };
+    let metrics = Arc::new(GatewayMetrics::register(&mut lock(&bus.metrics.registry)));
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(GatewayError::HttpClient)?;
     let proxy = Arc::new(Proxy {
         table: ReplicaTable::new(replicas, config.region.clone(), Arc::clone(&metrics)),
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_default(),
+        http,
         metrics: Arc::clone(&metrics),
+        response_headers_timeout: config.response_headers_timeout,
     });
     let proxied = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
@@ -181,9 +215,45 @@ pub async fn run(
             tracing::debug!("TCP_NODELAY: {e}");
         }
     });
-    let _ = axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    let _ = bus.client.drain().await;
-    Ok(())
+        .await
+        .map_err(|source| GatewayError::Serve {
+            addr: local,
+            source,
+        });
+    if let Err(e) = bus.client.drain().await {
+        tracing::warn!("draining the NATS connection: {e}");
+    }
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn the_response_headers_timeout_defaults_to_ten_seconds_and_is_never_zero() {
+        let config = Args::try_parse_from(["flotilla-gateway"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            config.response_headers_timeout,
+            DEFAULT_RESPONSE_HEADERS_TIMEOUT
+        );
+        let args =
+            Args::try_parse_from(["flotilla-gateway", "--response-headers-timeout", "2500ms"])
+                .unwrap();
+        assert_eq!(
+            args.validate().unwrap().response_headers_timeout,
+            Duration::from_millis(2500)
+        );
+        let zero =
+            Args::try_parse_from(["flotilla-gateway", "--response-headers-timeout", "0s"]).unwrap();
+        let e = zero.validate().unwrap_err();
+        assert!(e.to_string().contains("response-headers-timeout"), "{e}");
+    }
 }

@@ -1,12 +1,15 @@
 //! The proxy service behind `/v1/chat/completions` and `/v1/completions`:
 //! reads the request's `model`, asks the routing table for replicas and
-//! relays the first answer, moving to the next replica when one refuses the
-//! connection before any byte of an answer.
+//! relays the first answer ([`first_answer`]). A replica that fails before
+//! any byte of an answer (it refuses the connection, or a streaming
+//! request's response headers do not come within the response-headers
+//! timeout) is counted as failed and the request goes to the next: the
+//! client has received nothing yet, so that is safe.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +18,7 @@ use serde_json::json;
 
 use crate::error;
 use crate::metrics::{Arrived, GatewayMetrics, ModelLabels, RouteLabels, Served};
-use crate::routing::{InFlight, ReplicaTable};
+use crate::routing::{Candidate, InFlight, ReplicaTable};
 
 /// Tries per request, each on another replica.
 const ATTEMPTS: usize = 3;
@@ -26,12 +29,103 @@ pub struct Proxy {
     pub table: ReplicaTable,
     pub http: reqwest::Client,
     pub metrics: Arc<GatewayMetrics>,
+    /// How long a streaming request's response headers may take.
+    pub response_headers_timeout: Duration,
 }
 
-/// Just the `model` of an OpenAI request body.
+/// What the proxy reads of an OpenAI request body.
 #[derive(serde::Deserialize)]
-struct ModelOnly {
+struct Routed {
     model: Option<String>,
+    /// Anything: only `true` means streaming, and a strange value is the
+    /// replica's to refuse, not the gateway's.
+    stream: Option<serde_json::Value>,
+}
+
+/// Why a replica gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unanswered {
+    #[error("{replica}: {source}")]
+    Unreachable {
+        replica: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{replica}: no response headers within {after:?}")]
+    NoHeaders { replica: String, after: Duration },
+}
+
+/// A replica's answer, headers read, body still to come.
+pub struct Answer {
+    pub replica: Candidate,
+    pub response: reqwest::Response,
+    /// Keeps the request counted on the replica until the body is relayed.
+    pub in_flight: InFlight,
+    /// The replicas tried before it, and why each gave no answer.
+    pub failed: Vec<Unanswered>,
+}
+
+/// Sends the request to `candidates` in order, at most [`ATTEMPTS`] of
+/// them, and returns the first that answers: with response headers, within
+/// `headers_within` when that is set. Each replica that does not is marked
+/// failed (see [`crate::routing::Streak`]); `on_retry` runs before every try
+/// after the first. `Err`: why each tried replica gave no answer.
+pub async fn first_answer(
+    http: &reqwest::Client,
+    candidates: Vec<Candidate>,
+    path: &str,
+    body: &Bytes,
+    headers_within: Option<Duration>,
+    mut on_retry: impl FnMut(),
+) -> Result<Answer, Vec<Unanswered>> {
+    let mut failed = Vec::new();
+    for (attempt, replica) in candidates.into_iter().take(ATTEMPTS).enumerate() {
+        if attempt > 0 {
+            on_retry();
+        }
+        let in_flight = InFlight::start(&replica.load);
+        let send = http
+            .post(format!("{}{path}", replica.endpoint))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send();
+        let sent = match headers_within {
+            Some(after) => match tokio::time::timeout(after, send).await {
+                Ok(sent) => sent.map_err(|source| Unanswered::Unreachable {
+                    replica: replica.replica_id.clone(),
+                    source,
+                }),
+                Err(_) => Err(Unanswered::NoHeaders {
+                    replica: replica.replica_id.clone(),
+                    after,
+                }),
+            },
+            None => send.await.map_err(|source| Unanswered::Unreachable {
+                replica: replica.replica_id.clone(),
+                source,
+            }),
+        };
+        match sent {
+            Ok(response) => {
+                replica.load.succeeded();
+                return Ok(Answer {
+                    replica,
+                    response,
+                    in_flight,
+                    failed,
+                });
+            }
+            Err(e) => {
+                // Dropping the request closed its connection; nothing was
+                // answered, so the next replica may have it.
+                drop(in_flight);
+                tracing::warn!(replica = %replica.replica_id, "no answer, trying the next: {e}");
+                replica.load.failed();
+                failed.push(e);
+            }
+        }
+    }
+    Err(failed)
 }
 
 fn served(mut response: Response, model: &str, cluster: &str) -> Response {
@@ -58,8 +152,11 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             );
         }
     };
-    let model = match serde_json::from_slice::<ModelOnly>(&body) {
-        Ok(ModelOnly { model: Some(m) }) => m,
+    let (model, streaming) = match serde_json::from_slice::<Routed>(&body) {
+        Ok(Routed {
+            model: Some(m),
+            stream,
+        }) => (m, stream == Some(serde_json::Value::Bool(true))),
         _ => {
             return match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
                 // JSON, but no string `model`.
@@ -100,69 +197,55 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             )
         };
     }
-    let mut last = String::new();
-    for (attempt, replica) in candidates.into_iter().take(ATTEMPTS).enumerate() {
-        if attempt > 0 {
-            proxy
-                .metrics
-                .retries
-                .get_or_create(&ModelLabels {
-                    model: model.clone(),
-                })
-                .inc();
-        }
-        let in_flight = InFlight::start(&replica.load);
-        let sent = proxy
-            .http
-            .post(format!("{}{path}", replica.endpoint))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
-        match sent {
-            Ok(answer) => {
-                proxy.table.succeeded(&replica.load);
-                return relay(
-                    answer,
-                    &proxy,
-                    &model,
-                    &replica.cluster,
-                    &replica.replica_id,
-                    arrived,
-                    in_flight,
-                );
-            }
-            Err(e) => {
-                drop(in_flight);
-                // Nothing was answered: safe to try the next replica.
-                tracing::warn!(replica = %replica.replica_id, "unreachable, trying the next: {e}");
-                proxy.table.failed(&replica.load);
-                last = format!("{}: {e}", replica.replica_id);
-            }
+    // A replica sends a streaming answer's headers as soon as it has
+    // queued the request, so their delay tells a hung replica from a busy
+    // one. A non-streaming answer's headers come with the whole completion,
+    // however long it takes to generate: not timed.
+    let headers_within = streaming.then_some(proxy.response_headers_timeout);
+    let retried = || {
+        proxy
+            .metrics
+            .retries
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .inc();
+    };
+    match first_answer(
+        &proxy.http,
+        candidates,
+        &path,
+        &body,
+        headers_within,
+        retried,
+    )
+    .await
+    {
+        Ok(answer) => relay(answer, &proxy, &model, arrived),
+        Err(failed) => {
+            let last = failed.last().map(ToString::to_string).unwrap_or_default();
+            served(
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("no replica of {model} answered (last: {last})"),
+                    "replicas_unreachable",
+                ),
+                &model,
+                "",
+            )
         }
     }
-    served(
-        error(
-            StatusCode::BAD_GATEWAY,
-            format!("no replica of {model} answered (last: {last})"),
-            "replicas_unreachable",
-        ),
-        &model,
-        "",
-    )
 }
 
 /// Relays a replica's answer as it comes; the request stays in flight on
 /// the replica until the last byte has gone.
-fn relay(
-    answer: reqwest::Response,
-    proxy: &Proxy,
-    model: &str,
-    cluster: &str,
-    replica_id: &str,
-    arrived: Instant,
-    in_flight: InFlight,
-) -> Response {
+fn relay(answer: Answer, proxy: &Proxy, model: &str, arrived: Instant) -> Response {
+    let Answer {
+        replica,
+        response: answer,
+        in_flight,
+        ..
+    } = answer;
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = answer
         .headers()
@@ -175,7 +258,7 @@ fn relay(
         .first_byte
         .get_or_create(&RouteLabels {
             model: model.to_string(),
-            cluster: cluster.to_string(),
+            cluster: replica.cluster.clone(),
         })
         .clone();
     let mut waiting_first = true;
@@ -198,9 +281,9 @@ fn relay(
     }
     response.headers_mut().insert(
         "x-flotilla-replica",
-        HeaderValue::from_str(replica_id).unwrap_or(HeaderValue::from_static("?")),
+        HeaderValue::from_str(&replica.replica_id).unwrap_or(HeaderValue::from_static("?")),
     );
-    served(response, model, cluster)
+    served(response, model, &replica.cluster)
 }
 
 pub async fn models(State(proxy): State<Arc<Proxy>>) -> Response {
@@ -212,3 +295,6 @@ pub async fn models(State(proxy): State<Arc<Proxy>>) -> Response {
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,41 +1,129 @@
 //! Which replica serves a model: the table of ready replicas (a watched
 //! copy of KV `replicas`), each one's requests in flight, and ejection of
-//! replicas that keep refusing connections.
+//! replicas that keep failing before they answer.
+//!
+//! The decisions are pure: [`serves`] says whether a replica record can
+//! take a model's requests, [`rank`] orders the candidates, and [`Streak`]
+//! counts failures into ejections. [`ReplicaTable`] only gathers what they
+//! need.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_kit::RecordStore;
+use flotilla_kit::sync::lock;
 use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{GatewayMetrics, ReplicaLabels};
 
-/// Consecutive connection failures that eject a replica.
+/// Consecutive failures that eject a replica.
 const EJECT_AFTER: u32 = 3;
 const EJECT_FOR: Duration = Duration::from_secs(30);
+
+/// Whether `replica` can take requests for `model`: ready, serving that
+/// model, with an address to send them to.
+pub fn serves(replica: &ReplicaStatus, model: &str) -> bool {
+    replica.phase() == ReplicaPhase::Ready && replica.model == model && !replica.endpoint.is_empty()
+}
+
+/// A replica that [`serves`] the model, as [`rank`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing<'a> {
+    pub replica_id: &'a str,
+    pub region: &'a str,
+    pub in_flight: i64,
+    pub ejected: bool,
+}
+
+/// The order to try `replicas` in, as indices into it: ejected replicas
+/// left out; then replicas of `own_region` first (when the gateway has a
+/// region), fewest requests in flight, and the replica id so that equal
+/// replicas are tried in a stable order.
+pub fn rank(own_region: &str, replicas: &[Standing<'_>]) -> Vec<usize> {
+    let elsewhere = |s: &Standing<'_>| !own_region.is_empty() && s.region != own_region;
+    let mut order: Vec<usize> = (0..replicas.len())
+        .filter(|&i| !replicas[i].ejected)
+        .collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&replicas[a], &replicas[b]);
+        let key = |s: &Standing<'_>| (elsewhere(s), s.in_flight);
+        key(a)
+            .cmp(&key(b))
+            .then_with(|| a.replica_id.cmp(b.replica_id))
+    });
+    order
+}
+
+/// One replica's consecutive failures and ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Streak {
+    failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl Streak {
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    /// The replica answered: its streak ends.
+    pub fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The replica failed before answering; from the
+    /// [`EJECT_AFTER`]th failure in a row on, each failure ejects it for
+    /// [`EJECT_FOR`] from `now`. True when this failure ejected a replica
+    /// that was not ejected (an ejection to count).
+    pub fn failed(&mut self, now: Instant) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures < EJECT_AFTER {
+            return false;
+        }
+        let newly = !self.ejected(now);
+        self.ejected_until = Some(now + EJECT_FOR);
+        newly
+    }
+}
 
 /// Per-replica bookkeeping that outlives KV updates.
 pub struct ReplicaLoad {
     /// Also the replica's `gateway_replica_in_flight` gauge.
     in_flight: Gauge,
     ejections: Counter,
-    /// Consecutive failures, and until when the replica is ejected.
-    failures: Mutex<(u32, Option<Instant>)>,
+    streak: Mutex<Streak>,
 }
 
 impl ReplicaLoad {
-    fn in_flight(&self) -> i64 {
+    pub fn new(in_flight: Gauge, ejections: Counter) -> Self {
+        Self {
+            in_flight,
+            ejections,
+            streak: Mutex::new(Streak::default()),
+        }
+    }
+
+    pub fn in_flight(&self) -> i64 {
         self.in_flight.get()
     }
 
-    fn ejected(&self, now: Instant) -> bool {
-        self.failures
-            .lock()
-            .map(|f| f.1.is_some_and(|until| until > now))
-            .unwrap_or(false)
+    pub fn ejected(&self, now: Instant) -> bool {
+        lock(&self.streak).ejected(now)
+    }
+
+    /// The replica answered: its failure streak ends.
+    pub fn succeeded(&self) {
+        lock(&self.streak).succeeded();
+    }
+
+    /// The replica failed before answering; ejects it after a streak.
+    pub fn failed(&self) {
+        if lock(&self.streak).failed(Instant::now()) {
+            self.ejections.inc();
+        }
     }
 }
 
@@ -85,52 +173,55 @@ impl ReplicaTable {
     }
 
     fn load_of(&self, replica: &ReplicaStatus) -> Arc<ReplicaLoad> {
-        let fresh = || {
+        let mut loads = lock(&self.load);
+        let load = loads.entry(replica.replica_id.clone()).or_insert_with(|| {
             let labels = ReplicaLabels {
                 model: replica.model.clone(),
                 cluster: replica.cluster.clone(),
                 replica: replica.replica_id.clone(),
             };
-            Arc::new(ReplicaLoad {
-                in_flight: self.metrics.in_flight.get_or_create(&labels).clone(),
-                ejections: self.metrics.ejections.get_or_create(&labels).clone(),
-                failures: Mutex::new((0, None)),
-            })
-        };
-        match self.load.lock() {
-            Ok(mut loads) => loads
-                .entry(replica.replica_id.clone())
-                .or_insert_with(fresh)
-                .clone(),
-            Err(_) => fresh(),
-        }
+            Arc::new(ReplicaLoad::new(
+                self.metrics.in_flight.get_or_create(&labels).clone(),
+                self.metrics.ejections.get_or_create(&labels).clone(),
+            ))
+        });
+        Arc::clone(load)
     }
 
-    /// Ready, not ejected replicas of `model`, best first: own region, then
-    /// fewest in flight.
+    /// Ready, not ejected replicas of `model`, best first (see [`rank`]).
     pub fn candidates(&self, model: &str) -> Vec<Candidate> {
         let now = Instant::now();
-        let mut ready: Vec<(bool, i64, Candidate)> = self
+        let ready: Vec<(ReplicaStatus, Arc<ReplicaLoad>)> = self
             .replicas
-            .select(|_, r| {
-                r.phase() == ReplicaPhase::Ready && r.model == model && !r.endpoint.is_empty()
-            })
+            .select(|_, r| serves(r, model))
             .into_iter()
             .map(|(_, r)| {
                 let load = self.load_of(&r);
-                let elsewhere = !self.region.is_empty() && r.region != self.region;
-                let candidate = Candidate {
-                    replica_id: r.replica_id,
-                    cluster: r.cluster,
-                    endpoint: r.endpoint,
-                    load,
-                };
-                (elsewhere, candidate.load.in_flight(), candidate)
+                (r, load)
             })
-            .filter(|(_, _, c)| !c.load.ejected(now))
             .collect();
-        ready.sort_by(|a, b| (a.0, a.1, &a.2.replica_id).cmp(&(b.0, b.1, &b.2.replica_id)));
-        ready.into_iter().map(|(_, _, c)| c).collect()
+        let standings: Vec<Standing<'_>> = ready
+            .iter()
+            .map(|(r, load)| Standing {
+                replica_id: &r.replica_id,
+                region: &r.region,
+                in_flight: load.in_flight(),
+                ejected: load.ejected(now),
+            })
+            .collect();
+        let order = rank(&self.region, &standings);
+        let mut ready: Vec<Option<(ReplicaStatus, Arc<ReplicaLoad>)>> =
+            ready.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|i| ready.get_mut(i).and_then(Option::take))
+            .map(|(r, load)| Candidate {
+                replica_id: r.replica_id,
+                cluster: r.cluster,
+                endpoint: r.endpoint,
+                load,
+            })
+            .collect()
     }
 
     /// Names of the models with a ready replica, sorted.
@@ -145,25 +236,194 @@ impl ReplicaTable {
         names.dedup();
         names
     }
+}
 
-    /// The replica answered: its failure streak ends.
-    pub fn succeeded(&self, load: &ReplicaLoad) {
-        if let Ok(mut f) = load.failures.lock() {
-            *f = (0, None);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standing<'a>(replica_id: &'a str, region: &'a str, in_flight: i64) -> Standing<'a> {
+        Standing {
+            replica_id,
+            region,
+            in_flight,
+            ejected: false,
         }
     }
 
-    /// The replica refused the connection; ejects it after a streak.
-    pub fn failed(&self, load: &ReplicaLoad) {
-        if let Ok(mut f) = load.failures.lock() {
-            f.0 += 1;
-            if f.0 >= EJECT_AFTER {
-                let now = Instant::now();
-                if f.1.is_none_or(|until| until <= now) {
-                    load.ejections.inc();
+    #[test]
+    fn replicas_are_tried_own_region_first_then_least_busy() {
+        let ejected = |s: Standing<'static>| Standing { ejected: true, ..s };
+        // (what, gateway region, replicas, expected order of ids)
+        let cases: Vec<(&str, &str, Vec<Standing<'static>>, Vec<&str>)> = vec![
+            ("none", "eu", vec![], vec![]),
+            (
+                "fewest in flight first",
+                "",
+                vec![
+                    standing("a", "eu", 3),
+                    standing("b", "eu", 1),
+                    standing("c", "us", 2),
+                ],
+                vec!["b", "c", "a"],
+            ),
+            (
+                "own region first, however busy",
+                "eu",
+                vec![
+                    standing("a", "us", 0),
+                    standing("b", "eu", 9),
+                    standing("c", "eu", 4),
+                ],
+                vec!["c", "b", "a"],
+            ),
+            (
+                "without a region, regions do not matter",
+                "",
+                vec![standing("a", "us", 0), standing("b", "eu", 9)],
+                vec!["a", "b"],
+            ),
+            (
+                "a replica without a region is elsewhere",
+                "eu",
+                vec![standing("a", "", 0), standing("b", "eu", 1)],
+                vec!["b", "a"],
+            ),
+            (
+                "ties go by replica id",
+                "eu",
+                vec![
+                    standing("c", "eu", 1),
+                    standing("a", "eu", 1),
+                    standing("b", "eu", 1),
+                ],
+                vec!["a", "b", "c"],
+            ),
+            (
+                "ejected replicas are left out",
+                "eu",
+                vec![ejected(standing("a", "eu", 0)), standing("b", "us", 5)],
+                vec!["b"],
+            ),
+            (
+                "all ejected",
+                "eu",
+                vec![
+                    ejected(standing("a", "eu", 0)),
+                    ejected(standing("b", "eu", 0)),
+                ],
+                vec![],
+            ),
+        ];
+        for (what, region, replicas, expected) in cases {
+            let order: Vec<&str> = rank(region, &replicas)
+                .into_iter()
+                .map(|i| replicas[i].replica_id)
+                .collect();
+            assert_eq!(order, expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_ready_replicas_of_the_model_with_an_address_serve_it() {
+        let ready = ReplicaStatus {
+            replica_id: "r".into(),
+            model: "smollm2".into(),
+            endpoint: "http://10.0.0.1:8000".into(),
+            phase: ReplicaPhase::Ready.into(),
+            ..Default::default()
+        };
+        let cases = [
+            ("ready", ready.clone(), true),
+            (
+                "starting",
+                ReplicaStatus {
+                    phase: ReplicaPhase::Starting.into(),
+                    ..ready.clone()
+                },
+                false,
+            ),
+            (
+                "another model",
+                ReplicaStatus {
+                    model: "llama".into(),
+                    ..ready.clone()
+                },
+                false,
+            ),
+            (
+                "no address",
+                ReplicaStatus {
+                    endpoint: String::new(),
+                    ..ready.clone()
+                },
+                false,
+            ),
+        ];
+        for (what, replica, expected) in cases {
+            assert_eq!(serves(&replica, "smollm2"), expected, "{what}");
+        }
+    }
+
+    /// What happens to a streak, at a time after the start.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        Fail,
+        Succeed,
+    }
+
+    /// (what, steps at seconds after the start, ejections counted,
+    /// (ejected, at seconds)).
+    type StreakCase = (&'static str, Vec<(u64, Step)>, u32, (bool, u64));
+
+    #[test]
+    fn three_failures_in_a_row_eject_a_replica_for_a_while() {
+        use Step::{Fail, Succeed};
+        let s = Duration::from_secs;
+        let cases: Vec<StreakCase> = vec![
+            ("two failures", vec![(0, Fail), (1, Fail)], 0, (false, 1)),
+            ("three", vec![(0, Fail), (1, Fail), (2, Fail)], 1, (true, 2)),
+            (
+                "ejected for 30 s from the last failure",
+                vec![(0, Fail), (1, Fail), (2, Fail)],
+                1,
+                (false, 32),
+            ),
+            (
+                "a success ends the streak",
+                vec![(0, Fail), (1, Fail), (2, Succeed), (3, Fail)],
+                0,
+                (false, 3),
+            ),
+            (
+                "more failures while ejected extend it, counted once",
+                vec![(0, Fail), (1, Fail), (2, Fail), (20, Fail)],
+                1,
+                (true, 45),
+            ),
+            (
+                "a failure after the ejection ran out ejects again at once",
+                vec![(0, Fail), (1, Fail), (2, Fail), (40, Fail)],
+                2,
+                (true, 41),
+            ),
+        ];
+        let start = Instant::now();
+        for (what, steps, ejections, (ejected, at)) in cases {
+            let mut streak = Streak::default();
+            let mut counted = 0;
+            for (t, step) in steps {
+                match step {
+                    Step::Fail => counted += u32::from(streak.failed(start + s(t))),
+                    Step::Succeed => streak.succeeded(),
                 }
-                f.1 = Some(now + EJECT_FOR);
             }
+            assert_eq!(counted, ejections, "{what}: ejections");
+            assert_eq!(
+                streak.ejected(start + s(at)),
+                ejected,
+                "{what}: ejected at {at} s"
+            );
         }
     }
 }
