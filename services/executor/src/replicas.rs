@@ -492,14 +492,16 @@ impl<B: ReplicaBackend> Replicas<B> {
     }
 
     /// Reports replicas the backend saw stop serving (a process exited, a
-    /// pod failed).
+    /// pod failed) or serve somewhere else (a pod re-created on another
+    /// node).
     pub async fn watch_exits(&self) {
-        for failure in self.backend.observe().await {
+        let seen = self.backend.observe().await;
+        for failure in seen.failed {
             self.report_failed(&failure.replica_id, &failure.reason)
                 .await;
         }
-        for (replica_id, endpoint) in self.backend.take_moved() {
-            self.record_moved(&replica_id, endpoint).await;
+        for moved in seen.moved {
+            self.record_moved(&moved.replica_id, moved.endpoint).await;
         }
     }
 

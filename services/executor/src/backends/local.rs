@@ -20,7 +20,7 @@ use flotilla_kit::sync;
 use flotilla_proto::v1::{self, ReplicaStatus};
 use tokio::process::{Child, Command};
 
-use super::{Adoption, BackendError, ReplicaBackend, ReplicaFailure, ReplicaSpec};
+use super::{Adoption, BackendError, Observation, ReplicaBackend, ReplicaFailure, ReplicaSpec};
 use crate::replica_client::ReplicaClient;
 
 /// How long a new candle replica may take to answer `/health`.
@@ -330,7 +330,7 @@ impl ReplicaBackend for LocalBackend {
         sync::lock(&self.running).contains_key(replica_id)
     }
 
-    async fn observe(&self) -> Vec<ReplicaFailure> {
+    async fn observe(&self) -> Observation {
         let mut running = sync::lock(&self.running);
         let mut gone = Vec::new();
         running.retain(|id, replica| {
@@ -354,7 +354,11 @@ impl ReplicaBackend for LocalBackend {
                 None => true,
             }
         });
-        gone
+        // A process keeps its address: nothing moves.
+        Observation {
+            failed: gone,
+            moved: Vec::new(),
+        }
     }
 
     async fn adopt(&self, recorded: &ReplicaStatus) -> Adoption {

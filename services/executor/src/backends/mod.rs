@@ -39,7 +39,7 @@ pub enum BackendError {
     #[error("the replica failed: {0}")]
     Failed(String),
     #[error("Kubernetes API: {0}")]
-    Kubernetes(String),
+    Kubernetes(#[source] kube::Error),
 }
 
 /// What a backend needs to run one replica.
@@ -84,6 +84,25 @@ pub struct ReplicaFailure {
     pub reason: String,
 }
 
+/// A replica still serving, at another base URL than before (a pod
+/// re-created on another node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub replica_id: String,
+    pub endpoint: String,
+}
+
+/// What a backend saw of its replicas since it last looked.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Observation {
+    /// Replicas that stopped serving (a process that exited, a pod that
+    /// failed); they are no longer run.
+    pub failed: Vec<ReplicaFailure>,
+    /// Replicas that serve somewhere else now; the backend already routes
+    /// its own calls there.
+    pub moved: Vec<Moved>,
+}
+
 /// Starts, stops and watches replicas. Implementations keep, in memory,
 /// which replicas they run; after a restart [`adopt`](Self::adopt) rebuilds
 /// that from what is really running, and
@@ -104,9 +123,9 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// Whether this backend runs the replica now (started or adopted).
     fn runs(&self, replica_id: &str) -> bool;
 
-    /// Replicas that stopped serving since the last call (a process that
-    /// exited, a pod that failed); they are no longer run.
-    fn observe(&self) -> impl Future<Output = Vec<ReplicaFailure>> + Send;
+    /// What changed of its replicas since the last call: those that
+    /// stopped serving and those that serve at a new address.
+    fn observe(&self) -> impl Future<Output = Observation> + Send;
 
     /// Finds the replica `recorded` describes after this executor
     /// restarted, and runs it again when it can vouch for it.
@@ -116,11 +135,4 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// (started by an earlier instance that died before recording it);
     /// returns their ids.
     fn stop_unknown(&self, known: &HashSet<String>) -> impl Future<Output = Vec<String>> + Send;
-
-    /// Replicas still serving at another address than they started on
-    /// since the last call (a pod re-created on another node), with the
-    /// new base URL; the last [`observe`](Self::observe) found them.
-    fn take_moved(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
 }

@@ -1,0 +1,306 @@
+//! What pods say about replicas, as pure functions: [`pod_state`] reads
+//! one pod, [`observe_pods`] turns one listing of the cluster's replica
+//! pods into the [`Observation`] of the replicas this executor runs. The
+//! backend lists the pods, calls it and applies the result.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::objects::{PORT, replica_of};
+use crate::backends::{Moved, Observation, ReplicaFailure};
+
+/// Container waiting reasons that mean the replica will not start by
+/// itself.
+const FATAL_WAITING_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// What one pod says about its replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Ready; its base URL.
+    Ready(String),
+    /// Scheduling, pulling, loading.
+    Pending,
+    /// It will not become ready by itself; why.
+    Failed(String),
+}
+
+pub fn pod_state(pod: &Pod) -> PodState {
+    let Some(status) = pod.status.as_ref() else {
+        return PodState::Pending;
+    };
+    if status.phase.as_deref() == Some("Failed") {
+        return PodState::Failed(format!(
+            "pod failed: {}",
+            status
+                .message
+                .clone()
+                .or_else(|| status.reason.clone())
+                .unwrap_or_default()
+        ));
+    }
+    for container in status.container_statuses.iter().flatten() {
+        if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = waiting.reason.clone().unwrap_or_default();
+            if FATAL_WAITING_REASONS.contains(&reason.as_str()) {
+                return PodState::Failed(format!(
+                    "container {}: {reason}: {}",
+                    container.name,
+                    waiting.message.clone().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    match (ready, status.pod_ip.as_deref()) {
+        (true, Some(ip)) if !ip.is_empty() => PodState::Ready(format!("http://{ip}:{PORT}")),
+        _ => PodState::Pending,
+    }
+}
+
+/// What `pods` (the cluster's replica pods, listed at once) say about the
+/// replicas in `running` (replica id to the base URL it serves at), in
+/// replica-id order. A replica with a ready pod serves: where it did,
+/// unless no ready pod is there any more, then it moved to the first ready
+/// one (its pod was re-created on another node). A replica without a
+/// ready pod but with a failed one failed. Anything else (pending, no pod
+/// yet) is left alone.
+pub fn observe_pods(running: &HashMap<String, String>, pods: &[Pod]) -> Observation {
+    let mut ids: Vec<&String> = running.keys().collect();
+    ids.sort();
+    let mut seen = Observation::default();
+    for id in ids {
+        let states: Vec<PodState> = pods
+            .iter()
+            .filter(|p| replica_of(&p.metadata) == Some(id))
+            .map(pod_state)
+            .collect();
+        let ready: Vec<&String> = states
+            .iter()
+            .filter_map(|s| match s {
+                PodState::Ready(url) => Some(url),
+                _ => None,
+            })
+            .collect();
+        if let Some(first) = ready.first() {
+            if running.get(id).is_some_and(|now| !ready.contains(&now)) {
+                seen.moved.push(Moved {
+                    replica_id: id.clone(),
+                    endpoint: (*first).clone(),
+                });
+            }
+            continue;
+        }
+        if let Some(reason) = states.into_iter().find_map(|s| match s {
+            PodState::Failed(why) => Some(why),
+            _ => None,
+        }) {
+            seen.failed.push(ReplicaFailure {
+                replica_id: id.clone(),
+                reason,
+            });
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::backends::kubernetes::{LABEL_CLUSTER, LABEL_REPLICA};
+
+    fn pod(replica: &str, status: Value) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("flotilla-{replica}-abc"),
+                         "labels": {LABEL_REPLICA: replica, LABEL_CLUSTER: "eu-1"}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn ready(ip: &str) -> Value {
+        json!({"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
+    }
+
+    fn waiting(reason: &str) -> Value {
+        json!({"phase": "Running", "containerStatuses": [{
+            "name": "replica", "image": "flotilla-runner:test", "imageID": "",
+            "ready": false, "restartCount": 4,
+            "state": {"waiting": {"reason": reason, "message": "back-off 1m0s"}}}]})
+    }
+
+    #[test]
+    fn a_pod_is_ready_pending_or_failed() {
+        let cases = [
+            ("no status yet", Value::Null, PodState::Pending),
+            (
+                "ready with an address",
+                ready("10.1.2.3"),
+                PodState::Ready("http://10.1.2.3:8000".into()),
+            ),
+            (
+                "ready without an address",
+                json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
+                PodState::Pending,
+            ),
+            (
+                "running, not ready",
+                json!({"phase": "Running", "podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "False"}]}),
+                PodState::Pending,
+            ),
+            (
+                "failed, with a message",
+                json!({"phase": "Failed", "message": "The node was low on resource: memory.", "reason": "Evicted"}),
+                PodState::Failed("pod failed: The node was low on resource: memory.".into()),
+            ),
+            (
+                "failed, with a reason only",
+                json!({"phase": "Failed", "reason": "Evicted"}),
+                PodState::Failed("pod failed: Evicted".into()),
+            ),
+            (
+                "crash loop",
+                waiting("CrashLoopBackOff"),
+                PodState::Failed("container replica: CrashLoopBackOff: back-off 1m0s".into()),
+            ),
+            (
+                "image pull",
+                waiting("ImagePullBackOff"),
+                PodState::Failed("container replica: ImagePullBackOff: back-off 1m0s".into()),
+            ),
+            (
+                "still creating its container",
+                waiting("ContainerCreating"),
+                PodState::Pending,
+            ),
+        ];
+        for (what, status, expected) in cases {
+            assert_eq!(pod_state(&pod("r", status)), expected, "{what}");
+        }
+    }
+
+    /// (what, running (replica, IP), pods (replica, status), expected).
+    type Case = (
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        Vec<(&'static str, Value)>,
+        Observation,
+    );
+
+    #[test]
+    fn one_listing_says_which_replicas_failed_and_which_moved() {
+        let at = |ip: &str| format!("http://{ip}:8000");
+        let failure = |id: &str, reason: &str| ReplicaFailure {
+            replica_id: id.into(),
+            reason: reason.into(),
+        };
+        let moved = |id: &str, ip: &str| Moved {
+            replica_id: id.into(),
+            endpoint: at(ip),
+        };
+        let evicted = json!({"phase": "Failed", "message": "evicted"});
+        let cases: Vec<Case> = vec![
+            (
+                "ready where it started",
+                vec![("a", "10.0.0.1")],
+                vec![("a", ready("10.0.0.1"))],
+                Observation::default(),
+            ),
+            (
+                "re-created on another node",
+                vec![("a", "10.0.0.1")],
+                vec![("a", ready("10.0.0.9"))],
+                Observation {
+                    moved: vec![moved("a", "10.0.0.9")],
+                    ..Default::default()
+                },
+            ),
+            (
+                "the old address still ready beside a new pod",
+                vec![("a", "10.0.0.1")],
+                vec![("a", ready("10.0.0.9")), ("a", ready("10.0.0.1"))],
+                Observation::default(),
+            ),
+            (
+                "failed",
+                vec![("a", "10.0.0.1")],
+                vec![("a", evicted.clone())],
+                Observation {
+                    failed: vec![failure("a", "pod failed: evicted")],
+                    ..Default::default()
+                },
+            ),
+            (
+                "a failed pod beside a ready one: still serving",
+                vec![("a", "10.0.0.1")],
+                vec![("a", evicted.clone()), ("a", ready("10.0.0.1"))],
+                Observation::default(),
+            ),
+            (
+                "a failed old pod and a ready new one: moved",
+                vec![("a", "10.0.0.1")],
+                vec![("a", evicted.clone()), ("a", ready("10.0.0.9"))],
+                Observation {
+                    moved: vec![moved("a", "10.0.0.9")],
+                    ..Default::default()
+                },
+            ),
+            (
+                "pending again (its node went): left alone",
+                vec![("a", "10.0.0.1")],
+                vec![("a", json!({"phase": "Pending"}))],
+                Observation::default(),
+            ),
+            (
+                "no pod at all: left alone",
+                vec![("a", "10.0.0.1")],
+                vec![],
+                Observation::default(),
+            ),
+            (
+                "pods of replicas this executor does not run are ignored",
+                vec![("a", "10.0.0.1")],
+                vec![("a", ready("10.0.0.1")), ("stray", evicted.clone())],
+                Observation::default(),
+            ),
+            (
+                "several replicas, in id order",
+                vec![("c", "10.0.0.3"), ("a", "10.0.0.1"), ("b", "10.0.0.2")],
+                vec![
+                    ("c", waiting("CrashLoopBackOff")),
+                    ("b", ready("10.0.0.7")),
+                    ("a", evicted.clone()),
+                ],
+                Observation {
+                    failed: vec![
+                        failure("a", "pod failed: evicted"),
+                        failure("c", "container replica: CrashLoopBackOff: back-off 1m0s"),
+                    ],
+                    moved: vec![moved("b", "10.0.0.7")],
+                },
+            ),
+        ];
+        for (what, running, pods, expected) in cases {
+            let running: HashMap<String, String> = running
+                .into_iter()
+                .map(|(id, ip)| (id.to_string(), at(ip)))
+                .collect();
+            let pods: Vec<Pod> = pods.into_iter().map(|(r, s)| pod(r, s)).collect();
+            assert_eq!(observe_pods(&running, &pods), expected, "{what}");
+        }
+    }
+}
