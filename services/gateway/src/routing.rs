@@ -74,10 +74,10 @@ impl Streak {
         *self = Self::default();
     }
 
-    /// The replica failed before answering; from the
-    /// [`EJECT_AFTER`]th failure in a row on, each failure ejects it for
-    /// [`EJECT_FOR`] from `now`. True when this failure ejected a replica
-    /// that was not ejected (an ejection to count).
+    /// The replica failed before answering; from its `EJECT_AFTER`th
+    /// failure in a row on, each failure ejects it for `EJECT_FOR` from
+    /// `now`. True when this failure ejected a replica that was not
+    /// ejected (an ejection to count).
     pub fn failed(&mut self, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
         if self.failures < EJECT_AFTER {
