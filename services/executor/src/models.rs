@@ -68,7 +68,16 @@ pub fn spawn_prefetch(
             spec,
             prefetcher,
             |p: Prefetcher, d| async move {
-                prefetch(&p.bus, &p.cluster, &p.store, &p.cache, &p.models, &p.shutdown, d).await
+                prefetch(
+                    &p.bus,
+                    &p.cluster,
+                    &p.store,
+                    &p.cache,
+                    &p.models,
+                    &p.shutdown,
+                    d,
+                )
+                .await
             },
             stop,
         );
