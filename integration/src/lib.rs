@@ -44,6 +44,8 @@ pub enum HarnessError {
     Stop(#[source] std::io::Error),
     #[error("could not connect to {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("the bus: {0}")]
+    Bus(#[from] flotilla_kit::KitError),
 }
 
 /// A running nats-server with JetStream, owned by one test.
@@ -118,6 +120,21 @@ impl NatsServer {
                 url: self.url(),
                 reason: e.to_string(),
             })
+    }
+
+    /// A bus client named `service` on this server, with the topology
+    /// provisioned as every service provisions it at start.
+    pub async fn provisioned_bus(&self, service: &str) -> Result<flotilla_kit::Bus, HarnessError> {
+        let config =
+            flotilla_kit::BusConfig::for_url(self.url()).map_err(flotilla_kit::KitError::from)?;
+        let bus = flotilla_kit::Bus::connect(
+            &config,
+            service,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await?;
+        flotilla_kit::provision(&bus).await?;
+        Ok(bus)
     }
 
     /// Stops the server gracefully (SIGTERM-like `kill` then wait).
@@ -259,52 +276,49 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Waits for `condition` to become true, polling every few milliseconds, and
-/// fails with `what` after `deadline`. For state that has no event to wait on
-/// (a counter another task bumps); prefer waiting on a subscription.
-pub async fn eventually<F>(deadline: Duration, what: &str, mut condition: F) -> Result<(), String>
-where
-    F: FnMut() -> bool,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if condition() {
-            return Ok(());
-        }
-        if start.elapsed() > deadline {
-            return Err(format!("timed out after {deadline:?} waiting for {what}"));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// The shipped model, SmolLM2-135M-Instruct as a Q4_1 GGUF, where
+/// `scripts/install-tools` puts it.
+pub fn shipped_model() -> PathBuf {
+    workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// Waits for the next event of type `ty` (about `name`, when given) on a
-/// subscription to `<prefix>.events.>`, skipping others; panics with what
-/// it waited for after `deadline`. Test code: a panic is the failure.
-pub async fn wait_for_event(
+/// The next event on `sub` (a subscription to `<prefix>.events.>` or part
+/// of it) that `wanted` accepts, skipping the others and anything that does
+/// not decode; `None` when `deadline` passes or the subscription ends first.
+pub async fn next_event(
     sub: &mut async_nats::Subscriber,
-    ty: flotilla_proto::EventType,
-    name: Option<&str>,
     deadline: Duration,
-) -> flotilla_proto::v1::Event {
+    mut wanted: impl FnMut(&flotilla_proto::v1::Event) -> bool,
+) -> Option<flotilla_proto::v1::Event> {
     use futures::StreamExt;
     use prost::Message;
-    let want = ty.to_string();
     let found = tokio::time::timeout(deadline, async {
         while let Some(msg) = sub.next().await {
-            let Ok(event) = flotilla_proto::v1::Event::decode(msg.payload) else {
-                continue;
-            };
-            if event.r#type == want && name.is_none_or(|n| event.name == n) {
+            if let Ok(event) = flotilla_proto::v1::Event::decode(msg.payload)
+                && wanted(&event)
+            {
                 return Some(event);
             }
         }
         None
     })
     .await;
-    match found {
-        Ok(Some(event)) => event,
-        Ok(None) => panic!("the subscription ended before {want} {name:?}"),
-        Err(_) => panic!("no {want} {name:?} within {deadline:?}"),
-    }
+    found.ok().flatten()
+}
+
+/// Waits for the next event of type `ty` (about `name`, when given), as
+/// [`next_event`]; panics with what it waited for after `deadline`. Test
+/// code: a panic is the failure.
+pub async fn wait_for_event(
+    sub: &mut async_nats::Subscriber,
+    ty: flotilla_proto::EventType,
+    name: Option<&str>,
+    deadline: Duration,
+) -> flotilla_proto::v1::Event {
+    let want = ty.to_string();
+    next_event(sub, deadline, |e| {
+        e.r#type == want && name.is_none_or(|n| e.name == n)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no {want} {name:?} within {deadline:?} (or the subscription ended)"))
 }

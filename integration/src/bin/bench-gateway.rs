@@ -34,11 +34,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use flotilla_integration::{NatsServer, workspace_root};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::{NatsServer, shipped_model};
+use flotilla_kit::RecordStore;
 use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "bench-key";
 const MODEL: &str = "smollm2";
@@ -236,10 +235,7 @@ async fn main() -> anyhow::Result<()> {
             .context("no folder of this binary")?
             .to_path_buf(),
     };
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model = args.model.clone().unwrap_or_else(shipped_model);
     if !model.is_file() {
         bail!("{} missing; run scripts/install-tools", model.display());
     }
@@ -261,13 +257,7 @@ async fn main() -> anyhow::Result<()> {
     wait_until(&format!("{runner}/health"), "", Duration::from_secs(120)).await?;
 
     // What the runner's executor would write.
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url())?,
-        "bench",
-        &CancellationToken::new(),
-    )
-    .await?;
-    flotilla_kit::provision(&bus).await?;
+    let bus = server.provisioned_bus("bench").await?;
     let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas").await?;
     let replica = ReplicaStatus {
         replica_id: "bench-1".into(),

@@ -99,9 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
-    let config = flotilla_kit::BusConfig::for_url(server.url())?;
-    let bus = flotilla_kit::Bus::connect(&config, "bench", &Default::default()).await?;
-    flotilla_kit::provision(&bus).await?;
+    let bus = server.provisioned_bus("bench").await?;
 
     let inventory_bin = std::env::current_exe()?
         .parent()

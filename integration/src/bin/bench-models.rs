@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use flotilla_integration::{NatsServer, workspace_root};
+use flotilla_integration::{NatsServer, shipped_model};
 use flotilla_proto::v1;
 use tokio_util::sync::CancellationToken;
 
@@ -25,19 +25,13 @@ async fn main() -> anyhow::Result<()> {
     let file = std::env::args()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(shipped_model);
     let size = std::fs::metadata(&file)
         .with_context(|| format!("{} (run scripts/install-tools)", file.display()))?
         .len();
     let mb = size as f64 / 1e6;
     let server = NatsServer::start().await?;
-    let bus = flotilla_kit::Bus::connect(
-        &flotilla_kit::BusConfig::for_url(server.url())?,
-        "bench",
-        &CancellationToken::new(),
-    )
-    .await?;
-    flotilla_kit::provision(&bus).await?;
+    let bus = server.provisioned_bus("bench").await?;
     let store = bus.jetstream.get_object_store("models").await?;
     // Same disk as the nats-server store.
     let scratch = server.store_dir().join("bench-scratch");

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_integration::NatsServer;
 use flotilla_integration::fleet;
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_kit::Bus;
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, event::Payload};
-use futures::StreamExt;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, apply, next_event as next_matching, poll_until};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const MODEL: &str = "smollm2-135m-instruct";
@@ -84,28 +83,12 @@ async fn next_event(
     deadline: Duration,
 ) -> Option<v1::Event> {
     let want = ty.to_string();
-    tokio::time::timeout(deadline, async {
-        while let Some(msg) = sub.next().await {
-            if let Ok(e) = v1::Event::decode(msg.payload)
-                && e.r#type == want
-            {
-                return Some(e);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
+    next_matching(sub, deadline, |e| e.r#type == want).await
 }
 
 async fn ready_replicas(bus: &Bus) -> Vec<ReplicaStatus> {
-    RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name)
+    support::replicas(bus)
         .await
-        .unwrap()
-        .list()
-        .await
-        .unwrap()
         .into_iter()
         .filter(|r| r.phase() == ReplicaPhase::Ready)
         .collect()
@@ -131,31 +114,14 @@ fn clusters_of(replicas: &[ReplicaStatus]) -> Vec<String> {
 
 #[tokio::test]
 async fn replicas_follow_the_load_where_placement_prefers() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url()).unwrap(),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
     fleet::control_services(&server, Duration::from_secs(3));
-    fleet::rollout(&server, 3);
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let gateway = flotilla_gateway::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        region: String::new(),
-        api_keys: Vec::new(),
-    };
-    tokio::spawn(async move {
-        flotilla_gateway::run(gateway, CancellationToken::new(), Some(bound_tx))
-            .await
-            .unwrap()
-    });
-    let gateway = format!("http://{}", bound_rx.await.unwrap());
+    fleet::rollout(&config, 3);
+    let gateway = format!(
+        "http://{}",
+        fleet::gateway(fleet::gateway_config(&config)).await
+    );
     let caches = tempfile::tempdir().unwrap();
     fleet::executor(&server, "cheap", "2xH100-80GB", &[], 1.0, caches.path());
     fleet::executor(&server, "dear", "2xH100-80GB", &[], 3.0, caches.path());
@@ -164,10 +130,7 @@ async fn replicas_follow_the_load_where_placement_prefers() {
             .await
             .expect("clusters join");
     }
-    let docs = flotilla_cli::deployments::parse_documents(AUTOSCALED).unwrap();
-    flotilla_cli::deployments::apply(&bus, docs, &mut Vec::new())
-        .await
-        .unwrap();
+    apply(&bus, AUTOSCALED).await;
     next_event(&mut events, EventType::RolloutCompleted, DEADLINE)
         .await
         .expect("the first replica");
@@ -195,19 +158,11 @@ async fn replicas_follow_the_load_where_placement_prefers() {
     let mut load_ms = Vec::new();
     let mut starting: std::collections::BTreeMap<String, i64> = Default::default();
     while ready_replicas(&bus).await.len() < 3 {
-        let e = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let msg = events.next().await.unwrap();
-                let Ok(e) = v1::Event::decode(msg.payload) else {
-                    continue;
-                };
-                if e.r#type == EventType::ReplicaStarting.to_string() {
-                    starting.insert(e.name.clone(), e.time_unix_ms);
-                }
-                if e.r#type == EventType::ReplicaReady.to_string() {
-                    return e;
-                }
+        let e = next_matching(&mut events, DEADLINE, |e| {
+            if e.r#type == EventType::ReplicaStarting.to_string() {
+                starting.insert(e.name.clone(), e.time_unix_ms);
             }
+            e.r#type == EventType::ReplicaReady.to_string()
         })
         .await
         .expect("new replicas ready");
@@ -228,11 +183,11 @@ async fn replicas_follow_the_load_where_placement_prefers() {
         .collect();
     // Serving through the gateway: each new replica answers requests.
     for r in &added {
-        let deadline = Instant::now() + DEADLINE;
-        while served(&r.endpoint).await < 1.0 {
-            assert!(Instant::now() < deadline, "{} never served", r.replica_id);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("request served by {}", r.replica_id);
+        poll_until(DEADLINE, &what, || async {
+            (served(&r.endpoint).await >= 1.0).then_some(())
+        })
+        .await;
     }
     let serving_after = step_at.elapsed();
     eprintln!(

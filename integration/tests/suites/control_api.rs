@@ -11,13 +11,13 @@ use flotilla_control_api::api::{
     ApplyDeploymentRequest, DeleteDeploymentRequest, GetDeploymentRequest, ListDeploymentsRequest,
     WatchEvent, WatchRequest,
 };
-use flotilla_integration::NatsServer;
-use flotilla_kit::BusConfig;
+use flotilla_integration::{NatsServer, fleet};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::ModelDeployment;
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
+
+use crate::support;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -38,30 +38,9 @@ async fn next_event(stream: &mut tonic::Streaming<WatchEvent>) -> WatchEvent {
 #[tokio::test]
 async fn deployments_over_grpc_take_the_bus_path() {
     let server = NatsServer::start().await.unwrap();
-    let placement = flotilla_placement::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Default::default(),
-        flap_probation_ms: 30_000,
-    };
-    tokio::spawn(async move {
-        flotilla_placement::run(placement, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-    let config = flotilla_control_api::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        answer_timeout: Duration::from_secs(10),
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        flotilla_control_api::run(config, CancellationToken::new(), Some(tx))
-            .await
-            .unwrap()
-    });
-    let addr = rx.await.unwrap();
+    let config = support::config(&server);
+    fleet::placement(&config);
+    let addr = fleet::control_api(&config).await;
     let mut api = ControlApiClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

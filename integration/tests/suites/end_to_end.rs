@@ -4,48 +4,24 @@
 
 use std::time::Duration;
 
-use flotilla_integration::{NatsServer, fleet};
-use flotilla_kit::{Bus, BusConfig};
+use flotilla_integration::fleet;
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, event::Payload};
-use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, apply, ask, wait_for_event};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn config(server: &NatsServer) -> BusConfig {
-    BusConfig::for_url(server.url()).unwrap()
-}
+const MODEL: &str = "smollm2-135m-instruct";
 
 async fn next_of(sub: &mut async_nats::Subscriber, ty: EventType) -> v1::Event {
-    flotilla_integration::wait_for_event(sub, ty, None, DEADLINE).await
-}
-
-async fn chat(endpoint: &str) -> String {
-    let v: serde_json::Value = reqwest::Client::new()
-        .post(format!("{endpoint}/v1/chat/completions"))
-        .json(&serde_json::json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0, "max_tokens": 6}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    wait_for_event(sub, ty, None, DEADLINE).await
 }
 
 #[tokio::test]
 async fn apply_serves_the_model_and_a_dead_cluster_is_replaced() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(&config(&server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
     fleet::control_services(&server, Duration::from_secs(1));
-    fleet::rollout(&server, 3);
+    fleet::rollout(&support::config(&server), 3);
     let caches = tempfile::tempdir().unwrap();
     let cheap = fleet::executor(
         &server,
@@ -79,17 +55,14 @@ spec:
       preferred:
         - {weight: 100, propertySorter: {name: cost.perGpuHour, order: Ascending}}
 "#;
-    let docs = flotilla_cli::deployments::parse_documents(doc).unwrap();
-    flotilla_cli::deployments::apply(&bus, docs, &mut Vec::new())
-        .await
-        .unwrap();
+    apply(&bus, doc).await;
 
     let ready = next_of(&mut events, EventType::ReplicaReady).await;
     let Some(Payload::Replica(first)) = ready.payload else {
         panic!("no status")
     };
     assert_eq!(first.cluster, "cheap");
-    assert!(!chat(&first.endpoint).await.is_empty());
+    assert!(!ask(&first.endpoint, MODEL, "Hi!", 6).await.is_empty());
 
     // The cheap cluster's executor dies: its replica is replaced on the
     // other cluster without any gate.
@@ -102,7 +75,7 @@ spec:
     assert_eq!(second.cluster, "dear");
     assert_ne!(second.replica_id, first.replica_id);
     assert!(second.generation > first.generation);
-    assert!(!chat(&second.endpoint).await.is_empty());
+    assert!(!ask(&second.endpoint, MODEL, "Hi!", 6).await.is_empty());
 
     let mut table = Vec::new();
     flotilla_cli::replicas::get(&bus, Some("chat"), flotilla_cli::Output::Table, &mut table)

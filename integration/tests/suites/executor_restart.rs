@@ -14,16 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use flotilla_integration::{NatsServer, workspace_root};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::NatsServer;
+use flotilla_integration::fleet::target_bin;
+use flotilla_kit::{Bus, RecordStore};
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, executor_command::Action};
 use flotilla_proto::{CommandAction, EventType};
-use futures::StreamExt;
-use prost::Message;
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 
-use flotilla_integration::fleet::target_bin;
+use crate::support::{self, ask, free_ports, next_event, poll_until, push, shipped_model};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const CLUSTER: &str = "eu-1";
@@ -118,19 +116,12 @@ impl Events {
     async fn until(&mut self, ty: EventType, name: &str, log: &Path) -> v1::Event {
         let want = ty.to_string();
         let seen = &mut self.seen;
-        let sub = &mut self.sub;
-        tokio::time::timeout(DEADLINE, async {
-            while let Some(msg) = sub.next().await {
-                let event = v1::Event::decode(msg.payload).unwrap();
-                seen.push(event.clone());
-                if event.r#type == want && event.name == name {
-                    return event;
-                }
-            }
-            panic!("subscription ended");
+        next_event(&mut self.sub, DEADLINE, |event| {
+            seen.push(event.clone());
+            event.r#type == want && event.name == name
         })
         .await
-        .unwrap_or_else(|_| {
+        .unwrap_or_else(|| {
             panic!(
                 "no {want} for {name} within {DEADLINE:?}; executor log: {}",
                 std::fs::read_to_string(log).unwrap_or_default()
@@ -148,53 +139,19 @@ impl Events {
 }
 
 fn command(generation: u64, id_suffix: &str, action: Action) -> v1::ExecutorCommand {
-    let replica = match &action {
-        Action::Start(s) => s.replica_id.clone(),
-        Action::Stop(s) => s.replica_id.clone(),
-        Action::Prefetch(_) => String::new(),
-    };
-    v1::ExecutorCommand {
-        command_id: format!("chat-{generation}-{replica}-{id_suffix}"),
-        cluster: CLUSTER.into(),
-        deployment: "chat".into(),
-        generation,
-        action: Some(action),
-    }
+    support::command(CLUSTER, generation, &format!("-{id_suffix}"), action)
 }
 
 fn start(replica: &str) -> Action {
-    Action::Start(v1::StartReplica {
-        replica_id: replica.into(),
-        model: Some(v1::ModelRef {
-            name: "smollm2".into(),
-            ..Default::default()
-        }),
-        runtime: v1::Runtime::Candle.into(),
-        ..Default::default()
-    })
+    support::start_replica(replica, v1::Runtime::Candle)
 }
 
 fn stop(replica: &str) -> Action {
-    Action::Stop(v1::StopReplica {
-        replica_id: replica.into(),
-        reason: "scaled down".into(),
-    })
+    support::stop_replica(replica, "scaled down")
 }
 
 async fn chat(endpoint: &str) -> String {
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(format!("{endpoint}/v1/chat/completions"))
-        .json(&serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0, "max_tokens": 6}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    ask(endpoint, "smollm2", "Say hi.", 6).await
 }
 
 /// A nats-server with the model pushed, and an executor binary ready to
@@ -214,31 +171,14 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Self {
-        let server = NatsServer::start().await.unwrap();
-        let bus = Bus::connect(
-            &BusConfig::for_url(server.url()).unwrap(),
-            "test",
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        flotilla_kit::provision(&bus).await.unwrap();
+        let (server, bus, sub) = support::bus_with_events().await;
         let events = Events {
-            sub: bus.client.subscribe("flotilla.events.>").await.unwrap(),
+            sub,
             seen: Vec::new(),
         };
-        flotilla_integration::fleet::model_provisioner(&server);
-        let model = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        flotilla_cli::models::push(
-            &bus,
-            &model,
-            "smollm2",
-            None,
-            &mut Vec::new(),
-            &mut Vec::new(),
-        )
-        .await
-        .unwrap();
+        flotilla_integration::fleet::model_provisioner(&support::config(&server));
+        let model = shipped_model();
+        push(&bus, &model, "smollm2", None).await;
         let work = tempfile::tempdir().unwrap();
         let cache = work.path().join("cache");
         std::fs::create_dir_all(&cache).unwrap();
@@ -305,17 +245,11 @@ impl Fleet {
             .await
             .unwrap();
         let consumer = format!("executor-{CLUSTER}-replicas");
-        tokio::time::timeout(DEADLINE, async {
-            loop {
-                let info = stream.consumer_info(&consumer).await.unwrap();
-                if info.num_pending == 0 && info.num_ack_pending == 0 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        poll_until(DEADLINE, "empty executor command queue", || async {
+            let info = stream.consumer_info(&consumer).await.unwrap();
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
         })
-        .await
-        .expect("the executor handles every command");
+        .await;
     }
 }
 
@@ -353,11 +287,7 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
     .await;
     f.publish(CommandAction::Start, command(2, "a", start("chat-g2-1")))
         .await;
-    let stray_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let [stray_port] = free_ports();
     let mut stray = Command::new(&runner)
         .args(["--model", model.to_str().unwrap()])
         .args(["--served-model-name", "smollm2"])
@@ -441,11 +371,10 @@ async fn an_executor_killed_while_starting_a_replica_adopts_it_after_restart() {
         .await;
     // kill -9 once the runner process exists, before its start command is
     // acknowledged.
-    flotilla_integration::eventually(DEADLINE, "a runner for chat-g4-0", || {
-        !replica_processes(&owner, "chat-g4-0").is_empty()
+    poll_until(DEADLINE, "runner for chat-g4-0", || async {
+        (!replica_processes(&owner, "chat-g4-0").is_empty()).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
     first.kill().await.unwrap();
     first.wait().await.unwrap();
     let runner_pids = replica_processes(&owner, "chat-g4-0");

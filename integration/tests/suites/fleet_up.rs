@@ -8,7 +8,7 @@
 //! Run with `--nocapture` to see the failover timings.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,30 +17,12 @@ use flotilla_integration::{fleet, workspace_root};
 use flotilla_kit::{Bus, BusConfig, RecordStore, now_unix_ms};
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, event::Payload};
-use futures::StreamExt;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{free_ports, next_event as next_matching, poll_until, python};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn python() -> PathBuf {
-    let p = workspace_root().join(".tools/venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-tools",
-        p.display()
-    );
-    p
-}
 
 /// Waits until `done` holds for the replicas in KV.
 async fn replicas_until(
@@ -138,37 +120,31 @@ async fn next_event(
     wanted: impl Fn(&v1::Event) -> bool,
     what: &str,
 ) -> v1::Event {
-    let found = tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            if let Ok(e) = v1::Event::decode(msg.payload)
-                && wanted(&e)
-            {
-                return Some(e);
-            }
-        }
-        None
-    })
-    .await;
-    found
-        .ok()
-        .flatten()
+    next_matching(sub, DEADLINE, wanted)
+        .await
         .unwrap_or_else(|| panic!("no {what} within {DEADLINE:?}"))
 }
 
-/// Runs the `flotilla` command line to the end; its standard output,
-/// after checking it succeeded.
-async fn flotilla(args: &[&str]) -> String {
-    let out = tokio::process::Command::new(fleet::target_bin("flotilla"))
+/// Runs `program` to the end; its standard output, after checking it
+/// succeeded.
+async fn output_of(program: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(program)
         .args(args)
         .output()
         .await
         .unwrap();
     assert!(
         out.status.success(),
-        "flotilla {args:?}: {}",
+        "{} failed: {}",
+        program.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the `flotilla` command line to the end; its standard output.
+async fn flotilla(args: &[&str]) -> String {
+    output_of(&fleet::target_bin("flotilla"), args).await
 }
 
 fn log_of(data: &Path) -> String {
@@ -179,7 +155,7 @@ fn log_of(data: &Path) -> String {
 async fn flotilla_up_serves_and_survives_a_killed_cluster() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_string();
-    let (nats_port, gateway_port, grpc_port) = (free_port(), free_port(), free_port());
+    let [nats_port, gateway_port, grpc_port] = free_ports();
     let log = std::fs::File::create(data.path().join("up.log")).unwrap();
     let mut up = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args(["up", "--data-dir", &data_dir])
@@ -235,17 +211,8 @@ stream = client.chat.completions.create(model=sys.argv[2], messages=[{"role": "u
 streamed = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
 print(json.dumps({"models": [m.id for m in client.models.list().data], "text": chat.choices[0].message.content, "streamed": streamed}))
 "#;
-    let out = tokio::process::Command::new(python())
-        .args(["-c", script, &gateway, MODEL])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = output_of(&python(), &["-c", script, &gateway, MODEL]).await;
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         answer["models"]
             .as_array()
@@ -289,16 +256,7 @@ async def main():
     await nc.close()
 asyncio.run(main())
 "#;
-    let out = tokio::process::Command::new(python())
-        .args(["-c", publish, &nats_url])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    output_of(&python(), &["-c", publish, &nats_url]).await;
     replicas_until(&replicas, "a ready chat-b replica", |all| {
         ready_of(all, "chat-b").len() == 1
     })
@@ -333,11 +291,12 @@ asyncio.run(main())
         stop_load.clone(),
     );
     let warm = ok.load(Ordering::SeqCst) + 4;
-    flotilla_integration::eventually(Duration::from_secs(60), "requests before the kill", || {
-        ok.load(Ordering::SeqCst) >= warm
-    })
-    .await
-    .unwrap();
+    poll_until(
+        Duration::from_secs(60),
+        "requests before the kill",
+        || async { (ok.load(Ordering::SeqCst) >= warm).then_some(()) },
+    )
+    .await;
     let victim = ready_of(&first, "smollm2")[0].cluster.clone();
     let executor = pids_with(&["executor", "--cluster", &victim, &data_dir]);
     assert_eq!(executor.len(), 1, "one executor process for {victim}");
@@ -385,13 +344,12 @@ asyncio.run(main())
     };
     assert_ne!(replacement.cluster, victim);
     let answered_after = ok.load(Ordering::SeqCst) + 4;
-    flotilla_integration::eventually(
+    poll_until(
         Duration::from_secs(60),
         "requests after the failover",
-        || ok.load(Ordering::SeqCst) >= answered_after,
+        || async { (ok.load(Ordering::SeqCst) >= answered_after).then_some(()) },
     )
-    .await
-    .unwrap();
+    .await;
     stop_load.cancel();
     let failures = failed.load(Ordering::SeqCst);
 

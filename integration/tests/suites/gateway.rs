@@ -2,55 +2,22 @@
 //! retry on a replica that refuses connections, streaming pass-through,
 //! ejection, and the `/metrics` that count all of it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flotilla_integration::{NatsServer, workspace_root};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::fleet;
+use flotilla_kit::RecordStore;
 use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, poll_until};
 
 #[tokio::test]
 async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url()).unwrap(),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
+    let (server, bus) = support::bus().await;
 
     // A real runner.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let args = flotilla_runner::Args {
-        model: workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        served_model_name: Some("smollm2".into()),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        max_queue: 16,
-        max_batch: 8,
-        device: "cpu".into(),
-        log_format: Default::default(),
-    };
-    tokio::spawn(async move {
-        flotilla_runner::run(args, CancellationToken::new(), Some(tx))
-            .await
-            .unwrap()
-    });
-    let runner = format!("http://{}", rx.await.unwrap());
+    let runner = support::runner("smollm2").await;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http
-        .get(format!("{runner}/health"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "runner never loaded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // A dead port for a replica that claims to be ready.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -79,35 +46,17 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
     }
 
     let config = flotilla_gateway::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        listen: "127.0.0.1:0".parse().unwrap(),
         // Its own region holds the dead replica: it is tried first.
         region: "eu".into(),
         api_keys: vec!["secret".into()],
+        ..fleet::gateway_config(&support::config(&server))
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        flotilla_gateway::run(config, CancellationToken::new(), Some(tx))
-            .await
-            .unwrap()
-    });
-    let gateway = format!("http://{}", rx.await.unwrap());
+    let gateway = format!("http://{}", fleet::gateway(config).await);
 
     let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 6});
-    let no_key = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
+    let no_key = complete(&http, &gateway, None, &chat).await;
     assert_eq!(no_key.status(), 401);
-    let wrong = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth("guess")
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
+    let wrong = complete(&http, &gateway, Some("guess"), &chat).await;
     assert_eq!(wrong.status(), 401);
 
     let models: Value = http
@@ -121,13 +70,7 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
         .unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2");
 
-    let answer = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth("secret")
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
+    let answer = complete(&http, &gateway, Some("secret"), &chat).await;
     assert_eq!(answer.status(), 200);
     assert_eq!(
         answer.headers()["x-flotilla-replica"],
@@ -135,33 +78,16 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
         "the dead replica was not skipped"
     );
     let body: Value = answer.json().await.unwrap();
-    assert!(
-        !body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(!support::text(&body).is_empty(), "{body}");
 
     let mut unknown = chat.clone();
     unknown["model"] = json!("gpt-9");
-    let r = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth("secret")
-        .json(&unknown)
-        .send()
-        .await
-        .unwrap();
+    let r = complete(&http, &gateway, Some("secret"), &unknown).await;
     assert_eq!(r.status(), 404);
 
     let mut streaming = chat.clone();
     streaming["stream"] = json!(true);
-    let r = http
-        .post(format!("{gateway}/v1/chat/completions"))
-        .bearer_auth("secret")
-        .json(&streaming)
-        .send()
-        .await
-        .unwrap();
+    let r = complete(&http, &gateway, Some("secret"), &streaming).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()[reqwest::header::CONTENT_TYPE]
@@ -179,13 +105,7 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
     // served. This third refused connection ejects the dead replica...
     let empty = json!({"model": "smollm2", "messages": []});
     for _ in 0..2 {
-        let r = http
-            .post(format!("{gateway}/v1/chat/completions"))
-            .bearer_auth("secret")
-            .json(&empty)
-            .send()
-            .await
-            .unwrap();
+        let r = complete(&http, &gateway, Some("secret"), &empty).await;
         assert_eq!(r.status(), 400);
         assert_eq!(r.headers()["x-flotilla-replica"], "live");
         r.bytes().await.unwrap();
@@ -263,29 +183,44 @@ async fn routes_by_model_checks_keys_and_skips_a_dead_replica() {
 
     // Nothing stays in flight once every answer has been read; the count
     // drops when the server lets go of the relayed body.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = scrape(&http, &gateway).await;
-        let live = sample(
-            &metrics,
-            "flotilla_gateway_replica_in_flight",
-            &[
-                ("replica", "live"),
-                ("cluster", "us-1"),
-                ("model", "smollm2"),
-            ],
-        );
-        let dead = sample(
-            &metrics,
-            "flotilla_gateway_replica_in_flight",
-            &[("replica", "dead")],
-        );
-        if live == 0.0 && dead == 0.0 && metrics.contains("replica=\"live\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still in flight: {metrics}");
-        tokio::task::yield_now().await;
+    poll_until(
+        Duration::from_secs(5),
+        "zero requests in flight to either replica",
+        || async {
+            let metrics = scrape(&http, &gateway).await;
+            let live = sample(
+                &metrics,
+                "flotilla_gateway_replica_in_flight",
+                &[
+                    ("replica", "live"),
+                    ("cluster", "us-1"),
+                    ("model", "smollm2"),
+                ],
+            );
+            let dead = sample(
+                &metrics,
+                "flotilla_gateway_replica_in_flight",
+                &[("replica", "dead")],
+            );
+            (live == 0.0 && dead == 0.0 && metrics.contains("replica=\"live\"")).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A chat completion through the gateway, with `key` as the bearer token
+/// when given.
+async fn complete(
+    http: &reqwest::Client,
+    gateway: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut request = http.post(format!("{gateway}/v1/chat/completions"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
     }
+    request.json(body).send().await.unwrap()
 }
 
 async fn scrape(http: &reqwest::Client, gateway: &str) -> String {

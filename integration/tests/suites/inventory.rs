@@ -6,78 +6,52 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_cli::clusters::{self, ClusterAction};
-use flotilla_integration::NatsServer;
-use flotilla_kit::{Bus, BusConfig, RecordStore, now_unix_ms};
+use flotilla_integration::{NatsServer, fleet};
+use flotilla_kit::{Bus, RecordStore, now_unix_ms};
 use flotilla_proto::v1::{self, ClusterHealth, ClusterRecord, event::Payload};
 use flotilla_proto::{ControlSubject, EventType};
 use futures::StreamExt;
 use prost::Message;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, wait_for_event};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const UNHEALTHY_AFTER: Duration = Duration::from_secs(1);
 
-fn bus_config(server: &NatsServer) -> BusConfig {
-    BusConfig::for_url(server.url()).unwrap()
+fn start_inventory(server: &NatsServer) {
+    fleet::inventory(&support::config(server), UNHEALTHY_AFTER);
 }
 
-async fn client_bus(server: &NatsServer) -> Bus {
-    let bus = Bus::connect(&bus_config(server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    bus
+/// A server, a client and its subscription to `events`, then inventory.
+async fn inventory_running(events: &str) -> (NatsServer, Bus, async_nats::Subscriber) {
+    let (server, bus) = support::bus().await;
+    let events = bus.client.subscribe(events.to_string()).await.unwrap();
+    start_inventory(&server);
+    (server, bus, events)
 }
 
-fn start_inventory(server: &NatsServer) -> (CancellationToken, JoinHandle<()>) {
-    let config = flotilla_inventory::Config {
-        bus: bus_config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: flotilla_inventory::HealthPolicy {
-            unhealthy_after_ms: UNHEALTHY_AFTER.as_millis() as i64,
-            left_after_ms: 600_000,
-            max_clock_skew_ms: 30_000,
-        },
-        check_interval: Duration::from_millis(100),
-    };
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let task = tokio::spawn(async move { flotilla_inventory::run(config, token).await.unwrap() });
-    (stop, task)
-}
-
-fn start_executor(server: &NatsServer, cluster: &str, region: &str) -> JoinHandle<()> {
-    let args = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: vec![format!("region={region}"), "env=prod".into()],
-        taints: vec![],
-        gpus: "2xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour: 2.5,
-        heartbeat_interval: Duration::from_millis(200),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        model_cache_dir: Some(std::env::temp_dir().join(format!(
-            "flotilla-test-cache-{}-{cluster}",
-            std::process::id()
-        ))),
-        ..Default::default()
-    };
-    let config = args.validate().unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    })
+/// A cluster of two H100s in `region`, its model cache under `caches`.
+fn start_executor(
+    server: &NatsServer,
+    cluster: &str,
+    region: &str,
+    caches: &std::path::Path,
+) -> JoinHandle<()> {
+    let region = format!("region={region}");
+    fleet::executor(
+        server,
+        cluster,
+        "2xH100-80GB",
+        &[&region, "env=prod"],
+        2.5,
+        caches,
+    )
 }
 
 /// Waits for the next event of `ty` about `name` on a core subscription.
 async fn expect_event(sub: &mut async_nats::Subscriber, ty: EventType, name: &str) -> v1::Event {
-    flotilla_integration::wait_for_event(sub, ty, Some(name), DEADLINE).await
+    wait_for_event(sub, ty, Some(name), DEADLINE).await
 }
 
 /// Every event stored in the events stream about `cluster`, by type.
@@ -112,15 +86,9 @@ async fn stored_events(bus: &Bus, cluster: &str) -> BTreeMap<String, usize> {
 
 #[tokio::test]
 async fn a_cluster_joins_goes_unhealthy_when_its_executor_dies_and_recovers() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = client_bus(&server).await;
-    let mut events = bus
-        .client
-        .subscribe("flotilla.events.cluster.>")
-        .await
-        .unwrap();
-    let (_stop, _inventory) = start_inventory(&server);
-    let executor = start_executor(&server, "eu-1", "eu-west-1");
+    let (server, bus, mut events) = inventory_running("flotilla.events.cluster.>").await;
+    let caches = tempfile::tempdir().unwrap();
+    let executor = start_executor(&server, "eu-1", "eu-west-1", caches.path());
 
     let joined = expect_event(&mut events, EventType::ClusterJoined, "eu-1").await;
     let Some(Payload::Cluster(record)) = joined.payload else {
@@ -161,7 +129,7 @@ async fn a_cluster_joins_goes_unhealthy_when_its_executor_dies_and_recovers() {
     );
 
     // It comes back.
-    let _executor = start_executor(&server, "eu-1", "eu-west-1");
+    let _executor = start_executor(&server, "eu-1", "eu-west-1", caches.path());
     expect_event(&mut events, EventType::ClusterHealthy, "eu-1").await;
     assert_eq!(
         store.get("eu-1").await.unwrap().unwrap().0.health(),
@@ -171,21 +139,15 @@ async fn a_cluster_joins_goes_unhealthy_when_its_executor_dies_and_recovers() {
 
 #[tokio::test]
 async fn two_inventory_instances_publish_each_transition_once() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = client_bus(&server).await;
-    let mut events = bus
-        .client
-        .subscribe("flotilla.events.cluster.>")
-        .await
-        .unwrap();
-    let (_s1, _i1) = start_inventory(&server);
-    let (_s2, _i2) = start_inventory(&server);
+    let (server, bus, mut events) = inventory_running("flotilla.events.cluster.>").await;
+    let caches = tempfile::tempdir().unwrap();
+    start_inventory(&server);
 
-    let executor = start_executor(&server, "us-1", "us-east-1");
+    let executor = start_executor(&server, "us-1", "us-east-1", caches.path());
     expect_event(&mut events, EventType::ClusterJoined, "us-1").await;
     executor.abort();
     expect_event(&mut events, EventType::ClusterUnhealthy, "us-1").await;
-    let _executor = start_executor(&server, "us-1", "us-east-1");
+    let _executor = start_executor(&server, "us-1", "us-east-1", caches.path());
     expect_event(&mut events, EventType::ClusterHealthy, "us-1").await;
 
     // Both instances watch every record; give them the time of several
@@ -205,15 +167,9 @@ async fn two_inventory_instances_publish_each_transition_once() {
 
 #[tokio::test]
 async fn cordon_shows_in_kv_in_events_and_in_get_clusters() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = client_bus(&server).await;
-    let mut events = bus
-        .client
-        .subscribe("flotilla.events.cluster.>")
-        .await
-        .unwrap();
-    let (_stop, _inventory) = start_inventory(&server);
-    let _executor = start_executor(&server, "ap-1", "ap-south-1");
+    let (server, bus, mut events) = inventory_running("flotilla.events.cluster.>").await;
+    let caches = tempfile::tempdir().unwrap();
+    let _executor = start_executor(&server, "ap-1", "ap-south-1", caches.path());
     expect_event(&mut events, EventType::ClusterJoined, "ap-1").await;
 
     let mut out = Vec::new();
@@ -295,10 +251,7 @@ async fn cordon_shows_in_kv_in_events_and_in_get_clusters() {
 
 #[tokio::test]
 async fn a_bad_heartbeat_gets_an_error_event_and_leaves_kv_alone() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = client_bus(&server).await;
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    let (_stop, _inventory) = start_inventory(&server);
+    let (_server, bus, mut events) = inventory_running("flotilla.events.>").await;
 
     let gpu = v1::GpuDevice {
         index: 0,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use flotilla_integration::NatsServer;
 use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
-    Bus, BusConfig, ConsumerSpec, Delivery, EventDraft, HandlerError, TraceContext, provision,
+    Bus, ConsumerSpec, Delivery, EventDraft, HandlerError, TraceContext, provision,
 };
 use flotilla_proto::codec::{CONTENT_TYPE, JSON, PROTOBUF};
 use flotilla_proto::v1::{self, event::Payload};
@@ -19,11 +19,31 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::{config, poll_until};
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A client named `service`, without provisioning.
 async fn bus(server: &NatsServer, service: &str) -> Bus {
-    let config = BusConfig::for_url(server.url()).unwrap();
-    Bus::connect(&config, service, &CancellationToken::new())
+    Bus::connect(&config(server), service, &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// A server and a client named `service`, provisioned.
+async fn provisioned(service: &str) -> (NatsServer, Bus) {
+    let server = NatsServer::start().await.unwrap();
+    let bus = server.provisioned_bus(service).await.unwrap();
+    (server, bus)
+}
+
+/// The state of the deployment-apply consumer the tests run.
+async fn apply_consumer(bus: &Bus) -> async_nats::jetstream::consumer::Info {
+    bus.jetstream
+        .get_stream(&bus.topology.control.name)
+        .await
+        .unwrap()
+        .consumer_info("placement-apply")
         .await
         .unwrap()
 }
@@ -187,9 +207,7 @@ async fn a_drifted_stream_is_reported_and_left_alone() {
 
 #[tokio::test]
 async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelivered() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "placement").await;
-    provision(&bus).await.unwrap();
+    let (_server, bus) = provisioned("placement").await;
     let mut events = bus.client.subscribe("flotilla.events.bus.>").await.unwrap();
     let (mut handled, stop, task) =
         spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
@@ -258,24 +276,17 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
     assert_eq!(d.message.metadata.unwrap().name, "good");
     assert_eq!(d.attempt, 1);
 
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
-        .jetstream
-        .get_stream("FLOTILLA_CONTROL")
-        .await
-        .unwrap()
-        .get_consumer("placement-apply")
-        .await
-        .unwrap();
     // The handler saw the good message before the loop acknowledged it:
     // wait (with a deadline) for that acknowledgement to land.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let info = loop {
-        let info = consumer.info().await.unwrap().clone();
-        if info.num_ack_pending == 0 || tokio::time::Instant::now() > deadline {
-            break info;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let info = poll_until(
+        Duration::from_secs(10),
+        "acknowledgement of the good message",
+        || async {
+            let info = apply_consumer(&bus).await;
+            (info.num_ack_pending == 0).then_some(info)
+        },
+    )
+    .await;
     assert_eq!(info.num_ack_pending, 0, "{info:?}");
     assert_eq!(info.num_pending, 0, "{info:?}");
     assert_eq!(
@@ -289,9 +300,7 @@ async fn malformed_protobuf_and_json_are_rejected_with_an_event_and_not_redelive
 
 #[tokio::test]
 async fn a_failing_handler_is_retried_with_backoff_then_dead_lettered() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "placement").await;
-    provision(&bus).await.unwrap();
+    let (_server, bus) = provisioned("placement").await;
     let mut events = bus.client.subscribe("flotilla.events.bus.>").await.unwrap();
     let (mut handled, stop, task) = spawn_apply_consumer(
         &bus,
@@ -370,9 +379,7 @@ async fn a_failing_handler_is_retried_with_backoff_then_dead_lettered() {
 
 #[tokio::test]
 async fn a_message_published_twice_with_one_msg_id_is_handled_once() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "placement").await;
-    provision(&bus).await.unwrap();
+    let (_server, bus) = provisioned("placement").await;
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
     let once = Bytes::from(deployment("once").encode_to_vec());
     publish_raw(
@@ -408,9 +415,7 @@ async fn a_message_published_twice_with_one_msg_id_is_handled_once() {
 
 #[tokio::test]
 async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "placement").await;
-    provision(&bus).await.unwrap();
+    let (_server, bus) = provisioned("placement").await;
     let mut events = bus
         .client
         .subscribe("flotilla.events.deployment.>")
@@ -478,9 +483,7 @@ async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
 
 #[tokio::test]
 async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
-    let mut server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "placement").await;
-    provision(&bus).await.unwrap();
+    let (mut server, bus) = provisioned("placement").await;
     let (mut handled, stop, task) =
         spawn_apply_consumer(&bus, "placement-apply", |_| {}, |_| Ok(()));
     let subject = bus.subjects.control(ControlSubject::DeploymentApply);
@@ -504,23 +507,11 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
 
     // Wait until the server has recorded every ack (the handler reports a
     // message before the loop acks it), so "acked" is known for each.
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
-        .jetstream
-        .get_stream("FLOTILLA_CONTROL")
-        .await
-        .unwrap()
-        .get_consumer("placement-apply")
-        .await
-        .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let info = consumer.info().await.unwrap();
-        if info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= 20 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "acks not recorded: {info:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(DEADLINE, "record of every ack", || async {
+        let info = apply_consumer(&bus).await;
+        (info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= 20).then_some(())
+    })
+    .await;
 
     server.kill().await.unwrap();
     server.restart().await.unwrap();
@@ -529,23 +520,17 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
     let deadline = Instant::now() + DEADLINE;
     for i in 0..20 {
         let id = format!("after-{i}");
-        loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        poll_until(left, "publish stored after the restart", || async {
             let p = PublishMessage::build()
                 .payload(Bytes::from(deployment(&id).encode_to_vec()))
                 .message_id(&id);
-            let stored = match bus.jetstream.send_publish(subject.clone(), p).await {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-            if stored {
-                break;
+            match bus.jetstream.send_publish(subject.clone(), p).await {
+                Ok(ack) => ack.await.ok().map(|_| ()),
+                Err(_) => None,
             }
-            assert!(
-                Instant::now() < deadline,
-                "could not publish after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
     while counts.len() < 40 {
         let d = next(&mut handled, "messages after the restart").await;
@@ -563,9 +548,7 @@ async fn a_consumer_keeps_working_across_kill_9_and_restart_of_the_server() {
 
 #[tokio::test]
 async fn listing_records_while_one_is_rewritten_names_each_once() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = bus(&server, "test").await;
-    provision(&bus).await.unwrap();
+    let (_server, bus) = provisioned("test").await;
     let store: flotilla_kit::RecordStore<v1::ModelDeployment> =
         flotilla_kit::RecordStore::open(&bus, &bus.topology.deployments.name)
             .await

@@ -27,4 +27,5 @@ mod nats_security;
 mod placement;
 mod replicas;
 mod rollouts;
+mod support;
 mod vllm_runtime;

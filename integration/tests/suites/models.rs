@@ -2,11 +2,11 @@
 //! push, fetch with digest check, tampering refused, resume, one upload by
 //! two provisioners, LRU eviction.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flotilla_integration::{NatsServer, workspace_root};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::{NatsServer, fleet};
+use flotilla_kit::{Bus, RecordStore};
 use flotilla_model_store::{FetchError, ModelCache};
 use flotilla_proto::v1::{self, ClusterRecord, ModelDeployment, ModelRecord};
 use flotilla_proto::{CommandAction, EventType};
@@ -16,76 +16,29 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::{self, poll_until, shipped_model as gguf, wait_for_event};
+
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn gguf() -> PathBuf {
-    let p = workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-tools",
-        p.display()
-    );
-    p
-}
-
-fn sha256_of(path: &std::path::Path) -> String {
+fn sha256_of(path: &Path) -> String {
     flotilla_model_store::digest_string(&Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-async fn setup() -> (NatsServer, Bus) {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url()).unwrap(),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    (server, bus)
-}
-
 fn start_provisioner(server: &NatsServer) {
-    flotilla_integration::fleet::model_provisioner(server);
+    fleet::model_provisioner(&support::config(server));
 }
 
-fn start_executor(server: &NatsServer, cluster: &str, cache: &std::path::Path) {
-    let args = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: vec!["region=eu".into()],
-        gpus: "1xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        heartbeat_interval: Duration::from_millis(200),
-        model_cache_dir: Some(cache.to_path_buf()),
-        ..Default::default()
-    };
-    let config = args.validate().unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    });
+/// A cluster of one H100 whose model cache is `caches/<cluster>`.
+fn start_executor(server: &NatsServer, cluster: &str, caches: &Path) {
+    fleet::executor(server, cluster, "1xH100-80GB", &["region=eu"], 0.0, caches);
 }
 
 async fn expect(sub: &mut async_nats::Subscriber, ty: EventType, name: &str) -> v1::Event {
-    flotilla_integration::wait_for_event(sub, ty, Some(name), DEADLINE).await
+    wait_for_event(sub, ty, Some(name), DEADLINE).await
 }
 
-async fn push(bus: &Bus, path: &std::path::Path, name: &str) -> String {
-    flotilla_cli::models::push(
-        bus,
-        path,
-        name,
-        Some("gguf"),
-        &mut Vec::new(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap()
+async fn push(bus: &Bus, path: &Path, name: &str) -> String {
+    support::push(bus, path, name, Some("gguf")).await
 }
 
 async fn prefetch(bus: &Bus, cluster: &str, model: &str) {
@@ -125,22 +78,12 @@ fn rand_u64() -> u64 {
 
 #[tokio::test]
 async fn a_pushed_gguf_is_fetched_by_an_executor_and_its_digest_matches() {
-    let (server, bus) = setup().await;
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
     start_provisioner(&server);
-    let inventory = flotilla_inventory::Config {
-        bus: BusConfig::for_url(server.url()).unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: Default::default(),
-        check_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(async move {
-        flotilla_inventory::run(inventory, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-    let cache = tempfile::tempdir().unwrap();
-    start_executor(&server, "eu-1", cache.path());
+    fleet::inventory(&support::config(&server), Duration::from_secs(3));
+    let caches = tempfile::tempdir().unwrap();
+    start_executor(&server, "eu-1", caches.path());
+    let cache = caches.path().join("eu-1");
 
     let file = gguf();
     let digest = push(&bus, &file, "smollm2").await;
@@ -155,7 +98,6 @@ async fn a_pushed_gguf_is_fetched_by_an_executor_and_its_digest_matches() {
     );
     let hex = digest.trim_start_matches("sha256:");
     let cached = cache
-        .path()
         .join("models")
         .join(hex)
         .join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -165,24 +107,19 @@ async fn a_pushed_gguf_is_fetched_by_an_executor_and_its_digest_matches() {
     let clusters = RecordStore::<ClusterRecord>::open(&bus, "clusters")
         .await
         .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    poll_until(DEADLINE, "heartbeat reporting the cached model", || async {
         let record = clusters.get("eu-1").await.unwrap().map(|r| r.0);
-        if record.is_some_and(|r| {
-            r.inventory
-                .unwrap_or_default()
-                .cached_models
-                .iter()
-                .any(|m| m.digest == digest)
-        }) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "heartbeat never reported the cached model"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        record
+            .is_some_and(|r| {
+                r.inventory
+                    .unwrap_or_default()
+                    .cached_models
+                    .iter()
+                    .any(|m| m.digest == digest)
+            })
+            .then_some(())
+    })
+    .await;
     let mut table = Vec::new();
     flotilla_cli::models::get(&bus, flotilla_cli::Output::Table, &mut table)
         .await
@@ -199,11 +136,11 @@ async fn a_pushed_gguf_is_fetched_by_an_executor_and_its_digest_matches() {
 
 #[tokio::test]
 async fn a_flipped_byte_is_refused_with_an_event_and_leaves_the_cache_clean() {
-    let (server, bus) = setup().await;
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
     start_provisioner(&server);
-    let cache = tempfile::tempdir().unwrap();
-    start_executor(&server, "eu-2", cache.path());
+    let caches = tempfile::tempdir().unwrap();
+    start_executor(&server, "eu-2", caches.path());
+    let cache = caches.path().join("eu-2");
     let digest = push(&bus, &gguf(), "tampered").await;
 
     // Someone rewrites one stored part with one byte flipped.
@@ -236,28 +173,21 @@ async fn a_flipped_byte_is_refused_with_an_event_and_leaves_the_cache_clean() {
     );
     let hex = digest.trim_start_matches("sha256:");
     assert!(
-        !cache.path().join("models").join(hex).exists(),
+        !cache.join("models").join(hex).exists(),
         "a refused model was kept"
     );
     assert!(
-        !cache.path().join("partial").join(hex).exists(),
+        !cache.join("partial").join(hex).exists(),
         "a refused download was left behind"
     );
 }
 
 #[tokio::test]
 async fn an_interrupted_download_resumes_from_the_parts_it_has() {
-    let (server, bus) = setup().await;
+    let (server, bus) = support::bus().await;
     start_provisioner(&server);
     let digest = push(&bus, &gguf(), "resumable").await;
-    let record = RecordStore::<ModelRecord>::open(&bus, "models")
-        .await
-        .unwrap()
-        .get("resumable")
-        .await
-        .unwrap()
-        .unwrap()
-        .0;
+    let record = support::record::<ModelRecord>(&bus, "models", "resumable").await;
     let store = bus.jetstream.get_object_store("models").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = ModelCache::open(dir.path(), 1 << 40).unwrap();
@@ -292,7 +222,7 @@ async fn an_interrupted_download_resumes_from_the_parts_it_has() {
 
 #[tokio::test]
 async fn two_provisioners_store_a_preset_once() {
-    let (server, bus) = setup().await;
+    let (server, bus) = support::bus().await;
     let mut events = bus
         .client
         .subscribe("flotilla.events.model.>")
@@ -347,21 +277,14 @@ async fn two_provisioners_store_a_preset_once() {
     }
     kinds.sort();
     assert_eq!(kinds, vec!["model.provisioning", "model.ready"]);
-    let record = RecordStore::<ModelRecord>::open(&bus, "models")
-        .await
-        .unwrap()
-        .get("smollm2-135m-instruct")
-        .await
-        .unwrap()
-        .unwrap()
-        .0;
+    let record = support::record::<ModelRecord>(&bus, "models", "smollm2-135m-instruct").await;
     assert_eq!(record.digest, sha256_of(&gguf()));
     assert_eq!(record.source, "preset");
 }
 
 #[tokio::test]
 async fn the_cache_budget_evicts_the_least_recently_used_model() {
-    let (server, bus) = setup().await;
+    let (server, bus) = support::bus().await;
     start_provisioner(&server);
     let files = tempfile::tempdir().unwrap();
     let mut records = Vec::new();
@@ -372,16 +295,7 @@ async fn the_cache_budget_evicts_the_least_recently_used_model() {
             .collect();
         std::fs::write(&path, bytes).unwrap();
         push(&bus, &path, name).await;
-        records.push(
-            RecordStore::<ModelRecord>::open(&bus, "models")
-                .await
-                .unwrap()
-                .get(name)
-                .await
-                .unwrap()
-                .unwrap()
-                .0,
-        );
+        records.push(support::record::<ModelRecord>(&bus, "models", name).await);
     }
     let store = bus.jetstream.get_object_store("models").await.unwrap();
     let dir = tempfile::tempdir().unwrap();

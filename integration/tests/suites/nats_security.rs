@@ -3,19 +3,21 @@
 //! service (the gRPC control API included) works with its own user, and TLS
 //! is enforced.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use flotilla_cli::nats_config::{NatsConfigArgs, run as write_nats_config};
 use flotilla_control_api::api::control_api_client::ControlApiClient;
 use flotilla_control_api::api::{ApplyDeploymentRequest, ListDeploymentsRequest};
-use flotilla_integration::{NatsServer, wait_for_event, workspace_root};
+use flotilla_integration::{NatsServer, fleet};
 use flotilla_kit::{Bus, BusArgs, BusConfig};
 use flotilla_proto::v1::{self, ModelDeployment, event::Payload};
 use flotilla_proto::{CommandAction, EventType, Subjects, Topology};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{poll_until, wait_for_event};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 /// How long a request refused by permissions waits for an answer that
@@ -37,6 +39,23 @@ fn nats_config_args(out: &Path, clusters: &[&str]) -> NatsConfigArgs {
         dev_tls_names: vec!["localhost".into(), "127.0.0.1".into()],
         dev_tls_server_dir: None,
     }
+}
+
+/// A nats-server configured by `flotilla nats-config` for `clusters` (the
+/// arguments changed by `tweak`), and the folder with its configuration
+/// and the users' env files.
+async fn secured_server(
+    clusters: &[&str],
+    tweak: impl FnOnce(&mut NatsConfigArgs),
+) -> (tempfile::TempDir, NatsServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = nats_config_args(dir.path(), clusters);
+    tweak(&mut args);
+    write_nats_config(&BusArgs::default(), &args).unwrap();
+    let server = NatsServer::start_with_config(&dir.path().join("nats-server.conf"))
+        .await
+        .unwrap();
+    (dir, server)
 }
 
 /// The bus flags a service gets from its env file.
@@ -120,16 +139,8 @@ async fn command(bus: &Bus, cluster: &str, replica: &str) {
 
 #[tokio::test]
 async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, server) = secured_server(&["cluster-a", "cluster-b"], |_| {}).await;
     let out = dir.path();
-    write_nats_config(
-        &BusArgs::default(),
-        &nats_config_args(out, &["cluster-a", "cluster-b"]),
-    )
-    .unwrap();
-    let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
-        .await
-        .unwrap();
     // The operator provisions and queues one command for each cluster.
     let admin = Bus::connect(
         &bus_config(&server, out, "admin"),
@@ -295,12 +306,8 @@ async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
 
 #[tokio::test]
 async fn a_refused_password_stops_a_service_naming_the_flag() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, server) = secured_server(&["cluster-a"], |_| {}).await;
     let out = dir.path();
-    write_nats_config(&BusArgs::default(), &nats_config_args(out, &["cluster-a"])).unwrap();
-    let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
-        .await
-        .unwrap();
     let mut args = bus_args(&server, out, "inventory");
     args.nats_password = Some("wrong".into());
     // A connection that kept retrying would never return: the deadline
@@ -321,104 +328,55 @@ async fn a_refused_password_stops_a_service_naming_the_flag() {
     assert!(async_nats::connect(server.url()).await.is_err());
 }
 
-fn runner_bin() -> PathBuf {
-    flotilla_integration::fleet::target_bin("flotilla-runner")
-}
-
+/// Cluster `cluster`'s executor, logged in as its own user.
 fn executor(
     server: &NatsServer,
     out: &Path,
     cluster: &str,
     cost: f64,
-    cache: &Path,
+    caches: &Path,
 ) -> JoinHandle<()> {
-    let c = flotilla_executor::ExecutorArgs {
+    let region = format!("region={cluster}");
+    let args = flotilla_executor::ExecutorArgs {
         bus: bus_args(server, out, &format!("executor-{cluster}")),
-        cluster: Some(cluster.into()),
-        labels: vec![format!("region={cluster}")],
-        gpus: "2xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour: cost,
-        heartbeat_interval: Duration::from_millis(200),
-        model_cache_dir: Some(cache.join(cluster)),
-        runner_bin: Some(runner_bin()),
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(c, CancellationToken::new())
-            .await
-            .unwrap()
-    })
+        ..fleet::executor_args(
+            &server.url(),
+            cluster,
+            "2xH100-80GB",
+            &[&region],
+            cost,
+            caches,
+        )
+    };
+    fleet::start_executor(args, CancellationToken::new())
 }
 
 #[tokio::test]
 async fn every_service_works_with_its_own_user() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, server) = secured_server(&["cheap", "dear"], |_| {}).await;
     let out = dir.path();
-    write_nats_config(
-        &BusArgs::default(),
-        &nats_config_args(out, &["cheap", "dear"]),
-    )
-    .unwrap();
-    let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
-        .await
-        .unwrap();
-    let never = CancellationToken::new;
     // No operator provisions first: the control services create the
     // topology with their own users.
-    let inventory = flotilla_inventory::Config {
-        bus: bus_config(&server, out, "inventory"),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: flotilla_inventory::HealthPolicy {
-            unhealthy_after_ms: 1_000,
-            left_after_ms: 600_000,
-            max_clock_skew_ms: 30_000,
-        },
-        check_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(async move { flotilla_inventory::run(inventory, never()).await.unwrap() });
-    let admin = Bus::connect(&bus_config(&server, out, "admin"), "test", &never())
-        .await
-        .unwrap();
+    fleet::inventory(
+        &bus_config(&server, out, "inventory"),
+        Duration::from_secs(1),
+    );
+    let admin = Bus::connect(
+        &bus_config(&server, out, "admin"),
+        "test",
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let mut events = admin.client.subscribe("flotilla.events.>").await.unwrap();
-    let placement = flotilla_placement::Config {
-        bus: bus_config(&server, out, "placement"),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Default::default(),
-        flap_probation_ms: 30_000,
-    };
-    tokio::spawn(async move { flotilla_placement::run(placement, never()).await.unwrap() });
-    let provisioner = flotilla_model_provisioner::Config {
-        bus: bus_config(&server, out, "model-provisioner"),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        preset_dir: workspace_root().join(".tools/models"),
-        takeover_after_ms: 60_000,
-    };
-    tokio::spawn(async move {
-        flotilla_model_provisioner::run(provisioner, never())
-            .await
-            .unwrap()
-    });
-    let rollout = flotilla_rollout::Config {
-        bus: bus_config(&server, out, "rollout"),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        halt_after_failures: 3,
-    };
-    tokio::spawn(async move { flotilla_rollout::run(rollout, never()).await.unwrap() });
-    let gateway = flotilla_gateway::Config {
-        bus: bus_config(&server, out, "gateway"),
-        listen: "127.0.0.1:0".parse().unwrap(),
+    fleet::placement(&bus_config(&server, out, "placement"));
+    fleet::model_provisioner(&bus_config(&server, out, "model-provisioner"));
+    fleet::rollout(&bus_config(&server, out, "rollout"), 3);
+    let addr = fleet::gateway(flotilla_gateway::Config {
         region: "cheap".into(),
-        api_keys: vec![],
-    };
-    let (gateway_addr, addr_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        flotilla_gateway::run(gateway, never(), Some(gateway_addr))
-            .await
-            .unwrap()
-    });
+        ..fleet::gateway_config(&bus_config(&server, out, "gateway"))
+    })
+    .await;
     // Executors may only check the topology, not create it: they start
     // once the control services have created every stream, bucket and
     // object store.
@@ -431,12 +389,11 @@ async fn every_service_works_with_its_own_user() {
             .iter()
             .map(|o| format!("OBJ_{}", o.name)),
     );
-    let started = tokio::time::Instant::now();
     for name in &names {
-        while admin.jetstream.get_stream(name).await.is_err() {
-            assert!(started.elapsed() < DEADLINE, "{name} was never created");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(DEADLINE, &format!("{name} created"), || async {
+            admin.jetstream.get_stream(name).await.ok().map(|_| ())
+        })
+        .await;
     }
     let caches = tempfile::tempdir().unwrap();
     let _cheap = executor(&server, out, "cheap", 1.0, caches.path());
@@ -447,19 +404,8 @@ async fn every_service_works_with_its_own_user() {
 
     // The deployment goes in through the gRPC control API, with its own
     // user: the request to placement and its answer.
-    let control_api = flotilla_control_api::Config {
-        bus: bus_config(&server, out, "control-api"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        answer_timeout: Duration::from_secs(10),
-    };
-    let (api_addr, api_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        flotilla_control_api::run(control_api, never(), Some(api_addr))
-            .await
-            .unwrap()
-    });
-    let mut api = ControlApiClient::connect(format!("http://{}", api_rx.await.unwrap()))
+    let api_addr = fleet::control_api(&bus_config(&server, out, "control-api")).await;
+    let mut api = ControlApiClient::connect(format!("http://{api_addr}"))
         .await
         .unwrap();
     let doc = r#"{"metadata": {"name": "chat"}, "spec": {
@@ -483,43 +429,34 @@ async fn every_service_works_with_its_own_user() {
     };
     assert_eq!(replica.cluster, "cheap");
 
-    // The gateway, with its own user, sees the replica and serves it.
-    let addr = addr_rx.await.unwrap();
+    // The gateway, with its own user, sees the replica and serves it. Its
+    // watch of KV replicas catches up on its own: poll its answer until the
+    // deadline.
     let client = reqwest::Client::new();
-    let started = tokio::time::Instant::now();
-    let answer = loop {
+    let answer = poll_until(DEADLINE, "answer from the gateway", || async {
         let r = client
             .post(format!("http://{addr}/v1/chat/completions"))
             .json(&serde_json::json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0, "max_tokens": 4}))
             .send()
-            .await;
-        if let Ok(r) = r
-            && r.status().is_success()
-        {
-            break r.text().await.unwrap();
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
         }
-        // The gateway's watch of KV replicas catches up on its own; poll
-        // its answer until the deadline.
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the gateway never served the replica"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        Some(r.text().await.unwrap())
+    })
+    .await;
     assert!(answer.contains("choices"), "{answer}");
 }
 
 #[tokio::test]
 async fn tls_with_a_generated_ca_works_and_plain_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, server) = secured_server(&["cluster-a"], |args| {
+        args.dev_tls = true;
+        args.tls_verify = true;
+    })
+    .await;
     let out = dir.path();
-    let mut args = nats_config_args(out, &["cluster-a"]);
-    args.dev_tls = true;
-    args.tls_verify = true;
-    write_nats_config(&BusArgs::default(), &args).unwrap();
-    let server = NatsServer::start_with_config(&out.join("nats-server.conf"))
-        .await
-        .unwrap();
     let tls = out.join("tls");
 
     // Mutual TLS with the generated CA, as a service connects.

@@ -2,87 +2,31 @@
 //! deployment from a plain NATS client is placed; a failing cluster's
 //! replicas move within a second while other deployments stay put.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flotilla_integration::NatsServer;
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::{NatsServer, fleet};
+use flotilla_kit::RecordStore;
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, PlacementDecision, PlacementOutcome, event::Payload};
-use futures::StreamExt;
-use prost::Message;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, next_event, wait_for_event};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn bus_config(server: &NatsServer) -> BusConfig {
-    BusConfig::for_url(server.url()).unwrap()
-}
-
-fn start_inventory(server: &NatsServer) {
-    let config = flotilla_inventory::Config {
-        bus: bus_config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        policy: flotilla_inventory::HealthPolicy {
-            unhealthy_after_ms: 1_000,
-            left_after_ms: 600_000,
-            max_clock_skew_ms: 30_000,
-        },
-        check_interval: Duration::from_millis(100),
-    };
-    tokio::spawn(async move {
-        flotilla_inventory::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-}
-
-fn start_placement(server: &NatsServer) {
-    let config = flotilla_placement::Config {
-        bus: bus_config(server),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: Default::default(),
-        flap_probation_ms: 30_000,
-    };
-    tokio::spawn(async move {
-        flotilla_placement::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    });
-}
-
+/// A cluster of `gpus` in `region` at `cost` per GPU-hour, its model cache
+/// under `caches`.
 fn start_executor(
     server: &NatsServer,
     cluster: &str,
     region: &str,
     gpus: &str,
     cost: f64,
+    caches: &Path,
 ) -> JoinHandle<()> {
-    let args = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: vec![format!("region={region}"), "env=prod".into()],
-        taints: vec![],
-        gpus: gpus.into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour: cost,
-        heartbeat_interval: Duration::from_millis(200),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        model_cache_dir: Some(std::env::temp_dir().join(format!(
-            "flotilla-test-cache-{}-{cluster}",
-            std::process::id()
-        ))),
-        ..Default::default()
-    };
-    let config = args.validate().unwrap();
-    tokio::spawn(async move {
-        flotilla_executor::run(config, CancellationToken::new())
-            .await
-            .unwrap()
-    })
+    let region = format!("region={region}");
+    fleet::executor(server, cluster, gpus, &[&region, "env=prod"], cost, caches)
 }
 
 async fn expect(
@@ -90,51 +34,34 @@ async fn expect(
     ty: EventType,
     name: &str,
 ) -> (v1::Event, Instant) {
-    let want = ty.to_string();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            let event = v1::Event::decode(msg.payload).unwrap();
-            if event.r#type == want && event.name == name {
-                return (event, Instant::now());
-            }
-        }
-        panic!("subscription ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {want} for {name} within {DEADLINE:?}"))
+    let event = wait_for_event(sub, ty, Some(name), DEADLINE).await;
+    (event, Instant::now())
 }
 
 async fn expect_joined(sub: &mut async_nats::Subscriber, clusters: &[&str]) {
     let mut waiting: std::collections::BTreeSet<&str> = clusters.iter().copied().collect();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(msg) = sub.next().await {
-            let event = v1::Event::decode(msg.payload).unwrap();
-            if event.r#type == EventType::ClusterJoined.to_string() {
-                waiting.remove(event.name.as_str());
-                if waiting.is_empty() {
-                    return;
-                }
-            }
+    let joined = EventType::ClusterJoined.to_string();
+    let all = next_event(sub, DEADLINE, |event| {
+        if event.r#type == joined {
+            waiting.remove(event.name.as_str());
         }
+        waiting.is_empty()
     })
-    .await
-    .unwrap_or_else(|_| panic!("clusters never joined: {waiting:?}"));
+    .await;
+    assert!(all.is_some(), "clusters never joined: {waiting:?}");
 }
 
 #[tokio::test]
 async fn a_json_deployment_is_placed_and_moves_off_a_failed_cluster_within_a_second() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(&bus_config(&server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    start_inventory(&server);
-    let doomed = start_executor(&server, "eu-cheap", "eu", "4xH100-80GB", 1.0);
-    let _b = start_executor(&server, "us-mid", "us", "4xH100-80GB", 2.0);
-    let _c = start_executor(&server, "ap-dear", "ap", "4xH100-80GB", 4.0);
+    let (server, bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
+    fleet::inventory(&config, Duration::from_secs(1));
+    let caches = tempfile::tempdir().unwrap();
+    let doomed = start_executor(&server, "eu-cheap", "eu", "4xH100-80GB", 1.0, caches.path());
+    let _b = start_executor(&server, "us-mid", "us", "4xH100-80GB", 2.0, caches.path());
+    let _c = start_executor(&server, "ap-dear", "ap", "4xH100-80GB", 4.0, caches.path());
     expect_joined(&mut events, &["eu-cheap", "us-mid", "ap-dear"]).await;
-    start_placement(&server);
+    fleet::placement(&config);
 
     // Published as JSON by a plain NATS client: no headers at all.
     let chat = r#"{"apiVersion": "flotilla.dev/v1alpha1", "kind": "ModelDeployment",
@@ -211,16 +138,13 @@ async fn a_json_deployment_is_placed_and_moves_off_a_failed_cluster_within_a_sec
 
 #[tokio::test]
 async fn invalid_deployments_are_rejected_naming_the_field_and_deletes_release_capacity() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(&bus_config(&server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    start_inventory(&server);
-    let _a = start_executor(&server, "small", "eu", "1xL4-24GB", 1.0);
+    let (server, bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
+    fleet::inventory(&config, Duration::from_secs(1));
+    let caches = tempfile::tempdir().unwrap();
+    let _a = start_executor(&server, "small", "eu", "1xL4-24GB", 1.0, caches.path());
     expect(&mut events, EventType::ClusterJoined, "small").await;
-    start_placement(&server);
+    fleet::placement(&config);
 
     let cases = [
         (

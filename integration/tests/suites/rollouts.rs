@@ -7,16 +7,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_integration::{NatsServer, fleet};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_kit::Bus;
 use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, RolloutPhase, RolloutState};
 use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(120);
+use crate::support::{self, apply, push, replicas, wait_for_event};
 
-fn config(server: &NatsServer) -> BusConfig {
-    BusConfig::for_url(server.url()).unwrap()
-}
+const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The rollout service as its own process, so it can be killed.
 fn rollout_process(server: &NatsServer) -> tokio::process::Child {
@@ -28,35 +26,12 @@ fn rollout_process(server: &NatsServer) -> tokio::process::Child {
         .unwrap()
 }
 
-async fn apply(bus: &Bus, yaml: &str) {
-    let docs = flotilla_cli::deployments::parse_documents(yaml).unwrap();
-    flotilla_cli::deployments::apply(bus, docs, &mut Vec::new())
-        .await
-        .unwrap();
-}
-
 async fn next(sub: &mut async_nats::Subscriber, ty: EventType) -> v1::Event {
-    flotilla_integration::wait_for_event(sub, ty, Some("chat"), DEADLINE).await
-}
-
-async fn replicas(bus: &Bus) -> Vec<ReplicaStatus> {
-    RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name)
-        .await
-        .unwrap()
-        .list()
-        .await
-        .unwrap()
+    wait_for_event(sub, ty, Some("chat"), DEADLINE).await
 }
 
 async fn rollout_state(bus: &Bus) -> RolloutState {
-    RecordStore::<RolloutState>::open(bus, &bus.topology.rollouts.name)
-        .await
-        .unwrap()
-        .get("chat")
-        .await
-        .unwrap()
-        .unwrap()
-        .0
+    support::record(bus, &bus.topology.rollouts.name, "chat").await
 }
 
 fn template(r: &ReplicaStatus) -> &str {
@@ -102,42 +77,26 @@ spec:
 
 #[tokio::test]
 async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_service() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(&config(&server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
     fleet::control_services(&server, Duration::from_secs(3));
     let mut rollout = rollout_process(&server);
     let caches = tempfile::tempdir().unwrap();
-    fleet::executor(
-        &server,
-        "a",
-        "2xH100-80GB",
-        &["stage=canary"],
-        1.0,
-        caches.path(),
-    );
-    fleet::executor(
-        &server,
-        "b",
-        "2xH100-80GB",
-        &["stage=main"],
-        1.0,
-        caches.path(),
-    );
-    fleet::executor(
-        &server,
-        "c",
-        "2xH100-80GB",
-        &["stage=main"],
-        1.0,
-        caches.path(),
-    );
+    for (cluster, stage) in [
+        ("a", "stage=canary"),
+        ("b", "stage=main"),
+        ("c", "stage=main"),
+    ] {
+        fleet::executor(
+            &server,
+            cluster,
+            "2xH100-80GB",
+            &[stage],
+            1.0,
+            caches.path(),
+        );
+    }
     for _ in 0..3 {
-        flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
-            .await;
+        wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE).await;
     }
 
     // The first version: nothing to protect, no gates.
@@ -258,18 +217,12 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
 
 #[tokio::test]
 async fn a_version_that_never_gets_ready_halts_and_undo_restores_the_previous() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(&config(&server), "test", &CancellationToken::new())
-        .await
-        .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
     fleet::control_services(&server, Duration::from_secs(3));
-    fleet::rollout(&server, 2);
+    fleet::rollout(&support::config(&server), 2);
     let caches = tempfile::tempdir().unwrap();
     fleet::executor(&server, "a", "2xH100-80GB", &[], 1.0, caches.path());
-    flotilla_integration::wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE)
-        .await;
+    wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE).await;
 
     let v1_doc = r#"
 metadata: {name: chat}
@@ -289,16 +242,7 @@ spec:
     let mut bytes = b"GGUF".to_vec();
     bytes.extend_from_slice(&[0xff; 4096]);
     std::fs::write(&broken, bytes).unwrap();
-    let digest = flotilla_cli::models::push(
-        &bus,
-        &broken,
-        "broken",
-        Some("gguf"),
-        &mut Vec::new(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap();
+    let digest = push(&bus, &broken, "broken", Some("gguf")).await;
     let v2_doc = format!(
         r#"
 metadata: {{name: chat}}
@@ -338,14 +282,8 @@ spec:
     assert_eq!(live[0].replica_id, first.replica_id);
     assert_eq!(live[0].endpoint, first.endpoint);
     assert_eq!(live[0].phase(), ReplicaPhase::Ready);
-    let deployment = RecordStore::<v1::ModelDeployment>::open(&bus, &bus.topology.deployments.name)
-        .await
-        .unwrap()
-        .get("chat")
-        .await
-        .unwrap()
-        .unwrap()
-        .0;
+    let deployment: v1::ModelDeployment =
+        support::record(&bus, &bus.topology.deployments.name, "chat").await;
     let model = deployment.spec.unwrap().model.unwrap();
     assert_eq!(model.preset, "smollm2-135m-instruct");
     assert!(model.artifact.is_none());
@@ -356,7 +294,7 @@ spec:
     flotilla_cli::deployments::delete(&bus, "chat", &mut Vec::new())
         .await
         .unwrap();
-    flotilla_integration::wait_for_event(
+    wait_for_event(
         &mut events,
         EventType::ReplicaStopped,
         Some(&first.replica_id),
@@ -364,8 +302,6 @@ spec:
     )
     .await;
     apply(&bus, v1_doc).await;
-    let again =
-        flotilla_integration::wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE)
-            .await;
+    let again = wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE).await;
     assert_eq!(again.generation, 1, "{again:?}");
 }

@@ -13,17 +13,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_executor::replica_client::{ReplicaClient, metric_sum};
-use flotilla_integration::{NatsServer, wait_for_event, workspace_root};
-use flotilla_kit::{Bus, BusConfig, RecordStore};
+use flotilla_integration::{NatsServer, fleet};
+use flotilla_kit::RecordStore;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, event::Payload};
 use flotilla_proto::{CommandAction, EventType};
 use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(120);
+use crate::support::{self, push, shipped_model, wait_for_event};
 
-fn runner_bin() -> PathBuf {
-    flotilla_integration::fleet::target_bin("flotilla-runner")
-}
+const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A `vllm` that accepts only `vllm serve MODEL --served-model-name NAME
 /// --host HOST --port PORT` and serves with the candle runner.
@@ -54,72 +52,35 @@ exec "{runner}" --model "$model" --served-model-name "$name" --addr "$host:$port
     script
 }
 
+/// A cluster of one H100 whose executor runs `vllm` replicas with `vllm`.
 fn executor(
     server: &NatsServer,
     cluster: &str,
-    cache: &Path,
+    caches: &Path,
     vllm: PathBuf,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let config = flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: server.url(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        gpus: "1xH100-80GB".into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        model_cache_dir: Some(cache.join(cluster)),
-        runner_bin: Some(runner_bin()),
+    let args = flotilla_executor::ExecutorArgs {
         vllm_bin: Some(vllm),
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    tokio::spawn(async move { flotilla_executor::run(config, stop).await.unwrap() })
+        ..fleet::executor_args(&server.url(), cluster, "1xH100-80GB", &[], 0.0, caches)
+    };
+    fleet::start_executor(args, stop)
 }
 
 fn start_vllm(cluster: &str, replica: &str) -> v1::ExecutorCommand {
-    v1::ExecutorCommand {
-        command_id: format!("{cluster}-{replica}"),
-        cluster: cluster.into(),
-        deployment: "chat".into(),
-        generation: 1,
-        action: Some(v1::executor_command::Action::Start(v1::StartReplica {
-            replica_id: replica.into(),
-            model: Some(v1::ModelRef {
-                name: "smollm2".into(),
-                ..Default::default()
-            }),
-            runtime: v1::Runtime::Vllm.into(),
-            ..Default::default()
-        })),
-    }
+    support::command(
+        cluster,
+        1,
+        "",
+        support::start_replica(replica, v1::Runtime::Vllm),
+    )
 }
 
 #[tokio::test]
 async fn vllm_replicas_fail_clearly_without_vllm_and_serve_through_vllm_serve_with_it() {
-    let server = NatsServer::start().await.unwrap();
-    let bus = Bus::connect(
-        &BusConfig::for_url(server.url()).unwrap(),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    flotilla_kit::provision(&bus).await.unwrap();
-    let mut events = bus.client.subscribe("flotilla.events.>").await.unwrap();
-    flotilla_integration::fleet::model_provisioner(&server);
-    flotilla_cli::models::push(
-        &bus,
-        &workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        "smollm2",
-        None,
-        &mut Vec::new(),
-        &mut Vec::new(),
-    )
-    .await
-    .unwrap();
+    let (server, bus, mut events) = support::bus_with_events().await;
+    fleet::model_provisioner(&support::config(&server));
+    push(&bus, &shipped_model(), "smollm2", None).await;
     let work = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let missing = work.path().join("no-such-dir/vllm");
@@ -128,7 +89,7 @@ async fn vllm_replicas_fail_clearly_without_vllm_and_serve_through_vllm_serve_wi
         &server,
         "eu-2",
         work.path(),
-        vllm_stand_in(work.path(), &runner_bin()),
+        vllm_stand_in(work.path(), &fleet::target_bin("flotilla-runner")),
         stop.clone(),
     );
     let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
@@ -182,15 +143,7 @@ async fn vllm_replicas_fail_clearly_without_vllm_and_serve_through_vllm_serve_wi
     let client = ReplicaClient::default();
     client.health(&status.endpoint).await.unwrap();
     assert_eq!(client.models(&status.endpoint).await.unwrap(), ["smollm2"]);
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", status.endpoint))
-        .json(&serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = support::chat(&status.endpoint, "smollm2", "Hi", 4).await;
     assert!(
         answer["choices"][0]["message"]["content"].is_string(),
         "{answer}"
@@ -206,16 +159,12 @@ async fn vllm_replicas_fail_clearly_without_vllm_and_serve_through_vllm_serve_wi
 
     bus.publish(
         bus.subjects.command("eu-2", CommandAction::Stop).unwrap(),
-        &v1::ExecutorCommand {
-            command_id: "eu-2-stop".into(),
-            cluster: "eu-2".into(),
-            deployment: "chat".into(),
-            generation: 1,
-            action: Some(v1::executor_command::Action::Stop(v1::StopReplica {
-                replica_id: "chat-g1-1".into(),
-                reason: "test over".into(),
-            })),
-        },
+        &support::command(
+            "eu-2",
+            1,
+            "-stop",
+            support::stop_replica("chat-g1-1", "test over"),
+        ),
         None,
     )
     .await
