@@ -12,42 +12,60 @@
 //! capacity is replaced at once on any cluster, gates or not. A first
 //! rollout (nothing running to protect) and an undo skip the gates.
 //!
-//! Progress lives in KV `rollouts` (compare-and-set), so a restarted
-//! instance continues where the last one stopped; commands and events have
-//! ids fixed by that state, so nothing is sent twice within the streams'
-//! dedup windows, and executors ignore a start of a replica they run.
+//! The decisions are pure: [`plan::plan`] chooses the commands within the
+//! strategy's limits, [`advance::advance`] is one step of the stage
+//! machine, [`announce::announcements`] the events between two states.
+//! This module is the shell around them: it reads the watched caches,
+//! calls the step, stores its state by compare-and-set, announces it, and
+//! sends its commands, in that order, retrying a deployment whose step
+//! failed with backoff.
+//!
+//! Progress lives in KV `rollouts`, so a restarted instance continues where
+//! the last one stopped; commands and events have ids fixed by that state,
+//! so nothing is sent twice within the streams' dedup windows, and
+//! executors ignore a start of a replica they run. A state is stored
+//! before any event announcing it, so whoever reads KV `rollouts` after an
+//! event sees that state or a newer one.
+//!
 //! Failures of the new template's replicas are counted once each; at
 //! `--halt-after-failures` the rollout halts: it stops starting and
 //! retrying, and keeps the old replicas. `rollout undo` re-applies the spec
 //! the rollout replaced.
 
+pub mod advance;
+pub mod announce;
+mod commands;
+mod control;
+mod outbox;
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_kit::consumer::run_consumer;
+use async_nats::jetstream::stream::Stream;
 use flotilla_kit::{
-    Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
-    KitError, RecordStore, now_unix_ms,
+    Backoff, BoxError, Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, Health,
+    KitError, RecordStore, now_unix_ms, spawn_consumer,
 };
 use flotilla_proto::v1::{
-    self, ClusterHealth, ClusterRecord, ModelDeployment, ModelDeploymentSpec, PlacementDecision,
-    PlacementOutcome, ReplicaPhase, ReplicaStatus, RolloutPhase, RolloutState, StagePhase,
-    StageStatus, event::Payload, executor_command::Action,
+    self, ClusterHealth, ClusterRecord, ModelDeployment, PlacementDecision, ReplicaStatus,
+    RolloutPhase, RolloutState,
 };
-use flotilla_proto::{CommandAction, ControlSubject, EventType};
-use prost::Message;
+use flotilla_proto::{ControlSubject, EventType};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::plan::{Inputs, Limits, Step};
+pub use crate::advance::{
+    Advance, Observed, REST_STAGE, Settings, StagePlan, advance, resolve_stages, template_of_spec,
+};
 
 pub const SERVICE: &str = "rollout";
 const APPROVE_CONSUMER: &str = "rollout-approve";
 const UNDO_CONSUMER: &str = "rollout-undo";
-/// The implicit last stage of a Staged rollout.
-pub const REST_STAGE: &str = "rest";
+/// Between tries of a deployment whose step failed.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -99,6 +117,44 @@ impl Args {
 pub enum RolloutError {
     #[error(transparent)]
     Kit(#[from] KitError),
+    #[error("opening the events stream {stream} failed")]
+    EventsStream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+}
+
+/// Why one deployment's step failed; it is tried again after a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("reading the rollout events of {deployment} failed")]
+    ReadEvents {
+        deployment: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("storing the rollout state of {deployment} failed")]
+    Store {
+        deployment: String,
+        #[source]
+        source: KitError,
+    },
+    #[error("announcing {event} of {deployment} failed")]
+    Announce {
+        deployment: String,
+        event: EventType,
+        #[source]
+        source: KitError,
+    },
+    #[error("sending {action} of replica {replica} to cluster {cluster} failed")]
+    Send {
+        action: &'static str,
+        replica: String,
+        cluster: String,
+        #[source]
+        source: KitError,
+    },
 }
 
 #[derive(Clone)]
@@ -109,7 +165,8 @@ struct Rollouts {
     clusters: RecordStore<ClusterRecord>,
     deployments: RecordStore<ModelDeployment>,
     rollouts: RecordStore<RolloutState>,
-    halt_after_failures: u32,
+    events: Stream,
+    settings: Settings,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RolloutError> {
@@ -118,13 +175,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     let health = Health::for_bus(&bus);
     health.serve(config.http_addr, shutdown.clone()).await?;
     let t = &bus.topology;
+    let events = bus
+        .jetstream
+        .get_stream(&t.events.name)
+        .await
+        .map_err(|source| RolloutError::EventsStream {
+            stream: t.events.name.clone(),
+            source,
+        })?;
     let r = Rollouts {
         placements: RecordStore::open(&bus, &t.placements.name).await?,
         replicas: RecordStore::open(&bus, &t.replicas.name).await?,
         clusters: RecordStore::open(&bus, &t.clusters.name).await?,
         deployments: RecordStore::open(&bus, &t.deployments.name).await?,
         rollouts: RecordStore::open(&bus, &t.rollouts.name).await?,
-        halt_after_failures: config.halt_after_failures,
+        events,
+        settings: Settings {
+            halt_after_failures: config.halt_after_failures,
+        },
         bus: bus.clone(),
     };
     r.placements.start_watch(shutdown.clone()).await?;
@@ -133,17 +201,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     r.deployments.start_watch(shutdown.clone()).await?;
     r.rollouts.start_watch(shutdown.clone()).await?;
 
-    let approve = r.spawn_control(
-        APPROVE_CONSUMER,
-        ControlSubject::RolloutApprove,
+    let approve = spawn_consumer(
+        &bus,
+        ConsumerSpec::control(&bus, APPROVE_CONSUMER, ControlSubject::RolloutApprove),
+        r.clone(),
+        |r: Rollouts, d: Delivery<v1::ApproveRollout>| async move { r.on_approve(d).await },
         shutdown.clone(),
-        |r, d: Delivery<v1::ApproveRollout>| async move { r.on_approve(d).await },
     );
-    let undo = r.spawn_control(
-        UNDO_CONSUMER,
-        ControlSubject::RolloutUndo,
+    let undo = spawn_consumer(
+        &bus,
+        ConsumerSpec::control(&bus, UNDO_CONSUMER, ControlSubject::RolloutUndo),
+        r.clone(),
+        |r: Rollouts, d: Delivery<v1::UndoRollout>| async move { r.on_undo(d).await },
         shutdown.clone(),
-        |r, d: Delivery<v1::UndoRollout>| async move { r.on_undo(d).await },
     );
 
     let mut placement_changes = r.placements.changes();
@@ -152,13 +222,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     let mut cluster_changes = r.clusters.changes();
     // Waits between stages end on this tick.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut memory = Memory::default();
     health.set_ready(true);
     tracing::info!(
         halt_after_failures = config.halt_after_failures,
         "rollout running"
     );
     loop {
-        r.reconcile().await;
+        r.reconcile(&mut memory).await;
+        let retry = memory.next_retry();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = placement_changes.recv() => {}
@@ -166,6 +238,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
             _ = rollout_changes.recv() => {}
             _ = cluster_changes.recv() => {}
             _ = tick.tick() => {}
+            _ = sleep_until(retry) => {}
         }
     }
     health.set_ready(false);
@@ -180,151 +253,83 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     Ok(())
 }
 
-/// The replica template of a spec: what a replica runs. Placement-only
-/// fields (clusters, tolerations, rollout strategy) are not part of it.
-pub fn template_of_spec(spec: &ModelDeploymentSpec) -> String {
-    let model = spec.model.as_ref().map(Message::encode_to_vec);
-    let resources = spec.resources.as_ref().map(Message::encode_to_vec);
-    plan::template_digest(&[
-        model.as_deref().unwrap_or_default(),
-        &spec.runtime.to_le_bytes(),
-        resources.as_deref().unwrap_or_default(),
-    ])
-}
-
-/// One stage with the clusters it holds now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagePlan {
-    pub name: String,
-    pub clusters: BTreeSet<String>,
-    pub wait: Duration,
-    pub approval: bool,
-}
-
-/// The stages of a Staged spec over the known clusters: each cluster in
-/// the first stage that selects it, the rest in a last stage `rest`.
-pub fn resolve_stages(
-    spec: &v1::RolloutSpec,
-    clusters: &[(String, BTreeMap<String, String>)],
-) -> Vec<StagePlan> {
-    let mut taken: BTreeSet<String> = BTreeSet::new();
-    let mut out = Vec::new();
-    for (i, stage) in spec.stages.iter().enumerate() {
-        let field = format!("spec.rollout.stages[{i}]");
-        let selector = stage.cluster_selector.clone().unwrap_or_default();
-        // Placement validated the spec; a selector it let through that
-        // does not read selects nothing rather than everything.
-        let requirements = flotilla_placement::spec::check_label_selector(
-            &format!("{field}.clusterSelector"),
-            &selector,
-        )
-        .ok();
-        let chosen: BTreeSet<String> = clusters
-            .iter()
-            .filter(|(name, labels)| {
-                !taken.contains(name)
-                    && requirements
-                        .as_ref()
-                        .is_some_and(|reqs| reqs.iter().all(|r| r.matches(labels)))
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        taken.extend(chosen.iter().cloned());
-        let gate = stage.after_stage.clone().unwrap_or_default();
-        out.push(StagePlan {
-            name: stage.name.clone(),
-            clusters: chosen,
-            wait: flotilla_placement::spec::parse_duration(
-                &format!("{field}.afterStage.wait"),
-                &gate.wait,
-            )
-            .ok()
-            .flatten()
-            .unwrap_or_default(),
-            approval: gate.approval,
-        });
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
-    out.push(StagePlan {
-        name: REST_STAGE.into(),
-        clusters: clusters
-            .iter()
-            .map(|(n, _)| n.clone())
-            .filter(|n| !taken.contains(n))
-            .collect(),
-        wait: Duration::ZERO,
-        approval: false,
-    });
-    out
 }
 
-fn limits(spec: &ModelDeploymentSpec, desired: u32) -> Limits {
-    let rollout = spec.rollout.clone().unwrap_or_default();
-    let surge = flotilla_placement::spec::resolve_int_or_percent(
-        "spec.rollout.maxSurge",
-        &rollout.max_surge,
-        desired,
-        true,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| desired.div_ceil(4));
-    let unavailable = flotilla_placement::spec::resolve_int_or_percent(
-        "spec.rollout.maxUnavailable",
-        &rollout.max_unavailable,
-        desired,
-        false,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(0);
-    Limits::new(surge, unavailable)
+/// What the reconcile loop carries from one round to the next.
+#[derive(Default)]
+struct Memory {
+    /// Per deployment, the last stored state whose events are all
+    /// published (`None`: no state yet), as far as this instance knows;
+    /// absent until it has looked.
+    announced: HashMap<String, Option<RolloutState>>,
+    /// Deployments whose last step failed: how often, and when to try again.
+    retries: HashMap<String, (u32, Instant)>,
 }
 
-fn alive_on(r: &ReplicaStatus, live: &BTreeSet<String>) -> bool {
-    live.contains(&r.cluster)
-        && !matches!(
-            r.phase(),
-            ReplicaPhase::Failed | ReplicaPhase::Stopping | ReplicaPhase::Stopped
-        )
+impl Memory {
+    fn due(&self, name: &str, now: Instant) -> bool {
+        self.retries.get(name).is_none_or(|(_, at)| *at <= now)
+    }
+
+    /// Records a failed step; returns the try it was and the wait before
+    /// the next.
+    fn failed(&mut self, name: &str, now: Instant) -> (u32, Duration) {
+        let attempt = self
+            .retries
+            .get(name)
+            .map_or(1, |(a, _)| a.saturating_add(1));
+        let wait = RETRY.delay(attempt);
+        self.retries.insert(name.to_string(), (attempt, now + wait));
+        (attempt, wait)
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().map(|(_, at)| *at).min()
+    }
+}
+
+/// One round's reading of the caches every deployment's step shares.
+struct View {
+    live: BTreeSet<String>,
+    clusters: Vec<(String, BTreeMap<String, String>)>,
+    replicas: BTreeMap<String, Vec<ReplicaStatus>>,
+}
+
+impl View {
+    fn replicas_of(&self, deployment: &str) -> &[ReplicaStatus] {
+        self.replicas.get(deployment).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// An error and its sources, each said once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut said = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let text = source.to_string();
+        if !said.contains(&text) {
+            said.push_str(": ");
+            said.push_str(&text);
+        }
+        next = source.source();
+    }
+    said
 }
 
 impl Rollouts {
-    /// Runs `handle` for every request on one control subject.
-    fn spawn_control<M, Fut>(
-        &self,
-        durable: &'static str,
-        which: ControlSubject,
-        shutdown: CancellationToken,
-        handle: fn(Rollouts, Delivery<M>) -> Fut,
-    ) -> tokio::task::JoinHandle<Result<(), KitError>>
-    where
-        M: flotilla_proto::Contract,
-        Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        let spec = ConsumerSpec::new(
-            &self.bus.topology.control.name,
-            durable,
-            vec![self.bus.subjects.control(which)],
-        );
-        let r = self.clone();
-        tokio::spawn(async move {
-            let bus = r.bus.clone();
-            let handler = move |d: Delivery<M>| handle(r.clone(), d);
-            run_consumer(&bus, spec, handler, shutdown).await
-        })
-    }
-
-    async fn reconcile(&self) {
-        let live: BTreeSet<String> = self
-            .clusters
-            .cached_all()
-            .into_iter()
+    fn view(&self) -> View {
+        let all_clusters = self.clusters.cached_all();
+        let live = all_clusters
+            .iter()
             .filter(|(_, c)| matches!(c.health(), ClusterHealth::Healthy | ClusterHealth::Degraded))
-            .map(|(n, _)| n)
+            .map(|(n, _)| n.clone())
             .collect();
-        let labels: Vec<(String, BTreeMap<String, String>)> = self
-            .clusters
-            .cached_all()
+        let clusters = all_clusters
             .into_iter()
             .map(|(n, c)| {
                 let labels = c
@@ -334,567 +339,118 @@ impl Rollouts {
                 (n, labels)
             })
             .collect();
-        let all_replicas: Vec<ReplicaStatus> = self
-            .replicas
-            .cached_all()
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
+        let mut replicas: BTreeMap<String, Vec<ReplicaStatus>> = BTreeMap::new();
+        for (_, r) in self.replicas.cached_all() {
+            replicas.entry(r.deployment.clone()).or_default().push(r);
+        }
+        View {
+            live,
+            clusters,
+            replicas,
+        }
+    }
+
+    async fn reconcile(&self, memory: &mut Memory) {
+        let view = self.view();
         let mut names: BTreeSet<String> = self
             .placements
             .cached_all()
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        names.extend(all_replicas.iter().map(|r| r.deployment.clone()));
+        names.extend(view.replicas.keys().cloned());
+        // A stored state may still owe its events after its deployment is gone.
+        names.extend(self.rollouts.cached_all().into_iter().map(|(n, _)| n));
+        let now = Instant::now();
         for name in names {
-            let mine: Vec<ReplicaStatus> = all_replicas
-                .iter()
-                .filter(|r| r.deployment == name)
-                .cloned()
-                .collect();
-            if let Err(e) = self.reconcile_one(&name, &mine, &live, &labels).await {
-                tracing::warn!(deployment = %name, "rollout step failed, will retry: {e}");
+            if !memory.due(&name, now) {
+                continue;
+            }
+            let span = tracing::info_span!(
+                "rollout_step",
+                deployment = %name,
+                generation = tracing::field::Empty,
+                spec_generation = tracing::field::Empty,
+            );
+            let result = self
+                .step(&name, &view, &mut memory.announced)
+                .instrument(span.clone())
+                .await;
+            match result {
+                Ok(()) => {
+                    memory.retries.remove(&name);
+                }
+                Err(e) => {
+                    let (attempt, wait) = memory.failed(&name, now);
+                    span.in_scope(|| {
+                        tracing::warn!(attempt, retry_in = ?wait, "rollout step failed: {}", chain(&e));
+                    });
+                }
             }
         }
     }
 
-    async fn reconcile_one(
+    /// One deployment's step: announce what the stored state still owes,
+    /// decide, store, announce, send.
+    async fn step(
         &self,
         name: &str,
-        mine: &[ReplicaStatus],
-        live: &BTreeSet<String>,
-        labels: &[(String, BTreeMap<String, String>)],
-    ) -> Result<(), KitError> {
+        view: &View,
+        announced: &mut HashMap<String, Option<RolloutState>>,
+    ) -> Result<(), StepError> {
+        let stored = self.rollouts.cached(name);
+        self.announce(name, stored.as_ref(), announced).await?;
+        let replicas = view.replicas_of(name);
         let deployment = self.deployments.cached(name);
-        let spec = deployment.as_ref().and_then(|d| d.spec.clone());
         let spec_generation = deployment
             .as_ref()
             .and_then(|d| d.status.as_ref())
             .map_or(0, |s| s.generation);
-        let Some(spec) = spec else {
-            // Deleted: every replica goes.
-            let generation = mine.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
-            let placement = PlacementDecision {
-                deployment: name.to_string(),
-                generation,
-                ..Default::default()
-            };
-            let plan = plan::plan(&Inputs {
-                deployment: name,
-                template: "",
-                placement: &placement,
-                replicas: mine,
-                live,
-                limits: Limits::new(0, u32::MAX),
-                active: None,
-                halted: false,
-            });
-            return self.send(name, &placement, None, plan.steps).await;
+        let span = tracing::Span::current();
+        span.record("spec_generation", spec_generation);
+        let Some(spec) = deployment.and_then(|d| d.spec) else {
+            let retire = advance::retire(name, replicas, &view.live);
+            span.record("generation", retire.generation);
+            return self.send(name, retire.generation, None, retire.steps).await;
         };
         let Some(placement) = self.placements.cached(name) else {
             return Ok(());
         };
-        // Placement has not decided for this spec yet, or found no room:
-        // keep what runs.
-        if placement.deployment_generation != spec_generation
-            || placement.outcome() == PlacementOutcome::Unschedulable
-        {
+        if !advance::placed_for(&placement, spec_generation) {
             return Ok(());
         }
-        let template = template_of_spec(&spec);
-        let stored = self.rollouts.cached(name);
-        let before = stored.clone().unwrap_or_default();
-        let mut state = before.clone();
-        let mut events: Vec<EventDraft> = Vec::new();
-        let now = now_unix_ms();
-
-        if state.template != template {
-            let others_alive = mine.iter().any(|r| {
-                plan::template_of(&r.replica_id) != Some(template.as_str()) && alive_on(r, live)
-            });
-            state = RolloutState {
-                deployment: name.to_string(),
-                target_generation: placement.generation,
-                previous_generation: before.completed_generation,
-                phase: RolloutPhase::Progressing.into(),
-                template: template.clone(),
-                deployment_generation: spec_generation,
-                completed_spec: before.completed_spec.clone(),
-                completed_generation: before.completed_generation,
-                previous_spec: before.completed_spec.clone(),
-                skip_gates: !others_alive || before.undo_requested,
-                message: if before.undo_requested {
-                    format!("undo: rolling back to the spec of generation {spec_generation}")
-                } else {
-                    format!("rolling out spec generation {spec_generation}")
-                },
-                ..Default::default()
-            };
-        }
-        let id_base = format!(
-            "rollout-{name}-{}-g{}",
-            state.template, state.deployment_generation
-        );
-        let event_id = |what: &str| format!("{id_base}-{what}");
-        if stored.as_ref().is_none_or(|s| s.template != template) {
-            events.push(
-                EventDraft::new(EventType::RolloutStarted, name, state.message.clone())
-                    .id(event_id("started")),
-            );
-        }
-        state.target_generation = placement.generation;
-
-        let staged = spec
-            .rollout
-            .as_ref()
-            .is_some_and(|r| r.strategy() == v1::RolloutStrategy::Staged)
-            && !state.skip_gates;
-        let stages = if staged {
-            resolve_stages(
-                spec.rollout.as_ref().unwrap_or(&v1::RolloutSpec::default()),
-                labels,
-            )
-        } else {
-            vec![StagePlan {
-                name: "all".into(),
-                clusters: labels.iter().map(|(n, _)| n.clone()).collect(),
-                wait: Duration::ZERO,
-                approval: false,
-            }]
+        // Placement's generation, as in every command and replica status.
+        span.record("generation", placement.generation);
+        let observed = Observed {
+            deployment: name,
+            spec: &spec,
+            spec_generation,
+            placement: &placement,
+            replicas,
+            live: &view.live,
+            clusters: &view.clusters,
         };
-        if state.stages.len() != stages.len()
-            || state
-                .stages
-                .iter()
-                .zip(&stages)
-                .any(|(s, p)| s.name != p.name)
-        {
-            state.stages = stages
-                .iter()
-                .map(|p| StageStatus {
-                    name: p.name.clone(),
-                    phase: StagePhase::Pending.into(),
-                    ..Default::default()
-                })
-                .collect();
-            state.current_stage = 0;
-        }
-        for (status, p) in state.stages.iter_mut().zip(&stages) {
-            status.clusters = p.clusters.iter().cloned().collect();
-        }
-        let desired: u32 = placement.assignments.iter().map(|a| a.replicas).sum();
-        let limits = limits(&spec, desired);
-
-        let steps = loop {
-            let current = (state.current_stage as usize).min(stages.len() - 1);
-            let complete = state.phase() == RolloutPhase::Complete;
-            let active: Option<BTreeSet<String>> = (staged && !complete).then(|| {
-                stages[..=current]
-                    .iter()
-                    .flat_map(|s| s.clusters.iter().cloned())
-                    .collect()
-            });
-            let halted = state.phase() == RolloutPhase::Halted;
-            let plan = plan::plan(&Inputs {
-                deployment: name,
-                template: &template,
-                placement: &placement,
-                replicas: mine,
-                live,
-                limits,
-                active: active.as_ref(),
-                halted,
-            });
-            for f in &plan.failures {
-                if !complete && !state.failures.contains(f) {
-                    state.failures.push(f.clone());
-                }
-            }
-            state.failed_replicas = state.failures.len() as u32;
-            if halted || complete {
-                break plan.steps;
-            }
-            if state.failed_replicas >= self.halt_after_failures {
-                state.phase = RolloutPhase::Halted.into();
-                state.message = format!(
-                    "halted: {} replica failures (threshold {}); the previous replicas keep serving; `flotilla rollout undo {name}` returns to the previous spec",
-                    state.failed_replicas, self.halt_after_failures
-                );
-                if let Some(stage) = state.stages.get_mut(current) {
-                    stage.phase = StagePhase::Failed.into();
-                }
-                events.push(
-                    EventDraft::new(EventType::RolloutHalted, name, state.message.clone())
-                        .id(event_id("halted")),
-                );
-                continue;
-            }
-            if !plan.active_done {
-                state.phase = RolloutPhase::Progressing.into();
-                state.message = format!(
-                    "stage {}: {}/{} replicas of spec generation {} ready",
-                    stages[current].name, plan.ready, plan.desired, state.deployment_generation
-                );
-                if let Some(stage) = state.stages.get_mut(current)
-                    && stage.phase() != StagePhase::Progressing
-                {
-                    let first = stage.phase() == StagePhase::Pending;
-                    stage.phase = StagePhase::Progressing.into();
-                    if first {
-                        stage.started_at_unix_ms = now;
-                        if staged && !stage.clusters.is_empty() {
-                            events.push(
-                                EventDraft::new(
-                                    EventType::RolloutStageStarted,
-                                    name,
-                                    format!("stage {} started", stage.name),
-                                )
-                                .id(event_id(&format!("stage-{current}-started"))),
-                            );
-                        }
-                    }
-                }
-                break plan.steps;
-            }
-            let last = current + 1 >= stages.len();
-            if staged
-                && let Some(stage) = state.stages.get_mut(current)
-                && stage.phase() != StagePhase::Complete
-            {
-                stage.phase = StagePhase::Complete.into();
-                stage.completed_at_unix_ms = now;
-                if stage.started_at_unix_ms == 0 {
-                    stage.started_at_unix_ms = now;
-                }
-                let message = format!(
-                    "stage {} complete: clusters {}",
-                    stage.name,
-                    stage.clusters.join(", ")
-                );
-                // The implicit last stage is news only when it holds clusters.
-                if !stage.clusters.is_empty() {
-                    events.push(
-                        EventDraft::new(EventType::RolloutStageCompleted, name, message)
-                            .id(event_id(&format!("stage-{current}-completed"))),
-                    );
-                }
-            }
-            if last {
-                state.phase = RolloutPhase::Complete.into();
-                state.message = format!(
-                    "spec generation {} rolled out: {} replicas ready",
-                    state.deployment_generation, plan.ready
-                );
-                for stage in &mut state.stages {
-                    stage.phase = StagePhase::Complete.into();
-                }
-                state.completed_spec = Some(spec.clone());
-                state.completed_generation = state.deployment_generation;
-                events.push(
-                    EventDraft::new(EventType::RolloutCompleted, name, state.message.clone())
-                        .id(event_id("completed")),
-                );
-                continue;
-            }
-            let gate = &stages[current];
-            let stage = &state.stages[current];
-            let wait_until = stage.completed_at_unix_ms + gate.wait.as_millis() as i64;
-            if now < wait_until {
-                state.phase = RolloutPhase::Waiting.into();
-                state.message = format!(
-                    "stage {} complete; next stage in {} s",
-                    gate.name,
-                    (wait_until - now + 999) / 1000
-                );
-                break plan.steps;
-            }
-            if gate.approval && !stage.approved {
-                if state.phase() != RolloutPhase::AwaitingApproval {
-                    state.phase = RolloutPhase::AwaitingApproval.into();
-                    state.message = format!(
-                        "stage {} complete; `flotilla rollout approve {name}` starts stage {}",
-                        gate.name,
-                        stages[current + 1].name
-                    );
-                    events.push(
-                        EventDraft::new(
-                            EventType::RolloutAwaitingApproval,
-                            name,
-                            state.message.clone(),
-                        )
-                        .id(event_id(&format!("stage-{current}-awaiting-approval"))),
-                    );
-                }
-                break plan.steps;
-            }
-            state.current_stage = (current + 1) as u32;
-        };
-
-        if stored.as_ref() != Some(&state) {
-            state.updated_at_unix_ms = now;
-            for draft in events {
-                let draft = draft
-                    .generation(state.deployment_generation)
-                    .payload(Payload::Rollout(state.clone()));
-                self.bus.publish_event(draft).await?;
-            }
-            let expected = stored.clone();
-            let next = state.clone();
+        let next = advance(stored.as_ref(), &observed, now_unix_ms(), &self.settings);
+        if stored.as_ref() != Some(&next.state) {
             let written = self
                 .rollouts
-                .update(name, |cur| (cur.cloned() == expected).then(|| next.clone()))
-                .await?;
-            if written.is_none() {
+                .update(name, |current| {
+                    (current == stored.as_ref()).then(|| next.state.clone())
+                })
+                .await
+                .map_err(|source| StepError::Store {
+                    deployment: name.to_string(),
+                    source,
+                })?;
+            let Some(written) = written else {
                 // Another instance moved it first; the next round starts
                 // from what it wrote.
                 return Ok(());
-            }
-        }
-        self.send(name, &placement, Some(&spec), steps).await
-    }
-
-    async fn send(
-        &self,
-        name: &str,
-        placement: &PlacementDecision,
-        spec: Option<&ModelDeploymentSpec>,
-        steps: Vec<Step>,
-    ) -> Result<(), KitError> {
-        for step in steps {
-            let (cluster, replica_id, command_id, action, kind) = match step {
-                Step::Start {
-                    cluster,
-                    replica_id,
-                    command_id,
-                } => {
-                    let Some(spec) = spec else { continue };
-                    let Some(model) = spec.model.as_ref() else {
-                        continue;
-                    };
-                    let (model_name, digest) = match &model.artifact {
-                        Some(a) => (a.name.clone(), a.digest.clone()),
-                        None => (model.preset.clone(), String::new()),
-                    };
-                    let placement_spec = spec.placement.clone().unwrap_or_default();
-                    let action = Action::Start(v1::StartReplica {
-                        replica_id: replica_id.clone(),
-                        model: Some(v1::ModelRef {
-                            name: model_name,
-                            digest,
-                            ..Default::default()
-                        }),
-                        runtime: spec.runtime,
-                        gpu: spec.resources.as_ref().and_then(|r| r.gpu.clone()),
-                        tolerations: placement_spec.tolerations,
-                        ..Default::default()
-                    });
-                    (
-                        cluster,
-                        replica_id,
-                        command_id,
-                        action,
-                        CommandAction::Start,
-                    )
-                }
-                Step::Stop {
-                    cluster,
-                    replica_id,
-                    command_id,
-                    reason,
-                } => {
-                    let action = Action::Stop(v1::StopReplica {
-                        replica_id: replica_id.clone(),
-                        reason,
-                    });
-                    (cluster, replica_id, command_id, action, CommandAction::Stop)
-                }
             };
-            let subject = self.bus.subjects.command(&cluster, kind)?;
-            let command = v1::ExecutorCommand {
-                command_id: command_id.clone(),
-                cluster: cluster.clone(),
-                deployment: name.to_string(),
-                generation: placement.generation,
-                action: Some(action),
-            };
-            self.bus
-                .publish(subject, &command, Some(&command_id))
-                .await?;
-            tracing::debug!(deployment = %name, %cluster, replica = %replica_id, "{}", kind.as_str());
+            self.announce(name, Some(&written), announced).await?;
         }
-        Ok(())
-    }
-
-    /// The rollout a control request names, or why there is none.
-    async fn rollout_of(&self, name: &str) -> Result<RolloutState, HandlerError> {
-        flotilla_proto::check_name("deployment", name)
-            .map_err(|e| HandlerError::invalid("deployment", e.to_string()))?;
-        match self.rollouts.get(name).await.map_err(HandlerError::retry)? {
-            Some((state, _)) => Ok(state),
-            None => Err(HandlerError::invalid(
-                "deployment",
-                format!("{name} has no rollout"),
-            )),
-        }
-    }
-
-    async fn on_approve(&self, d: Delivery<v1::ApproveRollout>) -> Result<(), HandlerError> {
-        let request = d.message;
-        let request_id = d.msg_id.clone().unwrap_or(request.request_id.clone());
-        let name = request.deployment.clone();
-        let state = self.rollout_of(&name).await?;
-        if request.generation != 0 && request.generation != state.deployment_generation {
-            return Err(HandlerError::invalid(
-                "generation",
-                format!(
-                    "generation {} of {name} is not being rolled out; generation {} is",
-                    request.generation, state.deployment_generation
-                ),
-            ));
-        }
-        let index = if request.stage.is_empty() {
-            if state.phase() != RolloutPhase::AwaitingApproval {
-                return Err(HandlerError::invalid(
-                    "deployment",
-                    format!(
-                        "the rollout of {name} is {}, not awaiting approval (name a stage to approve one ahead)",
-                        phase_name(state.phase())
-                    ),
-                ));
-            }
-            state.current_stage as usize
-        } else {
-            state
-                .stages
-                .iter()
-                .position(|s| s.name == request.stage)
-                .ok_or_else(|| {
-                    HandlerError::invalid(
-                        "stage",
-                        format!(
-                            "{name} has no stage {:?}; its stages are {}",
-                            request.stage,
-                            state
-                                .stages
-                                .iter()
-                                .map(|s| s.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
-                })?
-        };
-        let written = self
-            .rollouts
-            .update(&name, |cur| {
-                let mut next = cur?.clone();
-                if next.template != state.template {
-                    return None;
-                }
-                let stage = next.stages.get_mut(index)?;
-                if stage.approved {
-                    return None;
-                }
-                stage.approved = true;
-                next.updated_at_unix_ms = now_unix_ms();
-                Some(next)
-            })
+        self.send(name, placement.generation, Some(&spec), next.steps)
             .await
-            .map_err(HandlerError::retry)?;
-        let current = written.unwrap_or(state);
-        let stage = current
-            .stages
-            .get(index)
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        let by = if request.approved_by.is_empty() {
-            String::new()
-        } else {
-            format!(" by {}", request.approved_by)
-        };
-        self.bus
-            .publish_event(
-                EventDraft::new(
-                    EventType::RolloutApproved,
-                    &name,
-                    format!("stage {stage} of {name} approved{by}"),
-                )
-                .id(format!("rollout-approved-{request_id}"))
-                .correlation_id(request_id)
-                .generation(current.deployment_generation)
-                .payload(Payload::Rollout(current)),
-            )
-            .await
-            .map_err(HandlerError::retry)
-    }
-
-    async fn on_undo(&self, d: Delivery<v1::UndoRollout>) -> Result<(), HandlerError> {
-        let request = d.message;
-        let request_id = d.msg_id.clone().unwrap_or(request.request_id.clone());
-        let name = request.deployment.clone();
-        let state = self.rollout_of(&name).await?;
-        let Some(previous) = state.previous_spec.clone() else {
-            return Err(HandlerError::invalid(
-                "deployment",
-                format!("{name} has no earlier version to return to"),
-            ));
-        };
-        let Some((current, _)) = self
-            .deployments
-            .get(&name)
-            .await
-            .map_err(HandlerError::retry)?
-        else {
-            return Err(HandlerError::invalid(
-                "deployment",
-                format!("{name} does not exist"),
-            ));
-        };
-        self.rollouts
-            .update(&name, |cur| {
-                let mut next = cur?.clone();
-                if next.undo_requested {
-                    return None;
-                }
-                next.undo_requested = true;
-                Some(next)
-            })
-            .await
-            .map_err(HandlerError::retry)?;
-        let apply = ModelDeployment {
-            api_version: current.api_version.clone(),
-            kind: current.kind.clone(),
-            metadata: current.metadata.clone(),
-            spec: Some(previous),
-            status: None,
-        };
-        let apply_id = format!("undo-{request_id}");
-        self.bus
-            .publish(
-                self.bus.subjects.control(ControlSubject::DeploymentApply),
-                &apply,
-                Some(&apply_id),
-            )
-            .await
-            .map_err(HandlerError::retry)?;
-        self.bus
-            .publish_event(
-                EventDraft::new(
-                    EventType::RolloutUndone,
-                    &name,
-                    format!(
-                        "{name}: the spec of generation {} is applied again (request {apply_id})",
-                        state.previous_generation
-                    ),
-                )
-                .id(format!("rollout-undone-{request_id}"))
-                .correlation_id(request_id)
-                .generation(state.deployment_generation)
-                .payload(Payload::Rollout(state)),
-            )
-            .await
-            .map_err(HandlerError::retry)
     }
 }
 
