@@ -1,6 +1,7 @@
-//! Starting the services of a fleet for a test, with the services' own
-//! library code: the control services in this process, executors as tasks,
-//! and the paths of the workspace's binaries.
+//! Starting the services of a fleet for a test, through the assembly
+//! `flotilla up` uses (`flotilla_cli::fleet`): the control services in this
+//! process, executors as tasks with a simulated cluster's flags, and the
+//! paths of the workspace's binaries.
 //!
 //! The settings are the tests' own (a cluster is unhealthy after a second or
 //! three, not the production default): each starter takes the bus settings,
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flotilla_cli::fleet::{ControlPlane, SimulatedCluster, Started};
 use flotilla_kit::BusConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,22 +38,27 @@ pub fn target_bin(name: &str) -> PathBuf {
     bin
 }
 
-fn spawn<F, E>(what: &'static str, run: F) -> JoinHandle<()>
-where
-    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
+/// Starts `plane`'s services until the test ends. A service that stops
+/// with an error panics with it, in a task of its own, as a crash would.
+fn start(plane: ControlPlane) -> Started {
+    let mut started = plane.start(&CancellationToken::new());
+    let mut services = std::mem::take(&mut started.services);
     tokio::spawn(async move {
-        if let Err(e) = run.await {
-            panic!("{what}: {e}");
+        while let Some(done) = services.join_next().await {
+            match done {
+                Ok(Err(e)) => panic!("{e:#}"),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                _ => {}
+            }
         }
-    })
+    });
+    started
 }
 
-/// Inventory: a cluster is unhealthy after `unhealthy_after` without a
-/// heartbeat, checked every 100 ms.
-pub fn inventory(bus: &BusConfig, unhealthy_after: Duration) {
-    let inventory = flotilla_inventory::Config {
+/// Inventory's test settings: a cluster is unhealthy after
+/// `unhealthy_after` without a heartbeat, checked every 100 ms.
+pub fn inventory_config(bus: &BusConfig, unhealthy_after: Duration) -> flotilla_inventory::Config {
+    flotilla_inventory::Config {
         bus: bus.clone(),
         http_addr: ([127, 0, 0, 1], 0).into(),
         policy: flotilla_inventory::HealthPolicy {
@@ -60,61 +67,75 @@ pub fn inventory(bus: &BusConfig, unhealthy_after: Duration) {
             max_clock_skew_ms: 30_000,
         },
         check_interval: Duration::from_millis(100),
-    };
-    spawn(
-        "inventory",
-        flotilla_inventory::run(inventory, CancellationToken::new()),
-    );
+    }
 }
 
 /// Placement with its default settings.
-pub fn placement(bus: &BusConfig) {
-    let placement = flotilla_placement::Config {
+pub fn placement_config(bus: &BusConfig) -> flotilla_placement::Config {
+    flotilla_placement::Config {
         bus: bus.clone(),
         http_addr: ([127, 0, 0, 1], 0).into(),
         settings: Default::default(),
         flap_probation_ms: 30_000,
-    };
-    spawn(
-        "placement",
-        flotilla_placement::run(placement, CancellationToken::new()),
-    );
+    }
 }
 
-/// The model-provisioner, presets from `.tools/models`.
-pub fn model_provisioner(bus: &BusConfig) {
-    let provisioner = flotilla_model_provisioner::Config {
+/// The model-provisioner, presets from this checkout's `.tools/models`.
+pub fn model_provisioner_config(bus: &BusConfig) -> flotilla_model_provisioner::Config {
+    flotilla_model_provisioner::Config {
         bus: bus.clone(),
         http_addr: ([127, 0, 0, 1], 0).into(),
         preset_dir: workspace_root().join(".tools/models"),
         takeover_after_ms: 60_000,
-    };
-    spawn(
-        "model-provisioner",
-        flotilla_model_provisioner::run(provisioner, CancellationToken::new()),
-    );
+    }
+}
+
+/// Inventory as [`inventory_config`] sets it up.
+pub fn inventory(bus: &BusConfig, unhealthy_after: Duration) {
+    start(ControlPlane {
+        inventory: Some(inventory_config(bus, unhealthy_after)),
+        ..Default::default()
+    });
+}
+
+/// Placement with its default settings.
+pub fn placement(bus: &BusConfig) {
+    start(ControlPlane {
+        placement: Some(placement_config(bus)),
+        ..Default::default()
+    });
+}
+
+/// The model-provisioner, presets from `.tools/models`.
+pub fn model_provisioner(bus: &BusConfig) {
+    start(ControlPlane {
+        model_provisioner: Some(model_provisioner_config(bus)),
+        ..Default::default()
+    });
 }
 
 /// inventory (unhealthy after `unhealthy_after`), placement and the
 /// model-provisioner.
 pub fn control_services(server: &NatsServer, unhealthy_after: Duration) {
     let bus = config(server);
-    inventory(&bus, unhealthy_after);
-    placement(&bus);
-    model_provisioner(&bus);
+    start(ControlPlane {
+        inventory: Some(inventory_config(&bus, unhealthy_after)),
+        placement: Some(placement_config(&bus)),
+        model_provisioner: Some(model_provisioner_config(&bus)),
+        ..Default::default()
+    });
 }
 
 /// The rollout service in this process.
 pub fn rollout(bus: &BusConfig, halt_after_failures: u32) {
-    let rollout = flotilla_rollout::Config {
-        bus: bus.clone(),
-        http_addr: ([127, 0, 0, 1], 0).into(),
-        halt_after_failures,
-    };
-    spawn(
-        "rollout",
-        flotilla_rollout::run(rollout, CancellationToken::new()),
-    );
+    start(ControlPlane {
+        rollout: Some(flotilla_rollout::Config {
+            bus: bus.clone(),
+            http_addr: ([127, 0, 0, 1], 0).into(),
+            halt_after_failures,
+        }),
+        ..Default::default()
+    });
 }
 
 /// The gateway on a free loopback port: no region, no API keys.
@@ -130,35 +151,44 @@ pub fn gateway_config(bus: &BusConfig) -> flotilla_gateway::Config {
 
 /// Starts the gateway; the address it listens on.
 pub async fn gateway(config: flotilla_gateway::Config) -> SocketAddr {
-    let (bound, addr) = tokio::sync::oneshot::channel();
-    spawn(
-        "gateway",
-        flotilla_gateway::run(config, CancellationToken::new(), Some(bound)),
-    );
-    addr.await
-        .unwrap_or_else(|_| panic!("the gateway stopped before it listened"))
+    let started = start(ControlPlane {
+        gateway: Some(config),
+        ..Default::default()
+    });
+    listening(started.gateway, "the gateway").await
 }
 
 /// Starts the gRPC control API on a free loopback port; its address.
 pub async fn control_api(bus: &BusConfig) -> SocketAddr {
-    let config = flotilla_control_api::Config {
-        bus: bus.clone(),
-        listen: ([127, 0, 0, 1], 0).into(),
-        http_addr: ([127, 0, 0, 1], 0).into(),
-        answer_timeout: Duration::from_secs(10),
-    };
-    let (bound, addr) = tokio::sync::oneshot::channel();
-    spawn(
-        "control-api",
-        flotilla_control_api::run(config, CancellationToken::new(), Some(bound)),
-    );
-    addr.await
-        .unwrap_or_else(|_| panic!("the control API stopped before it listened"))
+    let started = start(ControlPlane {
+        control_api: Some(flotilla_control_api::Config {
+            bus: bus.clone(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            http_addr: ([127, 0, 0, 1], 0).into(),
+            answer_timeout: Duration::from_secs(10),
+        }),
+        ..Default::default()
+    });
+    listening(started.control_api, "the control API").await
 }
 
-/// A simulated cluster's executor settings: declared `gpus`
-/// (`2xH100-80GB`), `labels`, a cost, a model cache of its own under
-/// `caches`, heartbeats every 200 ms, and this workspace's runner.
+async fn listening(
+    addr: Option<tokio::sync::oneshot::Receiver<SocketAddr>>,
+    what: &str,
+) -> SocketAddr {
+    match addr {
+        Some(addr) => addr
+            .await
+            .unwrap_or_else(|_| panic!("{what} stopped before it listened")),
+        None => panic!("{what} was not started"),
+    }
+}
+
+/// A simulated cluster's executor settings: the flags `flotilla up` gives
+/// one (declared `gpus` such as `2xH100-80GB`, `labels`, a cost, a model
+/// cache of its own under `caches`), and heartbeats every 200 ms with this
+/// workspace's runner. Flags it does not set come from their `FLOTILLA_*`
+/// variables, as for `flotilla up`'s executors.
 pub fn executor_args(
     nats_url: &str,
     cluster: &str,
@@ -167,21 +197,11 @@ pub fn executor_args(
     cost_per_gpu_hour: f64,
     caches: &Path,
 ) -> flotilla_executor::ExecutorArgs {
-    flotilla_executor::ExecutorArgs {
-        bus: flotilla_kit::BusArgs {
-            nats_url: nats_url.into(),
-            ..Default::default()
-        },
-        cluster: Some(cluster.into()),
-        labels: labels.iter().map(|s| s.to_string()).collect(),
-        gpus: gpus.into(),
-        gpu_source: flotilla_executor::GpuSource::Declared,
-        cost_per_gpu_hour,
-        heartbeat_interval: Duration::from_millis(200),
-        model_cache_dir: Some(caches.join(cluster)),
-        runner_bin: Some(target_bin("flotilla-runner")),
-        ..Default::default()
-    }
+    let mut flags = SimulatedCluster::new(cluster, gpus, labels, cost_per_gpu_hour)
+        .executor_flags(nats_url, caches);
+    flags.extend(["--heartbeat-interval".into(), "200ms".into()]);
+    flags.extend(["--runner-bin".into(), target_bin("flotilla-runner").into()]);
+    flotilla_cli::fleet::executor_args(flags).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs an executor as a task until `stop`. Aborting the handle kills it as
@@ -191,7 +211,11 @@ pub fn start_executor(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let config = args.validate().unwrap_or_else(|e| panic!("{e}"));
-    spawn("executor", flotilla_executor::run(config, stop))
+    tokio::spawn(async move {
+        if let Err(e) = flotilla_executor::run(config, stop).await {
+            panic!("executor: {e}");
+        }
+    })
 }
 
 /// A simulated cluster as [`executor_args`] describes it, running until the

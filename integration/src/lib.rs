@@ -257,13 +257,8 @@ fn find_binary() -> Result<PathBuf, HarnessError> {
     if local.is_file() {
         return Ok(local);
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
+    if let Some(found) = flotilla_cli::fleet::on_path("nats-server") {
+        return Ok(found);
     }
     Err(HarnessError::BinaryMissing(local.display().to_string()))
 }
@@ -279,7 +274,7 @@ pub fn workspace_root() -> PathBuf {
 /// The shipped model, SmolLM2-135M-Instruct as a Q4_1 GGUF, where
 /// `scripts/install-tools` puts it.
 pub fn shipped_model() -> PathBuf {
-    workspace_root().join(".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    workspace_root().join(flotilla_cli::fleet::SHIPPED_MODEL)
 }
 
 /// The next event on `sub` (a subscription to `<prefix>.events.>` or part

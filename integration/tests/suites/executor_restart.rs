@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use flotilla_cli::fleet::SimulatedCluster;
 use flotilla_integration::NatsServer;
 use flotilla_integration::fleet::target_bin;
 use flotilla_kit::{Bus, RecordStore};
@@ -81,9 +82,11 @@ impl Drop for KillReplicasOnDrop {
     }
 }
 
+/// The executor binary with a simulated cluster's flags, as `flotilla up`
+/// starts one.
 struct Executor {
     bin: PathBuf,
-    args: Vec<String>,
+    args: Vec<std::ffi::OsString>,
     log: PathBuf,
 }
 
@@ -180,33 +183,21 @@ impl Fleet {
         let model = shipped_model();
         push(&bus, &model, "smollm2", None).await;
         let work = tempfile::tempdir().unwrap();
-        let cache = work.path().join("cache");
+        let cluster = SimulatedCluster::new(CLUSTER, "1xH100-80GB", &["region=eu-west-1"], 0.0);
+        let caches = work.path().join("cache");
+        // The executor's cache folder; the owner of its runners names it.
+        let cache = caches.join(CLUSTER);
         std::fs::create_dir_all(&cache).unwrap();
         let owner = format!(
             "{CLUSTER}:{}",
             std::fs::canonicalize(&cache).unwrap().display()
         );
         let runner = target_bin("flotilla-runner");
+        let mut args = cluster.executor_flags(&server.url(), &caches);
+        args.extend(["--runner-bin".into(), runner.clone().into()]);
         let executor = Executor {
             bin: target_bin("flotilla-executor"),
-            args: [
-                "--nats-url",
-                &server.url(),
-                "--cluster",
-                CLUSTER,
-                "--label",
-                "region=eu-west-1",
-                "--gpus",
-                "1xH100-80GB",
-                "--gpu-source",
-                "declared",
-                "--model-cache-dir",
-                cache.to_str().unwrap(),
-                "--runner-bin",
-                runner.to_str().unwrap(),
-            ]
-            .map(String::from)
-            .to_vec(),
+            args,
             log: work.path().join("executor.log"),
         };
         let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")

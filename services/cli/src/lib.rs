@@ -5,6 +5,7 @@ pub mod answer;
 pub mod chat;
 pub mod clusters;
 pub mod deployments;
+pub mod fleet;
 pub mod models;
 pub mod nats_config;
 pub mod replicas;
@@ -98,14 +99,6 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-}
-
-/// The executor's own command line, inside `flotilla executor -- ...`.
-#[derive(Debug, Parser)]
-#[command(name = "flotilla executor")]
-struct ExecutorCommandLine {
-    #[command(flatten)]
-    executor: flotilla_executor::ExecutorArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -278,10 +271,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
                 .map(|_| ())
         }
         Command::Executor { args } => {
-            let line = ExecutorCommandLine::try_parse_from(
-                std::iter::once("flotilla executor".to_string()).chain(args),
-            )?;
-            let config = line.executor.validate()?;
+            let config = fleet::executor_args(args)?.validate()?;
             flotilla_executor::run(config, shutdown)
                 .await
                 .map_err(|e| anyhow::anyhow!("executor: {e}"))

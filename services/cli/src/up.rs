@@ -2,7 +2,8 @@
 //! (nats-server, the shipped model) with `scripts/install-tools`, starts a
 //! nats-server with JetStream on loopback, provisions the bus, runs the
 //! control services in this process and one executor process per simulated
-//! cluster (declared GPUs), with the same code as production. Each executor
+//! cluster (declared GPUs), with the same code as production, assembled by
+//! [`crate::fleet`] as the integration tests' fleets are. Each executor
 //! is its own process so a cluster can fail alone (`kill -9` one and watch
 //! its replicas move). Ctrl-C stops everything.
 
@@ -11,38 +12,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use flotilla_kit::{Bus, BusArgs, Shutdown, provision};
 use tokio::process::{Child, Command};
 
-/// A simulated cluster of the local fleet.
-struct LocalCluster {
-    name: &'static str,
-    labels: [&'static str; 2],
-    gpus: &'static str,
-    cost_per_gpu_hour: f64,
-}
-
-const LOCAL_CLUSTERS: [LocalCluster; 3] = [
-    LocalCluster {
-        name: "eu-west",
-        labels: ["region=eu-west-1", "env=prod"],
-        gpus: "2xH100-80GB",
-        cost_per_gpu_hour: 2.9,
-    },
-    LocalCluster {
-        name: "us-east",
-        labels: ["region=us-east-1", "env=prod"],
-        gpus: "4xA100-80GB",
-        cost_per_gpu_hour: 2.1,
-    },
-    LocalCluster {
-        name: "ap-south",
-        labels: ["region=ap-south-1", "env=canary"],
-        gpus: "2xL4-24GB",
-        cost_per_gpu_hour: 0.8,
-    },
-];
+use crate::fleet::{ControlPlane, SHIPPED_MODEL, SimulatedCluster, local_clusters, on_path};
 
 /// What `flotilla up` serves: the shipped SmolLM2 on two clusters.
 const DEFAULT_DEPLOYMENT: &str = r#"
@@ -135,9 +108,6 @@ pub struct UpArgs {
     pub nats_port: u16,
 }
 
-/// The shipped model, where `scripts/install-tools` puts it.
-const SHIPPED_MODEL: &str = ".tools/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
 /// Runs `scripts/install-tools` when nats-server or the shipped model is
 /// missing; it prints its own progress.
 async fn install_missing(explicit_nats: Option<&Path>, deploy: bool) -> anyhow::Result<()> {
@@ -177,33 +147,18 @@ async fn install_missing(explicit_nats: Option<&Path>, deploy: bool) -> anyhow::
 
 /// One simulated cluster's executor, as a child process of `flotilla`.
 fn start_executor(
-    cluster: &LocalCluster,
+    cluster: &SimulatedCluster,
     nats_url: &str,
     data_dir: &Path,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the flotilla binary")?;
-    let cache = data_dir.join("cache").join(cluster.name);
     let log_path = data_dir.join(format!("executor-{}.log", cluster.name));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let mut command = Command::new(exe);
     command
-        .args([
-            "executor",
-            "--",
-            "--nats-url",
-            nats_url,
-            "--cluster",
-            cluster.name,
-        ])
-        .args(cluster.labels.iter().flat_map(|l| ["--label", l]))
-        .args(["--gpus", cluster.gpus, "--gpu-source", "declared"])
-        .args([
-            "--cost-per-gpu-hour",
-            &cluster.cost_per_gpu_hour.to_string(),
-        ])
-        .arg("--model-cache-dir")
-        .arg(&cache)
+        .args(["executor", "--"])
+        .args(cluster.executor_flags(nats_url, &data_dir.join("cache")))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -247,92 +202,20 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
         );
     }
 
-    let mut services = tokio::task::JoinSet::new();
-    let inventory =
-        flotilla_inventory::Args::parse_from(["flotilla-inventory", "--http-addr", "127.0.0.1:0"]);
-    let mut inventory = inventory.validate()?;
-    inventory.bus = config.clone();
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_inventory::run(inventory, stop)
-                .await
-                .map_err(|e| anyhow::anyhow!("inventory: {e}"))
-        });
-    }
-    let placement =
-        flotilla_placement::Args::parse_from(["flotilla-placement", "--http-addr", "127.0.0.1:0"]);
-    let mut placement = placement.validate()?;
-    placement.bus = config.clone();
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_placement::run(placement, stop)
-                .await
-                .map_err(|e| anyhow::anyhow!("placement: {e}"))
-        });
-    }
-    let provisioner = flotilla_model_provisioner::Args::parse_from([
-        "flotilla-model-provisioner",
-        "--http-addr",
-        "127.0.0.1:0",
-    ]);
-    let mut provisioner = provisioner.validate()?;
-    provisioner.bus = config.clone();
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_model_provisioner::run(provisioner, stop)
-                .await
-                .map_err(|e| anyhow::anyhow!("model-provisioner: {e}"))
-        });
-    }
-    let gateway = flotilla_gateway::Config {
-        bus: config.clone(),
-        listen: ([127, 0, 0, 1], args.gateway_port).into(),
-        region: String::new(),
-        api_keys: Vec::new(),
-    };
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_gateway::run(gateway, stop, None)
-                .await
-                .map_err(|e| anyhow::anyhow!("gateway: {e}"))
-        });
-    }
-    let control_api = flotilla_control_api::Args::parse_from([
-        "flotilla-control-api",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--listen",
-        &format!("127.0.0.1:{}", args.grpc_port),
-    ]);
-    let mut control_api = control_api.validate()?;
-    control_api.bus = config.clone();
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_control_api::run(control_api, stop, None)
-                .await
-                .map_err(|e| anyhow::anyhow!("control-api: {e}"))
-        });
-    }
-    let rollout =
-        flotilla_rollout::Args::parse_from(["flotilla-rollout", "--http-addr", "127.0.0.1:0"]);
-    let mut rollout = rollout.validate()?;
-    rollout.bus = config.clone();
-    {
-        let stop = shutdown.clone();
-        services.spawn(async move {
-            flotilla_rollout::run(rollout, stop)
-                .await
-                .map_err(|e| anyhow::anyhow!("rollout: {e}"))
-        });
-    }
+    let mut services = ControlPlane::local(
+        &config,
+        ([127, 0, 0, 1], args.gateway_port).into(),
+        ([127, 0, 0, 1], args.grpc_port).into(),
+    )?
+    .start(&shutdown)
+    .services;
+    let clusters = local_clusters();
     let mut executors = Vec::new();
-    for cluster in &LOCAL_CLUSTERS {
-        executors.push((cluster.name, start_executor(cluster, &url, &args.data_dir)?));
+    for cluster in &clusters {
+        executors.push((
+            cluster.name.clone(),
+            start_executor(cluster, &url, &args.data_dir)?,
+        ));
     }
     let mut executor_exits = tokio::task::JoinSet::new();
     for (name, mut child) in executors {
@@ -380,10 +263,15 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     println!(
         "  services: inventory, placement, model-provisioner, rollout, gateway, control-api; simulated clusters:"
     );
-    for c in LOCAL_CLUSTERS {
+    for c in &clusters {
+        let label = |i: usize| c.labels.get(i).map_or("", String::as_str);
         println!(
             "    {:<9} {:<12} {:<14} {:.2}/GPU-h   {}",
-            c.name, c.gpus, c.labels[0], c.cost_per_gpu_hour, c.labels[1]
+            c.name,
+            c.gpus,
+            label(0),
+            c.cost_per_gpu_hour,
+            label(1)
         );
     }
     println!(
@@ -408,15 +296,13 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     );
     if !args.no_deploy {
         // Placed once the simulated clusters have joined, not before.
-        let clusters = flotilla_kit::RecordStore::<flotilla_proto::v1::ClusterRecord>::open(
+        let joined = flotilla_kit::RecordStore::<flotilla_proto::v1::ClusterRecord>::open(
             &bus,
             &bus.topology.clusters.name,
         )
         .await?;
         let joined_by = std::time::Instant::now() + Duration::from_secs(20);
-        while clusters.list().await?.len() < LOCAL_CLUSTERS.len()
-            && std::time::Instant::now() < joined_by
-        {
+        while joined.list().await?.len() < clusters.len() && std::time::Instant::now() < joined_by {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let docs = crate::deployments::parse_documents(DEFAULT_DEPLOYMENT)?;
@@ -460,13 +346,8 @@ fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if local.is_file() {
         return Ok(local);
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
+    if let Some(found) = on_path("nats-server") {
+        return Ok(found);
     }
     bail!(
         "nats-server not found in .tools/bin or PATH; run scripts/install-tools (or pass --nats-server)"
