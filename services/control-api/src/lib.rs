@@ -165,7 +165,7 @@ impl ControlApi for Control {
             .ok_or_else(|| Status::invalid_argument("deployment: is required"))?;
         // The checks placement makes first, so a bad field is refused here
         // with the same words, before anything is published.
-        if let Err(e) = flotilla_placement::spec::validate(&doc) {
+        if let Err(e) = flotilla_deployment_spec::validate(&doc) {
             return Err(Status::invalid_argument(format!(
                 "{}: {}",
                 e.field, e.reason

@@ -46,7 +46,7 @@ impl GpuTelemetry {
 mod tests {
     use super::*;
 
-    const RECORDED: &str = include_str!("../../gpu/tests/fixtures/nvml-2xh100.json");
+    const RECORDED: &str = include_str!("../../../crates/gpu/tests/fixtures/nvml-2xh100.json");
 
     #[test]
     fn recorded_devices_become_inventory() {

@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use flotilla_kit::Shutdown as CancellationToken;
+use flotilla_process::Shutdown as CancellationToken;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -91,8 +91,8 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
 
-    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
-    pub log_format: flotilla_kit::logging::LogFormat,
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_process::logging::LogFormat::Text)]
+    pub log_format: flotilla_process::logging::LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]

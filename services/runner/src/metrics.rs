@@ -282,7 +282,7 @@ mod tests {
     use super::*;
     use flotilla_gpu::RecordedDevices;
 
-    const RECORDED: &str = include_str!("../../gpu/tests/fixtures/nvml-2xh100.json");
+    const RECORDED: &str = include_str!("../../../crates/gpu/tests/fixtures/nvml-2xh100.json");
 
     #[test]
     fn the_device_names_which_gpu_nvml_reports() {
