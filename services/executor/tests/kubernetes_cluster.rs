@@ -1,5 +1,7 @@
-//! The Kubernetes backend against a real API server: runs when `KUBECONFIG`
-//! is set and says plainly that it was skipped when it is not.
+//! The Kubernetes backend against a real API server: `#[ignore]`d with
+//! "needs KUBECONFIG", so a run without a cluster counts it as skipped;
+//! `cargo test -- --ignored` with `KUBECONFIG` set runs it (scripts/test
+//! does).
 //!
 //! It creates one replica Deployment in `$FLOTILLA_KUBE_TEST_NAMESPACE`
 //! (default `default`), checks the API server accepted the object as sent
@@ -11,7 +13,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::time::Duration;
 
 use flotilla_executor::backends::kubernetes::{
@@ -22,15 +23,8 @@ use flotilla_proto::v1;
 use k8s_openapi::api::apps::v1::Deployment;
 
 #[tokio::test]
+#[ignore = "needs KUBECONFIG"]
 async fn replica_deployment_round_trip_on_a_real_cluster_when_kubeconfig_is_set() {
-    if std::env::var_os("KUBECONFIG").is_none() {
-        // Written past the test harness's capture so it shows in every run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED replica_deployment_round_trip_on_a_real_cluster_when_kubeconfig_is_set: KUBECONFIG is not set (no Kubernetes cluster to test against)"
-        );
-        return;
-    }
     let namespace =
         std::env::var("FLOTILLA_KUBE_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
     let client = kube::Client::try_default().await.unwrap();
