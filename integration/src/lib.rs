@@ -137,18 +137,11 @@ impl NatsServer {
         Ok(bus)
     }
 
-    /// Stops the server gracefully (SIGTERM-like `kill` then wait).
+    /// Stops the server gracefully, as `flotilla up` stops its own: SIGTERM
+    /// (nats-server flushes its store), SIGKILL after 10 s.
     pub async fn stop(&mut self) -> Result<(), HarnessError> {
         if let Some(mut child) = self.child.take() {
-            if let Some(pid) = child.id() {
-                // nats-server flushes its store on SIGTERM.
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
-            }
-            child.wait().await.map_err(HarnessError::Stop)?;
+            flotilla_cli::fleet::stop_gracefully(&mut child).await;
         }
         Ok(())
     }

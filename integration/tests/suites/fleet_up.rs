@@ -125,6 +125,15 @@ async fn next_event(
         .unwrap_or_else(|| panic!("no {what} within {DEADLINE:?}"))
 }
 
+/// Waits until the load has had four more answers than it has now.
+async fn four_more_answers(ok: &AtomicU64, what: &str) {
+    let wanted = ok.load(Ordering::SeqCst) + 4;
+    poll_until(Duration::from_secs(60), what, || async {
+        (ok.load(Ordering::SeqCst) >= wanted).then_some(())
+    })
+    .await;
+}
+
 /// Runs `program` to the end; its standard output, after checking it
 /// succeeded.
 async fn output_of(program: &Path, args: &[&str]) -> String {
@@ -290,13 +299,7 @@ asyncio.run(main())
         failed.clone(),
         stop_load.clone(),
     );
-    let warm = ok.load(Ordering::SeqCst) + 4;
-    poll_until(
-        Duration::from_secs(60),
-        "requests before the kill",
-        || async { (ok.load(Ordering::SeqCst) >= warm).then_some(()) },
-    )
-    .await;
+    four_more_answers(&ok, "requests before the kill").await;
     let victim = ready_of(&first, "smollm2")[0].cluster.clone();
     let executor = pids_with(&["executor", "--cluster", &victim, &data_dir]);
     assert_eq!(executor.len(), 1, "one executor process for {victim}");
@@ -343,13 +346,7 @@ asyncio.run(main())
         unreachable!()
     };
     assert_ne!(replacement.cluster, victim);
-    let answered_after = ok.load(Ordering::SeqCst) + 4;
-    poll_until(
-        Duration::from_secs(60),
-        "requests after the failover",
-        || async { (ok.load(Ordering::SeqCst) >= answered_after).then_some(()) },
-    )
-    .await;
+    four_more_answers(&ok, "requests after the failover").await;
     stop_load.cancel();
     let failures = failed.load(Ordering::SeqCst);
 

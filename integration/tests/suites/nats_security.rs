@@ -80,6 +80,17 @@ fn bus_config(server: &NatsServer, out: &Path, user: &str) -> BusConfig {
     bus_args(server, out, user).validate().unwrap()
 }
 
+/// A bus client logged in as the operator (`admin`).
+async fn admin(server: &NatsServer, out: &Path) -> Bus {
+    Bus::connect(
+        &bus_config(server, out, "admin"),
+        "test",
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 /// A raw client logged in as `user` that reports the server's errors
 /// (permission violations) on a channel.
 async fn client_as(
@@ -142,13 +153,7 @@ async fn an_executor_cannot_read_or_write_another_clusters_subjects() {
     let (dir, server) = secured_server(&["cluster-a", "cluster-b"], |_| {}).await;
     let out = dir.path();
     // The operator provisions and queues one command for each cluster.
-    let admin = Bus::connect(
-        &bus_config(&server, out, "admin"),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let admin = admin(&server, out).await;
     flotilla_kit::provision(&admin).await.unwrap();
     command(&admin, "cluster-a", "r1").await;
     command(&admin, "cluster-b", "r2").await;
@@ -361,13 +366,7 @@ async fn every_service_works_with_its_own_user() {
         &bus_config(&server, out, "inventory"),
         Duration::from_secs(1),
     );
-    let admin = Bus::connect(
-        &bus_config(&server, out, "admin"),
-        "test",
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let admin = admin(&server, out).await;
     let mut events = admin.client.subscribe("flotilla.events.>").await.unwrap();
     fleet::placement(&bus_config(&server, out, "placement"));
     fleet::model_provisioner(&bus_config(&server, out, "model-provisioner"));

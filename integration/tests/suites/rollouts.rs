@@ -34,6 +34,13 @@ async fn rollout_state(bus: &Bus) -> RolloutState {
     support::record(bus, &bus.topology.rollouts.name, "chat").await
 }
 
+/// The replicas that run or are on their way to running.
+fn not_stopped(all: &[ReplicaStatus]) -> Vec<&ReplicaStatus> {
+    all.iter()
+        .filter(|r| r.phase() != ReplicaPhase::Stopped)
+        .collect()
+}
+
 fn template(r: &ReplicaStatus) -> &str {
     flotilla_rollout::plan::template_of(&r.replica_id).unwrap()
 }
@@ -162,10 +169,7 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
     );
 
     let after = replicas(&bus).await;
-    let serving: Vec<&ReplicaStatus> = after
-        .iter()
-        .filter(|r| r.phase() != ReplicaPhase::Stopped)
-        .collect();
+    let serving = not_stopped(&after);
     assert_eq!(serving.len(), 3, "no duplicate, no orphan: {after:?}");
     assert!(
         serving
@@ -273,10 +277,7 @@ spec:
         .unwrap();
     next(&mut events, EventType::RolloutCompleted).await;
     let after = replicas(&bus).await;
-    let live: Vec<&ReplicaStatus> = after
-        .iter()
-        .filter(|r| r.phase() != ReplicaPhase::Stopped)
-        .collect();
+    let live = not_stopped(&after);
     assert_eq!(live.len(), 1, "{after:?}");
     // The same replica, never restarted: undo found it still wanted.
     assert_eq!(live[0].replica_id, first.replica_id);

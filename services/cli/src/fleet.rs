@@ -249,6 +249,26 @@ where
     Ok(line.executor)
 }
 
+/// Stops a process of the fleet: SIGTERM, which lets nats-server flush
+/// its store and an executor stop its runners, then SIGKILL if it has not
+/// exited within 10 s.
+pub async fn stop_gracefully(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
 /// The first `name` in a folder of `PATH`.
 pub fn on_path(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH")?;

@@ -15,7 +15,9 @@ use anyhow::{Context, bail};
 use flotilla_kit::{Bus, BusArgs, Shutdown, provision};
 use tokio::process::{Child, Command};
 
-use crate::fleet::{ControlPlane, SHIPPED_MODEL, SimulatedCluster, local_clusters, on_path};
+use crate::fleet::{
+    ControlPlane, SHIPPED_MODEL, SimulatedCluster, local_clusters, on_path, stop_gracefully,
+};
 
 /// What `flotilla up` serves: the shipped SmolLM2 on two clusters.
 const DEFAULT_DEPLOYMENT: &str = r#"
@@ -230,7 +232,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
                         Err(e) => eprintln!("the executor of {name}: {e}"),
                     }
                 }
-                _ = stop.cancelled() => stop_child(&mut child).await,
+                _ = stop.cancelled() => stop_gracefully(&mut child).await,
             }
         });
     }
@@ -333,7 +335,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     while services.join_next().await.is_some() {}
     while executor_exits.join_next().await.is_some() {}
     bus.client.drain().await.ok();
-    stop_child(&mut nats).await;
+    stop_gracefully(&mut nats).await;
     println!("stopped.");
     Ok(())
 }
@@ -366,23 +368,4 @@ fn start_nats(binary: &Path, port: u16, store: &Path, log: &Path) -> anyhow::Res
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))
-}
-
-async fn stop_child(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // SIGTERM lets nats-server flush its store and an executor stop its
-        // runners.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }
