@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
+mod architecture;
 mod autoscaling;
 mod control_api;
 mod deploy_files;
