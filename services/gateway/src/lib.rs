@@ -6,9 +6,11 @@
 //! replica that fails before any byte of an answer (it refuses the
 //! connection, or a streaming request's response headers do not come
 //! within `--response-headers-timeout`) is skipped and the request goes to
-//! the next; a replica that keeps failing is ejected for a while.
-//! Responses, streaming ones too, pass through unchanged. `/metrics` has
-//! latency histograms per model and cluster.
+//! the next; a replica that keeps failing is ejected for a while. A
+//! replica that fails after the first byte has its answer continued by
+//! another (request migration, [`proxy::migrate`]): the client's stream
+//! goes on with the same id and, for greedy and seeded requests, the same
+//! text. `/metrics` has latency histograms per model and cluster.
 //!
 //! The service is a stack of tower layers, outermost first: API keys
 //! ([`auth`]), timing ([`metrics`]), then the proxy ([`proxy`]) over the

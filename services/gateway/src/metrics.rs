@@ -60,6 +60,14 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    pub model: String,
+    /// `continued` (another replica took the answer over) or `failed`
+    /// (none could: the stream was cut).
+    pub outcome: String,
+}
+
 fn latency() -> Histogram {
     // 0.25 ms to about 16 s: the gateway's own overhead and whole answers.
     Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
@@ -73,6 +81,7 @@ pub struct GatewayMetrics {
     pub in_flight: Family<ReplicaLabels, Gauge>,
     pub retries: Family<ModelLabels, Counter>,
     pub ejections: Family<ReplicaLabels, Counter>,
+    pub migrations: Family<MigrationLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -83,6 +92,7 @@ impl GatewayMetrics {
             in_flight: Family::default(),
             retries: Family::default(),
             ejections: Family::default(),
+            migrations: Family::default(),
         };
         registry.register(
             "gateway_request_duration_seconds",
@@ -108,6 +118,11 @@ impl GatewayMetrics {
             "gateway_ejections",
             "Replicas ejected after consecutive connection failures",
             metrics.ejections.clone(),
+        );
+        registry.register(
+            "gateway_migrations",
+            "Answers that broke off after their first byte, by whether another replica continued them",
+            metrics.migrations.clone(),
         );
         metrics
     }

@@ -4,7 +4,9 @@
 //! any byte of an answer (it refuses the connection, or a streaming
 //! request's response headers do not come within the response-headers
 //! timeout) is counted as failed and the request goes to the next: the
-//! client has received nothing yet, so that is safe.
+//! client has received nothing yet, so that is safe. One that fails after
+//! that has its answer continued by another replica ([`migrate`]; the
+//! pure splice is [`splice`]'s).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +55,15 @@ pub enum Unanswered {
     },
     #[error("{replica}: no response headers within {after:?}")]
     NoHeaders { replica: String, after: Duration },
+}
+
+impl Unanswered {
+    /// The replica that gave no answer.
+    pub fn replica(&self) -> &str {
+        match self {
+            Self::Unreachable { replica, .. } | Self::NoHeaders { replica, .. } => replica,
+        }
+    }
 }
 
 /// A replica's answer, headers read, body still to come.
@@ -202,6 +213,22 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     // one. A non-streaming answer's headers come with the whole completion,
     // however long it takes to generate: not timed.
     let headers_within = streaming.then_some(proxy.response_headers_timeout);
+    // A streamed answer that can move is asked for with its token ids, so
+    // that another replica can continue it exactly.
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let migrating = streaming && splice::migratable(&request);
+    let request = migrate::Request {
+        model: model.clone(),
+        chat: path.ends_with("/chat/completions"),
+        client_wants_ids: request.get("return_token_ids") == Some(&serde_json::Value::Bool(true)),
+        path: path.clone(),
+        body: request,
+    };
+    let body = if migrating {
+        Bytes::from(splice::with_token_ids(&request.body).to_string())
+    } else {
+        body
+    };
     let retried = || {
         proxy
             .metrics
@@ -211,7 +238,7 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             })
             .inc();
     };
-    match first_answer(
+    let answer = match first_answer(
         &proxy.http,
         candidates,
         &path,
@@ -221,19 +248,40 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     )
     .await
     {
-        Ok(answer) => relay(answer, &proxy, &model, arrived),
+        Ok(answer) => Ok(answer),
+        // Every replica tried failed: others may be starting in their
+        // place (a dead cluster's are re-placed within seconds).
         Err(failed) => {
+            let mut tried: Vec<String> = failed.iter().map(|f| f.replica().to_string()).collect();
             let last = failed.last().map(ToString::to_string).unwrap_or_default();
-            served(
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("no replica of {model} answered (last: {last})"),
-                    "replicas_unreachable",
-                ),
-                &model,
-                "",
+            let deadline = tokio::time::Instant::now() + migrate::REPLICA_WAIT;
+            migrate::another_answer(
+                &proxy,
+                &request,
+                &body,
+                headers_within,
+                &mut tried,
+                deadline,
             )
+            .await
+            .map_err(|later| format!("{last}; {later}"))
         }
+    };
+    match answer {
+        Ok(answer) if migrating && answer.response.status().is_success() => {
+            migrate::stream(Arc::clone(&proxy), answer, request, arrived)
+        }
+        Ok(answer) if !streaming => migrate::whole(&proxy, answer, request, &body).await,
+        Ok(answer) => relay(answer, &proxy, &model, arrived),
+        Err(last) => served(
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("no replica of {model} answered (last: {last})"),
+                "replicas_unreachable",
+            ),
+            &model,
+            "",
+        ),
     }
 }
 
@@ -295,6 +343,9 @@ pub async fn models(State(proxy): State<Arc<Proxy>>) -> Response {
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
+
+pub mod migrate;
+pub mod splice;
 
 #[cfg(test)]
 mod tests;

@@ -224,6 +224,40 @@ impl ReplicaTable {
             .collect()
     }
 
+    /// [`Self::candidates`] other than the replicas in `tried`; when there
+    /// are none, waits for one to become ready (the fleet re-places a dead
+    /// cluster's replicas within seconds) until `deadline`.
+    pub async fn candidates_within(
+        &self,
+        model: &str,
+        tried: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Vec<Candidate> {
+        // An ejection runs out without a record changing: look again now
+        // and then as well as on every change.
+        const RECHECK: Duration = Duration::from_millis(500);
+        let mut changes = self.replicas.changes();
+        loop {
+            let found: Vec<Candidate> = self
+                .candidates(model)
+                .into_iter()
+                .filter(|c| !tried.contains(&c.replica_id))
+                .collect();
+            if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            let next = deadline.min(tokio::time::Instant::now() + RECHECK);
+            tokio::select! {
+                changed = changes.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = changed {
+                        tokio::time::sleep_until(next).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
     /// Names of the models with a ready replica, sorted.
     pub fn models(&self) -> Vec<String> {
         let mut names: Vec<String> = self

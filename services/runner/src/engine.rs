@@ -54,13 +54,32 @@ impl FinishReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    Text(String),
+    /// Text the client may have, and the tokens chosen since the last
+    /// event (their text may still be held back for a stop sequence).
+    Text {
+        text: String,
+        token_ids: Vec<u32>,
+    },
     Done {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Tokens chosen after the last `Text` (the end-of-sequence
+        /// token, or ones whose text a stop sequence cut).
+        token_ids: Vec<u32>,
     },
     Failed(String),
+}
+
+/// A completion continued where another replica left it: the job's
+/// prompt ends with the tokens already generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The tokens already generated, in order.
+    pub generated: Vec<u32>,
+    /// Bytes of their streamed text the client already has; the rest of
+    /// it (held back for a stop sequence) is sent first.
+    pub sent: usize,
 }
 
 pub struct Job {
@@ -70,6 +89,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Set when this job continues a completion begun elsewhere.
+    pub resume: Option<Resume>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub queued_at: Instant,
 }

@@ -47,6 +47,21 @@ impl Sampler {
         }
     }
 
+    /// The sampler as it stood after choosing `generated`: the penalties
+    /// count those tokens and the generator has made the draws they took
+    /// (one per token when sampling, none when greedy), so a continuation
+    /// of a seeded request picks what the uninterrupted one would have.
+    pub fn resume(params: SamplingParams, generated: &[u32]) -> Self {
+        let mut sampler = Self::new(params);
+        for &id in generated {
+            if sampler.params.temperature > 0.0 {
+                let _: f32 = sampler.rng.random();
+            }
+            *sampler.counts.entry(id).or_default() += 1;
+        }
+        sampler
+    }
+
     /// Picks a token and remembers it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         for (&id, &n) in &self.counts {
@@ -72,6 +87,9 @@ impl Sampler {
     }
 
     fn sample_distribution(&mut self, logits: &[f32]) -> u32 {
+        // Exactly one draw per token whatever the logits, taken first:
+        // [`Sampler::resume`] replays a continuation's draws by count.
+        let mut x: f32 = self.rng.random();
         let t = self.params.temperature;
         // Tokens more than 30 temperatures below the best have a relative
         // probability under e^-30: leaving them out spares sorting the
@@ -115,7 +133,6 @@ impl Sampler {
             let sum: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= sum);
         }
-        let mut x: f32 = self.rng.random();
         for (i, p) in probs.iter().enumerate() {
             if x < *p {
                 return order[i];
@@ -164,6 +181,32 @@ mod tests {
             ..Default::default()
         });
         assert!((0..10).all(|_| top1.sample(&mut logits.clone()) == 1));
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_as_the_uninterrupted_one() {
+        let logits = vec![0.3, 1.0, 0.9, 0.2, -0.5];
+        for temperature in [0.0, 0.8] {
+            let params = SamplingParams {
+                temperature,
+                seed: Some(11),
+                frequency_penalty: 0.4,
+                ..Default::default()
+            };
+            let mut whole = Sampler::new(params.clone());
+            let all: Vec<u32> = (0..30).map(|_| whole.sample(&mut logits.clone())).collect();
+            for k in [0, 1, 7, 29] {
+                let mut resumed = Sampler::resume(params.clone(), &all[..k]);
+                let rest: Vec<u32> = (k..30)
+                    .map(|_| resumed.sample(&mut logits.clone()))
+                    .collect();
+                assert_eq!(
+                    rest,
+                    all[k..],
+                    "temperature {temperature}, resumed after {k}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! not), `GET /v1/models`, `GET /health` (503 until the model is loaded),
 //! `GET /metrics`.
 
-use std::convert::Infallible;
+mod continuation;
+mod respond;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +18,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineError, GenEvent, Job};
+use continuation::{ChatPlan, ContinueFields, Invalid};
+
+use crate::engine::{Engine, EngineError, Job, Resume};
 use crate::metrics::RunnerMetrics;
 use crate::sampling::SamplingParams;
 use crate::template::ChatMessage;
@@ -93,6 +96,9 @@ struct CommonParams {
     /// vLLM's extension: generate past the end-of-sequence token.
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's extension: the chosen tokens' ids with each choice.
+    #[serde(default)]
+    return_token_ids: bool,
 }
 
 struct Checked {
@@ -101,6 +107,7 @@ struct Checked {
     stop: Vec<String>,
     stream: bool,
     ignore_eos: bool,
+    return_token_ids: bool,
 }
 
 fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
@@ -188,6 +195,7 @@ fn check(p: &CommonParams, served: &str) -> Result<Checked, Box<Response>> {
         stop,
         stream: p.stream,
         ignore_eos: p.ignore_eos,
+        return_token_ids: p.return_token_ids,
     })
 }
 
@@ -215,7 +223,7 @@ struct CompletionRequest {
 /// each read separately so that an error names the parameter exactly.
 fn parse_json<F: serde::de::DeserializeOwned>(
     body: &[u8],
-) -> Result<(F, CommonParams), Box<Response>> {
+) -> Result<(F, CommonParams, ContinueFields), Box<Response>> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
@@ -224,7 +232,11 @@ fn parse_json<F: serde::de::DeserializeOwned>(
             "invalid_json",
         ))
     })?;
-    Ok((from_value(&value)?, from_value(&value)?))
+    Ok((
+        from_value(&value)?,
+        from_value(&value)?,
+        from_value(&value)?,
+    ))
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, Box<Response>> {
@@ -254,11 +266,14 @@ async fn chat(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Re
             "loading",
         );
     };
-    let request = match parse_json::<ChatFields>(&body) {
-        Ok((fields, common)) => ChatRequest {
-            messages: fields.messages,
-            common,
-        },
+    let (request, continuing) = match parse_json::<ChatFields>(&body) {
+        Ok((fields, common, continuing)) => (
+            ChatRequest {
+                messages: fields.messages,
+                common,
+            },
+            continuing,
+        ),
         Err(e) => return *e,
     };
     if request.messages.is_empty() {
@@ -309,7 +324,32 @@ async fn chat(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Re
         Ok(c) => c,
         Err(e) => return *e,
     };
-    let prompt = match engine.template.render(&messages) {
+    let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+    let plan = match continuation::chat_plan(continuing, &roles) {
+        Ok(plan) => plan,
+        Err(e) => return invalid(e),
+    };
+    let template = &engine.template;
+    let (rendered, resume) = match plan {
+        ChatPlan::Answer {
+            add_generation_prompt,
+        } => (template.render_with(&messages, add_generation_prompt), None),
+        ChatPlan::ContinueText => (template.render_continuing(&messages), None),
+        ChatPlan::ContinueTokens(ids) => {
+            let Some((partial, before)) = messages.split_last() else {
+                return invalid(Invalid {
+                    param: "messages".into(),
+                    message: "nothing to continue".into(),
+                });
+            };
+            let param = format!("messages[{}].content", messages.len() - 1);
+            match continuation::resume(&engine.tokenizer, ids, Some(&partial.content), &param) {
+                Ok(resume) => (template.render(before), Some(resume)),
+                Err(e) => return invalid(e),
+            }
+        }
+    };
+    let prompt = match rendered {
         Ok(p) => p,
         Err(e) => {
             return error(
@@ -320,7 +360,8 @@ async fn chat(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Re
             );
         }
     };
-    run(state.clone(), engine, prompt, checked, true).await
+    let ids = engine.tokenizer.encode(&prompt);
+    run(state.clone(), engine, ids, resume, checked, true).await
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
@@ -332,11 +373,14 @@ async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes
             "loading",
         );
     };
-    let request = match parse_json::<CompletionFields>(&body) {
-        Ok((fields, common)) => CompletionRequest {
-            prompt: fields.prompt,
-            common,
-        },
+    let (request, continuing) = match parse_json::<CompletionFields>(&body) {
+        Ok((fields, common, continuing)) => (
+            CompletionRequest {
+                prompt: fields.prompt,
+                common,
+            },
+            continuing,
+        ),
         Err(e) => return *e,
     };
     let prompt = match request.prompt {
@@ -357,28 +401,80 @@ async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes
         Ok(c) => c,
         Err(e) => return *e,
     };
-    run(state.clone(), engine, prompt, checked, false).await
-}
-
-async fn run(
-    state: Arc<AppState>,
-    engine: &Engine,
-    prompt: String,
-    checked: Checked,
-    chat: bool,
-) -> Response {
+    if continuing.continue_final_message || continuing.add_generation_prompt.is_some() {
+        let param = if continuing.continue_final_message {
+            "continue_final_message"
+        } else {
+            "add_generation_prompt"
+        };
+        return invalid(Invalid {
+            param: param.into(),
+            message: format!("{param} is for chat; continue a completion with continue_token_ids"),
+        });
+    }
+    let resume = match continuing.continue_token_ids {
+        Some(generated) => match continuation::resume(
+            &engine.tokenizer,
+            generated,
+            continuing.continue_text.as_deref(),
+            "continue_text",
+        ) {
+            Ok(resume) => Some(resume),
+            Err(e) => return invalid(e),
+        },
+        None if continuing.continue_text.is_some() => {
+            return invalid(Invalid {
+                param: "continue_text".into(),
+                message: "continue_text needs continue_token_ids".into(),
+            });
+        }
+        None => None,
+    };
     let mut ids = engine.tokenizer.encode(&prompt);
     // A chat template writes the bos token itself; a bare completion
     // prompt gets it when the model asks for it.
-    if !chat
-        && engine.tokenizer.add_bos
+    if engine.tokenizer.add_bos
         && let Some(bos) = engine.tokenizer.bos
         && ids.first() != Some(&bos)
     {
         ids.insert(0, bos);
     }
+    run(state.clone(), engine, ids, resume, checked, false).await
+}
+
+fn invalid(e: Invalid) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("{}: {}", e.param, e.message),
+        Some(&e.param),
+        "invalid_value",
+    )
+}
+
+/// Generates from the prompt `ids`; a continuation (`resume`) has the
+/// tokens already generated appended to them here.
+async fn run(
+    state: Arc<AppState>,
+    engine: &Engine,
+    mut ids: Vec<u32>,
+    resume: Option<Resume>,
+    checked: Checked,
+    chat: bool,
+) -> Response {
+    // The room and default length are the original request's, so that a
+    // continuation stops where the uninterrupted answer would have.
+    let original_prompt = ids.len();
+    let generated = resume.as_ref().map_or(0, |r| r.generated.len());
+    if let Some(r) = &resume {
+        ids.extend_from_slice(&r.generated);
+    }
     let room = engine.context_length.saturating_sub(ids.len());
-    if room == 0 {
+    let default_max = engine
+        .context_length
+        .saturating_sub(original_prompt)
+        .min(1024)
+        .saturating_sub(generated);
+    if room == 0 || (checked.max_tokens.is_none() && default_max == 0) {
         return error(
             StatusCode::BAD_REQUEST,
             format!(
@@ -404,15 +500,16 @@ async fn run(
             );
         }
         Some(m) => m,
-        None => room.min(1024),
+        None => default_max,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
         prompt: ids,
         max_tokens,
         params: checked.params,
         stop: checked.stop,
         ignore_eos: checked.ignore_eos,
+        resume,
         events: tx,
         queued_at: Instant::now(),
     };
@@ -440,127 +537,19 @@ async fn run(
         if chat { "chatcmpl" } else { "cmpl" },
         uuid::Uuid::new_v4().simple()
     );
-    let created = now_secs();
-    let model = state.model_name.clone();
-
+    let envelope = respond::Envelope {
+        id,
+        created: now_secs(),
+        model: state.model_name.clone(),
+        chat,
+        return_token_ids: checked.return_token_ids,
+    };
     if checked.stream {
-        let object = if chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let stream = async_stream(rx, id, created, model, object, chat, in_flight);
-        return Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response();
+        return respond::stream(rx, envelope, in_flight);
     }
-    let mut text = String::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            GenEvent::Text(t) => text.push_str(&t),
-            GenEvent::Failed(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    e,
-                    None,
-                    "generation_failed",
-                );
-            }
-            GenEvent::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
-                let body = if chat {
-                    json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
-                           "usage": usage})
-                } else {
-                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [{"index": 0, "text": text, "finish_reason": reason.as_str(), "logprobs": null}],
-                           "usage": usage})
-                };
-                return Json(body).into_response();
-            }
-        }
-    }
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the engine stopped",
-        None,
-        "unavailable",
-    )
-}
-
-/// SSE chunks as OpenAI sends them, ending with `[DONE]`. Dropping the
-/// stream (client gone) drops the receiver, which stops generation.
-fn async_stream(
-    mut rx: mpsc::UnboundedReceiver<GenEvent>,
-    id: String,
-    created: u64,
-    model: String,
-    object: &'static str,
-    chat: bool,
-    in_flight: crate::metrics::InFlight,
-) -> impl futures::Stream<Item = Result<Event, Infallible>> {
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
-    tokio::spawn(async move {
-        let _in_flight = in_flight;
-        let chunk = |delta: Value, finish: Option<&str>, usage: Option<Value>| {
-            let choice = if chat {
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
-            } else {
-                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())), "finish_reason": finish, "logprobs": null})
-            };
-            let mut body = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
-            if let Some(u) = usage {
-                body["usage"] = u;
-            }
-            Ok(Event::default().data(body.to_string()))
-        };
-        if chat
-            && out_tx
-                .send(chunk(
-                    json!({"role": "assistant", "content": ""}),
-                    None,
-                    None,
-                ))
-                .is_err()
-        {
-            return;
-        }
-        while let Some(event) = rx.recv().await {
-            let sent = match event {
-                GenEvent::Text(t) => out_tx.send(chunk(json!({"content": t}), None, None)),
-                GenEvent::Failed(e) => {
-                    let _ = out_tx.send(Ok(Event::default().data(
-                        json!({"error": {"message": e, "type": "server_error"}}).to_string(),
-                    )));
-                    break;
-                }
-                GenEvent::Done {
-                    reason,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
-                    let _ = out_tx.send(chunk(json!({}), Some(reason.as_str()), Some(usage)));
-                    let _ = out_tx.send(Ok(Event::default().data("[DONE]")));
-                    break;
-                }
-            };
-            if sent.is_err() {
-                // The client left: dropping rx stops the engine's job.
-                break;
-            }
-        }
-    });
-    tokio_stream_from(out_rx)
-}
-
-fn tokio_stream_from<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    let answer = respond::whole(rx, envelope).await;
+    drop(in_flight);
+    answer
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Response {

@@ -41,6 +41,16 @@ impl ChatTemplate {
 
     /// The prompt for `messages`, ending where the assistant's turn begins.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+        self.render_with(messages, true)
+    }
+
+    /// The prompt for `messages`; with `add_generation_prompt`, ending
+    /// where the assistant's turn begins.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template("chat")
@@ -48,11 +58,33 @@ impl ChatTemplate {
         template
             .render(minijinja::context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos,
                 eos_token => self.eos,
             })
             .map_err(|e| TemplateError(e.to_string()))
+    }
+
+    /// The prompt for `messages` with the last one (the assistant's
+    /// partial answer) left open, so that generation continues it: the
+    /// whole conversation rendered, cut after the last message's text, as
+    /// Hugging Face's and vLLM's `continue_final_message` do.
+    pub fn render_continuing(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+        let Some(last) = messages.last() else {
+            return Err(TemplateError("no message to continue".into()));
+        };
+        let rendered = self.render_with(messages, false)?;
+        let partial = last.content.trim_end();
+        if partial.is_empty() {
+            // Nothing written to find: the assistant's turn just begins.
+            return self.render(&messages[..messages.len() - 1]);
+        }
+        match rendered.rfind(partial) {
+            Some(at) => Ok(rendered[..at + partial.len()].to_string()),
+            None => Err(TemplateError(
+                "the template does not write the final message's text as given".into(),
+            )),
+        }
     }
 }
 
@@ -78,6 +110,29 @@ mod tests {
         assert_eq!(
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn a_continued_final_message_is_left_open() {
+        let t = ChatTemplate::new(None, String::new(), String::new()).unwrap();
+        let turn = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let open = t
+            .render_continuing(&[turn("user", "Hi"), turn("assistant", "Hello, how ")])
+            .unwrap();
+        assert_eq!(
+            open,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, how"
+        );
+        let empty = t
+            .render_continuing(&[turn("user", "Hi"), turn("assistant", "")])
+            .unwrap();
+        assert_eq!(
+            empty,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
     }
 }

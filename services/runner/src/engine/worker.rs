@@ -24,6 +24,8 @@ struct Active {
     decoder: StreamDecoder,
     text: String,
     sent: usize,
+    /// Tokens chosen since the last event, sent with the next one.
+    unsent_ids: Vec<u32>,
     hold: usize,
     completion: usize,
     last_token_at: Instant,
@@ -38,17 +40,41 @@ enum Step {
 }
 
 impl Active {
-    fn new(job: Job) -> Self {
+    fn new(job: Job, tokenizer: &Tokenizer) -> Self {
         let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        // A continuation starts in the state the interrupted generation
+        // had after its tokens: same text, same sampler.
+        let (sampler, text, decoder, sent) = match &job.resume {
+            Some(resume) => {
+                let (text, decoder) = tokenizer.streamed(&resume.generated);
+                let sent = (0..=resume.sent.min(text.len()))
+                    .rev()
+                    .find(|i| text.is_char_boundary(*i))
+                    .unwrap_or(0);
+                (
+                    Sampler::resume(job.params.clone(), &resume.generated),
+                    text,
+                    decoder,
+                    sent,
+                )
+            }
+            None => (
+                Sampler::new(job.params.clone()),
+                String::new(),
+                StreamDecoder::default(),
+                0,
+            ),
+        };
         Self {
-            sampler: Sampler::new(job.params.clone()),
+            sampler,
             job,
             cache: SeqCache::default(),
             fed: 0,
             next: None,
-            decoder: StreamDecoder::default(),
-            text: String::new(),
-            sent: 0,
+            decoder,
+            text,
+            sent,
+            unsent_ids: Vec::new(),
             hold,
             completion: 0,
             last_token_at: Instant::now(),
@@ -59,6 +85,7 @@ impl Active {
     /// Takes the sampled token: streams what text is safe to send.
     fn accept(&mut self, token: u32, tokenizer: &Tokenizer, metrics: &RunnerMetrics) -> Step {
         self.completion += 1;
+        self.unsent_ids.push(token);
         let now = Instant::now();
         if self.completion == 1 {
             metrics
@@ -96,7 +123,10 @@ impl Active {
             if self
                 .job
                 .events
-                .send(GenEvent::Text(self.text[self.sent..safe].to_string()))
+                .send(GenEvent::Text {
+                    text: self.text[self.sent..safe].to_string(),
+                    token_ids: std::mem::take(&mut self.unsent_ids),
+                })
                 .is_err()
             {
                 return Step::Abandoned;
@@ -123,15 +153,16 @@ impl Active {
             self.text.truncate(at);
         }
         if self.text.len() > self.sent {
-            let _ = self
-                .job
-                .events
-                .send(GenEvent::Text(self.text[self.sent..].to_string()));
+            let _ = self.job.events.send(GenEvent::Text {
+                text: self.text[self.sent..].to_string(),
+                token_ids: std::mem::take(&mut self.unsent_ids),
+            });
         }
         let _ = self.job.events.send(GenEvent::Done {
             reason,
             prompt_tokens: self.job.prompt.len(),
             completion_tokens: self.completion,
+            token_ids: std::mem::take(&mut self.unsent_ids),
         });
         tracing::debug!(
             prompt_tokens = self.job.prompt.len(),
@@ -190,7 +221,7 @@ impl Worker {
                     continue;
                 }
                 self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-                let mut a = Active::new(job);
+                let mut a = Active::new(job, &self.tokenizer);
                 a.cache = self
                     .spare
                     .borrow_mut()

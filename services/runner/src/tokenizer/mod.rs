@@ -252,6 +252,18 @@ impl Tokenizer {
         out
     }
 
+    /// The text streaming `ids` one by one gives, and the decoder as it
+    /// is left (holding the bytes of a character not complete yet): what a
+    /// continued generation starts from.
+    pub fn streamed(&self, ids: &[u32]) -> (String, StreamDecoder) {
+        let mut decoder = StreamDecoder::default();
+        let text = ids
+            .iter()
+            .map(|&id| decoder.push(&self.token_bytes(id)))
+            .collect();
+        (text, decoder)
+    }
+
     /// The bytes a token stands for (special tokens: their text).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(token) = self.tokens.get(id as usize) else {
