@@ -23,6 +23,7 @@ mod fleet_up;
 mod gateway;
 mod inventory;
 mod kit_bus;
+mod migration;
 mod models;
 mod nats_security;
 mod placement;
