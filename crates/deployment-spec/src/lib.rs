@@ -249,3 +249,6 @@ pub use fields::{
     check_int_or_percent, check_label_selector, parse_duration, resolve_int_or_percent,
 };
 pub use validate::validate;
+
+#[cfg(test)]
+mod tests;

@@ -2,8 +2,6 @@
 
 use flotilla_proto::v1;
 
-use crate::spec;
-
 #[test]
 fn validation_names_the_field() {
     let cases = [
@@ -82,7 +80,7 @@ fn validation_names_the_field() {
     ];
     for (json, field) in cases {
         let doc: v1::ModelDeployment = flotilla_proto::codec::decode_json(json.as_bytes()).unwrap();
-        let e = spec::validate(&doc).unwrap_err();
+        let e = crate::validate(&doc).unwrap_err();
         assert_eq!(e.field, field, "{json}: {e}");
     }
 }

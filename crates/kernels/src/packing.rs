@@ -39,6 +39,30 @@ pub struct PackedWeights {
     pub(crate) groups: Groups,
 }
 
+/// Lays `rows` (`n` columns of `kb` blocks each, GGUF order) out as groups
+/// of [`GROUP`] columns, block by block: `put` writes one column's block
+/// into its group at column `c`. `None` when the block count does not
+/// match.
+fn scatter<B, G: Clone>(
+    rows: &[B],
+    n: usize,
+    kb: usize,
+    empty: G,
+    put: impl Fn(&mut G, usize, &B),
+) -> Option<Vec<G>> {
+    if rows.len() != n * kb {
+        return None;
+    }
+    let mut out = vec![empty; n.div_ceil(GROUP) * kb];
+    for (col, row) in rows.chunks_exact(kb).enumerate() {
+        let (g, c) = (col / GROUP, col % GROUP);
+        for (b, block) in row.iter().enumerate() {
+            put(&mut out[g * kb + b], c, block);
+        }
+    }
+    Some(out)
+}
+
 impl PackedWeights {
     /// Repacks `n` columns of `k` inputs (a multiple of [`QK`]); `None` when
     /// the block count does not match.
@@ -47,59 +71,36 @@ impl PackedWeights {
             return None;
         }
         let kb = k / QK;
-        let count = n.div_ceil(GROUP) * kb;
         let groups = match blocks {
             QBlocks::Q4_1(rows) => {
-                if rows.len() != n * kb {
-                    return None;
-                }
-                let mut out = vec![
-                    Q4Group {
-                        d: [0; GROUP],
-                        m: [0; GROUP],
-                        qs: [0; 256],
-                    };
-                    count
-                ];
-                for (col, row) in rows.chunks_exact(kb).enumerate() {
-                    let (g, c) = (col / GROUP, col % GROUP);
-                    for (b, block) in row.iter().enumerate() {
-                        let dst = &mut out[g * kb + b];
-                        dst.d[c] = block.d;
-                        dst.m[c] = block.m;
-                        for j in 0..4 {
-                            dst.qs[64 * j + 4 * c..64 * j + 4 * c + 4]
-                                .copy_from_slice(&block.qs[4 * j..4 * j + 4]);
-                        }
+                let empty = Q4Group {
+                    d: [0; GROUP],
+                    m: [0; GROUP],
+                    qs: [0; 256],
+                };
+                Groups::Q4_1(scatter(rows, n, kb, empty, |dst, c, block| {
+                    dst.d[c] = block.d;
+                    dst.m[c] = block.m;
+                    for j in 0..4 {
+                        dst.qs[64 * j + 4 * c..64 * j + 4 * c + 4]
+                            .copy_from_slice(&block.qs[4 * j..4 * j + 4]);
                     }
-                }
-                Groups::Q4_1(out)
+                })?)
             }
             QBlocks::Q8_0(rows) => {
-                if rows.len() != n * kb {
-                    return None;
-                }
                 // Zero columns are stored as 128 (zero plus the offset).
-                let mut out = vec![
-                    Q8Group {
-                        d: [0; GROUP],
-                        qs: [0x80; 512],
-                    };
-                    count
-                ];
-                for (col, row) in rows.chunks_exact(kb).enumerate() {
-                    let (g, c) = (col / GROUP, col % GROUP);
-                    for (b, block) in row.iter().enumerate() {
-                        let dst = &mut out[g * kb + b];
-                        dst.d[c] = block.d;
-                        for j in 0..8 {
-                            for i in 0..4 {
-                                dst.qs[64 * j + 4 * c + i] = (block.qs[4 * j + i] as u8) ^ 0x80;
-                            }
+                let empty = Q8Group {
+                    d: [0; GROUP],
+                    qs: [0x80; 512],
+                };
+                Groups::Q8_0(scatter(rows, n, kb, empty, |dst, c, block| {
+                    dst.d[c] = block.d;
+                    for j in 0..8 {
+                        for i in 0..4 {
+                            dst.qs[64 * j + 4 * c + i] = (block.qs[4 * j + i] as u8) ^ 0x80;
                         }
                     }
-                }
-                Groups::Q8_0(out)
+                })?)
             }
         };
         Some(Self { n, kb, groups })

@@ -29,10 +29,9 @@ mod tests;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_kit::consumer::run_consumer;
 use flotilla_kit::{
     Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, HandlerError, Health, KitError,
-    RecordStore,
+    RecordStore, spawn_consumer,
 };
 use flotilla_proto::ControlSubject;
 use flotilla_proto::v1::{self, ClusterRecord, ModelDeployment, PlacementDecision};
@@ -154,58 +153,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
     );
 
     let (tx, rx) = mpsc::channel::<Request>(64);
-    let apply = {
-        let spec = ConsumerSpec::new(
+    let apply = spawn_consumer(
+        &bus,
+        ConsumerSpec::new(
             &bus.topology.control.name,
             "placement-apply",
             vec![bus.subjects.control(ControlSubject::DeploymentApply)],
-        );
-        let (tx, bus, stop) = (tx.clone(), bus.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let handler = move |d: Delivery<ModelDeployment>| {
-                let tx = tx.clone();
-                async move {
-                    let (reply, answer) = oneshot::channel();
-                    let id = d.msg_id.clone().unwrap_or_default();
-                    tx.send(Request::Apply(Box::new(d.message), id, reply))
-                        .await
-                        .map_err(|_| HandlerError::retry("planner stopped"))?;
-                    answer
-                        .await
-                        .map_err(|_| HandlerError::retry("planner stopped"))?
-                }
-            };
-            run_consumer(&bus, spec, handler, stop).await
-        })
-    };
-    let delete = {
-        let spec = ConsumerSpec::new(
+        ),
+        tx.clone(),
+        |tx, d: Delivery<ModelDeployment>| async move {
+            let id = d.msg_id.clone().unwrap_or_default();
+            ask_planner(&tx, |reply| Request::Apply(Box::new(d.message), id, reply)).await
+        },
+        shutdown.clone(),
+    );
+    let delete = spawn_consumer(
+        &bus,
+        ConsumerSpec::new(
             &bus.topology.control.name,
             "placement-delete",
             vec![bus.subjects.control(ControlSubject::DeploymentDelete)],
-        );
-        let (tx, bus, stop) = (tx.clone(), bus.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let handler = move |d: Delivery<v1::DeleteDeployment>| {
-                let tx = tx.clone();
-                async move {
-                    let (reply, answer) = oneshot::channel();
-                    let id = if d.message.request_id.is_empty() {
-                        d.msg_id.clone().unwrap_or_default()
-                    } else {
-                        d.message.request_id.clone()
-                    };
-                    tx.send(Request::Delete(d.message.name, id, reply))
-                        .await
-                        .map_err(|_| HandlerError::retry("planner stopped"))?;
-                    answer
-                        .await
-                        .map_err(|_| HandlerError::retry("planner stopped"))?
-                }
+        ),
+        tx.clone(),
+        |tx, d: Delivery<v1::DeleteDeployment>| async move {
+            let id = if d.message.request_id.is_empty() {
+                d.msg_id.clone().unwrap_or_default()
+            } else {
+                d.message.request_id.clone()
             };
-            run_consumer(&bus, spec, handler, stop).await
-        })
-    };
+            ask_planner(&tx, |reply| Request::Delete(d.message.name, id, reply)).await
+        },
+        shutdown.clone(),
+    );
     drop(tx);
 
     health.set_ready(true);
@@ -221,4 +200,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
         tracing::warn!("draining the NATS connection: {e}");
     }
     Ok(())
+}
+
+/// Hands a request to the planner task, which handles one at a time, and
+/// waits for its answer; a stopped planner is a retry (another instance,
+/// or this one restarted, takes the message).
+async fn ask_planner(
+    tx: &mpsc::Sender<Request>,
+    request: impl FnOnce(oneshot::Sender<Result<(), HandlerError>>) -> Request,
+) -> Result<(), HandlerError> {
+    let (reply, answer) = oneshot::channel();
+    tx.send(request(reply))
+        .await
+        .map_err(|_| HandlerError::retry("planner stopped"))?;
+    answer
+        .await
+        .map_err(|_| HandlerError::retry("planner stopped"))?
 }

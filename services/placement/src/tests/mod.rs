@@ -1,12 +1,10 @@
-//! Tests of the scheduler: example placements as tables ([`examples`]),
-//! the deployment document's field checks ([`validation`]) and property
-//! tests of its invariants ([`properties`]). Every example goes through
+//! Tests of the scheduler: example placements as tables ([`examples`]) and
+//! property tests of its invariants ([`properties`]). Every example goes through
 //! [`check`], which also checks that each cluster is placed or explained
 //! exactly once.
 
 mod examples;
 mod properties;
-mod validation;
 
 use std::collections::BTreeMap;
 
