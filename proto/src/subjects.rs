@@ -160,6 +160,7 @@ event_types! {
     ClusterDegraded => Cluster."degraded": "NVML reports XID/ECC errors or a GPU disappeared",
     ClusterUnhealthy => Cluster."unhealthy": "no heartbeat within unhealthy-after",
     ClusterLeft => Cluster."left": "no heartbeat within left-after",
+    ClusterRestarting => Cluster."restarting": "the executor exits for a planned restart; its replicas keep serving and its silence is not a failure within the announced grace",
     ClusterCordoned => Cluster."cordoned": "a user cordoned the cluster",
     ClusterUncordoned => Cluster."uncordoned": "a user uncordoned the cluster",
     ClusterHeartbeatRejected => Cluster."heartbeat_rejected": "a heartbeat failed validation; KV untouched",

@@ -153,6 +153,25 @@ impl Bus {
         Ok(())
     }
 
+    /// One request to the server and its answer (JetStream's account
+    /// information, which every role may ask for): whether this service's
+    /// own view of the bus is live right now. A stalled or unreachable
+    /// server fails it after `timeout`.
+    pub async fn round_trip(&self, timeout: Duration) -> Result<Duration, KitError> {
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(timeout, self.jetstream.query_account()).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(KitError::RoundTrip {
+                waited: started.elapsed(),
+                source: Some(e.into()),
+            }),
+            Err(_) => Err(KitError::RoundTrip {
+                waited: timeout,
+                source: None,
+            }),
+        }
+    }
+
     /// Publishes an event on `<prefix>.events.<kind>.<name>.<what>`; its id
     /// is the `Nats-Msg-Id`.
     pub async fn publish_event(&self, draft: EventDraft) -> Result<(), KitError> {

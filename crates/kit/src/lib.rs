@@ -119,6 +119,12 @@ pub enum KitError {
     },
     #[error(transparent)]
     InvalidName(#[from] flotilla_proto::InvalidName),
+    #[error("the NATS server did not answer a round trip within {waited:?}")]
+    RoundTrip {
+        waited: Duration,
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 /// Milliseconds since the Unix epoch, the time unit of every contract.

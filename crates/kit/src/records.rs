@@ -169,6 +169,14 @@ impl<M: Contract + Clone> RecordStore<M> {
             .collect()
     }
 
+    /// Runs `look` over the local copies without cloning them: for a
+    /// decision that needs the whole bucket (counts, ratios) on every tick.
+    pub fn scan<R>(&self, look: impl FnOnce(&mut dyn Iterator<Item = (&str, &M)>) -> R) -> R {
+        let cache = sync::read(&self.cache);
+        let mut all = cache.iter().map(|(k, (m, _))| (k.as_str(), m));
+        look(&mut all)
+    }
+
     /// The local copy of every record, by key.
     pub fn cached_all(&self) -> Vec<(String, M)> {
         sync::read(&self.cache)

@@ -22,65 +22,13 @@ use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, executor_command::Ac
 use flotilla_proto::{CommandAction, EventType};
 use tokio::process::{Child, Command};
 
-use crate::support::{self, ask, free_ports, next_event, poll_until, push, shipped_model};
+use crate::support::{
+    self, KillReplicasOnDrop, ask, free_ports, next_event, poll_until, push, replica_processes,
+    shipped_model,
+};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const CLUSTER: &str = "eu-1";
-
-/// Live (not zombie) processes whose environment says they are replica
-/// `replica` of the executor `owner`.
-fn replica_processes(owner: &str, replica: &str) -> Vec<u32> {
-    let want_owner = format!("FLOTILLA_REPLICA_OWNER={owner}");
-    let want_replica = format!("FLOTILLA_REPLICA_ID={replica}");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-        let has = |v: &str| vars.contains(&v.as_bytes());
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if has(&want_owner) && has(&want_replica) && !zombie {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Kills, when the test ends however it ends, every replica process the
-/// executor under test started.
-struct KillReplicasOnDrop(String);
-
-impl Drop for KillReplicasOnDrop {
-    fn drop(&mut self) {
-        let owner = format!("FLOTILLA_REPLICA_OWNER={}", self.0);
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().filter(|s| s.parse::<u32>().is_ok()) else {
-                continue;
-            };
-            if std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == owner.as_bytes()))
-            {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", pid])
-                    .status();
-            }
-        }
-    }
-}
 
 /// The executor binary with a simulated cluster's flags, as `flotilla up`
 /// starts one.

@@ -19,6 +19,7 @@ mod control_api;
 mod deploy_files;
 mod end_to_end;
 mod executor_restart;
+mod failure_detection;
 mod fleet_up;
 mod gateway;
 mod inventory;

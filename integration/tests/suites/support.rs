@@ -246,3 +246,58 @@ pub fn command(
         action: Some(action),
     }
 }
+
+/// Live (not zombie) processes whose environment says they are replica
+/// `replica` of the executor `owner`.
+pub fn replica_processes(owner: &str, replica: &str) -> Vec<u32> {
+    let want_owner = format!("FLOTILLA_REPLICA_OWNER={owner}");
+    let want_replica = format!("FLOTILLA_REPLICA_ID={replica}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let has = |v: &str| vars.contains(&v.as_bytes());
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if has(&want_owner) && has(&want_replica) && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills, when the test ends however it ends, every replica process the
+/// executor under test started.
+pub struct KillReplicasOnDrop(pub String);
+
+impl Drop for KillReplicasOnDrop {
+    fn drop(&mut self) {
+        let owner = format!("FLOTILLA_REPLICA_OWNER={}", self.0);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|s| s.parse::<u32>().is_ok()) else {
+                continue;
+            };
+            if std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == owner.as_bytes()))
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid])
+                    .status();
+            }
+        }
+    }
+}

@@ -867,6 +867,13 @@ pub struct ClusterHeartbeat {
     #[prost(string, tag = "7")]
     #[serde(rename = "executorInstance")]
     pub executor_instance: ::prost::alloc::string::String,
+    /// Set only on the last heartbeat of an executor that exits for a planned
+    /// restart (an upgrade, a node drain) and leaves its replicas serving: a
+    /// new instance will heartbeat within this many milliseconds, and until
+    /// then the cluster's silence is not a failure.
+    #[prost(uint64, tag = "8")]
+    #[serde(rename = "restartGraceMs")]
+    pub restart_grace_ms: u64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1090,6 +1097,12 @@ pub struct ClusterRecord {
     #[prost(int64, tag = "17")]
     #[serde(rename = "recoveredAtUnixMs")]
     pub recovered_at_unix_ms: i64,
+    /// Until when a silence is the announced restart of the executor
+    /// (`ClusterHeartbeat.restart_grace_ms`), not a failure; 0 when no
+    /// restart is under way. Cleared by the next instance's first heartbeat.
+    #[prost(int64, tag = "18")]
+    #[serde(rename = "restartExpectedByUnixMs")]
+    pub restart_expected_by_unix_ms: i64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

@@ -178,7 +178,8 @@ impl SimulatedCluster {
     /// The flags of this cluster's executor (`flotilla-executor`, or
     /// `flotilla executor --`): the bus at `nats_url`, its name, labels,
     /// declared GPUs and cost, and a model cache of its own under
-    /// `cache_root`.
+    /// `cache_root`. Its exit stops its replicas (`--restart-grace 0`):
+    /// the local fleet stops as a whole.
     pub fn executor_flags(&self, nats_url: &str, cache_root: &Path) -> Vec<OsString> {
         let mut flags: Vec<OsString> = ["--nats-url", nats_url, "--cluster", &self.name]
             .map(OsString::from)
@@ -194,6 +195,8 @@ impl SimulatedCluster {
                 "declared",
                 "--cost-per-gpu-hour",
                 &self.cost_per_gpu_hour.to_string(),
+                "--restart-grace",
+                "0s",
                 "--model-cache-dir",
             ]
             .map(OsString::from),

@@ -85,6 +85,14 @@ pub struct ExecutorArgs {
     #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// On a graceful exit (SIGTERM, Ctrl-C), leave the replicas serving and
+    /// tell the fleet a next instance will be back within this long: an
+    /// upgrade or a drain is then not a dead cluster (nothing is
+    /// re-placed). `0`: the exit stops the replicas (local backend) and the
+    /// cluster's silence is judged as any other.
+    #[arg(long, env = "FLOTILLA_RESTART_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub restart_grace: Duration,
+
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
@@ -140,6 +148,7 @@ pub const DEFAULT_RUNNER_IMAGE: &str = concat!(
     "ghcr.io/flotilla-dev/flotilla-runner:",
     env!("CARGO_PKG_VERSION")
 );
+pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.11.0";
 
 impl Default for ExecutorArgs {
@@ -153,6 +162,7 @@ impl Default for ExecutorArgs {
             gpu_source: GpuSource::Auto,
             cost_per_gpu_hour: 0.0,
             heartbeat_interval: Duration::from_secs(1),
+            restart_grace: DEFAULT_RESTART_GRACE,
             http_addr: ([127, 0, 0, 1], 0).into(),
             model_cache_dir: None,
             model_cache_budget: "50GiB".into(),
@@ -207,6 +217,8 @@ pub struct Config {
     pub gpu_source: GpuSource,
     pub cost_per_gpu_hour: f64,
     pub heartbeat_interval: Duration,
+    /// Zero: an exit stops the replicas instead of handing them over.
+    pub restart_grace: Duration,
     pub http_addr: SocketAddr,
     pub model_cache_dir: std::path::PathBuf,
     pub model_cache_budget_bytes: u64,
@@ -281,6 +293,7 @@ impl ExecutorArgs {
             gpu_source: self.gpu_source,
             cost_per_gpu_hour: self.cost_per_gpu_hour,
             heartbeat_interval: self.heartbeat_interval,
+            restart_grace: self.restart_grace,
             http_addr: self.http_addr,
             model_cache_dir: self
                 .model_cache_dir
@@ -442,6 +455,7 @@ impl Heartbeats {
             replicas: Vec::new(),
             executor_version: env!("CARGO_PKG_VERSION").to_string(),
             executor_instance: self.instance.clone(),
+            restart_grace_ms: 0,
         }
     }
 }
@@ -452,6 +466,40 @@ const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a command the executor took stays claimed without a progress
 /// ack (the kit sends one every third of it while the handler works).
 pub(crate) const COMMAND_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// What the replica half needs besides its backend.
+struct ReplicaHalf {
+    bus: Bus,
+    cluster: String,
+    region: String,
+    cache: std::sync::Arc<flotilla_model_store::ModelCache>,
+    store: async_nats::jetstream::object_store::ObjectStore,
+    handover: bool,
+}
+
+impl ReplicaHalf {
+    /// Opens the replica half over `backend` and starts it until `shutdown`.
+    async fn start<B: backends::ReplicaBackend>(
+        self,
+        backend: B,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, ExecutorError> {
+        let half = replicas::Replicas::open(
+            self.bus,
+            self.cluster,
+            self.region,
+            backend,
+            self.cache,
+            self.store,
+        )
+        .await?;
+        Ok(replicas::spawn(
+            std::sync::Arc::new(half),
+            self.handover,
+            shutdown,
+        )?)
+    }
+}
 
 /// Runs the executor until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
@@ -487,39 +535,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         shutdown.clone(),
     )?;
     let region = config.labels.get("region").cloned().unwrap_or_default();
+    let restart_grace = config.restart_grace;
+    let handover = !restart_grace.is_zero();
+    let half = ReplicaHalf {
+        bus: bus.clone(),
+        cluster: cluster.clone(),
+        region,
+        cache: cache.clone(),
+        store,
+        handover,
+    };
     let replica_task = match &config.backend {
         BackendSettings::Local => {
+            let owner = backends::local::LocalBackend::owner_for(&cluster, &config.model_cache_dir);
             let backend = backends::local::LocalBackend::new(
                 config.runner_bin.clone(),
                 config.vllm_bin.clone(),
-                backends::local::LocalBackend::owner_for(&cluster, &config.model_cache_dir),
+                owner,
             );
-            let half = replicas::Replicas::open(
-                bus.clone(),
-                cluster.clone(),
-                region,
-                backend,
-                cache.clone(),
-                store,
-            )
-            .await?;
-            replicas::spawn(std::sync::Arc::new(half), shutdown.clone())?
+            half.start(backend, shutdown.clone()).await?
         }
         BackendSettings::Kubernetes(settings) => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(ExecutorError::Kubernetes)?;
             let backend = backends::kubernetes::KubernetesBackend::new(client, settings.clone());
-            let half = replicas::Replicas::open(
-                bus.clone(),
-                cluster.clone(),
-                region,
-                backend,
-                cache.clone(),
-                store,
-            )
-            .await?;
-            replicas::spawn(std::sync::Arc::new(half), shutdown.clone())?
+            half.start(backend, shutdown.clone()).await?
         }
     };
     let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone()));
@@ -562,6 +603,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     let _ = prefetch.await;
     let _ = replica_task.await;
     let _ = load_task.await;
+    if handover {
+        // The last word: back within the grace, replicas left serving.
+        let mut hb = heartbeats.next_heartbeat();
+        hb.replicas = load.snapshot();
+        hb.restart_grace_ms = u64::try_from(restart_grace.as_millis()).unwrap_or(u64::MAX);
+        let id = format!("{}-{}", hb.executor_instance, hb.sequence);
+        match bus.publish(subject.clone(), &hb, Some(&id)).await {
+            Ok(()) => tracing::info!(
+                grace = ?restart_grace,
+                "announced a restart: the replicas keep serving until the next instance adopts them"
+            ),
+            Err(e) => tracing::warn!(
+                "announcing the restart: {e}; the fleet will judge this silence as a failure"
+            ),
+        }
+    }
     health.set_ready(false);
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");

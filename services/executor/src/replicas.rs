@@ -532,8 +532,11 @@ impl<B: ReplicaBackend> Replicas<B> {
 
 /// Reconciles with KV, then consumes `<prefix>.cmd.<cluster>.start|stop`
 /// until `shutdown`, watching and probing what runs.
+/// On `shutdown`, the backend's replicas are handed over to a next
+/// instance when `handover`, stopped otherwise.
 pub fn spawn<B: ReplicaBackend>(
     replicas: Arc<Replicas<B>>,
+    handover: bool,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, KitError> {
     let bus = replicas.bus.clone();
@@ -584,7 +587,7 @@ pub fn spawn<B: ReplicaBackend>(
         let consumer = spawn_consumer(
             &bus,
             spec,
-            (replicas, shutdown.clone()),
+            (replicas.clone(), shutdown.clone()),
             |(r, stop), d: Delivery<v1::ExecutorCommand>| async move { r.handle(d, &stop).await },
             shutdown,
         );
@@ -592,5 +595,6 @@ pub fn spawn<B: ReplicaBackend>(
             tracing::error!("replica consumer: {e}");
         }
         let _ = watcher.await;
+        replicas.backend.exit(handover).await;
     }))
 }

@@ -14,6 +14,7 @@
 //!
 //! Start reading at [`run`].
 
+pub mod detector;
 pub mod lifecycle;
 
 use std::net::SocketAddr;
@@ -307,12 +308,19 @@ impl Inventory {
     }
 
     /// Turns silences into unhealthy and left, and publishes any event a
-    /// crashed instance left owing.
+    /// crashed instance left owing. Each check first proves the bus
+    /// answers (a round trip); silences are judged only against the time
+    /// the hub itself watched, and a silence of the whole fleet is held
+    /// (see [`detector`]).
     async fn check_silences(
         &self,
         interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), KitError> {
+        let gap_ms = detector::HubWatch::gap_for(&self.policy);
+        let round_trip_timeout = Duration::from_millis(u64::try_from(gap_ms).unwrap_or(1));
+        let mut watch = detector::HubWatch::new(gap_ms);
+        let mut holding: Option<detector::Hold> = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -320,31 +328,47 @@ impl Inventory {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = ticker.tick() => {}
             }
+            let answered = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.bus.round_trip(round_trip_timeout) => r,
+            };
             let now = now_unix_ms();
-            let due = self.clusters.select(|_, r| {
-                lifecycle::on_tick(r, now, &self.policy).is_some()
-                    || lifecycle::pending_event(r).is_some()
-            });
-            for (name, record) in due {
-                let result = if lifecycle::on_tick(&record, now, &self.policy).is_some() {
-                    match self
-                        .clusters
-                        .update(&name, |c| {
-                            c.and_then(|c| lifecycle::on_tick(c, now, &self.policy))
-                        })
-                        .await
-                    {
-                        Ok(Some(written)) => self.announce(written).await,
-                        Ok(None) => Ok(()),
-                        Err(e) => Err(e),
-                    }
-                } else if lifecycle::pending_event(&record).is_some() {
-                    self.announce(record).await
-                } else {
-                    Ok(())
+            watch.observe(answered.is_ok(), now);
+            let since = watch.watching_since(now);
+            let judgement = self
+                .clusters
+                .scan(|all| detector::judge(all, since, now, &self.policy));
+            if judgement.held != holding {
+                match (&judgement.held, &answered) {
+                    (Some(hold), Err(e)) => tracing::warn!("{hold} ({e})"),
+                    (Some(hold), Ok(_)) => tracing::warn!("{hold}"),
+                    (None, _) => tracing::info!("judging cluster silences again"),
+                }
+                holding = judgement.held;
+            }
+            for name in judgement.due {
+                let Some(since) = since else { break };
+                let result = match self
+                    .clusters
+                    .update(&name, |c| {
+                        c.and_then(|c| lifecycle::on_tick(c, now, since, &self.policy))
+                    })
+                    .await
+                {
+                    Ok(Some(written)) => self.announce(written).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
                 };
                 if let Err(e) = result {
                     tracing::warn!(cluster = %name, "health check: {e}");
+                }
+            }
+            let owing = self
+                .clusters
+                .select(|_, r| lifecycle::pending_event(r).is_some());
+            for (name, record) in owing {
+                if let Err(e) = self.announce(record).await {
+                    tracing::warn!(cluster = %name, "publishing an owed event: {e}");
                 }
             }
         }

@@ -132,6 +132,17 @@ pub fn validate(
             ));
         }
     }
+    let grace = i64::try_from(hb.restart_grace_ms).unwrap_or(i64::MAX);
+    if grace > policy.left_after_ms {
+        return Err(invalid(
+            "restart_grace_ms",
+            format!(
+                "{:.0} s is longer than left-after ({:.0} s): a cluster away that long has left",
+                hb.restart_grace_ms as f64 / 1000.0,
+                policy.left_after_ms as f64 / 1000.0
+            ),
+        ));
+    }
     let used: u64 = hb.replicas.iter().map(|r| u64::from(r.gpus)).sum();
     if used > inv.gpus.len() as u64 {
         return Err(invalid(
@@ -225,6 +236,14 @@ pub fn on_heartbeat(
     record.expected_gpu_count = expected;
     record.health = health.into();
     record.health_reason.clone_from(&reason);
+    let grace_ms = i64::try_from(hb.restart_grace_ms).unwrap_or(i64::MAX);
+    // Only the instance that is leaving can announce its restart; any
+    // other heartbeat (the next instance's first one) ends it.
+    record.restart_expected_by_unix_ms = if grace_ms > 0 {
+        now_ms.saturating_add(grace_ms)
+    } else {
+        0
+    };
 
     let name = &hb.cluster;
     if joining {
@@ -259,19 +278,42 @@ pub fn on_heartbeat(
                 format!("cluster {name} is degraded: {reason}"),
             ),
         }
+    } else if grace_ms > 0 {
+        // A change of health above says more; the grace holds either way.
+        transition(
+            &mut record,
+            EventType::ClusterRestarting,
+            format!(
+                "cluster {name}'s executor is restarting as planned; back within {:.0} s, its replicas keep serving",
+                grace_ms as f64 / 1000.0
+            ),
+        );
     }
     Some(record)
 }
 
-/// Health by the clock alone: `Some` when a silence has lasted too long.
+/// How long `record` has been silent as far as the hub can tell: since its
+/// last heartbeat, or since the hub began watching (`watching_since_ms`:
+/// its start, or the end of its last gap), whichever is later. A silence
+/// the hub did not watch is not the cluster's.
+pub fn silence_ms(record: &ClusterRecord, now_ms: i64, watching_since_ms: i64) -> i64 {
+    now_ms - record.last_seen_unix_ms.max(watching_since_ms)
+}
+
+/// Health by the clock alone: `Some` when a silence the hub watched has
+/// lasted too long. An announced restart excuses silence until it is due.
 pub fn on_tick(
     record: &ClusterRecord,
     now_ms: i64,
+    watching_since_ms: i64,
     policy: &HealthPolicy,
 ) -> Option<ClusterRecord> {
-    let silent = now_ms - record.last_seen_unix_ms;
+    let silent = silence_ms(record, now_ms, watching_since_ms);
+    let restarting = now_ms <= record.restart_expected_by_unix_ms;
     let due = match record.health() {
-        ClusterHealth::Healthy | ClusterHealth::Degraded => silent > policy.unhealthy_after_ms,
+        ClusterHealth::Healthy | ClusterHealth::Degraded => {
+            silent > policy.unhealthy_after_ms && !restarting
+        }
         ClusterHealth::Unhealthy => silent > policy.left_after_ms,
         _ => false,
     };
@@ -281,20 +323,25 @@ pub fn on_tick(
     let secs = silent as f64 / 1000.0;
     let mut next = record.clone();
     match record.health() {
-        ClusterHealth::Healthy | ClusterHealth::Degraded if silent > policy.unhealthy_after_ms => {
+        ClusterHealth::Healthy | ClusterHealth::Degraded => {
+            let why = if record.restart_expected_by_unix_ms > 0 {
+                format!(
+                    "no heartbeat for {secs:.1} s; its announced restart did not finish in time"
+                )
+            } else {
+                format!("no heartbeat for {secs:.1} s")
+            };
             next.health = ClusterHealth::Unhealthy.into();
-            next.health_reason = format!("no heartbeat for {secs:.1} s");
+            next.restart_expected_by_unix_ms = 0;
             transition(
                 &mut next,
                 EventType::ClusterUnhealthy,
-                format!(
-                    "cluster {} is unhealthy: no heartbeat for {secs:.1} s",
-                    record.name
-                ),
+                format!("cluster {} is unhealthy: {why}", record.name),
             );
+            next.health_reason = why;
             Some(next)
         }
-        ClusterHealth::Unhealthy if silent > policy.left_after_ms => {
+        ClusterHealth::Unhealthy => {
             next.health = ClusterHealth::Left.into();
             next.health_reason = format!("no heartbeat for {secs:.0} s");
             transition(
@@ -475,21 +522,21 @@ mod tests {
         let p = HealthPolicy::default();
         let r = on_heartbeat(None, &hb(1, vec![gpu(0)]), 0).unwrap();
         assert!(
-            on_tick(&r, 3_000, &p).is_none(),
+            on_tick(&r, 3_000, 0, &p).is_none(),
             "exactly at the limit is still healthy"
         );
-        let u = on_tick(&r, 3_001, &p).unwrap();
+        let u = on_tick(&r, 3_001, 0, &p).unwrap();
         assert_eq!(u.health(), ClusterHealth::Unhealthy);
         assert_eq!(pending_event(&u), Some(EventType::ClusterUnhealthy));
         assert!(
-            on_tick(&u, 3_500, &p).is_none(),
+            on_tick(&u, 3_500, 0, &p).is_none(),
             "unhealthy is announced once"
         );
         let back = on_heartbeat(Some(&u), &hb(2, vec![gpu(0)]), 4_000).unwrap();
         assert_eq!(back.health(), ClusterHealth::Healthy);
         assert_eq!(back.recovered_at_unix_ms, 4_000);
         assert_eq!(pending_event(&back), Some(EventType::ClusterHealthy));
-        let left = on_tick(&u, 600_001, &p).unwrap();
+        let left = on_tick(&u, 600_001, 0, &p).unwrap();
         assert_eq!(left.health(), ClusterHealth::Left);
         let rejoin = on_heartbeat(Some(&left), &hb(1, vec![gpu(0)]), 700_000).unwrap();
         assert_eq!(pending_event(&rejoin), Some(EventType::ClusterJoined));

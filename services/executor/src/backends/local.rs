@@ -3,7 +3,8 @@
 //! for `runtime: candle`, `vllm serve` for `runtime: vllm`.
 //!
 //! Replica processes outlive the executor (a `kill -9` of the executor
-//! leaves them serving). Each carries in its environment who started it
+//! leaves them serving, and so does a graceful exit that hands over to a
+//! next instance; see [`ReplicaBackend::exit`]). Each carries in its environment who started it
 //! (`FLOTILLA_REPLICA_OWNER`: cluster and cache folder), which replica and
 //! generation it is and where it listens, so a restarted executor finds its
 //! own processes in `/proc`, adopts the ones it can vouch for and stops the
@@ -400,6 +401,34 @@ impl ReplicaBackend for LocalBackend {
                 "found after the executor restarted but not vouched for, so stopped: {}",
                 refusals.join("; ")
             )),
+        }
+    }
+
+    async fn exit(&self, handover: bool) {
+        let running: Vec<(String, LocalReplica)> = sync::lock(&self.running).drain().collect();
+        if handover {
+            tracing::info!(
+                replicas = running.len(),
+                "leaving the replicas serving for the next executor instance"
+            );
+            for (_, replica) in running {
+                if let Process::Child(child) = replica.process {
+                    // A child is killed when dropped (so that a start that
+                    // is abandoned, or an executor task that is aborted,
+                    // leaves nothing behind); one handed over must not be.
+                    std::mem::forget(child);
+                }
+            }
+            return;
+        }
+        for (replica_id, replica) in running {
+            tracing::info!(replica = %replica_id, "stopping the replica with the executor");
+            match replica.process {
+                Process::Child(mut child) => {
+                    let _ = child.kill().await;
+                }
+                Process::Adopted(pid) => procfs::kill(pid),
+            }
         }
     }
 

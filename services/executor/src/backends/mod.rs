@@ -135,4 +135,13 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// (started by an earlier instance that died before recording it);
     /// returns their ids.
     fn stop_unknown(&self, known: &HashSet<String>) -> impl Future<Output = Vec<String>> + Send;
+
+    /// The executor is exiting. `handover`: a next instance will adopt
+    /// what runs, so leave it serving; otherwise stop what this backend
+    /// can stop. Replicas that are pods outlive the executor either way,
+    /// hence the default.
+    fn exit(&self, handover: bool) -> impl Future<Output = ()> + Send {
+        let _ = handover;
+        async {}
+    }
 }

@@ -1,0 +1,334 @@
+use flotilla_proto::EventType;
+use flotilla_proto::v1::{ClusterHealth, ClusterHeartbeat, ClusterRecord};
+
+use super::*;
+use crate::lifecycle::{on_heartbeat, pending_event};
+
+const S: i64 = 1_000;
+
+fn policy() -> HealthPolicy {
+    HealthPolicy {
+        unhealthy_after_ms: 3 * S,
+        left_after_ms: 600 * S,
+        max_clock_skew_ms: 30 * S,
+    }
+}
+
+/// A record of `name` in `health`, last heard from at `last_seen`.
+fn cluster(name: &str, health: ClusterHealth, last_seen: i64) -> ClusterRecord {
+    ClusterRecord {
+        name: name.into(),
+        health: health.into(),
+        last_seen_unix_ms: last_seen,
+        ..Default::default()
+    }
+}
+
+fn healthy(name: &str, last_seen: i64) -> ClusterRecord {
+    cluster(name, ClusterHealth::Healthy, last_seen)
+}
+
+/// A watch fed round trips every 250 ms from `from` to `to`, ok or not.
+fn watched(watch: &mut HubWatch, from: i64, to: i64, ok: bool) {
+    let mut at = from;
+    while at <= to {
+        watch.observe(ok, at);
+        at += 250;
+    }
+}
+
+struct Row {
+    what: &'static str,
+    clusters: Vec<ClusterRecord>,
+    /// Round trips: (from, to, answered).
+    watch: Vec<(i64, i64, bool)>,
+    now: i64,
+    due: &'static [&'static str],
+    held: Option<Hold>,
+}
+
+fn run(row: &Row) -> Judgement {
+    let p = policy();
+    let mut watch = HubWatch::new(HubWatch::gap_for(&p));
+    for &(from, to, ok) in &row.watch {
+        watched(&mut watch, from, to, ok);
+    }
+    let mut records = row.clusters.iter().map(|r| (r.name.as_str(), r));
+    judge(&mut records, watch.watching_since(row.now), row.now, &p)
+}
+
+#[test]
+fn the_detector_blames_the_side_that_went_silent() {
+    let hub_up_since_zero = vec![(0, 100 * S, true)];
+    let rows = [
+        Row {
+            what: "one cluster silent past the window, the others heard",
+            clusters: vec![
+                healthy("a", 96 * S),
+                healthy("b", 100 * S),
+                healthy("c", 100 * S - 200),
+            ],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &["a"],
+            held: None,
+        },
+        Row {
+            what: "one cluster silent, exactly at the window: not yet",
+            clusters: vec![healthy("a", 97 * S), healthy("b", 100 * S)],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &[],
+            held: None,
+        },
+        Row {
+            what: "two of three silent: still theirs",
+            clusters: vec![
+                healthy("a", 96 * S),
+                healthy("b", 95 * S),
+                healthy("c", 100 * S),
+            ],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &["a", "b"],
+            held: None,
+        },
+        Row {
+            what: "all silent at once: the hub's, held",
+            clusters: vec![
+                healthy("a", 96 * S),
+                healthy("b", 96 * S),
+                cluster("c", ClusterHealth::Degraded, 95 * S),
+            ],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &[],
+            held: Some(Hold::AllSilent { clusters: 3 }),
+        },
+        Row {
+            what: "all live ones silent: an unhealthy one still leaves",
+            clusters: vec![
+                healthy("a", 96 * S),
+                healthy("b", 96 * S),
+                cluster("gone", ClusterHealth::Unhealthy, -600 * S),
+            ],
+            watch: vec![(-700 * S, 100 * S, true)],
+            now: 100 * S,
+            due: &["gone"],
+            held: Some(Hold::AllSilent { clusters: 2 }),
+        },
+        Row {
+            what: "a fleet of one: its silence is its own",
+            clusters: vec![healthy("only", 96 * S)],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &["only"],
+            held: None,
+        },
+        Row {
+            what: "hub just started: old heartbeats are the hub's absence",
+            clusters: vec![healthy("a", 40 * S), healthy("b", 41 * S)],
+            watch: vec![(99 * S, 100 * S, true)],
+            now: 100 * S,
+            due: &[],
+            held: None,
+        },
+        Row {
+            what: "hub started 3.5 s ago: the one cluster that never spoke since is due",
+            clusters: vec![healthy("a", 40 * S), healthy("b", 103 * S)],
+            watch: vec![(100 * S, 103_500, true)],
+            now: 103_500,
+            due: &["a"],
+            held: None,
+        },
+        Row {
+            what: "server stalled: round trips fail, nothing judged",
+            clusters: vec![healthy("a", 92 * S), healthy("b", 100 * S)],
+            watch: vec![(0, 92 * S, true), (92_250, 100 * S, false)],
+            now: 100 * S,
+            due: &[],
+            held: Some(Hold::NotWatching),
+        },
+        Row {
+            what: "round trips overdue (the check itself stalled): nothing judged",
+            clusters: vec![healthy("a", 92 * S), healthy("b", 100 * S)],
+            watch: vec![(0, 92 * S, true)],
+            now: 100 * S,
+            due: &[],
+            held: Some(Hold::NotWatching),
+        },
+        Row {
+            what: "reconnected after an 8 s stall: the window starts again",
+            clusters: vec![healthy("a", 92 * S), healthy("b", 92 * S)],
+            watch: vec![
+                (0, 92 * S, true),
+                (92_250, 100 * S, false),
+                (100_250, 101 * S, true),
+            ],
+            now: 101 * S,
+            due: &[],
+            held: None,
+        },
+        Row {
+            what: "after the stall, a cluster that died during it is due a window later",
+            clusters: vec![healthy("dead", 92 * S), healthy("b", 103_400)],
+            watch: vec![
+                (0, 92 * S, true),
+                (92_250, 100 * S, false),
+                (100_250, 103_500, true),
+            ],
+            now: 103_500,
+            due: &["dead"],
+            held: None,
+        },
+        Row {
+            what: "a gap in the round trips longer than half the window breaks it",
+            clusters: vec![healthy("a", 90 * S), healthy("b", 100 * S)],
+            watch: vec![(0, 97 * S, true), (98_600, 100 * S, true)],
+            now: 100 * S,
+            due: &[],
+            held: None,
+        },
+        Row {
+            what: "an announced restart excuses the silence until it is due",
+            clusters: vec![
+                ClusterRecord {
+                    restart_expected_by_unix_ms: 150 * S,
+                    ..healthy("upgrading", 80 * S)
+                },
+                healthy("b", 100 * S),
+            ],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &[],
+            held: None,
+        },
+        Row {
+            what: "an announced restart that overran is due",
+            clusters: vec![
+                ClusterRecord {
+                    restart_expected_by_unix_ms: 90 * S,
+                    ..healthy("upgrading", 80 * S)
+                },
+                healthy("b", 100 * S),
+            ],
+            watch: hub_up_since_zero.clone(),
+            now: 100 * S,
+            due: &["upgrading"],
+            held: None,
+        },
+    ];
+    for row in &rows {
+        let judgement = run(row);
+        let due: Vec<&str> = judgement.due.iter().map(String::as_str).collect();
+        assert_eq!(due, row.due, "{}", row.what);
+        assert_eq!(judgement.held, row.held, "{}", row.what);
+    }
+}
+
+fn heartbeat(sequence: u64, instance: &str) -> ClusterHeartbeat {
+    ClusterHeartbeat {
+        cluster: "flappy".into(),
+        sequence,
+        executor_instance: instance.into(),
+        inventory: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
+/// The record after the checks the shell would make between `from` and
+/// `to`, every 250 ms, with the hub watching throughout.
+fn checked(
+    mut record: ClusterRecord,
+    others: &[ClusterRecord],
+    from: i64,
+    to: i64,
+) -> ClusterRecord {
+    let p = policy();
+    let mut at = from;
+    while at <= to {
+        let mut all = others
+            .iter()
+            .chain(std::iter::once(&record))
+            .map(|r| (r.name.as_str(), r));
+        let judgement = judge(&mut all, Some(0), at, &p);
+        if judgement.due.iter().any(|n| n == "flappy") {
+            record = on_tick(&record, at, 0, &p).unwrap_or(record);
+        }
+        at += 250;
+    }
+    record
+}
+
+#[test]
+fn a_flapping_cluster_is_judged_each_time_and_its_recovery_is_dated() {
+    let steady = [healthy("steady", 1_000 * S)];
+    let mut r = on_heartbeat(None, &heartbeat(1, "x"), 0).unwrap();
+    let mut transitions = Vec::new();
+    let mut seq = 1;
+    for round in 0..3 {
+        let start = round * 10 * S;
+        // Silent for 3.5 s: unhealthy once, however many checks see it.
+        let before = r.generation;
+        r = checked(r, &steady, start, start + 3_500);
+        assert_eq!(r.health(), ClusterHealth::Unhealthy, "round {round}");
+        assert_eq!(r.generation, before + 1, "round {round}: one transition");
+        transitions.push(pending_event(&r));
+        // Back: healthy, with the moment of recovery for placement's
+        // flap probation.
+        seq += 1;
+        r = on_heartbeat(Some(&r), &heartbeat(seq, "x"), start + 5 * S).unwrap();
+        assert_eq!(r.health(), ClusterHealth::Healthy);
+        assert_eq!(r.recovered_at_unix_ms, start + 5 * S);
+        transitions.push(pending_event(&r));
+        // Heartbeats go on until the next round's silence.
+        for t in (start + 5_250..start + 10 * S).step_by(250) {
+            seq += 1;
+            r = on_heartbeat(Some(&r), &heartbeat(seq, "x"), t).unwrap();
+        }
+    }
+    let unhealthy = Some(EventType::ClusterUnhealthy);
+    let healthy_again = Some(EventType::ClusterHealthy);
+    assert_eq!(
+        transitions,
+        [
+            unhealthy,
+            healthy_again,
+            unhealthy,
+            healthy_again,
+            unhealthy,
+            healthy_again
+        ]
+    );
+}
+
+#[test]
+fn a_restart_is_announced_and_ends_with_the_next_instance() {
+    let p = policy();
+    let r = on_heartbeat(None, &heartbeat(1, "old"), 0).unwrap();
+    let mut last = heartbeat(2, "old");
+    last.restart_grace_ms = 60_000;
+    let leaving = on_heartbeat(Some(&r), &last, 1_000).unwrap();
+    assert_eq!(pending_event(&leaving), Some(EventType::ClusterRestarting));
+    assert_eq!(leaving.restart_expected_by_unix_ms, 61_000);
+    assert!(
+        leaving.last_transition_message.contains("back within 60 s"),
+        "{}",
+        leaving.last_transition_message
+    );
+    assert!(
+        on_tick(&leaving, 30_000, 0, &p).is_none(),
+        "within the grace"
+    );
+    let back = on_heartbeat(Some(&leaving), &heartbeat(1, "new"), 40_000).unwrap();
+    assert_eq!(back.restart_expected_by_unix_ms, 0);
+    assert_eq!(back.health(), ClusterHealth::Healthy);
+    assert_eq!(back.generation, leaving.generation, "no news: it is back");
+    let late = on_tick(&leaving, 61_001, 0, &p).unwrap();
+    assert_eq!(late.health(), ClusterHealth::Unhealthy);
+    assert!(
+        late.health_reason.contains("announced restart"),
+        "{}",
+        late.health_reason
+    );
+}
