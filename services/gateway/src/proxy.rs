@@ -271,7 +271,7 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
         Ok(answer) if migrating && answer.response.status().is_success() => {
             migrate::stream(Arc::clone(&proxy), answer, request, arrived)
         }
-        Ok(answer) if !streaming => migrate::whole(&proxy, answer, request, &body).await,
+        Ok(answer) if !streaming => migrate::whole(&proxy, answer, request, &body, arrived).await,
         Ok(answer) => relay(answer, &proxy, &model, arrived),
         Err(last) => served(
             error(

@@ -275,7 +275,13 @@ async fn cut(out: &Chunks, message: &str) {
 
 /// Reads a whole (non-streaming) answer before answering, asking another
 /// replica when its body fails, so that the client sees one answer.
-pub async fn whole(proxy: &Proxy, mut answer: Answer, request: Request, body: &Bytes) -> Response {
+pub async fn whole(
+    proxy: &Proxy,
+    mut answer: Answer,
+    request: Request,
+    body: &Bytes,
+    arrived: Instant,
+) -> Response {
     let mut tried = vec![answer.replica.replica_id.clone()];
     let mut deadline = None;
     loop {
@@ -295,6 +301,15 @@ pub async fn whole(proxy: &Proxy, mut answer: Answer, request: Request, body: &B
         let why = match response.bytes().await {
             Ok(bytes) => {
                 drop(in_flight);
+                // The client's first byte goes out with the whole answer.
+                proxy
+                    .metrics
+                    .first_byte
+                    .get_or_create(&RouteLabels {
+                        model: request.model.clone(),
+                        cluster: replica.cluster.clone(),
+                    })
+                    .observe(arrived.elapsed().as_secs_f64());
                 let mut response = (status, bytes).into_response();
                 if let Some(ct) = content_type {
                     response.headers_mut().insert(header::CONTENT_TYPE, ct);
