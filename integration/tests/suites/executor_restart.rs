@@ -346,11 +346,7 @@ async fn a_runner_that_stops_answering_is_stopped_and_reported_failed() {
     let pids = replica_processes(&owner, "chat-g5-0");
     assert_eq!(pids.len(), 1);
     // Frozen, not dead: only the health probe can tell.
-    let frozen = std::process::Command::new("kill")
-        .args(["-STOP", &pids[0].to_string()])
-        .status()
-        .unwrap();
-    assert!(frozen.success());
+    assert!(support::signal("STOP", pids[0]));
     let failed = f.until(EventType::ReplicaFailed, "chat-g5-0").await;
     assert!(
         failed.message.contains("health probes"),

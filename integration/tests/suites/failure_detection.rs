@@ -107,27 +107,6 @@ async fn heard_from_after(bus: &Bus, names: &[&str], after_ms: i64) {
     .await;
 }
 
-/// `kill -SIG pid`.
-fn signal(signal: &str, pid: u32) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Two replicas of the shipped model, one on each of two of the clusters.
-const TWO_CLUSTERS: &str = r#"
-metadata: {name: chat}
-spec:
-  model: {preset: smollm2-135m-instruct}
-  replicas: 2
-  placement:
-    policy: PickN
-    numberOfClusters: 2
-"#;
-
 #[tokio::test]
 async fn a_paused_bus_and_a_restarted_hub_fail_nothing_over_but_a_dead_cluster_is_caught() {
     let (mut server, bus, mut events) = support::bus_with_events().await;
@@ -151,7 +130,7 @@ async fn a_paused_bus_and_a_restarted_hub_fail_nothing_over_but_a_dead_cluster_i
     for _ in 0..3 {
         wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE).await;
     }
-    apply(&bus, TWO_CLUSTERS).await;
+    apply(&bus, support::TWO_CLUSTERS).await;
     for _ in 0..2 {
         wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE).await;
     }
@@ -167,11 +146,11 @@ async fn a_paused_bus_and_a_restarted_hub_fail_nothing_over_but_a_dead_cluster_i
     // The bus pauses for 8 s, four unhealthy windows; meanwhile the idle
     // cluster's executor really dies.
     let pid = server.pid().unwrap();
-    signal("STOP", pid);
+    assert!(support::signal("STOP", pid));
     let paused = Instant::now();
     executors.remove(idle).unwrap().abort();
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
-    signal("CONT", pid);
+    assert!(support::signal("CONT", pid));
     let resumed_ms = now_unix_ms();
     let resumed = Instant::now();
 

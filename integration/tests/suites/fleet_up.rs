@@ -19,7 +19,7 @@ use flotilla_proto::EventType;
 use flotilla_proto::v1::{self, ReplicaPhase, ReplicaStatus, event::Payload};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{free_ports, next_event as next_matching, poll_until, python};
+use crate::support::{self, free_ports, next_event as next_matching, poll_until, python};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 const MODEL: &str = "smollm2-135m-instruct";
@@ -52,10 +52,10 @@ fn ready_of<'a>(all: &'a [ReplicaStatus], deployment: &str) -> Vec<&'a ReplicaSt
 }
 
 /// Processes whose command line contains every one of `parts`.
-fn pids_with(parts: &[&str]) -> Vec<i32> {
+fn pids_with(parts: &[&str]) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -67,14 +67,6 @@ fn pids_with(parts: &[&str]) -> Vec<i32> {
         }
     }
     out
-}
-
-fn signal(pid: i32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pid}");
 }
 
 /// Requests through the gateway, two at a time, until `stop`.
@@ -308,7 +300,7 @@ asyncio.run(main())
     assert!(!runners.is_empty(), "runners of {victim}");
     let killed_at = now_unix_ms();
     for pid in executor.iter().chain(&runners) {
-        signal(*pid, "-KILL");
+        assert!(support::signal("KILL", *pid));
     }
 
     let unhealthy = next_event(
@@ -432,7 +424,7 @@ asyncio.run(main())
     );
 
     // Ctrl-C: everything stops, nothing is left behind.
-    signal(up.id().unwrap() as i32, "-INT");
+    assert!(support::signal("INT", up.id().unwrap()));
     let exited = tokio::time::timeout(Duration::from_secs(60), up.wait())
         .await
         .expect("flotilla up did not stop within 60 s of Ctrl-C")

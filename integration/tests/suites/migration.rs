@@ -31,16 +31,6 @@ const TOKENS: u64 = 96;
 /// Content chunks every stream has had before the kill.
 const BEFORE_KILL: usize = 4;
 
-const TWO_CLUSTERS: &str = r#"
-metadata: {name: chat}
-spec:
-  model: {preset: smollm2-135m-instruct}
-  replicas: 2
-  placement:
-    policy: PickN
-    numberOfClusters: 2
-"#;
-
 const PROMPTS: [&str; 6] = [
     "Tell me about the Moon.",
     "Describe a day at the beach.",
@@ -49,29 +39,6 @@ const PROMPTS: [&str; 6] = [
     "Explain how bread is made.",
     "What do bees do all day?",
 ];
-
-/// The processes whose environment names `owner` as their executor.
-fn processes_of(owner: &str) -> Vec<u32> {
-    let want = format!("FLOTILLA_REPLICA_OWNER={owner}");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        if std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-fn sigkill(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-}
 
 /// One simulated cluster's executor binary, its replica processes
 /// killed with it when the test ends however it ends.
@@ -116,8 +83,8 @@ impl Cluster {
     async fn kill(&mut self) {
         self.executor.start_kill().unwrap();
         self.executor.wait().await.unwrap();
-        for pid in processes_of(&self.owner) {
-            sigkill(pid);
+        for pid in support::processes_of(&self.owner) {
+            support::signal("KILL", pid);
         }
     }
 }
@@ -125,8 +92,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.executor.start_kill();
-        for pid in processes_of(&self.owner) {
-            sigkill(pid);
+        for pid in support::processes_of(&self.owner) {
+            support::signal("KILL", pid);
         }
     }
 }
@@ -257,7 +224,7 @@ async fn streams_and_whole_answers_survive_a_cluster_killed_mid_answer() {
     for _ in 0..3 {
         wait_for_event(&mut events, EventType::ClusterJoined, None, DEADLINE).await;
     }
-    apply(&bus, TWO_CLUSTERS).await;
+    apply(&bus, support::TWO_CLUSTERS).await;
     for _ in 0..2 {
         wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE).await;
     }

@@ -279,25 +279,52 @@ pub fn replica_processes(owner: &str, replica: &str) -> Vec<u32> {
     found
 }
 
+/// The processes whose environment names `owner` as their executor
+/// (`FLOTILLA_REPLICA_OWNER`): the replicas it started.
+pub fn processes_of(owner: &str) -> Vec<u32> {
+    let want = format!("FLOTILLA_REPLICA_OWNER={owner}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// `kill -SIGNAL pid` (`KILL`, `STOP`, `CONT`, ...); whether it was sent.
+pub fn signal(signal: &str, pid: u32) -> bool {
+    std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Kills, when the test ends however it ends, every replica process the
-/// executor under test started.
+/// executor `owner` started.
 pub struct KillReplicasOnDrop(pub String);
 
 impl Drop for KillReplicasOnDrop {
     fn drop(&mut self) {
-        let owner = format!("FLOTILLA_REPLICA_OWNER={}", self.0);
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().filter(|s| s.parse::<u32>().is_ok()) else {
-                continue;
-            };
-            if std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == owner.as_bytes()))
-            {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", pid])
-                    .status();
-            }
+        for pid in processes_of(&self.0) {
+            signal("KILL", pid);
         }
     }
 }
+
+/// Two replicas of the shipped model, one on each of two clusters.
+pub const TWO_CLUSTERS: &str = r#"
+metadata: {name: chat}
+spec:
+  model: {preset: smollm2-135m-instruct}
+  replicas: 2
+  placement:
+    policy: PickN
+    numberOfClusters: 2
+"#;
