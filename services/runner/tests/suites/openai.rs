@@ -1,90 +1,24 @@
 //! The runner with the real SmolLM2 GGUF, driven over HTTP like any
 //! OpenAI client would.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use flotilla_runner::{Args, engine, template::ChatMessage};
+use flotilla_runner::{engine, template::ChatMessage};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-fn gguf() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-tools",
-        p.display()
-    );
-    p
-}
-
-struct Runner {
-    base: String,
-    client: reqwest::Client,
-    _stop: tokio_util::sync::DropGuard,
-}
+use crate::support::{Runner, shipped_gguf};
 
 async fn start(max_queue: usize) -> Runner {
     start_with(max_queue, 8).await
 }
 
 async fn start_with(max_queue: usize, max_batch: usize) -> Runner {
-    let args = Args {
-        model: gguf(),
-        served_model_name: Some("smollm2".into()),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        max_queue,
-        max_batch,
-        device: "cpu".into(),
-        log_format: Default::default(),
-    };
-    let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let token = stop.clone();
-    tokio::spawn(async move { flotilla_runner::run(args, token, Some(tx)).await.unwrap() });
-    let addr = rx.await.unwrap();
-    let base = format!("http://{addr}");
-    let client = reqwest::Client::new();
-    // /health answers 503 until the model is loaded.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = client
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 503);
-        assert!(Instant::now() < deadline, "model never loaded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Runner {
-        base,
-        client,
-        _stop: stop.drop_guard(),
-    }
+    Runner::shipped(max_queue, max_batch).await
 }
 
 impl Runner {
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
     async fn chat(&self, body: Value) -> Value {
         let (status, v) = self.post("/v1/chat/completions", body).await;
         assert_eq!(status, 200, "{v}");
@@ -122,7 +56,7 @@ fn user(text: &str) -> Value {
 
 #[test]
 fn the_models_own_chat_template_places_the_turns() {
-    let model = engine::load_gguf(&gguf(), &candle_core::Device::Cpu).unwrap();
+    let model = engine::load_gguf(&shipped_gguf(), &candle_core::Device::Cpu).unwrap();
     let with_system = model
         .template
         .render(&[

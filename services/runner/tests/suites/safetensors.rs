@@ -2,8 +2,6 @@
 //! random-weight llama and qwen2 models written by the test, checked
 //! against candle-transformers' reference implementations, then served.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -12,6 +10,8 @@ use candle_nn::VarBuilder;
 use flotilla_runner::engine;
 use flotilla_runner::model::{Feed, Scratch};
 use serde_json::{Value, json};
+
+use crate::support::Runner;
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -228,47 +228,19 @@ fn a_qwen2_folder_with_biases_and_tied_embeddings_matches_candles_qwen2() {
 async fn a_folder_is_served_over_the_openai_api() {
     let dir = std::env::temp_dir().join(format!("flotilla-runner-st-serve-{}", std::process::id()));
     write_model(&dir, "mistral");
-    let args = flotilla_runner::Args {
-        model: dir.clone(),
-        served_model_name: Some("tiny".into()),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        max_queue: 4,
-        max_batch: 4,
-        device: "cpu".into(),
-        log_format: Default::default(),
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let token = stop.clone();
-    tokio::spawn(async move { flotilla_runner::run(args, token, Some(tx)).await.unwrap() });
-    let base = format!("http://{}", rx.await.unwrap());
-    let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while client
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(std::time::Instant::now() < deadline, "never loaded");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let v: Value = client
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 5, "ignore_eos": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runner = Runner::start(&dir, "tiny", 4, 4).await;
+    let (status, v) = runner
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 5, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
     // <|im_start|>, u s e r, \n, hel l o, <|im_end|>, \n, <|im_start|>,
     // a s s i s t a n t, \n: the template rendered, specials whole.
     assert_eq!(v["usage"]["prompt_tokens"], 22, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
-    stop.cancel();
+    drop(runner);
     std::fs::remove_dir_all(&dir).ok();
 }

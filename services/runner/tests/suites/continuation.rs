@@ -3,80 +3,15 @@
 //! continued, gives the rest of the uninterrupted answer exactly, greedy
 //! and seeded; bad continuations are refused naming the field.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-use flotilla_runner::Args;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-fn gguf() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-tools",
-        p.display()
-    );
-    p
-}
-
-struct Runner {
-    base: String,
-    client: reqwest::Client,
-    _stop: tokio_util::sync::DropGuard,
-}
+use crate::support::Runner;
 
 async fn start() -> Runner {
-    let args = Args {
-        model: gguf(),
-        served_model_name: Some("smollm2".into()),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        max_queue: 16,
-        max_batch: 8,
-        device: "cpu".into(),
-        log_format: Default::default(),
-    };
-    let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let token = stop.clone();
-    tokio::spawn(async move { flotilla_runner::run(args, token, Some(tx)).await.unwrap() });
-    let base = format!("http://{}", rx.await.unwrap());
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(Instant::now() < deadline, "model never loaded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Runner {
-        base,
-        client,
-        _stop: stop.drop_guard(),
-    }
+    Runner::shipped(16, 8).await
 }
 
 impl Runner {
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
     /// A streamed answer's chunks: (text, token ids) of each, after the
     /// role chunk; and the finish chunk's usage.
     async fn stream(&self, path: &str, body: &Value) -> (Vec<(String, Vec<u64>)>, Value) {

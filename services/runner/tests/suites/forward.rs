@@ -1,10 +1,6 @@
 //! The project's forward pass against candle's reference llama on the real
 //! SmolLM2 GGUF, and batched against one-at-a-time.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
-
-use std::path::PathBuf;
-
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
@@ -12,19 +8,10 @@ use flotilla_runner::engine;
 use flotilla_runner::model::{Feed, Scratch};
 use flotilla_runner::sampling::argmax;
 
-fn gguf() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.tools/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-tools",
-        p.display()
-    );
-    p
-}
+use crate::support::shipped_gguf;
 
 fn candle_reference(prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
-    let (mut logits, tokens) = candle_reference_of(&gguf(), prompt, steps);
+    let (mut logits, tokens) = candle_reference_of(&shipped_gguf(), prompt, steps);
     (logits.swap_remove(0), tokens)
 }
 
@@ -69,7 +56,7 @@ fn candle_reference_of(
 
 #[test]
 fn the_forward_pass_matches_candles_llama_and_batching_changes_nothing() {
-    let loaded = engine::load_gguf(&gguf(), &Device::Cpu).unwrap();
+    let loaded = engine::load_gguf(&shipped_gguf(), &Device::Cpu).unwrap();
     let model = &loaded.weights;
     let prompt = loaded.tokenizer.encode(
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -205,7 +192,7 @@ fn the_forward_pass_matches_candles_llama_and_batching_changes_nothing() {
 fn a_gguf_with_k_quants_matches_candles_llama() {
     use candle_core::quantized::{GgmlDType, QTensor};
 
-    let mut file = std::fs::File::open(gguf()).unwrap();
+    let mut file = std::fs::File::open(shipped_gguf()).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
