@@ -53,10 +53,7 @@ impl Cluster {
         let caches = work.join("cache");
         let cache = caches.join(name);
         std::fs::create_dir_all(&cache).unwrap();
-        let owner = format!(
-            "{name}:{}",
-            std::fs::canonicalize(&cache).unwrap().display()
-        );
+        let owner = flotilla_executor::backends::local::LocalBackend::owner_for(name, &cache);
         let region = format!("region={region}");
         let mut args = SimulatedCluster::new(name, "2xH100-80GB", &[&region], 1.0)
             .executor_flags(nats_url, &caches);

@@ -57,8 +57,12 @@ impl HubWatch {
         (policy.unhealthy_after_ms / 2).max(1)
     }
 
-    /// A round trip ended at `at_ms`; `ok` when the server answered in time.
-    pub fn observe(&mut self, ok: bool, at_ms: i64) {
+    /// A round trip sent at `sent_ms` ended at `at_ms`; `ok` when the
+    /// server answered in time. The watch is unbroken when it was sent
+    /// within the gap after the last answer: a slow answer on a busy
+    /// machine proves the server was there, so only a failed round trip or
+    /// a pause in asking breaks it.
+    pub fn observe(&mut self, ok: bool, sent_ms: i64, at_ms: i64) {
         if !ok {
             self.since_ms = None;
             return;
@@ -66,7 +70,7 @@ impl HubWatch {
         let unbroken = self.since_ms.is_some()
             && self
                 .last_ok_ms
-                .is_some_and(|last| at_ms - last <= self.gap_ms);
+                .is_some_and(|last| sent_ms - last <= self.gap_ms);
         if !unbroken {
             self.since_ms = Some(at_ms);
         }

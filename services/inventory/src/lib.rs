@@ -328,12 +328,13 @@ impl Inventory {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = ticker.tick() => {}
             }
+            let sent = now_unix_ms();
             let answered = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.bus.round_trip(round_trip_timeout) => r,
             };
             let now = now_unix_ms();
-            watch.observe(answered.is_ok(), now);
+            watch.observe(answered.is_ok(), sent, now);
             let since = watch.watching_since(now);
             let judgement = self
                 .clusters

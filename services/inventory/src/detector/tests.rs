@@ -32,7 +32,7 @@ fn healthy(name: &str, last_seen: i64) -> ClusterRecord {
 fn watched(watch: &mut HubWatch, from: i64, to: i64, ok: bool) {
     let mut at = from;
     while at <= to {
-        watch.observe(ok, at);
+        watch.observe(ok, at - 5, at);
         at += 250;
     }
 }
@@ -331,4 +331,28 @@ fn a_restart_is_announced_and_ends_with_the_next_instance() {
         "{}",
         late.health_reason
     );
+}
+
+#[test]
+fn slow_answers_on_a_busy_hub_do_not_break_the_watch_but_a_pause_in_asking_does() {
+    let p = policy();
+    let mut watch = HubWatch::new(HubWatch::gap_for(&p));
+    // Each round trip takes 1.2 s (more than the 1.5 s gap would allow
+    // between answers with the check interval added) and is sent 250 ms
+    // after the last answer.
+    let mut answered = 0;
+    for _ in 0..10 {
+        let sent = answered + 250;
+        answered = sent + 1_200;
+        watch.observe(true, sent, answered);
+    }
+    assert_eq!(
+        watch.watching_since(answered),
+        Some(1_450),
+        "one unbroken watch"
+    );
+    // The checker itself stalls for 2 s before asking again: a new watch.
+    let sent = answered + 2_000;
+    watch.observe(true, sent, sent + 10);
+    assert_eq!(watch.watching_since(sent + 10), Some(sent + 10));
 }
