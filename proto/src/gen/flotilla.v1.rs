@@ -81,6 +81,22 @@ pub struct ModelDeploymentSpec {
     #[prost(message, optional, tag = "7")]
     #[serde(rename = "autoscaling", skip_serializing_if = "Option::is_none")]
     pub autoscaling: ::core::option::Option<AutoscalingSpec>,
+    /// Where the deployment's traffic may be served. Placement never puts a
+    /// replica outside it and the gateway never routes a request outside it,
+    /// not even on failover: with no allowed cluster serving, the request is
+    /// answered 503 naming the rule.
+    #[prost(message, optional, tag = "8")]
+    #[serde(rename = "residency", skip_serializing_if = "Option::is_none")]
+    pub residency: ::core::option::Option<ResidencySpec>,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ResidencySpec {
+    /// The clusters allowed to serve, by their labels (`region: eu`).
+    #[prost(message, optional, tag = "1")]
+    #[serde(rename = "clusterSelector", skip_serializing_if = "Option::is_none")]
+    pub cluster_selector: ::core::option::Option<LabelSelector>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -914,6 +930,15 @@ pub struct ClusterInventory {
         skip_serializing_if = "crate::json::is_unset"
     )]
     pub source: i32,
+    /// The cluster edge's base URL as the hub reaches it
+    /// (`<https://edge.eu-1.example:8443`>): the only endpoint of the cluster
+    /// reachable from outside. The global gateway sends the cluster's requests
+    /// there, over mutual TLS, never to a replica's own address. Empty: the
+    /// cluster has no edge and its replicas are reached directly (one network,
+    /// as in the default local fleet).
+    #[prost(string, tag = "9")]
+    #[serde(rename = "edgeUrl")]
+    pub edge_url: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

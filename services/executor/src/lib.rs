@@ -97,6 +97,19 @@ pub struct ExecutorArgs {
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
 
+    /// The cluster edge's base URL as the hub reaches it
+    /// (`https://edge.eu-1.example:8443`), reported in heartbeats: the
+    /// global gateway then reaches this cluster's replicas only through
+    /// it. Unset: replicas are reached at their own addresses.
+    #[arg(long, env = "FLOTILLA_EDGE_URL")]
+    pub edge_url: Option<String>,
+
+    /// The address local replicas listen on and are reached at (local
+    /// backend): the cluster's own network, such as a pod network the hub
+    /// has no route to.
+    #[arg(long, env = "FLOTILLA_REPLICA_HOST", default_value = "127.0.0.1")]
+    pub replica_host: std::net::IpAddr,
+
     /// The model cache; by default `.flotilla/cache/<cluster>`.
     #[arg(long, env = "FLOTILLA_MODEL_CACHE_DIR")]
     pub model_cache_dir: Option<std::path::PathBuf>,
@@ -164,6 +177,8 @@ impl Default for ExecutorArgs {
             heartbeat_interval: Duration::from_secs(1),
             restart_grace: DEFAULT_RESTART_GRACE,
             http_addr: ([127, 0, 0, 1], 0).into(),
+            edge_url: None,
+            replica_host: std::net::IpAddr::from([127, 0, 0, 1]),
             model_cache_dir: None,
             model_cache_budget: "50GiB".into(),
             runner_bin: None,
@@ -176,6 +191,26 @@ impl Default for ExecutorArgs {
             kube_ready_timeout: Duration::from_secs(15 * 60),
         }
     }
+}
+
+/// An edge URL as the gateway will use it: `http` or `https`, a host, no
+/// path beyond `/` (the gateway appends `/v1/...`); the trailing `/` is
+/// dropped.
+pub fn check_edge_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text.trim())
+        .map_err(|e| format!("{text:?} is not a URL such as https://edge.example:8443 ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{text:?}: the scheme must be https (or http)"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} names no host"));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(format!(
+            "{text:?}: give the edge's base URL without a path; the gateway adds /v1/..."
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// `50GiB`, `512MiB`, `2GB`, or bytes.
@@ -220,6 +255,9 @@ pub struct Config {
     /// Zero: an exit stops the replicas instead of handing them over.
     pub restart_grace: Duration,
     pub http_addr: SocketAddr,
+    /// Empty: no edge.
+    pub edge_url: String,
+    pub replica_host: std::net::IpAddr,
     pub model_cache_dir: std::path::PathBuf,
     pub model_cache_budget_bytes: u64,
     pub runner_bin: std::path::PathBuf,
@@ -254,6 +292,10 @@ impl ExecutorArgs {
                 "must be at least 10ms",
             ));
         }
+        let edge_url = match &self.edge_url {
+            None => String::new(),
+            Some(url) => check_edge_url(url).map_err(|e| ConfigError::new("edge-url", e))?,
+        };
         let backend = match self.backend {
             BackendKind::Local => BackendSettings::Local,
             BackendKind::Kubernetes => {
@@ -295,6 +337,8 @@ impl ExecutorArgs {
             heartbeat_interval: self.heartbeat_interval,
             restart_grace: self.restart_grace,
             http_addr: self.http_addr,
+            edge_url,
+            replica_host: self.replica_host,
             model_cache_dir: self
                 .model_cache_dir
                 .clone()
@@ -440,6 +484,7 @@ impl Heartbeats {
                 cpu_cores: self.cpu_cores,
                 memory_bytes: self.memory_bytes,
                 cost_per_gpu_hour: self.config.cost_per_gpu_hour,
+                edge_url: self.config.edge_url.clone(),
                 cached_models: self
                     .cache
                     .cached()
@@ -552,7 +597,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
                 config.runner_bin.clone(),
                 config.vllm_bin.clone(),
                 owner,
-            );
+            )
+            .with_replica_host(config.replica_host);
             half.start(backend, shutdown.clone()).await?
         }
         BackendSettings::Kubernetes(settings) => {
@@ -624,4 +670,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         tracing::warn!("draining the NATS connection: {e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod edge_url_tests {
+    use super::check_edge_url;
+
+    #[test]
+    fn an_edge_url_is_a_base_url_with_a_host() {
+        assert_eq!(
+            check_edge_url("https://edge.eu-1.example:8443/").unwrap(),
+            "https://edge.eu-1.example:8443"
+        );
+        assert_eq!(
+            check_edge_url("http://10.0.0.2:8443").unwrap(),
+            "http://10.0.0.2:8443"
+        );
+        for (bad, says) in [
+            ("edge:8443", "scheme"),
+            ("ftp://edge", "scheme"),
+            ("https://edge/v1", "without a path"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = check_edge_url(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -69,10 +70,13 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+fn free_port(host: IpAddr) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
+}
+
+/// `host:port` as a URL authority (IPv6 in brackets).
+fn authority(host: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::from((host, port)).to_string()
 }
 
 /// The process a replica runs as: its program, arguments and the
@@ -95,17 +99,18 @@ impl LaunchCommand {
     }
 }
 
-/// The command that runs `spec` on `port`: `flotilla-runner --model PATH
-/// --served-model-name NAME --addr 127.0.0.1:PORT` for candle, `vllm serve
-/// PATH --served-model-name NAME --host 127.0.0.1 --port PORT` for vLLM.
+/// The command that runs `spec` on `host:port`: `flotilla-runner --model
+/// PATH --served-model-name NAME --addr HOST:PORT` for candle, `vllm serve
+/// PATH --served-model-name NAME --host HOST --port PORT` for vLLM.
 pub fn launch_command(
     spec: &ReplicaSpec,
+    host: IpAddr,
     port: u16,
     owner: &str,
     runner: &Path,
     vllm: Option<&Path>,
 ) -> Result<LaunchCommand, BackendError> {
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = format!("http://{}", authority(host, port));
     let (program, args): (PathBuf, Vec<OsString>) = match spec.runtime {
         v1::Runtime::Vllm => {
             let Some(vllm) = vllm.filter(|p| p.is_file()) else {
@@ -122,7 +127,7 @@ pub fn launch_command(
                     "--served-model-name".into(),
                     spec.model_name.clone().into(),
                     "--host".into(),
-                    "127.0.0.1".into(),
+                    host.to_string().into(),
                     "--port".into(),
                     port.to_string().into(),
                 ],
@@ -140,7 +145,7 @@ pub fn launch_command(
                     "--served-model-name".into(),
                     spec.model_name.clone().into(),
                     "--addr".into(),
-                    format!("127.0.0.1:{port}").into(),
+                    authority(host, port).into(),
                 ],
             )
         }
@@ -176,6 +181,7 @@ pub struct LocalBackend {
     owner: String,
     running: Mutex<HashMap<String, LocalReplica>>,
     client: ReplicaClient,
+    replica_host: IpAddr,
 }
 
 impl LocalBackend {
@@ -188,7 +194,15 @@ impl LocalBackend {
             owner,
             running: Mutex::new(HashMap::new()),
             client: ReplicaClient::default(),
+            replica_host: IpAddr::from([127, 0, 0, 1]),
         }
+    }
+
+    /// Replicas listen on, and are reached at, `host` (127.0.0.1 unless
+    /// set).
+    pub fn with_replica_host(mut self, host: IpAddr) -> Self {
+        self.replica_host = host;
+        self
     }
 
     /// The owner tag for an executor of `cluster` with its cache at
@@ -268,9 +282,16 @@ impl ReplicaBackend for LocalBackend {
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<String, BackendError> {
-        let port = free_port().map_err(BackendError::NoPort)?;
-        let launch = launch_command(spec, port, &self.owner, &self.runner, self.vllm.as_deref())?;
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let port = free_port(self.replica_host).map_err(BackendError::NoPort)?;
+        let launch = launch_command(
+            spec,
+            self.replica_host,
+            port,
+            &self.owner,
+            &self.runner,
+            self.vllm.as_deref(),
+        )?;
+        let endpoint = format!("http://{}", authority(self.replica_host, port));
         tracing::info!(replica = %spec.replica_id, "starting {}", launch.display());
         let mut child = Command::new(&launch.program)
             .args(&launch.args)
@@ -545,11 +566,14 @@ mod tests {
         }
     }
 
+    const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[test]
     fn a_candle_replica_runs_the_runner_with_its_identity_in_the_environment() {
         let runner = std::env::current_exe().unwrap();
         let launch = launch_command(
             &spec(v1::Runtime::Candle),
+            IpAddr::from([10, 201, 0, 1]),
             8123,
             "eu-1:/cache",
             &runner,
@@ -565,7 +589,7 @@ mod tests {
                 "--served-model-name",
                 "smollm2",
                 "--addr",
-                "127.0.0.1:8123"
+                "10.201.0.1:8123"
             ]
             .map(OsString::from)
         );
@@ -573,7 +597,7 @@ mod tests {
         assert_eq!(env[ENV_OWNER], "eu-1:/cache");
         assert_eq!(env[ENV_REPLICA], "chat-g3-0");
         assert_eq!(env[ENV_GENERATION], "3");
-        assert_eq!(env[ENV_ENDPOINT], "http://127.0.0.1:8123");
+        assert_eq!(env[ENV_ENDPOINT], "http://10.201.0.1:8123");
     }
 
     #[test]
@@ -581,6 +605,7 @@ mod tests {
         let vllm = std::env::current_exe().unwrap();
         let launch = launch_command(
             &spec(v1::Runtime::Vllm),
+            LOOPBACK,
             9000,
             "eu-1:/cache",
             Path::new("/nonexistent/flotilla-runner"),
@@ -607,11 +632,18 @@ mod tests {
     #[test]
     fn a_vllm_replica_without_vllm_fails_with_a_clear_reason() {
         let runner = std::env::current_exe().unwrap();
-        let err = launch_command(&spec(v1::Runtime::Vllm), 9000, "o", &runner, None).unwrap_err();
+        let err = launch_command(&spec(v1::Runtime::Vllm), LOOPBACK, 9000, "o", &runner, None).unwrap_err();
         assert!(matches!(err, BackendError::NoVllm(_)), "{err}");
         assert!(err.to_string().contains("--vllm-bin"), "{err}");
         let missing = Path::new("/nonexistent/vllm");
-        let err = launch_command(&spec(v1::Runtime::Vllm), 9000, "o", &runner, Some(missing))
+        let err = launch_command(
+            &spec(v1::Runtime::Vllm),
+            LOOPBACK,
+            9000,
+            "o",
+            &runner,
+            Some(missing),
+        )
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vllm"), "{err}");
     }
