@@ -10,9 +10,17 @@
 //! single-host installs. `flotilla nats-config` is the command line over
 //! this crate.
 //!
+//! A multi-cluster fleet runs its hub as a NATS cluster ([`hub`]: routes
+//! between the hub's servers, a leaf node port for the members) and one
+//! leaf node server per member cluster ([`leaf`]), which logs in to the
+//! hub as that cluster's executor and so is confined exactly as the
+//! executor is.
+//!
 //! Start reading at [`permissions`].
 
 mod dev_tls;
+pub mod hub;
+pub mod leaf;
 mod permissions;
 
 use std::fmt::Write as _;
@@ -21,6 +29,11 @@ use flotilla_proto::{Subjects, Topology};
 use rand::Rng;
 
 pub use dev_tls::{DevTls, dev_tls};
+pub use hub::{
+    FleetUsers, HubCluster, HubServerConfig, LeafnodeListen, RouteCredentials,
+    render_hub_server_config,
+};
+pub use leaf::{LeafServerConfig, render_leaf_server_config};
 pub use permissions::{Permissions, Role, executor_consumers, permissions};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +46,12 @@ pub enum AuthError {
     Tls(#[source] rcgen::Error),
     #[error("hashing a password failed: {0}")]
     Hash(#[source] bcrypt::BcryptError),
+    #[error("{field} {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 /// bcrypt cost of the hashes in the server configuration: what nats-server
@@ -147,26 +166,41 @@ pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> 
         quoted(&config.store_dir)?
     );
     if let Some(tls) = &config.tls {
-        let _ = writeln!(out, "tls {{");
-        let _ = writeln!(out, "  cert_file: {}", quoted(&tls.cert_file)?);
-        let _ = writeln!(out, "  key_file: {}", quoted(&tls.key_file)?);
-        if let Some(ca) = &tls.ca_file {
-            let _ = writeln!(out, "  ca_file: {}", quoted(ca)?);
-        }
-        let _ = writeln!(out, "  verify: {}", tls.verify_clients);
-        let _ = writeln!(out, "  timeout: 5\n}}");
+        out.push_str(&render_tls(tls, "")?);
     }
     out.push_str(&render_authorization(config)?);
+    Ok(out)
+}
+
+/// A `tls { ... }` block, each line prefixed with `indent`.
+fn render_tls(tls: &ServerTls, indent: &str) -> Result<String, AuthError> {
+    let mut out = String::new();
+    let _ = writeln!(out, "{indent}tls {{");
+    let _ = writeln!(out, "{indent}  cert_file: {}", quoted(&tls.cert_file)?);
+    let _ = writeln!(out, "{indent}  key_file: {}", quoted(&tls.key_file)?);
+    if let Some(ca) = &tls.ca_file {
+        let _ = writeln!(out, "{indent}  ca_file: {}", quoted(ca)?);
+    }
+    let _ = writeln!(out, "{indent}  verify: {}", tls.verify_clients);
+    let _ = writeln!(out, "{indent}  timeout: 5\n{indent}}}");
     Ok(out)
 }
 
 /// Only the `authorization { users = [...] }` block, to `include` into a
 /// server configuration managed elsewhere (the official NATS Helm chart).
 pub fn render_authorization(config: &ServerConfig) -> Result<String, AuthError> {
+    render_users(&config.subjects, &config.topology, &config.users)
+}
+
+fn render_users(
+    subjects: &Subjects,
+    topology: &Topology,
+    users: &[User],
+) -> Result<String, AuthError> {
     let mut out = String::new();
     let _ = writeln!(out, "authorization {{\n  users = [");
-    for user in &config.users {
-        let p = permissions(&user.role, &config.subjects, &config.topology);
+    for user in users {
+        let p = permissions(&user.role, subjects, topology);
         let _ = writeln!(out, "    {{");
         let _ = writeln!(out, "      user: {}", quoted(&user.role.user())?);
         let _ = writeln!(
