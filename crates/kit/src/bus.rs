@@ -252,6 +252,7 @@ async fn connect_once(
     config: &BusConfig,
     service: &str,
 ) -> Result<async_nats::Client, ConnectFailure> {
+    let servers = crate::config::server_addrs(&config.nats_url).map_err(ConnectFailure::Config)?;
     let url = config.nats_url.clone();
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut options = async_nats::ConnectOptions::new()
@@ -310,7 +311,10 @@ async fn connect_once(
             .require_tls(true);
     }
     options
-        .connect(config.nats_url.as_str())
+        // Every listed server: the client starts on one of them and, when it
+        // is lost, reconnects to the others (and to servers the cluster
+        // announces) by itself.
+        .connect(servers)
         .await
         .map_err(|e| match e.kind() {
             // Wrong credentials do not fix themselves: fail at once,

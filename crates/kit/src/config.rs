@@ -24,7 +24,8 @@ impl ConfigError {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BusArgs {
-    /// NATS server URL; several, comma-separated, for a cluster.
+    /// NATS server URL; several, comma-separated, for the servers of a
+    /// cluster (the client picks one and moves to another when it fails).
     #[arg(
         long,
         env = "FLOTILLA_NATS_URL",
@@ -131,13 +132,30 @@ impl BusConfig {
     }
 }
 
-impl BusArgs {
-    pub fn validate(&self) -> Result<BusConfig, ConfigError> {
-        if self.nats_url.trim().is_empty() {
-            return Err(ConfigError::new("nats-url", "is empty"));
-        }
-        for url in self.nats_url.split(',') {
+/// The servers of `--nats-url`: one URL, or several separated by commas
+/// (the servers of a cluster, which a client fails over between). Each is
+/// checked on its own, and an error names the one that is wrong.
+pub fn server_addrs(nats_url: &str) -> Result<Vec<async_nats::ServerAddr>, ConfigError> {
+    if nats_url.trim().is_empty() {
+        return Err(ConfigError::new("nats-url", "is empty"));
+    }
+    let several = nats_url.contains(',');
+    nats_url
+        .split(',')
+        .enumerate()
+        .map(|(i, url)| {
             let url = url.trim();
+            let which = if several {
+                format!("server {} of the list, {url:?},", i + 1)
+            } else {
+                format!("{url:?}")
+            };
+            if url.is_empty() {
+                return Err(ConfigError::new(
+                    "nats-url",
+                    format!("{which} is empty (a stray comma?)"),
+                ));
+            }
             let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
                 .iter()
                 .any(|s| url.starts_with(s))
@@ -145,10 +163,18 @@ impl BusArgs {
             if !scheme_ok {
                 return Err(ConfigError::new(
                     "nats-url",
-                    format!("{url:?} must use nats://, tls://, ws:// or wss://"),
+                    format!("{which} must use nats://, tls://, ws:// or wss://"),
                 ));
             }
-        }
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| ConfigError::new("nats-url", format!("{which} is not valid: {e}")))
+        })
+        .collect()
+}
+
+impl BusArgs {
+    pub fn validate(&self) -> Result<BusConfig, ConfigError> {
+        server_addrs(&self.nats_url)?;
         let existing = |flag: &'static str, p: &Option<PathBuf>| -> Result<(), ConfigError> {
             match p {
                 Some(p) if !p.is_file() => Err(ConfigError::new(
@@ -262,6 +288,48 @@ mod tests {
         .unwrap();
         assert_eq!(c.inbox_prefix.as_deref(), Some("_INBOX.executor-a"));
         assert_eq!(BusArgs::default().validate().unwrap().inbox_prefix, None);
+    }
+
+    #[test]
+    fn several_servers_are_each_checked() {
+        let addrs = server_addrs("nats://a:4222, nats://b:4223 ,c:4224").unwrap();
+        let hosts: Vec<_> = addrs
+            .iter()
+            .map(|a| (a.host().to_string(), a.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            vec![
+                ("a".to_string(), 4222),
+                ("b".to_string(), 4223),
+                ("c".to_string(), 4224)
+            ]
+        );
+        for (url, names) in [
+            (
+                "nats://a:4222,http://b:4222",
+                "server 2 of the list, \"http://b:4222\"",
+            ),
+            (
+                "nats://a:4222,,nats://c:4222",
+                "server 2 of the list, \"\", is empty",
+            ),
+            (
+                "nats://a:4222,nats://b:99999",
+                "\"nats://b:99999\", is not valid",
+            ),
+            ("nats://a:notaport", "\"nats://a:notaport\" is not valid"),
+        ] {
+            let e = BusArgs {
+                nats_url: url.into(),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("--nats-url: "), "{e}");
+            assert!(e.contains(names), "{url}: {e}");
+        }
     }
 
     #[test]
