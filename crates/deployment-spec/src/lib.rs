@@ -2,7 +2,9 @@
 //! rollout and the control API. [`validate`] checks a document field by
 //! field and turns it into the [`DeploymentRequest`] the scheduler works
 //! with. Every error names the field, in the document's own spelling
-//! (`spec.placement.numberOfClusters`).
+//! (`spec.placement.numberOfClusters`). [`residency_allows`] and
+//! [`residency_rule_text`] read `spec.residency` straight from a document
+//! for the gateway, which routes by it without a [`DeploymentRequest`].
 //!
 //! Invariant: pure functions over `flotilla_proto` types; no I/O, no bus.
 
@@ -217,6 +219,9 @@ pub struct DeploymentRequest {
     /// full) so that added ones go where it is cheapest and removed ones
     /// come off the worst first.
     pub autoscaling: Option<Autoscaling>,
+    /// Set: the only clusters that may hold a replica, whatever the
+    /// policy, spread or failover would otherwise choose.
+    pub residency: Option<Residency>,
 }
 
 /// A validated `spec.autoscaling`.
@@ -243,11 +248,13 @@ impl Autoscaling {
 }
 
 mod fields;
+mod residency;
 mod validate;
 
 pub use fields::{
     check_int_or_percent, check_label_selector, parse_duration, resolve_int_or_percent,
 };
+pub use residency::{Residency, residency_allows, residency_rule_text};
 pub use validate::validate;
 
 #[cfg(test)]

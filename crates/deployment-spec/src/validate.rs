@@ -2,7 +2,7 @@
 
 use crate::{
     Autoscaling, DeploymentRequest, FieldError, ModelChoice, Policy, Preference, Property,
-    PropertyRequirement, RequiredTerm, ScalingRules, Spread, bad, check_int_or_percent,
+    PropertyRequirement, RequiredTerm, Residency, ScalingRules, Spread, bad, check_int_or_percent,
     check_label_selector, fields::check_duration, parse_duration,
 };
 use flotilla_proto::json::name_of;
@@ -419,6 +419,7 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         }
     }
 
+    let residency = Residency::from_spec(spec)?;
     let autoscaling = spec
         .autoscaling
         .as_ref()
@@ -441,5 +442,6 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         spread,
         tolerations: placement.tolerations.clone(),
         autoscaling,
+        residency,
     })
 }

@@ -69,6 +69,18 @@ impl Decision {
                 self.unplaced_replicas
             ));
         }
+        if let Some(residency) = &request.residency
+            && self.outcome(request) != PlacementOutcome::Placed
+            && self
+                .exclusions
+                .iter()
+                .any(|e| matches!(e.why, Why::Residency { .. }))
+        {
+            text.push_str(&format!(
+                "; residency allows only clusters with {}",
+                residency.describe()
+            ));
+        }
         if self.missing_clusters > 0
             && let Policy::N(n) = request.policy
         {
@@ -96,6 +108,20 @@ impl Decision {
             }
         };
         match e.why {
+            Why::Residency { requirement } => {
+                let Some(residency) = &request.residency else {
+                    return "outside residency".into();
+                };
+                let r = &residency.cluster_selector[requirement as usize];
+                let actual = cluster.labels.get(&r.key).map_or_else(
+                    || format!("no label {}", r.key),
+                    |v| format!("{}={v}", r.key),
+                );
+                format!(
+                    "outside residency {}; cluster has {actual}",
+                    residency.describe()
+                )
+            }
             Why::Unavailable => match &cluster.availability {
                 Availability::Unhealthy(r) => format!("unhealthy: {r}"),
                 Availability::Degraded(r) => format!("degraded: {r}"),

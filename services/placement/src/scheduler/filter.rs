@@ -149,6 +149,19 @@ pub(super) fn filter(
     'clusters: for (i, cluster) in fleet.clusters.iter().enumerate() {
         let idx = u32::try_from(i).unwrap_or(u32::MAX);
         let exclude = |why| Exclusion { cluster: idx, why };
+        // First, so that a cluster outside the rule is always named so,
+        // whatever its state: it could never serve this deployment.
+        if let Some(residency) = &request.residency
+            && let Some(r) = residency
+                .cluster_selector
+                .iter()
+                .position(|r| !r.matches(&cluster.labels))
+        {
+            decision.exclusions.push(exclude(Why::Residency {
+                requirement: r as u16,
+            }));
+            continue;
+        }
         if cluster.availability != Availability::Available {
             decision.exclusions.push(exclude(Why::Unavailable));
             continue;

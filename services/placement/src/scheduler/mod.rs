@@ -2,9 +2,11 @@
 //! others, current placement) to a placement.
 //!
 //! 1. **Filter** plugins, in order; the first that fails names the reason a
-//!    cluster is left out: ClusterHealth, Cordon, ClusterNames,
+//!    cluster is left out: Residency, ClusterHealth, Cordon, ClusterNames,
 //!    TaintToleration, RequiredAffinity, GpuType, GpuMemory, ModelFit,
-//!    Capacity.
+//!    Capacity. Residency is first and, like every filter, never relaxed
+//!    by the steps after it, so no policy, spread or re-plan after a
+//!    failure puts a replica outside the deployment's residency.
 //! 2. **Score** the rest, 0–100: the deployment's preferred terms
 //!    (label matches, property sorters normalised over the candidates), or
 //!    by default free capacity, cost and a cached model; plus a stickiness
@@ -57,6 +59,10 @@ impl Default for Settings {
 /// Why a cluster is left out, compactly.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Why {
+    /// Outside `spec.residency`: the first requirement the cluster fails.
+    Residency {
+        requirement: u16,
+    },
     Unavailable,
     Cordoned,
     NotNamed,
@@ -103,6 +109,7 @@ pub enum Why {
 impl Why {
     pub fn plugin(&self) -> &'static str {
         match self {
+            Self::Residency { .. } => "Residency",
             Self::Unavailable => "ClusterHealth",
             Self::Cordoned => "Cordon",
             Self::NotNamed => "ClusterNames",

@@ -402,3 +402,165 @@ fn autoscaled_replicas_pack_onto_the_best_cluster_first() {
     check_with(&fleet, &two, &Commitments::default(), Some(&current))
         .expect("down to two", &[On(&[("cheap", 2)])]);
 }
+
+/// `fleet` with one cluster changed.
+fn alter(fleet: Fleet, name: &str, change: impl FnOnce(&mut ClusterView)) -> Fleet {
+    let mut clusters = fleet.clusters;
+    if let Some(c) = clusters.iter_mut().find(|c| c.name == name) {
+        change(c);
+    }
+    Fleet::new(clusters)
+}
+
+/// SmolLM2 kept in the EU, with `replicas` and the `placement` object given
+/// as JSON.
+fn eu_only(replicas: u32, placement: &str) -> DeploymentRequest {
+    request(&format!(
+        r#"{{"metadata": {{"name": "d"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas}, "placement": {placement},
+            "residency": {{"clusterSelector": {{"matchLabels": {{"region": "eu"}}}}}}}}}}"#
+    ))
+}
+
+#[test]
+fn residency_is_never_relaxed() {
+    let outside = Is("outside residency region=eu; cluster has region=us");
+    let eu_down = || {
+        let fleet = alter(standard_fleet(), "eu-a", |c| {
+            c.availability = Availability::Unhealthy("no heartbeat for 4.0 s".into());
+        });
+        alter(fleet, "eu-b", |c| c.availability = Availability::Left)
+    };
+    run(vec![
+        example(
+            "PickAll: only the clusters inside",
+            standard_fleet(),
+            eu_only(4, r#"{"policy": "PickAll"}"#),
+            vec![
+                Clusters(&["eu-a", "eu-b"]),
+                Placed(4),
+                Excluded("us-a", "Residency", outside),
+                Excluded(
+                    "ap-a",
+                    "Residency",
+                    Is("outside residency region=eu; cluster has region=ap"),
+                ),
+            ],
+        ),
+        example(
+            "PickN wants more clusters than the rule allows",
+            standard_fleet(),
+            eu_only(3, r#"{"policy": "PickN", "numberOfClusters": 3}"#),
+            vec![
+                Clusters(&["eu-a", "eu-b"]),
+                MissingClusters(1),
+                Outcome(PlacementOutcome::Partial),
+                Excluded("us-a", "Residency", outside),
+                SummaryHas("residency allows only clusters with region=eu"),
+            ],
+        ),
+        example(
+            "PickFixed naming a cluster outside",
+            standard_fleet(),
+            eu_only(
+                2,
+                r#"{"policy": "PickFixed", "clusterNames": ["us-a", "eu-b"]}"#,
+            ),
+            vec![Clusters(&["eu-b"]), Excluded("us-a", "Residency", outside)],
+        ),
+        example(
+            "a preferred cluster outside is still left out",
+            standard_fleet(),
+            eu_only(
+                1,
+                r#"{"policy": "PickN", "numberOfClusters": 1, "affinity": {"preferred": [{"weight": 100, "labelSelector": {"matchLabels": {"region": "us"}}}]}}"#,
+            ),
+            vec![Excluded("us-a", "Residency", outside)],
+        ),
+        example(
+            "a spread over regions cannot reach outside",
+            standard_fleet(),
+            eu_only(
+                2,
+                r#"{"policy": "PickN", "numberOfClusters": 2, "topologySpread": [{"topologyKey": "region", "maxSkew": 1}]}"#,
+            ),
+            vec![
+                Clusters(&["eu-a", "eu-b"]),
+                Excluded("us-a", "Residency", outside),
+            ],
+        ),
+        example(
+            "every allowed cluster unhealthy or gone: unschedulable, and said why",
+            eu_down(),
+            eu_only(2, r#"{"policy": "PickAll"}"#),
+            vec![
+                Outcome(PlacementOutcome::Unschedulable),
+                Excluded("eu-a", "ClusterHealth", StartsWith("unhealthy")),
+                Excluded("eu-b", "ClusterHealth", Is("left the fleet")),
+                Excluded("us-a", "Residency", outside),
+                SummaryHas("2 by Residency"),
+                SummaryHas("residency allows only clusters with region=eu"),
+            ],
+        ),
+        example(
+            "an unhealthy cluster outside is named for the rule",
+            alter(standard_fleet(), "us-a", |c| {
+                c.availability = Availability::Unhealthy("silent".into());
+            }),
+            eu_only(1, r#"{"policy": "PickAll"}"#),
+            vec![Excluded("us-a", "Residency", outside)],
+        ),
+    ]);
+}
+
+#[test]
+fn residency_holds_through_failover_and_relabelling() {
+    let req = eu_only(2, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
+    let fleet = standard_fleet();
+    let placed = check(&fleet, &req);
+    placed.expect("first placement", &[On(&[("eu-a", 2)])]);
+    let current = placed.record();
+
+    // eu-a fails: the replicas move to the other EU cluster, not the
+    // cheaper US one.
+    let one_down = alter(standard_fleet(), "eu-a", |c| {
+        c.availability = Availability::Unhealthy("no heartbeat".into());
+    });
+    let moved = check_with(&one_down, &req, &Commitments::default(), Some(&current));
+    moved.expect("eu-a failed", &[On(&[("eu-b", 2)])]);
+
+    // Both EU clusters gone: nothing runs rather than something outside.
+    let none_left = alter(one_down.clone(), "eu-b", |c| {
+        c.availability = Availability::Left
+    });
+    check_with(
+        &none_left,
+        &req,
+        &Commitments::default(),
+        Some(&moved.record()),
+    )
+    .expect(
+        "both EU clusters gone",
+        &[
+            Outcome(PlacementOutcome::Unschedulable),
+            Assignments(0),
+            SummaryHas("residency allows only clusters with region=eu"),
+        ],
+    );
+
+    // The cluster it runs on is relabelled out of the EU: its replicas
+    // leave it, whatever the stickiness.
+    let relabelled = alter(standard_fleet(), "eu-a", |c| {
+        c.labels.insert("region".into(), "us".into());
+    });
+    check_with(&relabelled, &req, &Commitments::default(), Some(&current)).expect(
+        "eu-a relabelled",
+        &[
+            On(&[("eu-b", 2)]),
+            Excluded(
+                "eu-a",
+                "Residency",
+                Is("outside residency region=eu; cluster has region=us"),
+            ),
+        ],
+    );
+}

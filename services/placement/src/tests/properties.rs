@@ -44,7 +44,7 @@ fn arb_fleet() -> impl Strategy<Value = Fleet> {
 }
 
 fn arb_request() -> impl Strategy<Value = DeploymentRequest> {
-    (0u32..12, 0u8..3, 1u32..5, any::<bool>(), any::<bool>(), 0u32..3).prop_map(|(replicas, policy, n, tolerate, spread, count)| {
+    (0u32..12, 0u8..3, 1u32..5, any::<bool>(), any::<bool>(), 0u32..3, any::<bool>()).prop_map(|(replicas, policy, n, tolerate, spread, count, resident)| {
         let policy = match policy {
             0 => r#""policy": "PickAll""#.to_string(),
             1 => format!(r#""policy": "PickN", "numberOfClusters": {n}"#),
@@ -52,9 +52,10 @@ fn arb_request() -> impl Strategy<Value = DeploymentRequest> {
         };
         let tolerations = if tolerate { r#", "tolerations": [{"key": "spot", "operator": "Exists"}]"# } else { "" };
         let spread = if spread { r#", "topologySpread": [{"topologyKey": "region", "maxSkew": 1}]"# } else { "" };
+        let residency = if resident { r#", "residency": {"clusterSelector": {"matchExpressions": [{"key": "region", "operator": "In", "values": ["a", "b"]}]}}"# } else { "" };
         request(&format!(
             r#"{{"metadata": {{"name": "d"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas},
-                "resources": {{"gpu": {{"count": {count}}}}}, "placement": {{{policy}{tolerations}{spread}}}}}}}"#
+                "resources": {{"gpu": {{"count": {count}}}}}, "placement": {{{policy}{tolerations}{spread}}}{residency}}}}}"#
         ))
     })
 }
@@ -94,6 +95,7 @@ proptest! {
             prop_assert_eq!(&c.availability, &Availability::Available);
             prop_assert!(c.cordoned.is_none());
             prop_assert!(c.taints.iter().all(|t| tolerates(&req.tolerations, t)));
+            prop_assert!(req.residency.as_ref().is_none_or(|r| r.allows(&c.labels)), "{} is outside residency", c.name);
             let group = &c.gpus[a.group as usize];
             prop_assert!(a.replicas * a.gpus_per_replica + held.held(&c.name, &group.model) <= group.count,
                 "{} holds {} x {} plus {} held of {}", c.name, a.replicas, a.gpus_per_replica, held.held(&c.name, &group.model), group.count);
