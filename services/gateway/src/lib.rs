@@ -20,8 +20,10 @@ pub mod auth;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,14 +36,15 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use flotilla_kit::sync::lock;
 use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, KitError, Metrics, RecordStore};
-use flotilla_proto::v1::ReplicaStatus;
+use flotilla_proto::v1::{ClusterRecord, ModelDeployment, ReplicaStatus};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::proxy::Proxy;
-use crate::routing::ReplicaTable;
+pub use crate::routing::Scope;
+use crate::routing::{FleetView, ReplicaTable};
 
 pub const SERVICE: &str = "gateway";
 
@@ -64,6 +67,46 @@ pub struct Args {
     /// This gateway's region: its replicas are preferred.
     #[arg(long, env = "FLOTILLA_GATEWAY_REGION", default_value = "")]
     pub region: String,
+
+    /// Run as the edge of this cluster: route only to its ready replicas,
+    /// at their own addresses, forwarding a request to the replica the
+    /// global gateway named (`x-flotilla-replica`) when it is ready.
+    /// Unset: the global gateway, routing to every cluster through each
+    /// cluster's edge where it has one.
+    #[arg(long, env = "FLOTILLA_GATEWAY_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// Serve HTTPS on --listen with this certificate chain (PEM).
+    #[arg(long, env = "FLOTILLA_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FLOTILLA_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by this CA (PEM) on --listen:
+    /// mutual TLS, as an edge takes the global gateway's requests.
+    #[arg(long, env = "FLOTILLA_GATEWAY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// A second listener, plain HTTP, for clients inside the cluster's own
+    /// network (an edge's local clients, which keep being served when the
+    /// cluster is cut off from the hub).
+    #[arg(long, env = "FLOTILLA_GATEWAY_LOCAL_ADDR")]
+    pub local_listen: Option<SocketAddr>,
+
+    /// The CA that signed the cluster edges' server certificates (PEM):
+    /// the global gateway trusts edges signed by it and no one else.
+    #[arg(long, env = "FLOTILLA_GATEWAY_EDGE_CA", requires_all = ["edge_client_cert", "edge_client_key"])]
+    pub edge_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) the global gateway presents to edges.
+    #[arg(long, env = "FLOTILLA_GATEWAY_EDGE_CLIENT_CERT", requires = "edge_ca")]
+    pub edge_client_cert: Option<PathBuf>,
+
+    /// The private key of --edge-client-cert (PEM).
+    #[arg(long, env = "FLOTILLA_GATEWAY_EDGE_CLIENT_KEY", requires = "edge_ca")]
+    pub edge_client_key: Option<PathBuf>,
 
     /// Accepted API keys (`Authorization: Bearer KEY`); none: open.
     #[arg(long = "api-key", env = "FLOTILLA_API_KEYS", value_delimiter = ',')]
@@ -94,6 +137,29 @@ pub struct Config {
     pub region: String,
     pub api_keys: Vec<String>,
     pub response_headers_timeout: Duration,
+    pub scope: Scope,
+    /// HTTPS on `listen`.
+    pub serve_tls: Option<ServeTls>,
+    pub local_listen: Option<SocketAddr>,
+    /// How the global gateway proves itself to edges.
+    pub edge_tls: Option<EdgeTls>,
+}
+
+/// The certificate files an HTTPS listener serves with.
+#[derive(Debug, Clone)]
+pub struct ServeTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mutual TLS: clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The files the global gateway reaches edges with.
+#[derive(Debug, Clone)]
+pub struct EdgeTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl Args {
@@ -107,12 +173,65 @@ impl Args {
                 "must be longer than zero",
             ));
         }
+        let scope = match &self.cluster {
+            None => Scope::Fleet,
+            Some(cluster) => {
+                flotilla_proto::check_name("cluster", cluster)
+                    .map_err(|e| ConfigError::new("cluster", e.to_string()))?;
+                if self.edge_ca.is_some() {
+                    return Err(ConfigError::new(
+                        "edge-ca",
+                        "an edge (--cluster) reaches only its own replicas, never other edges",
+                    ));
+                }
+                Scope::Cluster(cluster.clone())
+            }
+        };
+        let serve_tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServeTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) => None,
+            // clap's `requires` refuses the rest.
+            (Some(_), None) => {
+                return Err(ConfigError::new("tls-key", "is required with --tls-cert"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new("tls-cert", "is required with --tls-key"));
+            }
+        };
+        let edge_tls = match (&self.edge_ca, &self.edge_client_cert, &self.edge_client_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(EdgeTls {
+                ca: ca.clone(),
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "edge-ca",
+                    "--edge-ca, --edge-client-cert and --edge-client-key go together",
+                ));
+            }
+        };
+        if self.local_listen.is_some_and(|local| local == self.listen) {
+            return Err(ConfigError::new(
+                "local-listen",
+                "must differ from --listen",
+            ));
+        }
         Ok(Config {
             bus: self.bus.validate()?,
             listen: self.listen,
             region: self.region.clone(),
             api_keys: self.api_keys.clone(),
             response_headers_timeout: self.response_headers_timeout,
+            scope,
+            serve_tls,
+            local_listen: self.local_listen,
+            edge_tls,
         })
     }
 }
@@ -129,6 +248,8 @@ pub enum GatewayError {
     },
     #[error("making the HTTP client for replicas: {0}")]
     HttpClient(#[source] reqwest::Error),
+    #[error(transparent)]
+    Tls(#[from] flotilla_tls::TlsError),
     #[error("serving on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -159,24 +280,60 @@ async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
         .into_response()
 }
 
-/// Serves until `shutdown`; `bound` gets the listening address.
+/// Serves until `shutdown`; `bound` gets the listening address (the
+/// `--listen` one when there are two).
 pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), GatewayError> {
+    // Certificates first: a gateway that cannot use its files stops before
+    // it touches the bus, naming the file.
+    let serve_tls = match &config.serve_tls {
+        Some(t) => Some(flotilla_tls::server_config(
+            &t.cert,
+            &t.key,
+            t.client_ca.as_deref(),
+        )?),
+        None => None,
+    };
+    let edge_tls = match &config.edge_tls {
+        Some(t) => Some(flotilla_tls::client_config(
+            &t.ca,
+            &t.client_cert,
+            &t.client_key,
+        )?),
+        None => None,
+    };
+    for reloading in serve_tls.iter() {
+        reloading.watch(tls::RELOAD_EVERY, shutdown.clone());
+    }
+    for reloading in edge_tls.iter() {
+        reloading.watch(tls::RELOAD_EVERY, shutdown.clone());
+    }
     let bus = Bus::connect(&config.bus, SERVICE, &shutdown).await?;
     flotilla_kit::provision(&bus).await?;
     let replicas = RecordStore::<ReplicaStatus>::open(&bus, &bus.topology.replicas.name).await?;
     replicas.start_watch(shutdown.clone()).await?;
     let metrics = Arc::new(GatewayMetrics::register(&mut lock(&bus.metrics.registry)));
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(GatewayError::HttpClient)?;
+    let mut table = ReplicaTable::new(replicas, config.region.clone(), Arc::clone(&metrics))
+        .scoped(config.scope.clone());
+    if config.scope == Scope::Fleet {
+        let clusters =
+            RecordStore::<ClusterRecord>::open(&bus, &bus.topology.clusters.name).await?;
+        clusters.start_watch(shutdown.clone()).await?;
+        let deployments =
+            RecordStore::<ModelDeployment>::open(&bus, &bus.topology.deployments.name).await?;
+        deployments.start_watch(shutdown.clone()).await?;
+        table = table.with_fleet(FleetView {
+            clusters,
+            deployments,
+        });
+    }
     let proxy = Arc::new(Proxy {
-        table: ReplicaTable::new(replicas, config.region.clone(), Arc::clone(&metrics)),
-        http,
+        table,
+        http: tls::HttpClient::new(edge_tls).map_err(GatewayError::HttpClient)?,
+        honours_pins: matches!(config.scope, Scope::Cluster(_)),
         metrics: Arc::clone(&metrics),
         response_headers_timeout: config.response_headers_timeout,
     });
@@ -196,38 +353,90 @@ pub async fn run(
             Arc::new(ApiKeys(config.api_keys.clone())),
             auth::require_key,
         ));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| GatewayError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| GatewayError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let bind = |addr: SocketAddr| async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        Ok::<_, GatewayError>((listener, local))
+    };
+    let (listener, local) = bind(config.listen).await?;
+    let local_listener = match config.local_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
-    tracing::info!(%local, "gateway serving the OpenAI API");
-    // Streamed answers are many small writes (one per token): without
-    // TCP_NODELAY each can wait on the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
+    let what = match &config.scope {
+        Scope::Fleet => "gateway".to_string(),
+        Scope::Cluster(cluster) => format!("edge of cluster {cluster}"),
+    };
+    let serving = match (
+        &serve_tls,
+        config.serve_tls.as_ref().and_then(|t| t.client_ca.as_ref()),
+    ) {
+        (None, _) => "HTTP",
+        (Some(_), None) => "HTTPS",
+        (Some(_), Some(_)) => "HTTPS, client certificates required",
+    };
+    tracing::info!(%local, "{what} serving the OpenAI API ({serving})");
+    let main = {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let served = match serve_tls {
+                Some(config) => {
+                    let tls = tls::TlsListener::new(listener, config, shutdown.clone()).map_err(
+                        |source| GatewayError::Bind {
+                            addr: local,
+                            source,
+                        },
+                    )?;
+                    axum::serve(tls, app)
+                        .with_graceful_shutdown(shutdown.cancelled_owned())
+                        .await
+                }
+                None => {
+                    axum::serve(plain(listener), app)
+                        .with_graceful_shutdown(shutdown.cancelled_owned())
+                        .await
+                }
+            };
+            served.map_err(|source| GatewayError::Serve {
+                addr: local,
+                source,
+            })
         }
-    });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| GatewayError::Serve {
-            addr: local,
-            source,
-        });
+    };
+    let second = async {
+        let Some((listener, addr)) = local_listener else {
+            return Ok(());
+        };
+        tracing::info!(local = %addr, "{what} serving the OpenAI API (HTTP, for local clients)");
+        axum::serve(plain(listener), app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(|source| GatewayError::Serve { addr, source })
+    };
+    let served = tokio::try_join!(main, second).map(|_| ());
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");
     }
     served
+}
+
+/// A plain listener whose connections send each small write at once.
+fn plain(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    // Streamed answers are many small writes (one per token): without
+    // TCP_NODELAY each can wait on the client's delayed ACK.
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use serde_json::json;
 
 use crate::error;
 use crate::metrics::{Arrived, GatewayMetrics, ModelLabels, RouteLabels, Served};
-use crate::routing::{Candidate, InFlight, ReplicaTable};
+use crate::routing::{CLUSTER_HEADER, Candidate, InFlight, PIN_HEADER, ReplicaTable};
+use crate::tls::HttpClient;
 
 /// Tries per request, each on another replica.
 const ATTEMPTS: usize = 3;
@@ -29,7 +30,10 @@ const MAX_BODY: usize = 16 << 20;
 
 pub struct Proxy {
     pub table: ReplicaTable,
-    pub http: reqwest::Client,
+    pub http: HttpClient,
+    /// A cluster edge: requests may name the replica to forward to (the
+    /// global gateway's choice, [`PIN_HEADER`]).
+    pub honours_pins: bool,
     pub metrics: Arc<GatewayMetrics>,
     /// How long a streaming request's response headers may take.
     pub response_headers_timeout: Duration,
@@ -95,9 +99,12 @@ pub async fn first_answer(
             on_retry();
         }
         let in_flight = InFlight::start(&replica.load);
+        // The replica's name goes along: an edge forwards to it, a
+        // replica ignores it.
         let send = http
             .post(format!("{}{path}", replica.endpoint))
             .header(header::CONTENT_TYPE, "application/json")
+            .header(PIN_HEADER, &replica.replica_id)
             .body(body.clone())
             .send();
         let sent = match headers_within {
@@ -140,6 +147,11 @@ pub async fn first_answer(
 }
 
 fn served(mut response: Response, model: &str, cluster: &str) -> Response {
+    if !cluster.is_empty()
+        && let Ok(value) = HeaderValue::from_str(cluster)
+    {
+        response.headers_mut().insert(CLUSTER_HEADER, value);
+    }
     response.extensions_mut().insert(Served {
         model: model.to_string(),
         cluster: cluster.to_string(),
@@ -153,6 +165,17 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
         .get::<Arrived>()
         .map_or_else(Instant::now, |a| a.0);
     let path = request.uri().path().to_string();
+    let pinned = proxy
+        .honours_pins
+        .then(|| {
+            request
+                .headers()
+                .get(PIN_HEADER)?
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        })
+        .flatten();
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
@@ -184,8 +207,24 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             };
         }
     };
-    let candidates = proxy.table.candidates(&model);
+    let candidates = proxy.table.candidates(&model, pinned.as_deref());
     if candidates.is_empty() {
+        let rules = proxy.table.residency_rules(&model);
+        if !rules.is_empty() {
+            return served(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no replica of {model} is ready in a cluster it may be served from ({}); \
+                         it is not served elsewhere",
+                        rules.join("; ")
+                    ),
+                    "residency",
+                ),
+                &model,
+                "",
+            );
+        }
         let known = proxy.table.models();
         return if known.contains(&model) {
             served(
@@ -239,7 +278,7 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             .inc();
     };
     let answer = match first_answer(
-        &proxy.http,
+        &proxy.http.get(),
         candidates,
         &path,
         &body,
@@ -328,7 +367,7 @@ fn relay(answer: Answer, proxy: &Proxy, model: &str, arrived: Instant) -> Respon
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     response.headers_mut().insert(
-        "x-flotilla-replica",
+        crate::routing::PIN_HEADER,
         HeaderValue::from_str(&replica.replica_id).unwrap_or(HeaderValue::from_static("?")),
     );
     served(response, model, &replica.cluster)

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use flotilla_kit::RecordStore;
 use flotilla_kit::sync::lock;
-use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
+use flotilla_proto::v1::{
+    ClusterHealth, ClusterRecord, ModelDeployment, ReplicaPhase, ReplicaStatus,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -131,8 +133,79 @@ impl ReplicaLoad {
 pub struct Candidate {
     pub replica_id: String,
     pub cluster: String,
+    /// Where the request is sent: the replica's own address, or its
+    /// cluster's edge (which forwards to the replica named in
+    /// [`PIN_HEADER`]).
     pub endpoint: String,
     pub load: Arc<ReplicaLoad>,
+}
+
+/// The request header naming the replica a cluster edge should forward
+/// to, and the response header naming the replica that answered.
+pub const PIN_HEADER: &str = "x-flotilla-replica";
+/// The response header naming the cluster that answered.
+pub const CLUSTER_HEADER: &str = "x-flotilla-cluster";
+
+/// Which replicas this gateway routes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The global gateway: every cluster's, through the cluster's edge
+    /// when it has one.
+    Fleet,
+    /// A cluster edge: only this cluster's, at their own addresses.
+    Cluster(String),
+}
+
+/// What the global gateway knows of the fleet beyond the replicas: each
+/// cluster's health, labels and edge, and each deployment's residency
+/// rule.
+pub struct FleetView {
+    pub clusters: RecordStore<ClusterRecord>,
+    pub deployments: RecordStore<ModelDeployment>,
+}
+
+/// Why a cluster's replicas are not routed to, or where to send to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// At the replica's own address.
+    Direct,
+    /// Through the cluster's edge at this base URL.
+    Edge(String),
+    /// The cluster is known dead (unhealthy or gone): nothing is sent.
+    ClusterDown,
+    /// The replica's deployment may not be served there; the rule.
+    OutsideResidency(String),
+}
+
+/// How the global gateway reaches a replica of `deployment` in `cluster`
+/// (`None`: no record of it). A dead cluster is skipped without a try, so
+/// a cut one costs no connect timeout; a residency rule is a hard limit,
+/// even on failover; a cluster with an edge is reached only through it.
+pub fn route(cluster: Option<&ClusterRecord>, deployment: Option<&ModelDeployment>) -> Route {
+    let labels = cluster
+        .and_then(|c| c.inventory.as_ref())
+        .map(|i| i.labels.clone())
+        .unwrap_or_default();
+    if let Some(spec) = deployment.and_then(|d| d.spec.as_ref())
+        && let Some(rule) = flotilla_deployment_spec::residency_rule_text(spec)
+        && (cluster.is_none()
+            || !flotilla_deployment_spec::residency_allows(spec, &labels).unwrap_or(false))
+    {
+        return Route::OutsideResidency(rule);
+    }
+    let Some(cluster) = cluster else {
+        return Route::Direct;
+    };
+    if matches!(
+        cluster.health(),
+        ClusterHealth::Unhealthy | ClusterHealth::Left
+    ) {
+        return Route::ClusterDown;
+    }
+    match cluster.inventory.as_ref().map(|i| i.edge_url.as_str()) {
+        Some(edge) if !edge.is_empty() => Route::Edge(edge.to_string()),
+        _ => Route::Direct,
+    }
 }
 
 /// Counts a request in flight on a replica until dropped.
@@ -154,6 +227,10 @@ impl Drop for InFlight {
 pub struct ReplicaTable {
     replicas: RecordStore<ReplicaStatus>,
     region: String,
+    scope: Scope,
+    /// The global gateway's; an edge has none (and no permission to read
+    /// the buckets it comes from).
+    fleet: Option<FleetView>,
     load: Mutex<HashMap<String, Arc<ReplicaLoad>>>,
     metrics: Arc<GatewayMetrics>,
 }
@@ -167,9 +244,63 @@ impl ReplicaTable {
         Self {
             replicas,
             region,
+            scope: Scope::Fleet,
+            fleet: None,
             load: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    /// Routes only to `scope`'s replicas.
+    pub fn scoped(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Routes with the fleet's clusters and deployments in view.
+    pub fn with_fleet(mut self, fleet: FleetView) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    fn in_scope(&self, replica: &ReplicaStatus) -> bool {
+        match &self.scope {
+            Scope::Fleet => true,
+            Scope::Cluster(cluster) => &replica.cluster == cluster,
+        }
+    }
+
+    fn route_of(&self, replica: &ReplicaStatus) -> Route {
+        let Some(fleet) = &self.fleet else {
+            return Route::Direct;
+        };
+        route(
+            fleet.clusters.cached(&replica.cluster).as_ref(),
+            fleet.deployments.cached(&replica.deployment).as_ref(),
+        )
+    }
+
+    /// The residency rules that kept ready replicas of `model` from being
+    /// candidates, and the rules of the deployments that serve it; for an
+    /// answer that says why nothing could serve.
+    pub fn residency_rules(&self, model: &str) -> Vec<String> {
+        let Some(fleet) = &self.fleet else {
+            return Vec::new();
+        };
+        let mut rules: Vec<String> = self
+            .replicas
+            .select(|_, r| r.model == model)
+            .into_iter()
+            .filter_map(|(_, r)| {
+                let deployment = fleet.deployments.cached(&r.deployment)?;
+                let rule =
+                    flotilla_deployment_spec::residency_rule_text(deployment.spec.as_ref()?)?;
+                Some(format!("deployment {}: {rule}", r.deployment))
+            })
+            .collect();
+        rules.sort();
+        rules.dedup();
+        rules
     }
 
     fn load_of(&self, replica: &ReplicaStatus) -> Arc<ReplicaLoad> {
@@ -188,16 +319,23 @@ impl ReplicaTable {
         Arc::clone(load)
     }
 
-    /// Ready, not ejected replicas of `model`, best first (see [`rank`]).
-    pub fn candidates(&self, model: &str) -> Vec<Candidate> {
+    /// Ready, not ejected replicas of `model` in scope, best first (see
+    /// [`rank`]), the `pinned` replica first when it is one of them (an
+    /// edge forwarding the global gateway's choice).
+    pub fn candidates(&self, model: &str, pinned: Option<&str>) -> Vec<Candidate> {
         let now = Instant::now();
         let ready: Vec<(ReplicaStatus, Arc<ReplicaLoad>)> = self
             .replicas
-            .select(|_, r| serves(r, model))
+            .select(|_, r| serves(r, model) && self.in_scope(r))
             .into_iter()
-            .map(|(_, r)| {
+            .filter_map(|(_, mut r)| {
+                match self.route_of(&r) {
+                    Route::Direct => {}
+                    Route::Edge(edge) => r.endpoint = edge,
+                    Route::ClusterDown | Route::OutsideResidency(_) => return None,
+                }
                 let load = self.load_of(&r);
-                (r, load)
+                Some((r, load))
             })
             .collect();
         let standings: Vec<Standing<'_>> = ready
@@ -209,7 +347,15 @@ impl ReplicaTable {
                 ejected: load.ejected(now),
             })
             .collect();
-        let order = rank(&self.region, &standings);
+        let mut order = rank(&self.region, &standings);
+        if let Some(pinned) = pinned
+            && let Some(at) = order
+                .iter()
+                .position(|&i| standings[i].replica_id == pinned)
+        {
+            let first = order.remove(at);
+            order.insert(0, first);
+        }
         let mut ready: Vec<Option<(ReplicaStatus, Arc<ReplicaLoad>)>> =
             ready.into_iter().map(Some).collect();
         order
@@ -239,7 +385,7 @@ impl ReplicaTable {
         let mut changes = self.replicas.changes();
         loop {
             let found: Vec<Candidate> = self
-                .candidates(model)
+                .candidates(model, None)
                 .into_iter()
                 .filter(|c| !tried.contains(&c.replica_id))
                 .collect();
@@ -258,11 +404,11 @@ impl ReplicaTable {
         }
     }
 
-    /// Names of the models with a ready replica, sorted.
+    /// Names of the models with a ready replica in scope, sorted.
     pub fn models(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .replicas
-            .select(|_, r| r.phase() == ReplicaPhase::Ready)
+            .select(|_, r| r.phase() == ReplicaPhase::Ready && self.in_scope(r))
             .into_iter()
             .map(|(_, r)| r.model)
             .collect();
@@ -355,6 +501,108 @@ mod tests {
                 .map(|i| replicas[i].replica_id)
                 .collect();
             assert_eq!(order, expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_global_gateway_reaches_a_replica_through_its_clusters_edge_and_never_outside_residency()
+    {
+        use flotilla_proto::v1::{
+            ClusterInventory, LabelSelector, ModelDeploymentSpec, ResidencySpec,
+        };
+        let cluster = |region: &str, health: ClusterHealth, edge: &str| ClusterRecord {
+            name: "c".into(),
+            health: health.into(),
+            inventory: Some(ClusterInventory {
+                labels: [("region".to_string(), region.to_string())].into(),
+                edge_url: edge.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let eu_only = ModelDeployment {
+            spec: Some(ModelDeploymentSpec {
+                residency: Some(ResidencySpec {
+                    cluster_selector: Some(LabelSelector {
+                        match_labels: [("region".to_string(), "eu".to_string())].into(),
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let anywhere = ModelDeployment {
+            spec: Some(ModelDeploymentSpec::default()),
+            ..Default::default()
+        };
+        let healthy = ClusterHealth::Healthy;
+        let rule = "residency: clusters with region=eu".to_string();
+        let edge = "https://10.0.0.2:8443";
+        let cases: Vec<(&str, Option<ClusterRecord>, Option<&ModelDeployment>, Route)> = vec![
+            (
+                "no edge",
+                Some(cluster("eu", healthy, "")),
+                Some(&anywhere),
+                Route::Direct,
+            ),
+            (
+                "an edge",
+                Some(cluster("us", healthy, edge)),
+                Some(&anywhere),
+                Route::Edge(edge.into()),
+            ),
+            (
+                "no record of the cluster",
+                None,
+                Some(&anywhere),
+                Route::Direct,
+            ),
+            (
+                "no record of the deployment",
+                Some(cluster("us", healthy, "")),
+                None,
+                Route::Direct,
+            ),
+            (
+                "an unhealthy cluster",
+                Some(cluster("us", ClusterHealth::Unhealthy, edge)),
+                Some(&anywhere),
+                Route::ClusterDown,
+            ),
+            (
+                "a cluster that left",
+                Some(cluster("us", ClusterHealth::Left, edge)),
+                Some(&anywhere),
+                Route::ClusterDown,
+            ),
+            (
+                "degraded still serves",
+                Some(cluster("us", ClusterHealth::Degraded, edge)),
+                Some(&anywhere),
+                Route::Edge(edge.into()),
+            ),
+            (
+                "inside the residency rule",
+                Some(cluster("eu", healthy, edge)),
+                Some(&eu_only),
+                Route::Edge(edge.into()),
+            ),
+            (
+                "outside it",
+                Some(cluster("us", healthy, edge)),
+                Some(&eu_only),
+                Route::OutsideResidency(rule.clone()),
+            ),
+            (
+                "a cluster of unknown labels is outside it",
+                None,
+                Some(&eu_only),
+                Route::OutsideResidency(rule.clone()),
+            ),
+        ];
+        for (what, cluster, deployment, expected) in cases {
+            assert_eq!(route(cluster.as_ref(), deployment), expected, "{what}");
         }
     }
 

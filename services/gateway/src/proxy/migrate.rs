@@ -66,7 +66,7 @@ pub async fn another_answer(
             return Err(last);
         }
         match first_answer(
-            &proxy.http,
+            &proxy.http.get(),
             candidates,
             &request.path,
             body,
@@ -257,7 +257,7 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     response.headers_mut().insert(
-        "x-flotilla-replica",
+        crate::routing::PIN_HEADER,
         HeaderValue::from_str(&replica_id).unwrap_or(HeaderValue::from_static("?")),
     );
     served(response, &model, &cluster)
@@ -315,7 +315,7 @@ pub async fn whole(
                     response.headers_mut().insert(header::CONTENT_TYPE, ct);
                 }
                 response.headers_mut().insert(
-                    "x-flotilla-replica",
+                    crate::routing::PIN_HEADER,
                     HeaderValue::from_str(&replica.replica_id)
                         .unwrap_or(HeaderValue::from_static("?")),
                 );
