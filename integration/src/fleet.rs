@@ -138,14 +138,18 @@ pub fn rollout(bus: &BusConfig, halt_after_failures: u32) {
     });
 }
 
-/// The gateway on a free loopback port: no region, no API keys.
+/// The gateway on a free loopback port: its defaults (no region, no API
+/// keys, the global gateway without edge TLS).
 pub fn gateway_config(bus: &BusConfig) -> flotilla_gateway::Config {
+    let args = <flotilla_gateway::Args as clap::Parser>::try_parse_from([
+        "flotilla-gateway",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
     flotilla_gateway::Config {
         bus: bus.clone(),
-        listen: ([127, 0, 0, 1], 0).into(),
-        region: String::new(),
-        api_keys: Vec::new(),
-        response_headers_timeout: Duration::from_secs(10),
+        ..args.validate().unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

@@ -126,6 +126,18 @@ pub struct Args {
     )]
     pub response_headers_timeout: Duration,
 
+    /// How long a streamed answer that has begun may pause before it
+    /// counts as broken and moves to another replica. A replica behind a
+    /// cut link sends neither bytes nor a reset; a healthy one sends a
+    /// token at least every second or so, even under load.
+    #[arg(
+        long,
+        env = "FLOTILLA_GATEWAY_STREAM_STALL_TIMEOUT",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub stream_stall_timeout: Duration,
+
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
 }
@@ -137,6 +149,7 @@ pub struct Config {
     pub region: String,
     pub api_keys: Vec<String>,
     pub response_headers_timeout: Duration,
+    pub stream_stall_timeout: Duration,
     pub scope: Scope,
     /// HTTPS on `listen`.
     pub serve_tls: Option<ServeTls>,
@@ -166,6 +179,12 @@ impl Args {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(ConfigError::new("api-key", "an API key is empty"));
+        }
+        if self.stream_stall_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "stream-stall-timeout",
+                "must be longer than zero",
+            ));
         }
         if self.response_headers_timeout.is_zero() {
             return Err(ConfigError::new(
@@ -228,6 +247,7 @@ impl Args {
             region: self.region.clone(),
             api_keys: self.api_keys.clone(),
             response_headers_timeout: self.response_headers_timeout,
+            stream_stall_timeout: self.stream_stall_timeout,
             scope,
             serve_tls,
             local_listen: self.local_listen,
@@ -336,6 +356,7 @@ pub async fn run(
         honours_pins: matches!(config.scope, Scope::Cluster(_)),
         metrics: Arc::clone(&metrics),
         response_headers_timeout: config.response_headers_timeout,
+        stream_stall_timeout: config.stream_stall_timeout,
     });
     let proxied = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))

@@ -37,6 +37,8 @@ pub struct Proxy {
     pub metrics: Arc<GatewayMetrics>,
     /// How long a streaming request's response headers may take.
     pub response_headers_timeout: Duration,
+    /// How long a flowing stream may pause before it counts as broken.
+    pub stream_stall_timeout: Duration,
 }
 
 /// What the proxy reads of an OpenAI request body.

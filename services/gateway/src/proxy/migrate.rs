@@ -121,19 +121,36 @@ enum Pumped {
 type Chunks = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// Relays one replica's events through `splice` until its stream ends.
+///
+/// Once the first bytes have come, a pause longer than `stall` breaks the
+/// stream too: a replica behind a cut link sends neither bytes nor a reset,
+/// and its stream would otherwise hang for as long as TCP lets it. Before
+/// the first bytes the replica may still be prefilling a long prompt, so
+/// no limit applies.
 async fn pump(
     response: &mut reqwest::Response,
     splice: &mut Splice,
     out: &Chunks,
     first_byte: &mut Option<(Histogram, Instant)>,
+    stall: Duration,
 ) -> Pumped {
     let mut framer = SseFramer::default();
+    let mut flowing = false;
     loop {
-        let bytes = match response.chunk().await {
+        let next = if flowing {
+            match tokio::time::timeout(stall, response.chunk()).await {
+                Ok(next) => next,
+                Err(_) => return Pumped::Broken(format!("nothing for {stall:?}")),
+            }
+        } else {
+            response.chunk().await
+        };
+        let bytes = match next {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Pumped::Broken("the stream ended before [DONE]".into()),
             Err(e) => return Pumped::Broken(e.to_string()),
         };
+        flowing = true;
         for event in framer.push(&bytes) {
             let (send, end) = match splice.on_event(event) {
                 Relay::Send(s) => (s, false),
@@ -181,7 +198,15 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
         let mut first_byte = Some((first_byte, arrived));
         let mut deadline = None;
         loop {
-            let why = match pump(&mut leg.response, &mut splice, &out, &mut first_byte).await {
+            let why = match pump(
+                &mut leg.response,
+                &mut splice,
+                &out,
+                &mut first_byte,
+                proxy.stream_stall_timeout,
+            )
+            .await
+            {
                 Pumped::Ended | Pumped::ClientGone => return,
                 Pumped::Broken(why) => why,
             };
