@@ -249,3 +249,57 @@ async fn invalid_deployments_are_rejected_naming_the_field_and_deletes_release_c
         "{described}"
     );
 }
+
+#[tokio::test]
+async fn a_resident_deployment_stays_inside_its_rule_even_when_its_clusters_fail() {
+    let (server, bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
+    fleet::inventory(&config, Duration::from_secs(1));
+    let caches = tempfile::tempdir().unwrap();
+    let doomed = start_executor(&server, "eu-dear", "eu", "2xH100-80GB", 4.0, caches.path());
+    let _cheap = start_executor(&server, "us-cheap", "us", "2xH100-80GB", 1.0, caches.path());
+    expect_joined(&mut events, &["eu-dear", "us-cheap"]).await;
+    fleet::placement(&config);
+
+    // Cheapest first would pick us-cheap; the residency rule forbids it.
+    let resident = r#"{"metadata": {"name": "resident"},
+        "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1,
+                 "placement": {"policy": "PickN", "numberOfClusters": 1,
+                               "affinity": {"preferred": [{"weight": 100, "propertySorter": {"name": "cost.perGpuHour", "order": "Ascending"}}]}},
+                 "residency": {"clusterSelector": {"matchLabels": {"region": "eu"}}}}}"#;
+    bus.client
+        .publish("flotilla.control.deployments.apply", resident.into())
+        .await
+        .unwrap();
+    let (placed, _) = expect(&mut events, EventType::DeploymentPlaced, "resident").await;
+    let Some(Payload::Placement(decision)) = placed.payload else {
+        panic!("no decision in {placed:?}")
+    };
+    assert_eq!(decision.assignments.len(), 1, "{decision:?}");
+    assert_eq!(decision.assignments[0].cluster, "eu-dear");
+    let outside = &decision.exclusions[0];
+    assert_eq!(
+        (outside.cluster.as_str(), outside.plugin.as_str()),
+        ("us-cheap", "Residency")
+    );
+    assert_eq!(
+        outside.reason,
+        "outside residency region=eu; cluster has region=us"
+    );
+
+    // Its only allowed cluster fails: it waits rather than moving out.
+    doomed.abort();
+    expect(&mut events, EventType::ClusterUnhealthy, "eu-dear").await;
+    let (waiting, _) = expect(&mut events, EventType::DeploymentUnschedulable, "resident").await;
+    let Some(Payload::Placement(decision)) = waiting.payload else {
+        panic!("no decision in {waiting:?}")
+    };
+    assert!(decision.assignments.is_empty(), "{decision:?}");
+    assert!(
+        decision
+            .message
+            .contains("residency allows only clusters with region=eu"),
+        "{}",
+        decision.message
+    );
+}
