@@ -8,10 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command as Process;
+use std::time::Duration;
 
 use clap::{ArgAction, Args as _, CommandFactory};
 use flotilla_integration::workspace_root;
 use serde_yaml::Value;
+
+use crate::support;
 
 /// The hub's services: one Deployment each in the chart, one container
 /// each in `compose.yaml`.
@@ -286,7 +289,7 @@ fn compose_starts_every_service_with_flags_it_accepts_on_ports_that_do_not_clash
 /// install into instead of the recording fake API server.
 fn helm(values: &Value, real: Option<(&str, &str)>) -> std::process::Output {
     let root = workspace_root();
-    let mut command = Process::new(crate::support::python());
+    let mut command = Process::new(support::python());
     command.arg(root.join("helm/tests/render.py"));
     if let Some((kubeconfig, namespace)) = real {
         command.args(["--real", kubeconfig, namespace]);
@@ -376,6 +379,12 @@ fn check_workloads(objects: &[serde_json::Value]) {
             );
             for m in c["volumeMounts"].as_array().into_iter().flatten() {
                 assert!(volumes.contains(m["name"].as_str().unwrap()), "{name}: {m}");
+            }
+            // A member's NATS leaf node runs the NATS image, not ours.
+            if c["command"][0] == "nats-server" {
+                let image = c["image"].as_str().unwrap();
+                assert!(image.starts_with("nats:"), "{name}: {image}");
+                continue;
             }
             let bin = c["command"][0]
                 .as_str()
@@ -474,27 +483,77 @@ fn the_chart_installs_the_hub_with_defaults() {
     assert!(of_kind(&objects, "ServiceMonitor").is_empty());
 }
 
+/// `values-member.yaml` with the edge URL it leaves to the installer.
+fn member_values() -> Value {
+    let mut values = values_file("values-member.yaml");
+    values["edge"]["url"] = Value::from(EDGE_URL);
+    values
+}
+
+const EDGE_URL: &str = "https://edge.member-1.example.com:8443";
+
+/// The container of the Deployment `name`, and its env as name -> value
+/// (`None`: from a Secret or the downward API).
+fn container<'a>(objects: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    &of_kind(objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Deployment {name}"))["spec"]["template"]["spec"]["containers"]
+        [0]
+}
+
+fn env_of(container: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+        .collect()
+}
+
 #[test]
 fn the_chart_installs_a_member_executor_with_namespaced_rbac() {
-    let mut values = values_file("values-member.yaml");
+    let mut values = member_values();
     values["serviceMonitor"] = serde_yaml::from_str("{enabled: true}").unwrap();
     let objects = render_chart(&values);
     let deployments = of_kind(&objects, "Deployment");
-    assert_eq!(deployments.len(), 1);
-    assert_eq!(deployments[0]["metadata"]["name"], "flotilla-executor");
+    let names: BTreeSet<&str> = deployments
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["flotilla-executor", "flotilla-edge", "flotilla-leaf"])
+    );
     check_workloads(&objects);
-    let container = &deployments[0]["spec"]["template"]["spec"]["containers"][0];
-    let env = container["env"].as_array().unwrap();
-    let var = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+    // The executor reaches the hub through the cluster's leaf node, with
+    // no credentials of its own and the leaf user's reply inboxes.
+    let env = env_of(container(&objects, "flotilla-executor"));
+    let value = |n: &str| env.get(n).map(|e| e["value"].clone());
     assert_eq!(
-        var("FLOTILLA_NATS_USER").unwrap()["value"],
-        "executor-member-1"
+        value("FLOTILLA_NATS_URL").unwrap(),
+        "nats://flotilla-leaf:4222"
     );
     assert_eq!(
-        var("FLOTILLA_NATS_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["key"],
-        "executor-member-1"
+        value("FLOTILLA_NATS_INBOX_PREFIX").unwrap(),
+        "_INBOX.executor-member-1"
     );
-    assert_eq!(var("FLOTILLA_NATS_REQUIRE_TLS").unwrap()["value"], "true");
+    for absent in [
+        "FLOTILLA_NATS_USER",
+        "FLOTILLA_NATS_PASSWORD",
+        "FLOTILLA_NATS_REQUIRE_TLS",
+    ] {
+        assert!(!env.contains_key(absent), "executor has {absent}");
+    }
+    assert_eq!(value("FLOTILLA_EDGE_URL").unwrap(), EDGE_URL);
+    assert_eq!(
+        env["FLOTILLA_REPLICA_HOST"]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    let deployments: Vec<&serde_json::Value> = deployments
+        .into_iter()
+        .filter(|d| d["metadata"]["name"] == "flotilla-executor")
+        .collect();
 
     // RBAC: one namespaced Role over pods and deployments, bound to the
     // executor's own service account; nothing cluster-wide.
@@ -549,10 +608,7 @@ fn the_chart_installs_on_a_real_cluster_when_kubeconfig_is_set() {
             "flotilla-chart-test-hub",
             Value::Mapping(Default::default()),
         ),
-        (
-            "flotilla-chart-test-member",
-            values_file("values-member.yaml"),
-        ),
+        ("flotilla-chart-test-member", member_values()),
     ] {
         let out = helm(&values, Some((&kubeconfig, namespace)));
         assert!(
@@ -576,4 +632,320 @@ fn compose_and_chart_name_only_existing_paths() {
     ] {
         assert!(Path::new(&root.join(p)).is_file(), "{p} is missing");
     }
+}
+
+#[test]
+fn a_member_edge_serves_the_hub_over_mutual_tls_and_local_clients_in_plain() {
+    let objects = render_chart(&member_values());
+    let edge = container(&objects, "flotilla-edge");
+    assert_eq!(edge["command"][0], "/usr/local/bin/flotilla-gateway");
+    let env = env_of(edge);
+    let value = |n: &str| {
+        env.get(n)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("the edge has no {n}"))
+            .to_string()
+    };
+    assert_eq!(value("FLOTILLA_GATEWAY_CLUSTER"), "member-1");
+    assert_eq!(value("FLOTILLA_GATEWAY_ADDR"), "0.0.0.0:8443");
+    assert_eq!(value("FLOTILLA_GATEWAY_LOCAL_ADDR"), "0.0.0.0:8081");
+    assert_eq!(value("FLOTILLA_NATS_URL"), "nats://flotilla-leaf:4222");
+    assert_eq!(
+        value("FLOTILLA_NATS_INBOX_PREFIX"),
+        "_INBOX.executor-member-1"
+    );
+    // The TLS files come from the edge's Secret, mounted whole so that an
+    // updated Secret reaches them (no subPath).
+    let mount = edge["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "edge-tls")
+        .expect("the edge's TLS Secret mounted");
+    assert!(mount["subPath"].is_null(), "{mount}");
+    let dir = mount["mountPath"].as_str().unwrap();
+    for (var, file) in [
+        ("FLOTILLA_GATEWAY_TLS_CERT", "tls.crt"),
+        ("FLOTILLA_GATEWAY_TLS_KEY", "tls.key"),
+        ("FLOTILLA_GATEWAY_TLS_CLIENT_CA", "ca.crt"),
+    ] {
+        assert_eq!(value(var), format!("{dir}/{file}"));
+    }
+    let pod = &of_kind(&objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "flotilla-edge")
+        .unwrap()["spec"]["template"]["spec"];
+    let secret = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "edge-tls")
+        .unwrap();
+    assert_eq!(secret["secret"]["secretName"], "flotilla-edge-tls");
+    // The kubelet has no client certificate: probes use the plain port.
+    assert_eq!(edge["readinessProbe"]["httpGet"]["port"], "local");
+
+    let service = |name: &str| {
+        of_kind(&objects, "Service")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Service {name}"))
+    };
+    let mtls = service("flotilla-edge");
+    assert_eq!(mtls["spec"]["type"], "LoadBalancer");
+    assert_eq!(mtls["spec"]["ports"][0]["port"], 8443);
+    assert_eq!(mtls["spec"]["ports"][0]["targetPort"], "https");
+    let local = service("flotilla-edge-local");
+    assert_eq!(local["spec"]["type"], "ClusterIP");
+    assert_eq!(local["spec"]["ports"][0]["port"], 8081);
+    assert_eq!(local["spec"]["ports"][0]["targetPort"], "local");
+}
+
+#[test]
+fn the_chart_refuses_an_edge_without_an_https_url() {
+    for (url, message) in [
+        ("", "edge.url is required with edge.enabled"),
+        (
+            "http://edge.member-1.example.com:8443",
+            "must start with https://",
+        ),
+    ] {
+        let mut values = member_values();
+        values["edge"]["url"] = Value::from(url);
+        let out = helm(&values, None);
+        assert!(!out.status.success(), "{url:?} accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{url:?}: {stderr}");
+    }
+    let mut values = member_values();
+    values["leaf"]["hubUrls"] = Value::Sequence(vec![]);
+    let out = helm(&values, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("leaf.hubUrls is required"), "{stderr}");
+}
+
+/// The rendered leaf configuration and the leaf Deployment's environment,
+/// with `$(VAR)` references to the password expanded as the kubelet does.
+fn leaf_config_and_env(
+    objects: &[serde_json::Value],
+    password: &str,
+) -> (String, Vec<(String, String)>) {
+    let config = of_kind(objects, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "flotilla-leaf")
+        .expect("a ConfigMap for the leaf")["data"]["leaf.conf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let env = container(objects, "flotilla-leaf")["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let value = e["value"].as_str()?;
+            Some((
+                e["name"].as_str().unwrap().to_string(),
+                value.replace("$(FLOTILLA_LEAF_PASSWORD)", password),
+            ))
+        })
+        .collect();
+    (config, env)
+}
+
+#[test]
+fn a_member_leaf_logs_in_to_the_hub_as_its_executor_without_jetstream() {
+    let objects = render_chart(&member_values());
+    let (config, _) = leaf_config_and_env(&objects, "p");
+    assert!(
+        !config.to_lowercase().contains("jetstream {") && !config.contains("store_dir"),
+        "{config}"
+    );
+    assert!(config.contains("listen: \"0.0.0.0:4222\""), "{config}");
+    for i in 0..3 {
+        assert!(
+            config.contains(&format!("$FLOTILLA_HUB_LEAF_URL_{i}")),
+            "{config}"
+        );
+    }
+    assert!(
+        config.contains("ca_file: \"/etc/nats-tls/ca.crt\""),
+        "{config}"
+    );
+    let leaf = container(&objects, "flotilla-leaf");
+    let env = env_of(leaf);
+    assert_eq!(
+        env["FLOTILLA_LEAF_PASSWORD"]["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "flotilla-nats-users", "key": "executor-member-1"})
+    );
+    for (i, host) in ["nats-0", "nats-1", "nats-2"].iter().enumerate() {
+        assert_eq!(
+            env[&format!("FLOTILLA_HUB_LEAF_URL_{i}")]["value"],
+            format!(
+                "nats-leaf://executor-member-1:$(FLOTILLA_LEAF_PASSWORD)@{host}.hub.example.com:7422"
+            )
+        );
+    }
+    let service = of_kind(&objects, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "flotilla-leaf")
+        .expect("a Service for the leaf");
+    assert_eq!(service["spec"]["ports"][0]["port"], 4222);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The leaf configuration the chart renders, run by the real nats-server:
+/// it logs in to a hub's leaf node port with the executor's password from
+/// the environment, and a request from a client of the leaf (with the
+/// executor's reply inboxes) is answered on the hub.
+#[tokio::test]
+async fn the_rendered_leaf_configuration_connects_to_a_hub() {
+    let [leaf_port, hub_leaf_port, monitor_port] = support::free_ports::<3>();
+    let password = "Z9leafPassw0rd";
+    let dir = tempfile::tempdir().unwrap();
+    let hub_conf = dir.path().join("hub.conf");
+    std::fs::write(
+        &hub_conf,
+        format!(
+            "jetstream {{ store_dir: {:?} }}\n\
+             leafnodes {{ listen: \"127.0.0.1:{hub_leaf_port}\" }}\n\
+             authorization {{ users: [\n\
+               {{user: \"executor-member-1\", password: \"{password}\"}}\n\
+               {{user: \"hub\", password: \"hubside\"}}\n\
+             ] }}\n",
+            dir.path().join("store").display().to_string()
+        ),
+    )
+    .unwrap();
+    let hub = flotilla_integration::NatsServer::start_with_config(&hub_conf)
+        .await
+        .unwrap();
+
+    let mut values = member_values();
+    values["leaf"]["hubUrls"] =
+        serde_yaml::from_str(&format!("[127.0.0.1:{hub_leaf_port}]")).unwrap();
+    values["nats"]["tls"]["enabled"] = Value::from(false);
+    let (config, env) = leaf_config_and_env(&render_chart(&values), password);
+    let leaf_conf = dir.path().join("leaf.conf");
+    std::fs::write(&leaf_conf, &config).unwrap();
+    // The command line moves the rendered 0.0.0.0:4222 and 8222 to free
+    // loopback ports; the rest is the file as rendered.
+    let _leaf = KillOnDrop(
+        Process::new(workspace_root().join(".tools/bin/nats-server"))
+            .arg("-c")
+            .arg(&leaf_conf)
+            .args(["-a", "127.0.0.1", "-p", &leaf_port.to_string()])
+            .args(["-m", &monitor_port.to_string()])
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let hub_client =
+        async_nats::ConnectOptions::with_user_and_password("hub".into(), "hubside".into())
+            .connect(hub.url())
+            .await
+            .unwrap();
+    let mut echo = hub_client.subscribe("flotilla.test.leaf").await.unwrap();
+    let responder = tokio::spawn({
+        let hub_client = hub_client.clone();
+        async move {
+            use futures::StreamExt;
+            while let Some(msg) = echo.next().await {
+                if let Some(reply) = msg.reply {
+                    hub_client.publish(reply, msg.payload).await.unwrap();
+                }
+            }
+        }
+    });
+    let leaf_url = format!("nats://127.0.0.1:{leaf_port}");
+    let answer = support::poll_until(
+        Duration::from_secs(20),
+        "a request from the leaf answered on the hub",
+        || {
+            let leaf_url = leaf_url.clone();
+            async move {
+                let client = async_nats::ConnectOptions::new()
+                    .custom_inbox_prefix("_INBOX.executor-member-1")
+                    .connect(leaf_url)
+                    .await
+                    .ok()?;
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request("flotilla.test.leaf", "ping".into()),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                Some(reply.payload)
+            }
+        },
+    )
+    .await;
+    assert_eq!(&answer[..], b"ping");
+    responder.abort();
+}
+
+#[test]
+fn the_hub_gateway_reaches_edges_over_mutual_tls_and_streams_have_three_replicas() {
+    let objects = render_chart(&values_file("values-hub.yaml"));
+    let deployments: BTreeSet<&str> = of_kind(&objects, "Deployment")
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(deployments, BTreeSet::from(CONTROL_SERVICES));
+    check_workloads(&objects);
+    for d in of_kind(&objects, "Deployment") {
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        let env = env_of(c);
+        assert_eq!(
+            env["FLOTILLA_STREAM_REPLICAS"]["value"], "3",
+            "{}",
+            d["metadata"]["name"]
+        );
+        let url = env["FLOTILLA_NATS_URL"]["value"].as_str().unwrap();
+        assert_eq!(url.split(',').count(), 3, "{url}");
+    }
+    let gateway = container(&objects, "flotilla-gateway");
+    let env = env_of(gateway);
+    let mount = gateway["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "edge-client-tls")
+        .expect("the gateway's edge client Secret mounted");
+    assert!(mount["subPath"].is_null(), "{mount}");
+    let dir = mount["mountPath"].as_str().unwrap();
+    for (var, file) in [
+        ("FLOTILLA_GATEWAY_EDGE_CA", "ca.crt"),
+        ("FLOTILLA_GATEWAY_EDGE_CLIENT_CERT", "tls.crt"),
+        ("FLOTILLA_GATEWAY_EDGE_CLIENT_KEY", "tls.key"),
+    ] {
+        assert_eq!(env[var]["value"], format!("{dir}/{file}"), "{var}");
+    }
+    let pod = &of_kind(&objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "flotilla-gateway")
+        .unwrap()["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "edge-client-tls"
+                && v["secret"]["secretName"] == "flotilla-gateway-edge-tls"),
+        "{pod}"
+    );
+    // No leaf and no edge on the hub.
+    assert!(of_kind(&objects, "ConfigMap").is_empty());
 }
