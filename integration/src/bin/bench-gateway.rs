@@ -16,7 +16,10 @@
 //!   routed and proxied like any completion (the whole proxy path).
 //!
 //! First with one connection (latency: p50, p99), then with many (the
-//! maximum rate). Build the services first:
+//! maximum rate). Then the multi-cluster path: a global gateway that
+//! reaches the replica's cluster through its edge (a second
+//! `flotilla-gateway` run with `--cluster`) over mutual TLS, two hops,
+//! against the same direct baseline. Build the services first:
 //!
 //! ```text
 //! cargo build -p flotilla-runner -p flotilla-gateway -p flotilla-integration --bin bench-gateway
@@ -36,7 +39,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use flotilla_integration::{NatsServer, shipped_model};
 use flotilla_kit::RecordStore;
-use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
+use flotilla_proto::v1::{
+    ClusterHealth, ClusterInventory, ClusterRecord, ReplicaPhase, ReplicaStatus,
+};
 use tokio::process::{Child, Command};
 
 const KEY: &str = "bench-key";
@@ -295,6 +300,118 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    // The multi-cluster path: the same runner also recorded as a replica
+    // of cluster `remote` (region `remote`, so the gateway above, of
+    // region `local`, keeps going direct), that cluster's edge serving
+    // HTTPS with client certificates required, and a global gateway of
+    // region `remote` that knows the edge from KV clusters (as the
+    // cluster's executor would report it) and presents its own
+    // certificate.
+    let remote = ReplicaStatus {
+        replica_id: "bench-2".into(),
+        cluster: "remote".into(),
+        region: "remote".into(),
+        ..replica.clone()
+    };
+    replicas
+        .update("remote.bench-2", |_| Some(remote.clone()))
+        .await?;
+    let pki = tempfile::tempdir()?;
+    let ca = flotilla_tls::Authority::generate("bench CA")?;
+    ca.write_cert(&pki.path().join("ca.crt"))?;
+    let (edge_cert, edge_key) = ca
+        .issue_server(&["127.0.0.1".into()])?
+        .write(pki.path(), "edge")?;
+    let (client_cert, client_key) = ca.issue_client("gateway")?.write(pki.path(), "gateway")?;
+    let path = |p: &Path| p.display().to_string();
+    let edge_addr = free_port()?;
+    let edge_local = free_port()?;
+    let _edge = spawn(
+        &bin_dir.join("flotilla-gateway"),
+        &[
+            "--nats-url".into(),
+            server.url(),
+            "--cluster".into(),
+            "remote".into(),
+            "--listen".into(),
+            edge_addr.to_string(),
+            "--local-listen".into(),
+            edge_local.to_string(),
+            "--tls-cert".into(),
+            path(&edge_cert),
+            "--tls-key".into(),
+            path(&edge_key),
+            "--tls-client-ca".into(),
+            path(&pki.path().join("ca.crt")),
+        ],
+    )?;
+    wait_until(
+        &format!("http://{edge_local}/v1/models"),
+        MODEL,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let clusters = RecordStore::<ClusterRecord>::open(&bus, "clusters").await?;
+    let cluster = ClusterRecord {
+        name: "remote".into(),
+        health: ClusterHealth::Healthy.into(),
+        inventory: Some(ClusterInventory {
+            edge_url: format!("https://{edge_addr}"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    clusters.update("remote", |_| Some(cluster.clone())).await?;
+    let global_addr = free_port()?;
+    let _global = spawn(
+        &bin_dir.join("flotilla-gateway"),
+        &[
+            "--nats-url".into(),
+            server.url(),
+            "--listen".into(),
+            global_addr.to_string(),
+            "--region".into(),
+            "remote".into(),
+            "--api-key".into(),
+            KEY.into(),
+            "--edge-ca".into(),
+            path(&pki.path().join("ca.crt")),
+            "--edge-client-cert".into(),
+            path(&client_cert),
+            "--edge-client-key".into(),
+            path(&client_key),
+        ],
+    )?;
+    let global = format!("http://{global_addr}");
+    wait_until(
+        &format!("{global}/v1/models"),
+        MODEL,
+        Duration::from_secs(30),
+    )
+    .await?;
+    // The first request that crosses both hops proves the path (and the
+    // certificates) before anything is measured.
+    let probe = reqwest::Client::new()
+        .post(format!("{global}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"model":"{MODEL}","messages":[]}}"#))
+        .send()
+        .await?;
+    let via = probe
+        .headers()
+        .get("x-flotilla-cluster")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if probe.status() != 400 || via != "remote" {
+        bail!(
+            "the global gateway did not reach the replica through the edge: {} (cluster {via:?}): {}",
+            probe.status(),
+            probe.text().await.unwrap_or_default()
+        );
+    }
+
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -349,6 +466,62 @@ async fn main() -> anyhow::Result<()> {
             "missed"
         }
     );
+    println!();
+    println!(
+        "global gateway -> cluster edge (mutual TLS) -> replica, against the replica directly:"
+    );
+    let mut worst_two_hops: f64 = 0.0;
+    for connections in [1, args.connections] {
+        let route = Route::RefusedChat;
+        let (direct, through) = compare(&runner, &global, route, connections, &args).await?;
+        for (target, m) in [("direct", &direct), ("2 hops", &through)] {
+            println!(
+                "{:<34} {:>5} {:>8} {:>10.0} {:>9.3} {:>9.3}",
+                route.label(),
+                connections,
+                target,
+                m.rate(),
+                m.p50_ms,
+                m.p99_ms
+            );
+        }
+        let p99_overhead = through.p99_ms - direct.p99_ms;
+        println!(
+            "{:<34} {:>5} {:>8} {:>9.2}x {:>+9.3} {:>+9.3}",
+            "  2 hops - direct (rate: ratio)",
+            connections,
+            "",
+            through.rate() / direct.rate(),
+            through.p50_ms - direct.p50_ms,
+            p99_overhead
+        );
+        if connections == 1 {
+            worst_two_hops = p99_overhead;
+        }
+    }
+    println!(
+        "p99 added by the two hops at one connection: {worst_two_hops:.3} ms (goal < 2 ms: {})",
+        if worst_two_hops < 2.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model_name = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let flags = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .unwrap_or_default();
+    let isa: Vec<&str> = ["avx2", "avx512f", "avx512_vnni", "avx_vnni"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    println!("cpu: {model_name}; {}", isa.join(" "));
     println!(
         "reproduce: cargo build -p flotilla-runner -p flotilla-gateway -p flotilla-integration --bin bench-gateway && {} --seconds {} --rounds {} --warmup {} --connections {}",
         std::env::current_exe()?.display(),
