@@ -6,6 +6,7 @@ pub mod chat;
 pub mod clusters;
 pub mod deployments;
 pub mod fleet;
+pub mod isolated;
 pub mod models;
 pub mod nats_config;
 pub mod replicas;

@@ -20,7 +20,7 @@ use crate::fleet::{
 };
 
 /// What `flotilla up` serves: the shipped SmolLM2 on two clusters.
-const DEFAULT_DEPLOYMENT: &str = r#"
+pub(crate) const DEFAULT_DEPLOYMENT: &str = r#"
 apiVersion: flotilla.dev/v1alpha1
 kind: ModelDeployment
 metadata: {name: smollm2}
@@ -34,7 +34,7 @@ spec:
 "#;
 
 /// Prints each replica of the default deployment as it becomes ready.
-async fn announce_replicas(
+pub(crate) async fn announce_replicas(
     bus: &flotilla_kit::Bus,
     gateway_port: u16,
     shutdown: flotilla_kit::Shutdown,
@@ -108,11 +108,27 @@ pub struct UpArgs {
     /// Client port of the local nats-server.
     #[arg(long, env = "FLOTILLA_NATS_PORT", default_value_t = 4222)]
     pub nats_port: u16,
+
+    /// Run each simulated cluster in a network namespace of its own, joined
+    /// to this host by one link: a leaf nats-server, the executor, its
+    /// replicas (on an address this host has no route to) and the
+    /// cluster's edge, which the gateway reaches over mutual TLS. Needs
+    /// root (network namespaces).
+    #[arg(long)]
+    pub isolated: bool,
+
+    /// Leaf node port of the local nats-server, where the clusters' leaf
+    /// servers connect (with --isolated).
+    #[arg(long, env = "FLOTILLA_LEAF_PORT", default_value_t = crate::isolated::DEFAULT_HUB_LEAF_PORT)]
+    pub leaf_port: u16,
 }
 
 /// Runs `scripts/install-tools` when nats-server or the shipped model is
 /// missing; it prints its own progress.
-async fn install_missing(explicit_nats: Option<&Path>, deploy: bool) -> anyhow::Result<()> {
+pub(crate) async fn install_missing(
+    explicit_nats: Option<&Path>,
+    deploy: bool,
+) -> anyhow::Result<()> {
     let nats_missing = find_nats_server(explicit_nats).is_err();
     let model_missing = deploy && !Path::new(SHIPPED_MODEL).is_file();
     if !nats_missing && !model_missing {
@@ -171,6 +187,9 @@ fn start_executor(
 }
 
 pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    if args.isolated {
+        return crate::isolated::up(bus_args, args, shutdown).await;
+    }
     install_missing(args.nats_server.as_deref(), !args.no_deploy).await?;
     let binary = find_nats_server(args.nats_server.as_deref())?;
     let store = args.data_dir.join("nats");
@@ -340,7 +359,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
     Ok(())
 }
 
-fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+pub(crate) fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
