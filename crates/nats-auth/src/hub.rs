@@ -20,6 +20,19 @@ use flotilla_proto::{Subjects, Topology};
 
 use crate::{AuthError, ServerTls, User, quoted, render_tls, render_users};
 
+/// nats-server denies the JetStream API, `$KV.>` and `$OBJ.>` across the
+/// leaf connection of an ordinary account (here the global one, `$G`)
+/// unless both sides share their system account, which would hand the
+/// member the whole server. This option, on the hub and on the leaf, lets
+/// the global account's JetStream traffic cross to the hub's JetStream;
+/// each leaf's user still limits what crosses. nats-server logs it as a
+/// backwards-compatibility option at start; a JetStream domain on the hub,
+/// with clients of the leaves using it, is the way once it is removed.
+pub(crate) const JETSTREAM_ACROSS_LEAVES: &str = "# The leaves' clients use the hub's JetStream: the global account's\n\
+# JetStream traffic crosses leaf connections (within the leaf user's\n\
+# permissions).\n\
+default_js_domain: {\"$G\": \"\"}\n";
+
 /// The fleet's users and what they may do; the hub's `authorization`.
 #[derive(Debug, Clone)]
 pub struct FleetUsers {
@@ -217,6 +230,7 @@ pub fn render_hub_server_config(config: &HubServerConfig) -> Result<String, Auth
         out.push_str(&render_tls(tls, "  ")?);
     }
     let _ = writeln!(out, "}}");
+    out.push_str(JETSTREAM_ACROSS_LEAVES);
 
     if let Some(fleet) = &config.authorization {
         out.push_str(&render_users(
@@ -265,6 +279,7 @@ mod tests {
             assert!(conf.contains(&format!("\"nats-route://127.0.0.1:{}\"", 6222 + j)));
         }
         assert!(conf.contains("leafnodes {\n  listen: \"0.0.0.0:7424\"\n}"));
+        assert!(conf.contains("default_js_domain: {\"$G\": \"\"}"));
         assert!(!conf.contains("authorization"), "open without users");
     }
 

@@ -6,7 +6,10 @@
 //! member's clients publish reaches the hub only where the executor may
 //! publish, and they receive from the hub only what the executor may
 //! subscribe to (its own reply inboxes). JetStream requests cross as
-//! plain requests and the hub's JetStream answers them.
+//! plain requests and the hub's JetStream answers them (both sides set
+//! `default_js_domain` for the global account; without it nats-server
+//! drops JetStream traffic at the leaf connection, see
+//! `hub::JETSTREAM_ACROSS_LEAVES`).
 //!
 //! # How a local client connects
 //!
@@ -29,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use crate::hub::{host_port, plain_name, url_userinfo};
+use crate::hub::{JETSTREAM_ACROSS_LEAVES, host_port, plain_name, url_userinfo};
 use crate::{AuthError, Role, User, quoted};
 
 /// The leaf node server of one member cluster.
@@ -164,6 +167,7 @@ pub fn render_leaf_server_config(config: &LeafServerConfig) -> Result<String, Au
         );
     }
     let _ = writeln!(out, "    }}\n  ]\n}}");
+    out.push_str(JETSTREAM_ACROSS_LEAVES);
     Ok(out)
 }
 
@@ -188,7 +192,8 @@ mod tests {
         assert!(conf.contains("listen: \"0.0.0.0:4222\""));
         assert!(conf.contains("\"nats-leaf://executor-eu-1:se%2Fcret@hub-1:7422\""));
         assert!(conf.contains("\"nats-leaf://executor-eu-1:se%2Fcret@10.0.0.2:7422\""));
-        assert!(!conf.contains("jetstream"), "no JetStream on a leaf");
+        assert!(!conf.contains("jetstream {"), "no JetStream on a leaf");
+        assert!(conf.contains("default_js_domain: {\"$G\": \"\"}"));
         assert!(!conf.contains("tls"));
     }
 
