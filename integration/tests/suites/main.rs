@@ -26,6 +26,7 @@ mod inventory;
 mod kit_bus;
 mod migration;
 mod models;
+mod multi_cluster;
 mod nats_security;
 mod placement;
 mod replicas;
