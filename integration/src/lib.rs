@@ -12,6 +12,7 @@
 //! Start reading at [`NatsServer::start`].
 
 pub mod fleet;
+pub mod isolated;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -23,6 +23,7 @@ mod failure_detection;
 mod fleet_up;
 mod gateway;
 mod inventory;
+mod isolated_fleet;
 mod kit_bus;
 mod migration;
 mod models;
