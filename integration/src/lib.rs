@@ -13,6 +13,7 @@
 
 pub mod fleet;
 pub mod isolated;
+pub mod nats_cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +21,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+pub use nats_cluster::{LeafNode, NatsCluster};
 
 /// How long a server may take to say it is ready.
 const READY_DEADLINE: Duration = Duration::from_secs(20);

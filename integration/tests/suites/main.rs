@@ -22,6 +22,7 @@ mod executor_restart;
 mod failure_detection;
 mod fleet_up;
 mod gateway;
+mod hub_cluster;
 mod inventory;
 mod isolated_fleet;
 mod kit_bus;
