@@ -105,7 +105,6 @@ pub fn leaf_server_config(cluster: &str, hub_urls: Vec<String>) -> anyhow::Resul
     // Monitoring on the member's loopback only (`http_port` would listen on
     // every address, the link's too).
     out.push_str(&format!("http: \"127.0.0.1:{LEAF_MONITOR_PORT}\"\n"));
-    out.push_str(JS_ACROSS_LEAVES);
     Ok(out)
 }
 
@@ -958,7 +957,7 @@ mod tests {
         assert!(conf.contains("@10.213.0.1:7422\""), "{conf}");
         assert!(conf.contains("@10.213.0.1:7423\""), "{conf}");
         assert!(conf.contains("http: \"127.0.0.1:8222\""), "{conf}");
-        assert!(conf.contains("default_js_domain"), "{conf}");
+        assert_eq!(conf.matches("default_js_domain:").count(), 1, "{conf}");
         assert!(!conf.contains("jetstream {"), "{conf}");
         assert!(!conf.contains("http_port"), "{conf}");
     }
