@@ -29,6 +29,13 @@ const EU_MODEL: &str = "smollm2-eu";
 const DEADLINE: Duration = Duration::from_secs(180);
 const TOKENS: u32 = 24;
 
+/// POSTs JSON `argv[2]` to `argv[1]` and prints the answer.
+const LOCAL_CLIENT: &str = r#"
+import sys, urllib.request
+request = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers={"content-type": "application/json"})
+print(urllib.request.urlopen(request, timeout=60).read().decode())
+"#;
+
 async fn start_fleet() -> (Hub, IsolatedFleet) {
     let hub = Hub::start().await.unwrap();
     let fleet = IsolatedFleet::builder()
@@ -410,21 +417,14 @@ spec:
     // A client inside the cluster's own network, asking its edge.
     let local_answer = || async {
         let out = fleet
-            .command(cut_off, "curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "60",
-                "-H",
-                "content-type: application/json",
-                "-d",
-            ])
+            .command(cut_off, support::python().to_str().unwrap())
+            .args(["-c", LOCAL_CLIENT])
+            .arg(format!("{edge_local}/v1/chat/completions"))
             .arg(
                 json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}],
                        "temperature": 0, "max_tokens": 4})
                 .to_string(),
             )
-            .arg(format!("{edge_local}/v1/chat/completions"))
             .output()
             .await
             .unwrap();
