@@ -61,16 +61,28 @@ pub fn permitted() -> bool {
     }
 }
 
-/// The hub's nats-server: JetStream, a client port on loopback (the
-/// harness's) and a leaf node port on every address of the host.
+/// The hub's NATS: one nats-server ([`Hub::start`]) or a cluster of them
+/// with every stream replicated on each ([`Hub::cluster`]), JetStream, a
+/// client port on loopback (the harness's) and leaf node ports on every
+/// address of the host.
 pub struct Hub {
-    pub server: NatsServer,
-    pub leaf_port: u16,
-    /// The configuration file and the JetStream store it names.
-    _dir: tempfile::TempDir,
+    nats: HubNats,
+    /// Settings of a client of the hub (every server's URL, the stream
+    /// replicas the services provision with).
+    pub bus_config: flotilla_kit::BusConfig,
+    /// The leaf node port of each server.
+    pub leaf_ports: Vec<u16>,
+    /// The configuration file and the JetStream store of a single server.
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum HubNats {
+    Single(NatsServer),
+    Cluster(crate::NatsCluster),
 }
 
 impl Hub {
+    /// One nats-server.
     pub async fn start() -> Result<Self, IsolatedError> {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-hub-")
@@ -83,10 +95,44 @@ impl Hub {
         std::fs::write(&config, text).map_err(IsolatedError::Config)?;
         let server = NatsServer::start_with_config(&config).await?;
         Ok(Self {
-            server,
-            leaf_port,
-            _dir: dir,
+            bus_config: fleet::config(&server),
+            nats: HubNats::Single(server),
+            leaf_ports: vec![leaf_port],
+            _dir: Some(dir),
         })
+    }
+
+    /// `n` routed nats-servers, every stream, bucket and the object store
+    /// replicated on all of them; members' leaves connect to every server.
+    pub async fn cluster(n: usize) -> Result<Self, IsolatedError> {
+        let cluster = crate::NatsCluster::start_for_members(n)
+            .await
+            .map_err(|e| IsolatedError::Start(anyhow::anyhow!("the hub's NATS cluster: {e}")))?;
+        let bus_config = cluster
+            .bus_config()
+            .map_err(|e| IsolatedError::Start(anyhow::anyhow!("the hub's URLs: {e}")))?;
+        Ok(Self {
+            bus_config,
+            leaf_ports: cluster.leaf_ports(),
+            nats: HubNats::Cluster(cluster),
+            _dir: None,
+        })
+    }
+
+    /// The hub's nats-server, when it is a single one.
+    pub fn nats_server(&self) -> Option<&NatsServer> {
+        match &self.nats {
+            HubNats::Single(s) => Some(s),
+            HubNats::Cluster(_) => None,
+        }
+    }
+
+    /// The hub's NATS cluster, when it is one (to kill a server).
+    pub fn nats_cluster(&mut self) -> Option<&mut crate::NatsCluster> {
+        match &mut self.nats {
+            HubNats::Cluster(c) => Some(c),
+            HubNats::Single(_) => None,
+        }
     }
 }
 
@@ -160,7 +206,7 @@ impl IsolatedFleetBuilder {
             .map_err(HarnessError::StoreDir)?;
         let spec = MembersSpec {
             clusters: self.clusters,
-            hub_leaf_ports: vec![hub.leaf_port],
+            hub_leaf_ports: hub.leaf_ports.clone(),
             dir: dir.path().to_path_buf(),
             programs: Programs {
                 nats_server: find_binary()?,
@@ -170,6 +216,9 @@ impl IsolatedFleetBuilder {
             extra_executor_flags: [
                 "--heartbeat-interval".into(),
                 "200ms".into(),
+                // Executors check the topology the services provisioned.
+                "--stream-replicas".into(),
+                hub.bus_config.topology.control.replicas.to_string().into(),
                 "--runner-bin".into(),
                 OsString::from(target_bin("flotilla-runner")),
             ]
@@ -178,7 +227,7 @@ impl IsolatedFleetBuilder {
             ready_within: self.ready_within,
         };
         let prepared = Prepared::create(spec).await.map_err(IsolatedError::Start)?;
-        let bus_config = fleet::config(&hub.server);
+        let bus_config = hub.bus_config.clone();
         let mut gateway = fleet::gateway_config(&bus_config);
         let trust = prepared.edge_trust();
         gateway.edge_tls = Some(flotilla_gateway::EdgeTls {
@@ -187,9 +236,20 @@ impl IsolatedFleetBuilder {
             client_key: trust.client_key.clone(),
         });
         let gateway = fleet::gateway(gateway).await;
-        fleet::control_services(&hub.server, self.unhealthy_after);
+        fleet::inventory(&bus_config, self.unhealthy_after);
+        fleet::placement(&bus_config);
+        fleet::model_provisioner(&bus_config);
         fleet::rollout(&bus_config, 3);
-        let bus = hub.server.provisioned_bus("isolated-fleet").await?;
+        let bus = flotilla_kit::Bus::connect(
+            &bus_config,
+            "isolated-fleet",
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .map_err(HarnessError::from)?;
+        flotilla_kit::provision(&bus)
+            .await
+            .map_err(HarnessError::from)?;
         let members = prepared.start(&bus).await.map_err(IsolatedError::Start)?;
         Ok(IsolatedFleet {
             members,

@@ -248,7 +248,14 @@ impl NatsCluster {
     /// Starts `n` routed servers with JetStream and no authorization, and
     /// waits until JetStream has a meta leader.
     pub async fn start(n: usize) -> Result<Self, ClusterError> {
-        Self::start_inner(n, None).await
+        Self::start_inner(n, None, "127.0.0.1").await
+    }
+
+    /// Like [`start`](Self::start), with the leaf node ports on every
+    /// address of the host, so that member clusters in network namespaces
+    /// reach them at the hub side of their own links.
+    pub async fn start_for_members(n: usize) -> Result<Self, ClusterError> {
+        Self::start_inner(n, None, "0.0.0.0").await
     }
 
     /// Like [`start`](Self::start), with the fleet's users and permissions
@@ -256,10 +263,14 @@ impl NatsCluster {
     /// The readiness check logs in as the operator ([`Role::Admin`]) when
     /// `fleet` has one.
     pub async fn start_authorized(n: usize, fleet: FleetUsers) -> Result<Self, ClusterError> {
-        Self::start_inner(n, Some(fleet)).await
+        Self::start_inner(n, Some(fleet), "127.0.0.1").await
     }
 
-    async fn start_inner(n: usize, fleet: Option<FleetUsers>) -> Result<Self, ClusterError> {
+    async fn start_inner(
+        n: usize,
+        fleet: Option<FleetUsers>,
+        leaf_host: &str,
+    ) -> Result<Self, ClusterError> {
         let binary = find_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("flotilla-hub-")
@@ -300,7 +311,7 @@ impl NatsCluster {
                     credentials: None,
                 },
                 leafnodes: LeafnodeListen {
-                    listen: format!("127.0.0.1:{}", port(i, 2)),
+                    listen: format!("{leaf_host}:{}", port(i, 2)),
                     tls: None,
                 },
                 authorization: fleet.clone(),

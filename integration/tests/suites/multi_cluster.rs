@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use flotilla_cli::fleet::local_clusters;
-use flotilla_integration::fleet;
 use flotilla_integration::isolated::{self, Hub, IsolatedFleet};
 use flotilla_kit::{Bus, RecordStore};
 use flotilla_proto::v1::{ClusterHealth, ClusterRecord, ReplicaPhase, ReplicaStatus};
@@ -36,14 +35,15 @@ request = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers
 print(urllib.request.urlopen(request, timeout=60).read().decode())
 "#;
 
+/// The topology users run: a hub of three NATS servers (every stream
+/// replicated on each), three member clusters in their own networks.
 async fn start_fleet() -> (Hub, IsolatedFleet) {
-    let hub = Hub::start().await.unwrap();
+    let hub = Hub::cluster(3).await.unwrap();
     let fleet = IsolatedFleet::builder()
         .members(local_clusters())
         .start(&hub)
         .await
         .unwrap();
-    fleet::rollout(&fleet::config(&hub.server), 3);
     (hub, fleet)
 }
 
