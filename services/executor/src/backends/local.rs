@@ -632,7 +632,8 @@ mod tests {
     #[test]
     fn a_vllm_replica_without_vllm_fails_with_a_clear_reason() {
         let runner = std::env::current_exe().unwrap();
-        let err = launch_command(&spec(v1::Runtime::Vllm), LOOPBACK, 9000, "o", &runner, None).unwrap_err();
+        let err = launch_command(&spec(v1::Runtime::Vllm), LOOPBACK, 9000, "o", &runner, None)
+            .unwrap_err();
         assert!(matches!(err, BackendError::NoVllm(_)), "{err}");
         assert!(err.to_string().contains("--vllm-bin"), "{err}");
         let missing = Path::new("/nonexistent/vllm");
@@ -644,7 +645,7 @@ mod tests {
             &runner,
             Some(missing),
         )
-            .unwrap_err();
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vllm"), "{err}");
     }
 
