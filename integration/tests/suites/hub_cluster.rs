@@ -186,23 +186,29 @@ async fn lead(hub: &NatsCluster, js: &jetstream::Context, stream: &str, to: usiz
 
 /// The last record under every key of `bucket`, read from the bucket's
 /// stream leader (not a direct get, which any replica may answer): by key,
-/// its stream sequence and bytes.
+/// its stream sequence and bytes. Read again until every request is
+/// answered: right after a leader moves, the first requests can time out.
 async fn leader_records(
     js: &jetstream::Context,
     bucket: &str,
 ) -> BTreeMap<String, (u64, bytes::Bytes)> {
-    let kv = js.get_key_value(bucket).await.unwrap();
-    let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
-    let stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let m = stream
-            .get_last_raw_message_by_subject(&format!("$KV.{bucket}.{key}"))
-            .await
-            .unwrap();
-        out.insert(key, (m.sequence, m.payload));
-    }
-    out
+    poll_until(DEADLINE, &format!("the records of {bucket}"), || async {
+        let kv = js.get_key_value(bucket).await.ok()?;
+        // A key the listing failed on fails the whole reading.
+        let keys: Vec<Result<String, _>> = kv.keys().await.ok()?.collect().await;
+        let keys: Vec<String> = keys.into_iter().collect::<Result<_, _>>().ok()?;
+        let stream = js.get_stream(format!("KV_{bucket}")).await.ok()?;
+        let mut out = BTreeMap::new();
+        for key in keys {
+            let m = stream
+                .get_last_raw_message_by_subject(&format!("$KV.{bucket}.{key}"))
+                .await
+                .ok()?;
+            out.insert(key, (m.sequence, m.payload));
+        }
+        Some(out)
+    })
+    .await
 }
 
 /// Every server's copy of every stream, once all of them hold the same
