@@ -148,6 +148,18 @@ pub async fn first_answer(
     Err(failed)
 }
 
+/// The replica that answered, for the response's [`PIN_HEADER`]: the one
+/// an edge names in its own answer (it may have served from another of
+/// its cluster's replicas than the one asked for), else `chosen`.
+pub(crate) fn answering(answer: &reqwest::Response, chosen: &str) -> HeaderValue {
+    answer
+        .headers()
+        .get(PIN_HEADER)
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        .or_else(|| HeaderValue::from_str(chosen).ok())
+        .unwrap_or(HeaderValue::from_static("?"))
+}
+
 fn served(mut response: Response, model: &str, cluster: &str) -> Response {
     if !cluster.is_empty()
         && let Ok(value) = HeaderValue::from_str(cluster)
@@ -342,6 +354,7 @@ fn relay(answer: Answer, proxy: &Proxy, model: &str, arrived: Instant) -> Respon
         .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
     // A sized answer stays sized: no chunked framing added on the way.
     let content_length = answer.content_length();
+    let answered_by = answering(&answer, &replica.replica_id);
     let first_byte = proxy
         .metrics
         .first_byte
@@ -368,10 +381,7 @@ fn relay(answer: Answer, proxy: &Proxy, model: &str, arrived: Instant) -> Respon
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    response.headers_mut().insert(
-        crate::routing::PIN_HEADER,
-        HeaderValue::from_str(&replica.replica_id).unwrap_or(HeaderValue::from_static("?")),
-    );
+    response.headers_mut().insert(PIN_HEADER, answered_by);
     served(response, model, &replica.cluster)
 }
 

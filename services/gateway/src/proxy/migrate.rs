@@ -175,7 +175,7 @@ async fn pump(
 /// fails; the response the client gets at once.
 pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Instant) -> Response {
     let (out, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-    let replica_id = answer.replica.replica_id.clone();
+    let answered_by = super::answering(&answer.response, &answer.replica.replica_id);
     let cluster = answer.replica.cluster.clone();
     let content_type = answer
         .response
@@ -281,10 +281,9 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
     if let Some(ct) = content_type {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    response.headers_mut().insert(
-        crate::routing::PIN_HEADER,
-        HeaderValue::from_str(&replica_id).unwrap_or(HeaderValue::from_static("?")),
-    );
+    response
+        .headers_mut()
+        .insert(crate::routing::PIN_HEADER, answered_by);
     served(response, &model, &cluster)
 }
 
@@ -317,6 +316,7 @@ pub async fn whole(
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+        let answered_by = super::answering(&answer.response, &answer.replica.replica_id);
         let Answer {
             replica,
             response,
@@ -339,11 +339,9 @@ pub async fn whole(
                 if let Some(ct) = content_type {
                     response.headers_mut().insert(header::CONTENT_TYPE, ct);
                 }
-                response.headers_mut().insert(
-                    crate::routing::PIN_HEADER,
-                    HeaderValue::from_str(&replica.replica_id)
-                        .unwrap_or(HeaderValue::from_static("?")),
-                );
+                response
+                    .headers_mut()
+                    .insert(crate::routing::PIN_HEADER, answered_by);
                 return served(response, &request.model, &replica.cluster);
             }
             Err(e) => e,
