@@ -780,22 +780,19 @@ pub(crate) async fn up(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let config = BusArgs {
-        nats_url: url.clone(),
-        ..bus_args.clone()
-    }
-    .validate()?;
-    let connect = tokio::time::timeout(
-        Duration::from_secs(20),
-        Bus::connect(&config, "flotilla-up", &shutdown),
-    );
-    let bus = tokio::select! {
-        connected = connect => connected.context("nats-server did not accept connections within 20 s")??,
-        exited = nats.wait() => bail!(
-            "nats-server exited at start ({}); are ports {} and {} free? see {}",
-            exited?, args.nats_port, args.leaf_port, log.display()
+    let (config, bus) = crate::up::connect_to_started(
+        bus_args,
+        &url,
+        &mut nats,
+        &shutdown,
+        &format!(
+            "are ports {} and {} free? see {}",
+            args.nats_port,
+            args.leaf_port,
+            log.display()
         ),
-    };
+    )
+    .await?;
     flotilla_kit::provision(&bus).await?;
 
     let clusters = local_clusters();

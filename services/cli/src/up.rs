@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use flotilla_kit::{Bus, BusArgs, Shutdown, provision};
+use flotilla_kit::{Bus, BusArgs, BusConfig, Shutdown, provision};
 use tokio::process::{Child, Command};
 
 use crate::fleet::{
@@ -198,23 +198,14 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
 
     let log = args.data_dir.join("nats-server.log");
     let mut nats = start_nats(&binary, args.nats_port, &store, &log)?;
-    let config = BusArgs {
-        nats_url: url.clone(),
-        ..bus_args.clone()
-    }
-    .validate()?;
-
-    let connect = tokio::time::timeout(
-        Duration::from_secs(20),
-        Bus::connect(&config, "flotilla-up", &shutdown),
-    );
-    let bus = tokio::select! {
-        connected = connect => connected.context("nats-server did not accept connections within 20 s")??,
-        exited = nats.wait() => bail!(
-            "nats-server exited at start ({}); is port {} in use? see {}",
-            exited?, args.nats_port, log.display()
-        ),
-    };
+    let (config, bus) = connect_to_started(
+        bus_args,
+        &url,
+        &mut nats,
+        &shutdown,
+        &format!("is port {} in use? see {}", args.nats_port, log.display()),
+    )
+    .await?;
     let report = provision(&bus).await?;
     for drift in &report.drifted {
         eprintln!(
@@ -387,4 +378,31 @@ fn start_nats(binary: &Path, port: u16, store: &Path, log: &Path) -> anyhow::Res
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))
+}
+
+/// The bus settings of the nats-server `nats` just started at `url`
+/// (`bus_args`' other settings kept) and a client connected with them;
+/// when the server exits first, an error ending with `hint` (which ports
+/// to check, where its log is).
+pub(crate) async fn connect_to_started(
+    bus_args: &BusArgs,
+    url: &str,
+    nats: &mut Child,
+    shutdown: &Shutdown,
+    hint: &str,
+) -> anyhow::Result<(BusConfig, Bus)> {
+    let config = BusArgs {
+        nats_url: url.to_string(),
+        ..bus_args.clone()
+    }
+    .validate()?;
+    let connect = tokio::time::timeout(
+        Duration::from_secs(20),
+        Bus::connect(&config, "flotilla-up", shutdown),
+    );
+    let bus = tokio::select! {
+        connected = connect => connected.context("nats-server did not accept connections within 20 s")??,
+        exited = nats.wait() => bail!("nats-server exited at start ({}); {hint}", exited?),
+    };
+    Ok((config, bus))
 }
