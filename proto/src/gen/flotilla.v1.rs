@@ -1050,6 +1050,11 @@ pub struct ReplicaUsage {
     #[prost(int64, tag = "10")]
     #[serde(rename = "sampledAtUnixMs")]
     pub sampled_at_unix_ms: i64,
+    /// Share of the replica's KV cache held by running requests, 0 to 1
+    /// (`vllm:kv_cache_usage_perc`, which the runner also exports).
+    #[prost(double, tag = "11")]
+    #[serde(rename = "kvCacheUsage")]
+    pub kv_cache_usage: f64,
 }
 /// Value of KV `clusters`, keyed by cluster name (writer: inventory).
 #[derive(::serde::Serialize, ::serde::Deserialize)]

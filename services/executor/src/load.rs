@@ -21,17 +21,21 @@ pub struct Scrape {
     pub in_flight: f64,
     pub queued: f64,
     pub completion_tokens: f64,
+    /// 0 to 1; several engines' shares are averaged.
+    pub kv_cache_usage: f64,
     /// Cumulative `(le seconds, count)` of the time-to-first-token histogram.
     pub ttft_buckets: Vec<(f64, f64)>,
 }
 
 /// Reads a replica's Prometheus text: the runner's names or vLLM's
 /// (`vllm:num_requests_running` + `_waiting` in flight, `_waiting` queued,
-/// `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds`).
-/// Series of one name (vLLM labels them by model and engine) are summed;
-/// unknown lines are skipped.
+/// `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds`,
+/// `vllm:kv_cache_usage_perc` or its older name `vllm:gpu_cache_usage_perc`).
+/// Series of one name (vLLM labels them by model and engine) are summed,
+/// KV usage averaged; unknown lines are skipped.
 pub fn parse(text: &str) -> Scrape {
     let mut out = Scrape::default();
+    let (mut kv_sum, mut kv_series) = (0.0, 0u32);
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -53,6 +57,10 @@ pub fn parse(text: &str) -> Scrape {
             "flotilla_runner_completion_tokens_total" | "vllm:generation_tokens_total" => {
                 out.completion_tokens += value
             }
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                kv_sum += value;
+                kv_series += 1;
+            }
             "flotilla_runner_time_to_first_token_seconds_bucket"
             | "vllm:time_to_first_token_seconds_bucket" => {
                 let le = labels
@@ -71,6 +79,9 @@ pub fn parse(text: &str) -> Scrape {
         }
     }
     out.ttft_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if kv_series > 0 {
+        out.kv_cache_usage = (kv_sum / f64::from(kv_series)).clamp(0.0, 1.0);
+    }
     out
 }
 
@@ -187,6 +198,7 @@ impl LoadSampler {
                 ready: true,
                 in_flight: scrape.in_flight,
                 queued: scrape.queued,
+                kv_cache_usage: scrape.kv_cache_usage,
                 ttft_p95_ms: ttft,
                 tokens_per_second,
                 sampled_at_unix_ms: now_unix_ms(),
@@ -257,6 +269,7 @@ vllm:time_to_first_token_seconds_bucket{engine="1",le="0.1",model_name="qwen"} 1
 vllm:time_to_first_token_seconds_bucket{engine="1",le="+Inf",model_name="qwen"} 1.0
 vllm:time_to_first_token_seconds_count{engine="0",model_name="qwen"} 6.0
 vllm:gpu_cache_usage_perc{engine="0",model_name="qwen"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="qwen"} 0.25
 "#;
 
     #[test]
@@ -271,6 +284,9 @@ vllm:gpu_cache_usage_perc{engine="0",model_name="qwen"} 0.5
         // bound, reported as that bound.
         assert_eq!(ttft_p95_ms(&[], &s.ttft_buckets), 100.0);
         assert_eq!(ttft_p95_ms(&[], &parse(TEXT).ttft_buckets), 400.0);
+        // Either name, averaged over the engines that report it.
+        assert_eq!(s.kv_cache_usage, 0.375);
+        assert_eq!(parse(TEXT).kv_cache_usage, 0.0);
     }
 
     #[test]
