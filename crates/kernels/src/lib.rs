@@ -46,7 +46,7 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attend, axpy_f32, dot_f32};
+pub use attention::{attend, attend_paged, axpy_f32, dot_f32};
 pub use blocks::{BlockQ4_1, BlockQ8_0, QBlocks};
 pub use isa::{Isa, available_isas, best_isa};
 pub use matmul::{matmul, matmul_with};
