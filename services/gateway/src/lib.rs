@@ -2,7 +2,10 @@
 //!
 //! It watches KV `replicas` and routes `/v1/chat/completions` and
 //! `/v1/completions` by the request's `model` to a ready replica: its own
-//! region first, then the one with the fewest requests in flight. A
+//! region first, then, by default, the one predicted to hold most of the
+//! prompt in its prefix cache unless it is much busier than another
+//! ([`routing`], [`prefix`]; `--routing least-in-flight` picks the one
+//! with the fewest requests in flight). A
 //! replica that fails before any byte of an answer (it refuses the
 //! connection, or a streaming request's response headers do not come
 //! within `--response-headers-timeout`) is skipped and the request goes to
@@ -18,7 +21,9 @@
 
 pub mod auth;
 pub mod metrics;
+pub mod prefix;
 pub mod proxy;
+pub mod residency;
 pub mod routing;
 pub mod tls;
 
@@ -43,10 +48,14 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::proxy::Proxy;
-pub use crate::routing::Scope;
+pub use crate::routing::{DEFAULT_PREFIX_CACHE_TOKENS, Policy, Scope};
 use crate::routing::{FleetView, ReplicaTable};
 
 pub const SERVICE: &str = "gateway";
+
+/// The most `--prefix-cache-tokens`: 1.5M blocks, some 60 MB of index,
+/// per replica.
+pub const MAX_PREFIX_CACHE_TOKENS: usize = 100_000_000;
 
 /// The default of `--response-headers-timeout`.
 pub const DEFAULT_RESPONSE_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,6 +147,34 @@ pub struct Args {
     )]
     pub stream_stall_timeout: Duration,
 
+    /// How a model's replicas are ordered, within the gateway's own
+    /// region first. cache-aware: highest score first, where score =
+    /// 1.0 × the share of the prompt the replica is predicted to hold in
+    /// its prefix cache − 0.25 × its load in requests (the gateway's own
+    /// in flight, plus the queue it last reported and 2 for a full KV
+    /// cache): a whole prompt in cache is worth 4 requests, so a busy
+    /// holder of a hot prefix spills over to idler replicas.
+    /// least-in-flight: fewest of the gateway's requests in flight first.
+    /// random: a uniformly random order.
+    #[arg(
+        long,
+        env = "FLOTILLA_GATEWAY_ROUTING",
+        value_enum,
+        default_value_t = Policy::CacheAware
+    )]
+    pub routing: Policy,
+
+    /// The prompt tokens each replica is assumed to keep in its prefix
+    /// cache, for predicting which replica holds a prompt (at 4 bytes of
+    /// text a token). The default is about what the runner's default
+    /// 1 GiB KV budget holds for SmolLM2-135M; larger models hold fewer.
+    #[arg(
+        long,
+        env = "FLOTILLA_GATEWAY_PREFIX_CACHE_TOKENS",
+        default_value_t = DEFAULT_PREFIX_CACHE_TOKENS
+    )]
+    pub prefix_cache_tokens: usize,
+
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
 }
@@ -151,6 +188,9 @@ pub struct Config {
     pub response_headers_timeout: Duration,
     pub stream_stall_timeout: Duration,
     pub scope: Scope,
+    pub routing: Policy,
+    /// Prompt tokens each replica is assumed to cache.
+    pub prefix_cache_tokens: usize,
     /// HTTPS on `listen`.
     pub serve_tls: Option<ServeTls>,
     pub local_listen: Option<SocketAddr>,
@@ -235,6 +275,15 @@ impl Args {
                 ));
             }
         };
+        if self.prefix_cache_tokens == 0 || self.prefix_cache_tokens > MAX_PREFIX_CACHE_TOKENS {
+            return Err(ConfigError::new(
+                "prefix-cache-tokens",
+                format!(
+                    "must be from 1 to {MAX_PREFIX_CACHE_TOKENS} (to route without prefixes, \
+                     use --routing least-in-flight)"
+                ),
+            ));
+        }
         if self.local_listen.is_some_and(|local| local == self.listen) {
             return Err(ConfigError::new(
                 "local-listen",
@@ -249,6 +298,8 @@ impl Args {
             response_headers_timeout: self.response_headers_timeout,
             stream_stall_timeout: self.stream_stall_timeout,
             scope,
+            routing: self.routing,
+            prefix_cache_tokens: self.prefix_cache_tokens,
             serve_tls,
             local_listen: self.local_listen,
             edge_tls,
@@ -337,7 +388,8 @@ pub async fn run(
     replicas.start_watch(shutdown.clone()).await?;
     let metrics = Arc::new(GatewayMetrics::register(&mut lock(&bus.metrics.registry)));
     let mut table = ReplicaTable::new(replicas, config.region.clone(), Arc::clone(&metrics))
-        .scoped(config.scope.clone());
+        .scoped(config.scope.clone())
+        .routing(config.routing, config.prefix_cache_tokens);
     if config.scope == Scope::Fleet {
         let clusters =
             RecordStore::<ClusterRecord>::open(&bus, &bus.topology.clusters.name).await?;
@@ -358,6 +410,7 @@ pub async fn run(
         response_headers_timeout: config.response_headers_timeout,
         stream_stall_timeout: config.stream_stall_timeout,
     });
+    tokio::spawn(proxy.table.follow_residency(shutdown.clone()));
     let proxied = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
         .route("/v1/completions", post(proxy::forward))
@@ -487,5 +540,30 @@ mod tests {
             Args::try_parse_from(["flotilla-gateway", "--response-headers-timeout", "0s"]).unwrap();
         let e = zero.validate().unwrap_err();
         assert!(e.to_string().contains("response-headers-timeout"), "{e}");
+    }
+
+    #[test]
+    fn routing_is_cache_aware_by_default_with_a_bounded_prefix_cache() {
+        let config = Args::try_parse_from(["flotilla-gateway"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(config.routing, Policy::CacheAware);
+        assert_eq!(config.prefix_cache_tokens, DEFAULT_PREFIX_CACHE_TOKENS);
+        for (flag, policy) in [
+            ("cache-aware", Policy::CacheAware),
+            ("least-in-flight", Policy::LeastInFlight),
+            ("random", Policy::Random),
+        ] {
+            let args = Args::try_parse_from(["flotilla-gateway", "--routing", flag]).unwrap();
+            assert_eq!(args.validate().unwrap().routing, policy, "{flag}");
+        }
+        assert!(Args::try_parse_from(["flotilla-gateway", "--routing", "fastest"]).is_err());
+        for bad in ["0", "100000001"] {
+            let args =
+                Args::try_parse_from(["flotilla-gateway", "--prefix-cache-tokens", bad]).unwrap();
+            let e = args.validate().unwrap_err();
+            assert!(e.to_string().contains("prefix-cache-tokens"), "{e}");
+        }
     }
 }

@@ -82,6 +82,14 @@ pub struct GatewayMetrics {
     pub retries: Family<ModelLabels, Counter>,
     pub ejections: Family<ReplicaLabels, Counter>,
     pub migrations: Family<MigrationLabels, Counter>,
+    /// Blocks of prompt each replica is predicted to hold in its cache.
+    pub prefix_blocks: Family<ReplicaLabels, Gauge>,
+    /// Leading prompt blocks the serving replica was predicted to hold;
+    /// over `prefix_prompt_blocks`, the predicted hit rate.
+    pub prefix_matched_blocks: Family<ModelLabels, Counter>,
+    pub prefix_prompt_blocks: Family<ModelLabels, Counter>,
+    /// Hashing the prompt and ranking the replicas, per request.
+    pub routing_decision: Histogram,
 }
 
 impl GatewayMetrics {
@@ -93,6 +101,11 @@ impl GatewayMetrics {
             retries: Family::default(),
             ejections: Family::default(),
             migrations: Family::default(),
+            prefix_blocks: Family::default(),
+            prefix_matched_blocks: Family::default(),
+            prefix_prompt_blocks: Family::default(),
+            // 1 µs to about 16 ms.
+            routing_decision: Histogram::new(exponential_buckets(0.000_001, 2.0, 15)),
         };
         registry.register(
             "gateway_request_duration_seconds",
@@ -123,6 +136,26 @@ impl GatewayMetrics {
             "gateway_migrations",
             "Answers that broke off after their first byte, by whether another replica continued them",
             metrics.migrations.clone(),
+        );
+        registry.register(
+            "gateway_prefix_blocks",
+            "Blocks of prompt prefix the gateway predicts each replica holds in its cache",
+            metrics.prefix_blocks.clone(),
+        );
+        registry.register(
+            "gateway_prefix_matched_blocks",
+            "Leading prompt blocks the serving replica was predicted to hold, by model",
+            metrics.prefix_matched_blocks.clone(),
+        );
+        registry.register(
+            "gateway_prefix_prompt_blocks",
+            "Prompt blocks of served requests, by model (with matched blocks: the predicted hit rate)",
+            metrics.prefix_prompt_blocks.clone(),
+        );
+        registry.register(
+            "gateway_routing_decision_seconds",
+            "Time to hash a request's prompt and rank the replicas for it",
+            metrics.routing_decision.clone(),
         );
         metrics
     }

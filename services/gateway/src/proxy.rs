@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::error;
 use crate::metrics::{Arrived, GatewayMetrics, ModelLabels, RouteLabels, Served};
+use crate::prefix::PromptHashes;
 use crate::routing::{CLUSTER_HEADER, Candidate, InFlight, PIN_HEADER, ReplicaTable};
 use crate::tls::HttpClient;
 
@@ -39,15 +40,6 @@ pub struct Proxy {
     pub response_headers_timeout: Duration,
     /// How long a flowing stream may pause before it counts as broken.
     pub stream_stall_timeout: Duration,
-}
-
-/// What the proxy reads of an OpenAI request body.
-#[derive(serde::Deserialize)]
-struct Routed {
-    model: Option<String>,
-    /// Anything: only `true` means streaming, and a strange value is the
-    /// replica's to refuse, not the gateway's.
-    stream: Option<serde_json::Value>,
 }
 
 /// Why a replica gave no answer.
@@ -148,6 +140,19 @@ pub async fn first_answer(
     Err(failed)
 }
 
+/// A successful `answer` to a prompt of `prompt` leaves the prompt in the
+/// cache of the replica that answered (through an edge, the one the edge
+/// names).
+pub(crate) fn record_answer(proxy: &Proxy, answer: &Answer, prompt: &PromptHashes) {
+    if !answer.response.status().is_success() {
+        return;
+    }
+    let by = answering(&answer.response, &answer.replica.replica_id);
+    if let Ok(by) = by.to_str() {
+        proxy.table.record_prefix(by, prompt);
+    }
+}
+
 /// The replica that answered, for the response's [`PIN_HEADER`]: the one
 /// an edge names in its own answer (it may have served from another of
 /// its cluster's replicas than the one asked for), else `chosen`.
@@ -200,28 +205,39 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             );
         }
     };
-    let (model, streaming) = match serde_json::from_slice::<Routed>(&body) {
-        Ok(Routed {
-            model: Some(m),
-            stream,
-        }) => (m, stream == Some(serde_json::Value::Bool(true))),
-        _ => {
-            return match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-                // JSON, but no string `model`.
-                Ok(_) => error(
-                    StatusCode::BAD_REQUEST,
-                    "model is required",
-                    "missing_model",
-                ),
-                Err(e) => error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body is not JSON: {e}"),
-                    "invalid_json",
-                ),
-            };
+    // Parsed once: for the model, for the prompt's hashes, and for a
+    // migration's continuation.
+    let request: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+                "invalid_json",
+            );
         }
     };
-    let candidates = proxy.table.candidates(&model, pinned.as_deref());
+    let Some(model) = request
+        .get("model")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "model is required",
+            "missing_model",
+        );
+    };
+    // Only `true` means streaming: a strange value is the replica's to
+    // refuse, not the gateway's.
+    let streaming = request.get("stream") == Some(&serde_json::Value::Bool(true));
+    let deciding = Instant::now();
+    let prompt = PromptHashes::of(&model, &path, &request);
+    let candidates = proxy.table.candidates(&model, pinned.as_deref(), &prompt);
+    proxy
+        .metrics
+        .routing_decision
+        .observe(deciding.elapsed().as_secs_f64());
     if candidates.is_empty() {
         let rules = proxy.table.residency_rules(&model);
         if !rules.is_empty() {
@@ -268,7 +284,6 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     let headers_within = streaming.then_some(proxy.response_headers_timeout);
     // A streamed answer that can move is asked for with its token ids, so
     // that another replica can continue it exactly.
-    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let migrating = streaming && splice::migratable(&request);
     let request = migrate::Request {
         model: model.clone(),
@@ -276,6 +291,7 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
         client_wants_ids: request.get("return_token_ids") == Some(&serde_json::Value::Bool(true)),
         path: path.clone(),
         body: request,
+        prompt,
     };
     let body = if migrating {
         Bytes::from(splice::with_token_ids(&request.body).to_string())
@@ -301,7 +317,10 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     )
     .await
     {
-        Ok(answer) => Ok(answer),
+        Ok(answer) => {
+            record_answer(&proxy, &answer, &request.prompt);
+            Ok(answer)
+        }
         // Every replica tried failed: others may be starting in their
         // place (a dead cluster's are re-placed within seconds).
         Err(failed) => {

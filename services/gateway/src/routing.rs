@@ -1,25 +1,82 @@
 //! Which replica serves a model: the table of ready replicas (a watched
-//! copy of KV `replicas`), each one's requests in flight, and ejection of
-//! replicas that keep failing before they answer.
+//! copy of KV `replicas`), each one's requests in flight, the prefixes
+//! each is predicted to hold ([`crate::prefix`]), and ejection of replicas
+//! that keep failing before they answer.
 //!
 //! The decisions are pure: [`serves`] says whether a replica record can
-//! take a model's requests, [`rank`] orders the candidates, and [`Streak`]
-//! counts failures into ejections. [`ReplicaTable`] only gathers what they
-//! need.
+//! take a model's requests, [`decide`] orders the candidates under a
+//! [`Policy`] (with [`score`] for cache-aware routing, [`rank`] for
+//! least-in-flight), and [`Streak`] counts failures into ejections.
+//! [`ReplicaTable`] only gathers what they need.
+//!
+//! Cache-aware routing scores each replica
+//!
+//! ```text
+//! score = W_PREFIX × matched_fraction − W_LOAD × load − W_REMOTE × elsewhere
+//! load  = in_flight + queued + KV_FULL_AS_REQUESTS × kv_cache_usage
+//! ```
+//!
+//! and tries the highest first. `matched_fraction` is the share of the
+//! prompt's blocks the replica is predicted to hold (0 to 1); `in_flight`
+//! the gateway's own count of requests on it; `queued` and
+//! `kv_cache_usage` what the replica last reported through its cluster's
+//! heartbeat (the global gateway's fleet view; 0 where unknown);
+//! `elsewhere` 1 for a replica outside the gateway's region. With
+//! [`W_PREFIX`] 1 and [`W_LOAD`] 0.25, a whole prompt in cache is worth 4
+//! requests of load: at equal load the replica holding the prefix wins,
+//! and a hot prefix spills over to an idler replica once its holder has
+//! more than 4 requests beyond it. [`W_REMOTE`] is larger than any load,
+//! so the own region always comes first, as it always has. Ties go by
+//! replica id.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use flotilla_kit::RecordStore;
-use flotilla_kit::sync::lock;
+use flotilla_kit::sync::{lock, read, write};
 use flotilla_proto::v1::{
     ClusterHealth, ClusterRecord, ModelDeployment, ReplicaPhase, ReplicaStatus,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use rand::seq::SliceRandom;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{GatewayMetrics, ReplicaLabels};
+use crate::metrics::{GatewayMetrics, ModelLabels, ReplicaLabels};
+use crate::prefix::{PrefixIndex, PromptHashes};
+use crate::residency::Residency;
+
+/// Weight of the predicted cached share of the prompt (0 to 1).
+pub const W_PREFIX: f64 = 1.0;
+/// Weight of a request of load: a whole prompt in cache is worth
+/// `W_PREFIX / W_LOAD` = 4 requests.
+pub const W_LOAD: f64 = 0.25;
+/// A replica whose KV cache is full of running requests counts as this
+/// many requests more: it will queue or preempt.
+pub const KV_FULL_AS_REQUESTS: f64 = 2.0;
+/// Penalty of a replica outside the gateway's region: more than any load
+/// a gateway sees, so the own region always comes first.
+pub const W_REMOTE: f64 = 1.0e6;
+
+/// The default of `--prefix-cache-tokens`: about what the runner's default
+/// 1 GiB KV budget holds for SmolLM2-135M.
+pub const DEFAULT_PREFIX_CACHE_TOKENS: usize = 20_000;
+
+/// How the gateway orders a model's replicas (`--routing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Policy {
+    /// Highest [`score`] first: the predicted prefix holder unless it is
+    /// much busier.
+    #[default]
+    CacheAware,
+    /// Fewest requests in flight first ([`rank`]).
+    LeastInFlight,
+    /// A uniformly random order.
+    Random,
+}
 
 /// Consecutive failures that eject a replica.
 const EJECT_AFTER: u32 = 3;
@@ -31,31 +88,129 @@ pub fn serves(replica: &ReplicaStatus, model: &str) -> bool {
     replica.phase() == ReplicaPhase::Ready && replica.model == model && !replica.endpoint.is_empty()
 }
 
-/// A replica that [`serves`] the model, as [`rank`] sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A replica that [`serves`] the model, as [`decide`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Standing<'a> {
     pub replica_id: &'a str,
     pub region: &'a str,
+    /// The gateway's own count of requests on the replica.
     pub in_flight: i64,
     pub ejected: bool,
+    /// Requests waiting for the replica's engine, as it last reported; 0
+    /// when unknown.
+    pub queued: f64,
+    /// Share of the replica's KV cache held by running requests (0 to 1),
+    /// as it last reported; 0 when unknown.
+    pub kv_cache_usage: f64,
+}
+
+impl<'a> Standing<'a> {
+    /// A replica known only by the gateway's own count.
+    pub fn new(replica_id: &'a str, region: &'a str, in_flight: i64) -> Self {
+        Self {
+            replica_id,
+            region,
+            in_flight,
+            ejected: false,
+            queued: 0.0,
+            kv_cache_usage: 0.0,
+        }
+    }
+}
+
+fn elsewhere(own_region: &str, s: &Standing<'_>) -> bool {
+    !own_region.is_empty() && s.region != own_region
 }
 
 /// The order to try `replicas` in, as indices into it: ejected replicas
 /// left out; then replicas of `own_region` first (when the gateway has a
 /// region), fewest requests in flight, and the replica id so that equal
-/// replicas are tried in a stable order.
+/// replicas are tried in a stable order. The least-in-flight policy.
 pub fn rank(own_region: &str, replicas: &[Standing<'_>]) -> Vec<usize> {
-    let elsewhere = |s: &Standing<'_>| !own_region.is_empty() && s.region != own_region;
     let mut order: Vec<usize> = (0..replicas.len())
         .filter(|&i| !replicas[i].ejected)
         .collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&replicas[a], &replicas[b]);
-        let key = |s: &Standing<'_>| (elsewhere(s), s.in_flight);
+        let key = |s: &Standing<'_>| (elsewhere(own_region, s), s.in_flight);
         key(a)
             .cmp(&key(b))
             .then_with(|| a.replica_id.cmp(b.replica_id))
     });
+    order
+}
+
+/// A replica's load in requests (see the module doc). A report that
+/// makes no sense (negative, not a number) counts as none.
+pub fn load(s: &Standing<'_>) -> f64 {
+    let reported = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+    s.in_flight.max(0) as f64
+        + reported(s.queued)
+        + KV_FULL_AS_REQUESTS * reported(s.kv_cache_usage).min(1.0)
+}
+
+/// A replica's cache-aware score: it holds `matched` of the prompt's
+/// `prompt_blocks` leading blocks (see the module doc).
+pub fn score(own_region: &str, s: &Standing<'_>, matched: usize, prompt_blocks: usize) -> f64 {
+    let matched_fraction = if prompt_blocks == 0 {
+        0.0
+    } else {
+        matched.min(prompt_blocks) as f64 / prompt_blocks as f64
+    };
+    let elsewhere = if elsewhere(own_region, s) { 1.0 } else { 0.0 };
+    W_PREFIX * matched_fraction - W_LOAD * load(s) - W_REMOTE * elsewhere
+}
+
+/// The order to try `replicas` in for a prompt of `prompt` under
+/// `policy`, as indices into it; ejected replicas left out. `index` says
+/// which prefixes each replica holds (cache-aware only). The `pinned`
+/// replica goes first whatever the policy when it is one of them (an edge
+/// forwarding the global gateway's choice).
+pub fn decide(
+    policy: Policy,
+    own_region: &str,
+    replicas: &[Standing<'_>],
+    prompt: &PromptHashes,
+    index: &PrefixIndex,
+    pinned: Option<&str>,
+) -> Vec<usize> {
+    let mut order = match policy {
+        Policy::LeastInFlight => rank(own_region, replicas),
+        Policy::CacheAware => {
+            let mut scored: Vec<(usize, f64)> = replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.ejected)
+                .map(|(i, s)| {
+                    let matched = index.matched(s.replica_id, prompt.blocks());
+                    (i, score(own_region, s, matched, prompt.len()))
+                })
+                .collect();
+            // Scores are finite (see `load`); equal ones go by id.
+            scored.sort_by(|(a, score_a), (b, score_b)| {
+                score_b
+                    .partial_cmp(score_a)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then_with(|| replicas[*a].replica_id.cmp(replicas[*b].replica_id))
+            });
+            scored.into_iter().map(|(i, _)| i).collect()
+        }
+        Policy::Random => {
+            let mut order: Vec<usize> = (0..replicas.len())
+                .filter(|&i| !replicas[i].ejected)
+                .collect();
+            order.shuffle(&mut rand::rng());
+            // Stable: the shuffle stands within each side.
+            order.sort_by_key(|&i| elsewhere(own_region, &replicas[i]));
+            order
+        }
+    };
+    if let Some(pinned) = pinned
+        && let Some(at) = order.iter().position(|&i| replicas[i].replica_id == pinned)
+    {
+        let first = order.remove(at);
+        order.insert(0, first);
+    }
     order
 }
 
@@ -233,6 +388,8 @@ pub struct ReplicaTable {
     fleet: Option<FleetView>,
     load: Mutex<HashMap<String, Arc<ReplicaLoad>>>,
     metrics: Arc<GatewayMetrics>,
+    policy: Policy,
+    residency: Arc<RwLock<Residency>>,
 }
 
 impl ReplicaTable {
@@ -247,8 +404,24 @@ impl ReplicaTable {
             scope: Scope::Fleet,
             fleet: None,
             load: Mutex::new(HashMap::new()),
+            residency: Arc::new(RwLock::new(Residency::new(
+                PrefixIndex::new(DEFAULT_PREFIX_CACHE_TOKENS),
+                metrics.prefix_blocks.clone(),
+            ))),
             metrics,
+            policy: Policy::default(),
         }
+    }
+
+    /// Orders replicas by `policy`, assuming each caches
+    /// `prefix_cache_tokens` tokens of prompt.
+    pub fn routing(mut self, policy: Policy, prefix_cache_tokens: usize) -> Self {
+        self.policy = policy;
+        self.residency = Arc::new(RwLock::new(Residency::new(
+            PrefixIndex::new(prefix_cache_tokens),
+            self.metrics.prefix_blocks.clone(),
+        )));
+        self
     }
 
     /// Routes only to `scope`'s replicas.
@@ -270,14 +443,27 @@ impl ReplicaTable {
         }
     }
 
-    fn route_of(&self, replica: &ReplicaStatus) -> Route {
+    /// How to reach `replica`, and what it last reported of its queue
+    /// and KV cache (`(queued, kv_cache_usage)`; zeros without the fleet
+    /// view).
+    fn route_of(&self, replica: &ReplicaStatus) -> (Route, (f64, f64)) {
         let Some(fleet) = &self.fleet else {
-            return Route::Direct;
+            return (Route::Direct, (0.0, 0.0));
         };
-        route(
-            fleet.clusters.cached(&replica.cluster).as_ref(),
+        let cluster = fleet.clusters.cached(&replica.cluster);
+        let usage = cluster
+            .as_ref()
+            .and_then(|c| {
+                c.replicas
+                    .iter()
+                    .find(|u| u.replica_id == replica.replica_id)
+            })
+            .map_or((0.0, 0.0), |u| (u.queued, u.kv_cache_usage));
+        let route = route(
+            cluster.as_ref(),
             fleet.deployments.cached(&replica.deployment).as_ref(),
-        )
+        );
+        (route, usage)
     }
 
     /// The residency rules that kept ready replicas of `model` from being
@@ -319,45 +505,55 @@ impl ReplicaTable {
         Arc::clone(load)
     }
 
-    /// Ready, not ejected replicas of `model` in scope, best first (see
-    /// [`rank`]), the `pinned` replica first when it is one of them (an
-    /// edge forwarding the global gateway's choice).
-    pub fn candidates(&self, model: &str, pinned: Option<&str>) -> Vec<Candidate> {
+    /// Ready, not ejected replicas of `model` in scope, best first for a
+    /// prompt of `prompt` (see [`decide`]), the `pinned` replica first
+    /// when it is one of them (an edge forwarding the global gateway's
+    /// choice).
+    pub fn candidates(
+        &self,
+        model: &str,
+        pinned: Option<&str>,
+        prompt: &PromptHashes,
+    ) -> Vec<Candidate> {
         let now = Instant::now();
-        let ready: Vec<(ReplicaStatus, Arc<ReplicaLoad>)> = self
+        let ready: Vec<(ReplicaStatus, Arc<ReplicaLoad>, (f64, f64))> = self
             .replicas
             .select(|_, r| serves(r, model) && self.in_scope(r))
             .into_iter()
             .filter_map(|(_, mut r)| {
-                match self.route_of(&r) {
+                let (route, usage) = self.route_of(&r);
+                match route {
                     Route::Direct => {}
                     Route::Edge(edge) => r.endpoint = edge,
                     Route::ClusterDown | Route::OutsideResidency(_) => return None,
                 }
                 let load = self.load_of(&r);
-                Some((r, load))
+                Some((r, load, usage))
             })
             .collect();
         let standings: Vec<Standing<'_>> = ready
             .iter()
-            .map(|(r, load)| Standing {
+            .map(|(r, load, (queued, kv_cache_usage))| Standing {
                 replica_id: &r.replica_id,
                 region: &r.region,
                 in_flight: load.in_flight(),
                 ejected: load.ejected(now),
+                queued: *queued,
+                kv_cache_usage: *kv_cache_usage,
             })
             .collect();
-        let mut order = rank(&self.region, &standings);
-        if let Some(pinned) = pinned
-            && let Some(at) = order
-                .iter()
-                .position(|&i| standings[i].replica_id == pinned)
-        {
-            let first = order.remove(at);
-            order.insert(0, first);
-        }
-        let mut ready: Vec<Option<(ReplicaStatus, Arc<ReplicaLoad>)>> =
-            ready.into_iter().map(Some).collect();
+        let order = decide(
+            self.policy,
+            &self.region,
+            &standings,
+            prompt,
+            read(&self.residency).index(),
+            pinned,
+        );
+        let mut ready: Vec<Option<(ReplicaStatus, Arc<ReplicaLoad>)>> = ready
+            .into_iter()
+            .map(|(r, load, _)| Some((r, load)))
+            .collect();
         order
             .into_iter()
             .filter_map(|i| ready.get_mut(i).and_then(Option::take))
@@ -376,6 +572,7 @@ impl ReplicaTable {
     pub async fn candidates_within(
         &self,
         model: &str,
+        prompt: &PromptHashes,
         tried: &[String],
         deadline: tokio::time::Instant,
     ) -> Vec<Candidate> {
@@ -385,7 +582,7 @@ impl ReplicaTable {
         let mut changes = self.replicas.changes();
         loop {
             let found: Vec<Candidate> = self
-                .candidates(model, None)
+                .candidates(model, None, prompt)
                 .into_iter()
                 .filter(|c| !tried.contains(&c.replica_id))
                 .collect();
@@ -400,6 +597,67 @@ impl ReplicaTable {
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// `replica` (the one that answered) served a prompt of `prompt`: it
+    /// is predicted to hold its blocks now, and the model's predicted hit
+    /// rate counts what it held before.
+    pub fn record_prefix(&self, replica: &str, prompt: &PromptHashes) {
+        if prompt.is_empty() {
+            return;
+        }
+        let Some(recorded) = write(&self.residency).record(replica, prompt.blocks()) else {
+            return;
+        };
+        let labels = ModelLabels {
+            model: recorded.model,
+        };
+        self.metrics
+            .prefix_matched_blocks
+            .get_or_create(&labels)
+            .inc_by(recorded.matched as u64);
+        self.metrics
+            .prefix_prompt_blocks
+            .get_or_create(&labels)
+            .inc_by(prompt.len() as u64);
+    }
+
+    /// Blocks `replica` is predicted to hold.
+    pub fn prefix_blocks(&self, replica: &str) -> usize {
+        read(&self.residency).blocks(replica)
+    }
+
+    /// Keeps the predicted prefixes in step with the replicas' records
+    /// until `shutdown`: a replica that restarts, moves or stops being
+    /// ready forgets its own. The current records are taken in before
+    /// this returns; the future follows their changes.
+    pub fn follow_residency(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let replicas = self.replicas.clone();
+        let residency = Arc::clone(&self.residency);
+        // Subscribed before the scan: no change falls between them.
+        let mut changes = replicas.changes();
+        replicas.scan(|all| write(&residency).observe_all(all));
+        async move {
+            loop {
+                let changed = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = changes.recv() => changed,
+                };
+                match changed {
+                    Ok(key) => {
+                        let record = replicas.cached(&key);
+                        write(&residency).observe(&key, record.as_ref());
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        replicas.scan(|all| write(&residency).observe_all(all));
+                    }
+                    Err(RecvError::Closed) => return,
+                }
             }
         }
     }
@@ -423,12 +681,7 @@ mod tests {
     use super::*;
 
     fn standing<'a>(replica_id: &'a str, region: &'a str, in_flight: i64) -> Standing<'a> {
-        Standing {
-            replica_id,
-            region,
-            in_flight,
-            ejected: false,
-        }
+        Standing::new(replica_id, region, in_flight)
     }
 
     #[test]
@@ -502,6 +755,279 @@ mod tests {
                 .collect();
             assert_eq!(order, expected, "{what}");
         }
+    }
+
+    /// A prompt of `blocks` whole blocks.
+    fn prompt(blocks: usize) -> PromptHashes {
+        let text: String = (0..blocks * crate::prefix::BLOCK_BYTES)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        PromptHashes::of(
+            "smollm2",
+            "/v1/completions",
+            &serde_json::json!({"prompt": text}),
+        )
+    }
+
+    /// An index where each named replica holds that many leading blocks
+    /// of `prompt`.
+    fn holding(prompt: &PromptHashes, held: &[(&str, usize)]) -> PrefixIndex {
+        let mut index = PrefixIndex::new(1_000_000);
+        for (replica, blocks) in held {
+            index.record(replica, &prompt.blocks()[..*blocks]);
+        }
+        index
+    }
+
+    /// (what, gateway region, replicas, blocks each holds of an 8-block
+    /// prompt, pinned, expected order of ids)
+    type DecisionCase = (
+        &'static str,
+        &'static str,
+        Vec<Standing<'static>>,
+        Vec<(&'static str, usize)>,
+        Option<&'static str>,
+        Vec<&'static str>,
+    );
+
+    #[test]
+    fn cache_aware_routing_prefers_the_prefix_holder_unless_it_is_much_busier() {
+        let queued = |s: Standing<'static>, queued: f64| Standing { queued, ..s };
+        let kv = |s: Standing<'static>, kv_cache_usage: f64| Standing {
+            kv_cache_usage,
+            ..s
+        };
+        let ejected = |s: Standing<'static>| Standing { ejected: true, ..s };
+        let cases: Vec<DecisionCase> = vec![
+            (
+                "the prefix wins at equal load",
+                "",
+                vec![standing("a", "eu", 1), standing("b", "eu", 1)],
+                vec![("b", 8)],
+                None,
+                vec!["b", "a"],
+            ),
+            (
+                "more of the prompt wins",
+                "",
+                vec![
+                    standing("a", "eu", 0),
+                    standing("b", "eu", 0),
+                    standing("c", "eu", 0),
+                ],
+                vec![("b", 2), ("c", 6)],
+                None,
+                vec!["c", "b", "a"],
+            ),
+            (
+                "a holder a few requests busier still wins",
+                "",
+                vec![standing("a", "eu", 0), standing("b", "eu", 3)],
+                vec![("b", 8)],
+                None,
+                vec!["b", "a"],
+            ),
+            (
+                "a much busier holder loses to an idle replica (spill-over)",
+                "",
+                vec![standing("a", "eu", 0), standing("b", "eu", 6)],
+                vec![("b", 8)],
+                None,
+                vec!["a", "b"],
+            ),
+            (
+                "the queue a replica reports counts as load",
+                "",
+                vec![standing("a", "eu", 0), queued(standing("b", "eu", 0), 8.0)],
+                vec![("b", 8)],
+                None,
+                vec!["a", "b"],
+            ),
+            (
+                "a fuller KV cache counts as load",
+                "",
+                vec![
+                    kv(standing("a", "eu", 1), 0.9),
+                    kv(standing("b", "eu", 1), 0.1),
+                ],
+                vec![],
+                None,
+                vec!["b", "a"],
+            ),
+            (
+                "without a prefix anywhere, fewest in flight",
+                "",
+                vec![
+                    standing("a", "eu", 3),
+                    standing("b", "eu", 1),
+                    standing("c", "us", 2),
+                ],
+                vec![],
+                None,
+                vec!["b", "c", "a"],
+            ),
+            (
+                "own region first, even over an idle holder elsewhere",
+                "eu",
+                vec![standing("a", "us", 0), standing("b", "eu", 9)],
+                vec![("a", 8)],
+                None,
+                vec!["b", "a"],
+            ),
+            (
+                "elsewhere, the holder first",
+                "eu",
+                vec![
+                    standing("a", "us", 1),
+                    standing("b", "us", 1),
+                    standing("c", "eu", 40),
+                ],
+                vec![("b", 8)],
+                None,
+                vec!["c", "b", "a"],
+            ),
+            (
+                "the pinned replica still first",
+                "",
+                vec![standing("a", "eu", 5), standing("b", "eu", 0)],
+                vec![("b", 8)],
+                Some("a"),
+                vec!["a", "b"],
+            ),
+            (
+                "a pinned replica that is not a candidate changes nothing",
+                "",
+                vec![standing("a", "eu", 0), standing("b", "eu", 0)],
+                vec![("b", 8)],
+                Some("z"),
+                vec!["b", "a"],
+            ),
+            (
+                "ties go by replica id, whatever the input order",
+                "",
+                vec![
+                    standing("c", "eu", 1),
+                    standing("a", "eu", 1),
+                    standing("b", "eu", 1),
+                ],
+                vec![("a", 4), ("b", 4), ("c", 4)],
+                None,
+                vec!["a", "b", "c"],
+            ),
+            (
+                "an equal score is a tie: half the prompt against two requests",
+                "",
+                vec![standing("b", "eu", 2), standing("a", "eu", 0)],
+                vec![("b", 4)],
+                None,
+                vec!["a", "b"],
+            ),
+            (
+                "an ejected holder is left out",
+                "",
+                vec![ejected(standing("a", "eu", 0)), standing("b", "eu", 5)],
+                vec![("a", 8)],
+                None,
+                vec!["b"],
+            ),
+        ];
+        let prompt = prompt(8);
+        for (what, region, replicas, held, pinned, expected) in cases {
+            let index = holding(&prompt, &held);
+            let order: Vec<&str> = decide(
+                Policy::CacheAware,
+                region,
+                &replicas,
+                &prompt,
+                &index,
+                pinned,
+            )
+            .into_iter()
+            .map(|i| replicas[i].replica_id)
+            .collect();
+            assert_eq!(order, expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn least_in_flight_ignores_prefixes_and_random_keeps_the_region_first() {
+        let prompt = prompt(8);
+        let index = holding(&prompt, &[("b", 8)]);
+        let replicas = vec![
+            standing("a", "eu", 0),
+            standing("b", "eu", 1),
+            standing("c", "eu", 2),
+            standing("d", "us", 0),
+            Standing {
+                ejected: true,
+                ..standing("e", "eu", 0)
+            },
+        ];
+        let ids = |order: Vec<usize>| -> Vec<&str> {
+            order.into_iter().map(|i| replicas[i].replica_id).collect()
+        };
+        let least = decide(
+            Policy::LeastInFlight,
+            "eu",
+            &replicas,
+            &prompt,
+            &index,
+            None,
+        );
+        assert_eq!(least, rank("eu", &replicas), "today's order exactly");
+        assert_eq!(ids(least), ["a", "b", "c", "d"]);
+        let pinned = decide(
+            Policy::LeastInFlight,
+            "eu",
+            &replicas,
+            &prompt,
+            &index,
+            Some("c"),
+        );
+        assert_eq!(ids(pinned), ["c", "a", "b", "d"]);
+
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let order = ids(decide(
+                Policy::Random,
+                "eu",
+                &replicas,
+                &prompt,
+                &index,
+                None,
+            ));
+            assert_eq!(order.len(), 4, "{order:?}");
+            assert_eq!(order[3], "d", "own region first: {order:?}");
+            let mut own = order[..3].to_vec();
+            own.sort_unstable();
+            assert_eq!(own, ["a", "b", "c"]);
+            firsts.insert(order[0]);
+        }
+        assert_eq!(
+            firsts.len(),
+            3,
+            "every own-region replica comes first now and then"
+        );
+    }
+
+    #[test]
+    fn a_score_is_the_weighted_prefix_share_less_load_and_distance() {
+        let s = Standing {
+            queued: 2.0,
+            kv_cache_usage: 0.5,
+            ..standing("a", "eu", 1)
+        };
+        // load = 1 + 2 + 2 × 0.5 = 4 requests.
+        assert_eq!(load(&s), 4.0);
+        assert_eq!(score("eu", &s, 8, 8), W_PREFIX - 4.0 * W_LOAD);
+        assert_eq!(score("eu", &s, 2, 8), 0.25 * W_PREFIX - 4.0 * W_LOAD);
+        assert_eq!(score("us", &s, 0, 0), -4.0 * W_LOAD - W_REMOTE);
+        let nonsense = Standing {
+            queued: f64::NAN,
+            kv_cache_usage: -3.0,
+            ..standing("a", "eu", -2)
+        };
+        assert_eq!(load(&nonsense), 0.0);
     }
 
     #[test]

@@ -24,9 +24,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::splice::{Relay, Splice, SseFramer, continuation};
-use super::{Answer, Proxy, first_answer, served};
+use super::{Answer, Proxy, first_answer, record_answer, served};
 use crate::error;
 use crate::metrics::{MigrationLabels, ModelLabels, RouteLabels};
+use crate::prefix::PromptHashes;
 
 /// Migrations per request at most; past them the stream ends with an
 /// error event, as a cut.
@@ -43,11 +44,14 @@ pub struct Request {
     pub chat: bool,
     /// The client asked for `token_ids` itself.
     pub client_wants_ids: bool,
+    /// The prompt's block hashes: a replica that answers it holds them.
+    pub prompt: PromptHashes,
 }
 
 /// An answer (2xx) from a replica not in `tried`, waiting for one until
-/// `deadline`; every replica tried is added to `tried`. `Err`: the last
-/// reason a replica gave none.
+/// `deadline`; every replica tried is added to `tried`; the one that
+/// answers is recorded as holding the prompt. `Err`: the last reason a
+/// replica gave none.
 pub async fn another_answer(
     proxy: &Proxy,
     request: &Request,
@@ -60,7 +64,7 @@ pub async fn another_answer(
     loop {
         let candidates = proxy
             .table
-            .candidates_within(&request.model, tried, deadline)
+            .candidates_within(&request.model, &request.prompt, tried, deadline)
             .await;
         if candidates.is_empty() {
             return Err(last);
@@ -79,6 +83,7 @@ pub async fn another_answer(
                 tried.extend(answer.failed.iter().map(|f| f.replica().to_string()));
                 tried.push(answer.replica.replica_id.clone());
                 if answer.response.status().is_success() {
+                    record_answer(proxy, &answer, &request.prompt);
                     return Ok(answer);
                 }
                 last = format!(
