@@ -147,15 +147,10 @@ pub struct Args {
     )]
     pub stream_stall_timeout: Duration,
 
-    /// How a model's replicas are ordered, within the gateway's own
-    /// region first. cache-aware: highest score first, where score =
-    /// 1.0 × the share of the prompt the replica is predicted to hold in
-    /// its prefix cache − 0.25 × its load in requests (the gateway's own
-    /// in flight, plus the queue it last reported and 2 for a full KV
-    /// cache): a whole prompt in cache is worth 4 requests, so a busy
-    /// holder of a hot prefix spills over to idler replicas.
-    /// least-in-flight: fewest of the gateway's requests in flight first.
-    /// random: a uniformly random order.
+    /// How a model's replicas are ordered; those in the gateway's own
+    /// region always come first. Cache-aware routing predicts which
+    /// replica holds a prompt's prefix from where the gateway sent earlier
+    /// prompts.
     #[arg(
         long,
         env = "FLOTILLA_GATEWAY_ROUTING",

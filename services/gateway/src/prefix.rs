@@ -27,14 +27,16 @@ use std::io;
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Bytes of canonical prompt text per block. 256 bytes are about 64
-/// tokens of English: coarse enough that a 100K-token prompt is 1,600
-/// hashes and index entries (hashing and lookups stay far below a
+/// Bytes of canonical prompt text per block. 240 bytes are about 60
+/// tokens of English: coarse enough that a 100K-token prompt is some
+/// 1,700 hashes and index entries (hashing and lookups stay well below a
 /// millisecond), fine enough that a shared system prompt of a few hundred
-/// tokens already spans several blocks. The runner's own cache blocks are
-/// smaller; the prediction only needs to say where the bulk of a prefix
-/// lives.
-pub const BLOCK_BYTES: usize = 256;
+/// tokens already spans several blocks. 240 is xxh3's largest input
+/// hashed with the seed as it is: above it, every seeded call derives a
+/// fresh secret, which made 256-byte blocks three times slower to chain.
+/// The runner's own cache blocks are smaller; the prediction only needs
+/// to say where the bulk of a prefix lives.
+pub const BLOCK_BYTES: usize = 240;
 
 /// The assumed bytes of prompt text per token, to turn a cache size in
 /// tokens into blocks: about 4 for English with BPE tokenizers (and
@@ -389,6 +391,20 @@ impl Resident {
     }
 
     fn matched(&self, hashes: &[u64]) -> usize {
+        match hashes.first() {
+            // The usual answer of a replica that never saw the prompt.
+            Some(first) if self.at.contains_key(first) => {}
+            _ => return 0,
+        }
+        // The held blocks are closed under prefixes (module doc): a chain
+        // is held up to some block and not after it, so its first miss is
+        // found by bisection, in a dozen lookups however long the prompt.
+        hashes.partition_point(|h| self.at.contains_key(h))
+    }
+
+    /// [`Self::matched`] block by block, as the bisection must find it.
+    #[cfg(test)]
+    fn matched_linearly(&self, hashes: &[u64]) -> usize {
         hashes
             .iter()
             .take_while(|h| self.at.contains_key(h))
@@ -429,8 +445,11 @@ impl PrefixIndex {
         self.capacity_blocks
     }
 
-    /// How many leading blocks of `hashes` `replica` is predicted to hold:
-    /// the longest prefix, stopping at the first block it lacks.
+    /// How many leading blocks of `hashes` (a chain from
+    /// [`PromptHashes::blocks`]) `replica` is predicted to hold: the
+    /// longest prefix, up to the first block it lacks. No allocation; one
+    /// lookup for a replica without the first block, about log2(blocks)
+    /// otherwise.
     pub fn matched(&self, replica: &str, hashes: &[u64]) -> usize {
         self.replicas
             .get(replica)
@@ -537,6 +556,7 @@ mod tests {
             (BLOCK_BYTES - 1, 0),
             (BLOCK_BYTES, 1),
             (BLOCK_BYTES * 2 - 1, 1),
+            (256, 1),
             (BLOCK_BYTES * 2, 2),
         ];
         for (bytes, blocks) in cases {
@@ -555,7 +575,7 @@ mod tests {
             chain.finish()
         };
         assert_eq!(expected.len(), 5);
-        for piece in [1, 7, 255, 256, 257, 1000] {
+        for piece in [1, 7, 239, 240, 241, 1000] {
             let mut chain = Chain::new("m", COMPLETION);
             for chunk in whole.as_bytes().chunks(piece) {
                 chain.push(chunk);
@@ -672,10 +692,8 @@ mod tests {
         assert_eq!(index.matched("r1", &a), 6, "the recorded prefix");
         assert_eq!(index.matched("r2", &a), 0, "another replica");
         assert_eq!(index.matched("r1", &chain(10, 2)), 0, "another prompt");
-        // A miss ends the match even if later blocks are held.
-        let mut gap = a.clone();
-        gap[2] = 42;
-        assert_eq!(index.matched("r1", &gap), 2);
+        assert_eq!(index.matched("r1", &a[..3]), 3, "a shorter prompt");
+        assert_eq!(index.matched("r1", &[]), 0);
         assert_eq!(index.blocks("r1"), 6);
         index.forget("r1");
         assert_eq!(index.matched("r1", &a), 0);
@@ -712,10 +730,57 @@ mod tests {
         assert_eq!(index.blocks("r"), 8);
     }
 
+    /// A tiny deterministic generator (xorshift64*).
+    struct Draw(u64);
+
+    impl Draw {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn held_blocks_stay_closed_under_prefixes_so_bisection_finds_the_first_miss() {
+        // Chains that share prefixes of every length: a few roots, each
+        // grown by branches, recorded in a random order into a cache that
+        // holds a fraction of them, with prefixes of them recorded too.
+        let mut draw = Draw(0x5EED);
+        let roots: Vec<String> = (0..4).map(|i| text(BLOCK_BYTES * 6, i)).collect();
+        let prompts: Vec<Vec<u64>> = (0..40)
+            .map(|i| {
+                let root = &roots[i % roots.len()];
+                let keep = draw.below(root.len());
+                let grown = format!("{}{}", &root[..keep], text(BLOCK_BYTES * 4, i as u8 + 9));
+                hashes(COMPLETIONS_PATH, &json!({"prompt": grown}))
+                    .blocks()
+                    .to_vec()
+            })
+            .collect();
+        for capacity in [1, 5, 17, 60] {
+            let mut index = index(capacity);
+            for _ in 0..400 {
+                let prompt = &prompts[draw.below(prompts.len())];
+                let cut = 1 + draw.below(prompt.len());
+                index.record("r", &prompt[..cut]);
+                let resident = &index.replicas["r"];
+                for p in &prompts {
+                    assert_eq!(
+                        resident.matched(p),
+                        resident.matched_linearly(p),
+                        "capacity {capacity}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_capacity_is_tokens_at_four_bytes_each() {
         let index = PrefixIndex::new(20_000);
-        assert_eq!(index.capacity_blocks(), 20_000 * 4 / 256);
+        assert_eq!(index.capacity_blocks(), 20_000 * 4 / BLOCK_BYTES);
         let mut none = PrefixIndex::new(0);
         none.record("r", &chain(3, 1));
         assert_eq!(none.blocks("r"), 0);

@@ -65,16 +65,21 @@ pub const W_REMOTE: f64 = 1.0e6;
 /// 1 GiB KV budget holds for SmolLM2-135M.
 pub const DEFAULT_PREFIX_CACHE_TOKENS: usize = 20_000;
 
-/// How the gateway orders a model's replicas (`--routing`).
+/// How the gateway orders a model's replicas (`--routing`); see
+/// [`decide`]. The variants' docs are the flag's help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Policy {
-    /// Highest [`score`] first: the predicted prefix holder unless it is
-    /// much busier.
+    /// Highest score first, score = 1.0 × the share of the prompt the
+    /// replica is predicted to hold in its prefix cache − 0.25 × its load
+    /// in requests (this gateway's in flight on it, plus the queue it last
+    /// reported, plus 2 × its reported KV cache usage): a whole prompt in
+    /// cache is worth 4 requests, so a busy holder of a hot prefix spills
+    /// over to idler replicas
     #[default]
     CacheAware,
-    /// Fewest requests in flight first ([`rank`]).
+    /// Fewest of this gateway's requests in flight first
     LeastInFlight,
-    /// A uniformly random order.
+    /// A uniformly random order
     Random,
 }
 
@@ -1008,6 +1013,58 @@ mod tests {
             3,
             "every own-region replica comes first now and then"
         );
+    }
+
+    #[test]
+    fn two_requests_sharing_a_long_prefix_meet_on_one_replica_unless_routing_ignores_prefixes() {
+        use prometheus_client::metrics::family::Family;
+
+        let ready = |id: &str| ReplicaStatus {
+            replica_id: id.into(),
+            cluster: "eu-1".into(),
+            model: "smollm2".into(),
+            endpoint: format!("http://{id}:8000"),
+            phase: ReplicaPhase::Ready.into(),
+            ..Default::default()
+        };
+        let system: String = (0..4000)
+            .map(|i| char::from(b'a' + (i % 23) as u8))
+            .collect();
+        let ask = |question: &str| {
+            PromptHashes::of(
+                "smollm2",
+                "/v1/chat/completions",
+                &serde_json::json!({"messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ]}),
+            )
+        };
+        let (first, second) = (ask("What is the refund policy?"), ask("Where is my order?"));
+        for (policy, same) in [(Policy::CacheAware, true), (Policy::LeastInFlight, false)] {
+            let mut residency = Residency::new(PrefixIndex::new(100_000), Family::default());
+            let (a, b) = (ready("a"), ready("b"));
+            residency.observe_all([("eu-1.a", &a), ("eu-1.b", &b)]);
+            let mut in_flight = [0, 0];
+            let mut route = |prompt: &PromptHashes, residency: &mut Residency| {
+                let standings = [
+                    standing("a", "eu", in_flight[0]),
+                    standing("b", "eu", in_flight[1]),
+                ];
+                let chosen = decide(policy, "eu", &standings, prompt, residency.index(), None)[0];
+                // Still in flight when the next request comes.
+                in_flight[chosen] += 1;
+                residency.record(standings[chosen].replica_id, prompt.blocks());
+                standings[chosen].replica_id
+            };
+            let to_first = route(&first, &mut residency);
+            let to_second = route(&second, &mut residency);
+            assert_eq!(
+                to_first == to_second,
+                same,
+                "{policy:?}: {to_first}, {to_second}"
+            );
+        }
     }
 
     #[test]
