@@ -1,6 +1,8 @@
 //! The proxy service behind `/v1/chat/completions` and `/v1/completions`:
-//! reads the request's `model`, asks the routing table for replicas and
-//! relays the first answer ([`first_answer`]). A replica that fails before
+//! reads the request's `model`, hashes its prompt ([`crate::prefix`]),
+//! asks the routing table for replicas and relays the first answer
+//! ([`first_answer`]); the replica that answers is recorded as holding
+//! the prompt. A replica that fails before
 //! any byte of an answer (it refuses the connection, or a streaming
 //! request's response headers do not come within the response-headers
 //! timeout) is counted as failed and the request goes to the next: the
@@ -74,7 +76,7 @@ pub struct Answer {
     pub failed: Vec<Unanswered>,
 }
 
-/// Sends the request to `candidates` in order, at most [`ATTEMPTS`] of
+/// Sends the request to `candidates` in order, at most `ATTEMPTS` (3) of
 /// them, and returns the first that answers: with response headers, within
 /// `headers_within` when that is set. Each replica that does not is marked
 /// failed (see [`crate::routing::Streak`]); `on_retry` runs before every try

@@ -2,7 +2,7 @@
 //! goes on from another replica instead of being cut.
 //!
 //! A streamed answer is relayed event by event through a
-//! [`Splice`](super::splice::Splice), which keeps what the client has been
+//! [`Splice`], which keeps what the client has been
 //! sent. When the replica's stream breaks (a body error, a reset
 //! connection, an end without `[DONE]`, an error event), the gateway asks
 //! another ready replica of the model to continue the same completion
