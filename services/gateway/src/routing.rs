@@ -26,8 +26,12 @@
 //! requests of load: at equal load the replica holding the prefix wins,
 //! and a hot prefix spills over to an idler replica once its holder has
 //! more than 4 requests beyond it. [`W_REMOTE`] is larger than any load,
-//! so the own region always comes first, as it always has. Ties go by
-//! replica id.
+//! so the own region always comes first, as it always has. Ties (a
+//! prompt held nowhere, at equal load) go by rendezvous hashing on the
+//! prompt's first block ([`rendezvous`]), so new prefixes spread evenly
+//! and deterministically over the replicas, and every gateway of the fleet
+//! sends the same new prefix to the same replica; prompts too short for a
+//! block go by replica id.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -166,6 +170,12 @@ pub fn score(own_region: &str, s: &Standing<'_>, matched: usize, prompt_blocks: 
     W_PREFIX * matched_fraction - W_LOAD * load(s) - W_REMOTE * elsewhere
 }
 
+/// A replica's weight for a prompt whose first block hashes to `seed`
+/// (highest random weight): the highest one wins a tie.
+pub fn rendezvous(replica_id: &str, seed: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(replica_id.as_bytes(), seed)
+}
+
 /// The order to try `replicas` in for a prompt of `prompt` under
 /// `policy`, as indices into it; ejected replicas left out. `index` says
 /// which prefixes each replica holds (cache-aware only). The `pinned`
@@ -191,11 +201,17 @@ pub fn decide(
                     (i, score(own_region, s, matched, prompt.len()))
                 })
                 .collect();
-            // Scores are finite (see `load`); equal ones go by id.
+            // Scores are finite (see `load`). Equal ones (a prompt held
+            // nowhere, equal load) go by rendezvous hashing on the prompt's
+            // first block: new prefixes spread over the replicas, the same
+            // prefix goes to the same one, and every gateway agrees.
+            let first = prompt.blocks().first().copied();
+            let tie = |i: usize| first.map_or(0, |seed| rendezvous(replicas[i].replica_id, seed));
             scored.sort_by(|(a, score_a), (b, score_b)| {
                 score_b
                     .partial_cmp(score_a)
                     .unwrap_or(std::cmp::Ordering::Equal)
+                    .then_with(|| tie(*b).cmp(&tie(*a)))
                     .then_with(|| replicas[*a].replica_id.cmp(replicas[*b].replica_id))
             });
             scored.into_iter().map(|(i, _)| i).collect()
@@ -908,7 +924,7 @@ mod tests {
                 vec!["b", "a"],
             ),
             (
-                "ties go by replica id, whatever the input order",
+                "equal scores in the same order, whatever the input order",
                 "",
                 vec![
                     standing("c", "eu", 1),
@@ -952,6 +968,47 @@ mod tests {
             .collect();
             assert_eq!(order, expected, "{what}");
         }
+    }
+
+    #[test]
+    fn new_prefixes_spread_over_idle_replicas_and_each_stays_on_one() {
+        let forward = vec![
+            standing("a", "eu", 0),
+            standing("b", "eu", 0),
+            standing("c", "eu", 0),
+        ];
+        let backward: Vec<Standing<'_>> = forward.iter().rev().copied().collect();
+        let index = PrefixIndex::new(1_000_000);
+        let first = |replicas: &[Standing<'_>], prompt: &PromptHashes| {
+            let order = decide(Policy::CacheAware, "eu", replicas, prompt, &index, None);
+            replicas[order[0]].replica_id.to_string()
+        };
+        let mut wins: HashMap<String, usize> = HashMap::new();
+        for n in 0..300 {
+            let text = format!("customer {n}: {}", "x".repeat(crate::prefix::BLOCK_BYTES));
+            let prompt = PromptHashes::of(
+                "smollm2",
+                "/v1/completions",
+                &serde_json::json!({"prompt": text}),
+            );
+            let chosen = first(&forward, &prompt);
+            assert_eq!(chosen, first(&backward, &prompt), "prompt {n}");
+            *wins.entry(chosen).or_default() += 1;
+        }
+        for id in ["a", "b", "c"] {
+            let share = wins.get(id).copied().unwrap_or(0);
+            assert!(
+                (60..=140).contains(&share),
+                "{id} won {share} of 300: {wins:?}"
+            );
+        }
+        // A prompt shorter than a block has no first block: by id.
+        let short = PromptHashes::of(
+            "smollm2",
+            "/v1/completions",
+            &serde_json::json!({"prompt": "hi"}),
+        );
+        assert_eq!(first(&backward, &short), "a");
     }
 
     #[test]
