@@ -6,10 +6,19 @@
 //! their slot and cache. Requests beyond the active slots wait in a bounded
 //! queue.
 //!
+//! KV caches are paged: blocks of [`EngineLimits::block_tokens`] positions
+//! from one pool of [`EngineLimits::kv_cache_budget`], with automatic prefix
+//! caching (`engine/kv_pool.rs`): a prompt that starts like an earlier one
+//! (a shared system prompt, a conversation's next turn, a continuation)
+//! shares that one's blocks and is computed from where they end. A request
+//! whose prompt would take the pool past its budget waits in the queue
+//! while others run.
+//!
 //! Loading a model is [`load()`]'s (`engine/load.rs`), the batching loop the
 //! worker's (`engine/worker.rs`); this module is the handle the server
 //! holds.
 
+mod kv_pool;
 mod load;
 mod worker;
 
@@ -19,6 +28,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+pub use kv_pool::PoolCounts;
 pub use load::{HF_CONTEXT_CAP, LoadedModel, load, load_gguf, load_hf_folder};
 use worker::Worker;
 
@@ -63,6 +73,8 @@ pub enum GenEvent {
     Done {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
         /// Tokens chosen after the last `Text` (the end-of-sequence
         /// token, or ones whose text a stop sequence cut).
@@ -105,6 +117,12 @@ pub struct EngineLimits {
     /// Prompt tokens fed per step, so a long prompt does not stall the
     /// decoding sequences for its whole prefill.
     pub prefill_chunk: usize,
+    /// Positions per KV block: the unit of sharing and of allocation.
+    pub block_tokens: usize,
+    /// The KV memory the engine keeps.
+    pub kv_cache_budget: KvCacheBudget,
+    /// Whether prompts share cached blocks of earlier ones.
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineLimits {
@@ -113,8 +131,99 @@ impl Default for EngineLimits {
             max_queue: 64,
             max_batch: 16,
             prefill_chunk: 256,
+            block_tokens: crate::model::DEFAULT_BLOCK_TOKENS,
+            kv_cache_budget: KvCacheBudget::Bytes(1 << 30),
+            prefix_cache: true,
         }
     }
+}
+
+/// How much KV memory the engine keeps: positions, or bytes (a model's
+/// position takes `2 × layers × kv_heads × head_dim × 4` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheBudget {
+    Tokens(u64),
+    Bytes(u64),
+}
+
+impl KvCacheBudget {
+    /// The budget in whole blocks of `block_tokens` positions of a model
+    /// whose positions take `bytes_per_token` (at least one block).
+    pub fn blocks(self, block_tokens: usize, bytes_per_token: usize) -> usize {
+        let tokens = match self {
+            Self::Tokens(t) => t,
+            Self::Bytes(b) => b / (bytes_per_token.max(1) as u64),
+        };
+        usize::try_from(tokens / block_tokens.max(1) as u64)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+}
+
+impl std::str::FromStr for KvCacheBudget {
+    type Err = String;
+
+    /// `20000` (positions), or bytes with a unit: `512MiB`, `1.5GiB`,
+    /// `2GB`, `800KB`, `4096B` (KiB/MiB/GiB/TiB powers of 1024, KB/MB/GB/TB
+    /// of 1000; any case).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = (&s[..split], s[split..].trim());
+        let explain = || {
+            format!(
+                "{s:?} is neither a number of tokens (20000) nor of bytes with a unit \
+                 (512MiB, 1.5GiB, 2GB)"
+            )
+        };
+        if unit.is_empty() {
+            let tokens: u64 = number.parse().map_err(|_| explain())?;
+            if tokens == 0 {
+                return Err("the budget must be more than 0 tokens".into());
+            }
+            return Ok(Self::Tokens(tokens));
+        }
+        let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+            "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => return Err(format!("{}: unknown unit {unit:?}", explain())),
+        };
+        let value: f64 = number.parse().map_err(|_| explain())?;
+        let bytes = value * scale as f64;
+        if !bytes.is_finite() || bytes < 1.0 || bytes >= u64::MAX as f64 {
+            return Err(format!("{s:?} is not a size from 1 byte up"));
+        }
+        Ok(Self::Bytes(bytes as u64))
+    }
+}
+
+/// The KV memory and prefix cache as the worker last saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvCacheStats {
+    /// Sequences in the running batch.
+    pub running: usize,
+    /// Positions the running sequences' caches hold, each counted.
+    pub sequence_tokens: usize,
+    /// Positions in the blocks the running sequences hold, a shared block
+    /// once: `sequence_tokens` less what they share.
+    pub tokens_in_use: usize,
+    /// Distinct blocks the running sequences hold.
+    pub blocks_in_use: usize,
+    pub block_tokens: usize,
+    pub budget_blocks: usize,
+    pub pool: PoolCounts,
+    /// Prompt tokens looked up in the prefix cache, and found.
+    pub queries: u64,
+    pub hits: u64,
 }
 
 /// A handle to the worker.
@@ -123,6 +232,7 @@ pub struct Engine {
     jobs: std::sync::mpsc::SyncSender<Job>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
+    kv_cache: tokio::sync::watch::Receiver<KvCacheStats>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
     pub context_length: usize,
@@ -139,9 +249,26 @@ impl Engine {
         let tokenizer = model.tokenizer.clone();
         let template = model.template.clone();
         let context_length = model.context_length;
+        let block_tokens = limits.block_tokens.max(1);
+        let budget_blocks = limits.kv_cache_budget.blocks(
+            block_tokens,
+            crate::model::KvBlock::bytes_per_token(&model.weights.config),
+        );
+        let pool = kv_pool::KvPool::new(
+            model.weights.config.clone(),
+            block_tokens,
+            budget_blocks,
+            limits.prefix_cache,
+            &model.fingerprint,
+        );
+        let (stats, kv_cache) = tokio::sync::watch::channel(KvCacheStats {
+            block_tokens,
+            budget_blocks,
+            ..Default::default()
+        });
         let worker = Worker {
             model: model.weights,
-            spare: Default::default(),
+            pool: std::cell::RefCell::new(pool),
             tokenizer: tokenizer.clone(),
             jobs: rx,
             waiting: waiting.clone(),
@@ -149,8 +276,11 @@ impl Engine {
                 max_batch: limits.max_batch.max(1),
                 prefill_chunk: limits.prefill_chunk.max(1),
                 max_queue,
+                block_tokens,
+                ..limits
             },
             metrics,
+            stats,
         };
         // The engine loop runs on one of the pool's threads, so the
         // forward pass's parallel parts use it and its siblings
@@ -172,6 +302,7 @@ impl Engine {
             jobs,
             waiting,
             max_queue,
+            kv_cache,
             tokenizer,
             template,
             context_length,
@@ -180,6 +311,11 @@ impl Engine {
 
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// The KV cache as of the worker's last step, updated after each.
+    pub fn kv_cache(&self) -> tokio::sync::watch::Receiver<KvCacheStats> {
+        self.kv_cache.clone()
     }
 
     /// Queues a job, or refuses it when the queue is full.

@@ -91,6 +91,30 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
 
+    /// Positions per KV cache block, the unit in which prompts share
+    /// cached keys and values and memory is handed out.
+    #[arg(long, env = "FLOTILLA_KV_BLOCK_TOKENS", default_value_t = 16)]
+    pub kv_block_tokens: usize,
+
+    /// The KV cache memory kept, as positions (`20000`) or bytes (`512MiB`,
+    /// `1.5GiB`, `2GB`). Blocks no running request uses stay cached for
+    /// prefix hits and are evicted least recently used. A request waits in
+    /// the queue while its prompt would take the cache past the budget
+    /// (unless nothing else runs); running requests are never preempted,
+    /// so their generated tokens may take it past the budget for a while.
+    #[arg(
+        long,
+        env = "FLOTILLA_KV_CACHE_BUDGET",
+        default_value = "1GiB",
+        value_name = "TOKENS|BYTES"
+    )]
+    pub kv_cache_budget: engine::KvCacheBudget,
+
+    /// Turns automatic prefix caching off: every prompt is computed in
+    /// full (the KV cache stays paged), for comparisons.
+    #[arg(long, env = "FLOTILLA_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
+
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_process::logging::LogFormat::Text)]
     pub log_format: flotilla_process::logging::LogFormat,
 }
@@ -132,12 +156,17 @@ pub async fn run(
             "--max-batch: must be at least 1".into(),
         ));
     }
+    if args.kv_block_tokens == 0 {
+        return Err(RunnerError::Config(
+            "--kv-block-tokens: must be at least 1".into(),
+        ));
+    }
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model
             .file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
-    let mut runner_metrics = metrics::RunnerMetrics::new();
+    let mut runner_metrics = metrics::RunnerMetrics::new(&name);
     if let Some(selection) = metrics::gpu_selection(
         &args.device,
         std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
@@ -185,6 +214,9 @@ pub async fn run(
     let limits = engine::EngineLimits {
         max_queue: args.max_queue,
         max_batch: args.max_batch,
+        block_tokens: args.kv_block_tokens,
+        kv_cache_budget: args.kv_cache_budget,
+        prefix_cache: !args.no_prefix_cache,
         ..Default::default()
     };
     let _ = state
@@ -207,5 +239,76 @@ fn parse_device(spec: &str) -> Result<candle_core::Device, RunnerError> {
             candle_core::Device::new_cuda(ordinal).map_err(|e| bad(e.to_string()))
         }
         _ => Err(bad("expected cpu, cuda or cuda:N".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::engine::KvCacheBudget;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["flotilla-runner", "--model", "m.gguf"];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn the_kv_cache_budget_is_tokens_or_bytes() {
+        let budget = |s: &str| parse(&["--kv-cache-budget", s]).unwrap().kv_cache_budget;
+        assert_eq!(
+            parse(&[]).unwrap().kv_cache_budget,
+            KvCacheBudget::Bytes(1 << 30)
+        );
+        for (text, want) in [
+            ("20000", KvCacheBudget::Tokens(20_000)),
+            ("512MiB", KvCacheBudget::Bytes(512 << 20)),
+            ("1.5GiB", KvCacheBudget::Bytes(3 << 29)),
+            ("2GB", KvCacheBudget::Bytes(2_000_000_000)),
+            ("800 kb", KvCacheBudget::Bytes(800_000)),
+            ("1tib", KvCacheBudget::Bytes(1 << 40)),
+            ("4096B", KvCacheBudget::Bytes(4096)),
+        ] {
+            assert_eq!(budget(text), want, "{text}");
+        }
+        for (bad, why) in [
+            ("12XB", "unknown unit \"XB\""),
+            ("1.5", "neither a number of tokens"),
+            ("0", "more than 0 tokens"),
+            ("0MiB", "from 1 byte up"),
+            ("-3GiB", "neither a number of tokens"),
+            ("GiB", "neither a number of tokens"),
+            ("1.2.3GB", "neither a number of tokens"),
+        ] {
+            let flag = format!("--kv-cache-budget={bad}");
+            let e = parse(&[&flag]).unwrap_err().to_string();
+            assert!(
+                e.contains("--kv-cache-budget") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_budget_is_counted_in_whole_blocks() {
+        assert_eq!(KvCacheBudget::Tokens(20_000).blocks(16, 46_080), 1250);
+        assert_eq!(KvCacheBudget::Tokens(20_001).blocks(16, 46_080), 1250);
+        assert_eq!(KvCacheBudget::Bytes(1 << 30).blocks(16, 46_080), 1456);
+        assert_eq!(
+            KvCacheBudget::Tokens(3).blocks(16, 46_080),
+            1,
+            "at least one"
+        );
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_switched_off() {
+        assert!(!parse(&[]).unwrap().no_prefix_cache);
+        let off = parse(&["--no-prefix-cache", "--kv-block-tokens", "32"]).unwrap();
+        assert!(off.no_prefix_cache);
+        assert_eq!(off.kv_block_tokens, 32);
     }
 }

@@ -1,4 +1,7 @@
-//! Prometheus metrics of the runner.
+//! Prometheus metrics of the runner: its own, prefixed `flotilla_runner_`,
+//! and the prefix cache's and KV usage under vLLM's names (`vllm:`, with a
+//! `model_name` label), so that dashboards and the executor read both
+//! engines alike.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -13,6 +16,8 @@ use prometheus_client::registry::Registry;
 
 pub struct RunnerMetrics {
     pub registry: Registry,
+    /// vLLM's names, unprefixed; encoded into the same answer.
+    pub vllm_registry: Registry,
     pub prompt_tokens: Counter,
     pub completion_tokens: Counter,
     pub requests: Counter,
@@ -25,9 +30,22 @@ pub struct RunnerMetrics {
     pub kv_cache_tokens: Gauge,
     pub kv_cache_capacity: Gauge,
     pub kv_cache_usage: Gauge<f64, AtomicU64>,
+    /// `vllm:kv_cache_usage_perc`: blocks running sequences hold over the
+    /// budget's, 0 to 1.
+    pub kv_cache_usage_perc: Gauge<f64, AtomicU64>,
+    /// `vllm:prefix_cache_queries_total`: prompt tokens looked up.
+    pub prefix_cache_queries: Counter,
+    /// `vllm:prefix_cache_hits_total`: prompt tokens found cached.
+    pub prefix_cache_hits: Counter,
+    pub prefix_cache_blocks: Gauge,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
     gpus: Option<GpuGauges>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model_name: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,8 +137,40 @@ pub fn gpu_selection(device: &str, cuda_visible_devices: Option<&str>) -> Option
 }
 
 impl RunnerMetrics {
-    pub fn new() -> Self {
+    /// The metrics of a runner serving `model_name` (the name clients use).
+    pub fn new(model_name: &str) -> Self {
         let mut registry = Registry::with_prefix("flotilla_runner");
+        let mut vllm_registry = Registry::default();
+        let labels = ModelLabels {
+            model_name: model_name.to_string(),
+        };
+        let queries = Family::<ModelLabels, Counter>::default();
+        let hits = Family::<ModelLabels, Counter>::default();
+        let usage_perc = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
+        vllm_registry.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            queries.clone(),
+        );
+        vllm_registry.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens whose keys and values came from the prefix cache",
+            hits.clone(),
+        );
+        vllm_registry.register(
+            "vllm:kv_cache_usage_perc",
+            "KV cache blocks held by running sequences over the budget's blocks, 0 to 1",
+            usage_perc.clone(),
+        );
+        let prefix_cache_queries = queries.get_or_create(&labels).clone();
+        let prefix_cache_hits = hits.get_or_create(&labels).clone();
+        let kv_cache_usage_perc = usage_perc.get_or_create(&labels).clone();
+        let prefix_cache_blocks = Gauge::default();
+        registry.register(
+            "prefix_cache_blocks",
+            "KV blocks in the prefix cache, held by running sequences or idle",
+            prefix_cache_blocks.clone(),
+        );
         let prompt_tokens = Counter::default();
         let completion_tokens = Counter::default();
         let requests = Counter::default();
@@ -157,17 +207,17 @@ impl RunnerMetrics {
         registry.register("running", "Sequences in the running batch", running.clone());
         registry.register(
             "kv_cache_tokens",
-            "Tokens held in the KV caches of running sequences",
+            "Tokens in the KV blocks running sequences hold (a shared block counted once)",
             kv_cache_tokens.clone(),
         );
         registry.register(
             "kv_cache_capacity_tokens",
-            "Tokens the KV caches may hold: batch slots times the context",
+            "Tokens the KV cache budget holds (--kv-cache-budget, in whole blocks)",
             kv_cache_capacity.clone(),
         );
         registry.register(
             "kv_cache_usage_ratio",
-            "KV cache tokens held over capacity, 0 to 1",
+            "KV cache tokens held over capacity; past 1 when decoding outgrows the budget",
             kv_cache_usage.clone(),
         );
         registry.register(
@@ -187,6 +237,7 @@ impl RunnerMetrics {
         );
         Self {
             registry,
+            vllm_registry,
             prompt_tokens,
             completion_tokens,
             requests,
@@ -197,6 +248,10 @@ impl RunnerMetrics {
             kv_cache_tokens,
             kv_cache_capacity,
             kv_cache_usage,
+            kv_cache_usage_perc,
+            prefix_cache_queries,
+            prefix_cache_hits,
+            prefix_cache_blocks,
             time_to_first_token,
             inter_token,
             gpus: None,
@@ -246,15 +301,12 @@ impl RunnerMetrics {
         if let Some(gpus) = &self.gpus {
             gpus.sample();
         }
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.vllm_registry))
+            .and_then(|()| encode_eof(&mut out));
         out
-    }
-}
-
-impl Default for RunnerMetrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -304,7 +356,7 @@ mod tests {
     fn gpu_gauges_show_the_selected_gpu_and_drop_one_that_left() {
         let reader = RecordedDevices::from_json(RECORDED).unwrap();
         let first = reader.frames[0].devices[1].clone();
-        let metrics = RunnerMetrics::new().with_gpus(Box::new(reader), vec!["1".into()]);
+        let metrics = RunnerMetrics::new("m").with_gpus(Box::new(reader), vec!["1".into()]);
         let text = metrics.render();
         let labels = format!("gpu=\"1\",uuid=\"{}\",model=\"H100-80GB\"", first.uuid);
         let used = first.memory_total_bytes - first.memory_free_bytes;
@@ -333,6 +385,6 @@ mod tests {
 
     #[test]
     fn a_cpu_runner_has_no_gpu_metrics() {
-        assert!(!RunnerMetrics::new().render().contains("gpu_"));
+        assert!(!RunnerMetrics::new("m").render().contains("gpu_"));
     }
 }

@@ -3,17 +3,20 @@
 //! where every sequence feeds one or more new tokens (decode steps and
 //! prompt chunks mixed freely). The linear layers of all sequences run as
 //! one matrix product, so weights are read once per step, not once per
-//! sequence; attention runs per sequence over its own cache.
+//! sequence; attention runs per sequence over its own cache, whose blocks
+//! (`model/kv.rs`) it may share with other sequences.
 //!
 //! Q4_0/Q4_1/Q8_0 weights use the project's kernels ([`flotilla_kernels`]);
 //! every other format (K-quants, f16/bf16/f32 from safetensors) goes through
 //! candle's `QMatMul` (`model/linear.rs`). Activations are f32 buffers reused from
 //! step to step.
 
+mod kv;
 mod linear;
 
 use rayon::prelude::*;
 
+pub use kv::{DEFAULT_BLOCK_TOKENS, KvBlock, SeqCache};
 pub use linear::Linear;
 use linear::MatmulScratch;
 
@@ -116,31 +119,6 @@ pub struct Llama {
     sin: Vec<f32>,
 }
 
-/// The keys and values one sequence has seen, per layer
-/// (`[position][kv_head][head_dim]`).
-#[derive(Default)]
-pub struct SeqCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl SeqCache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Empties the cache for another sequence, keeping its memory.
-    pub fn clear(&mut self) {
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            layer.clear();
-        }
-        self.len = 0;
-    }
-}
-
 /// Buffers reused from step to step.
 #[derive(Default)]
 pub struct Scratch {
@@ -241,12 +219,10 @@ impl Llama {
         })
     }
 
+    /// An empty cache in blocks of [`DEFAULT_BLOCK_TOKENS`] positions,
+    /// which grows by fresh blocks as it is fed.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache {
-            k: vec![Vec::new(); self.config.layers],
-            v: vec![Vec::new(); self.config.layers],
-            len: 0,
-        }
+        SeqCache::new(DEFAULT_BLOCK_TOKENS)
     }
 
     fn rope(&self, x: &mut [f32], pos: usize) {
@@ -288,10 +264,10 @@ impl Llama {
             if f.tokens.is_empty() {
                 return Err(ModelError::Shape("an entry with no tokens".into()));
             }
-            if f.cache.len + f.tokens.len() > c.context {
+            if f.cache.len() + f.tokens.len() > c.context {
                 return Err(ModelError::Shape(format!(
                     "{} tokens exceed the context of {}",
-                    f.cache.len + f.tokens.len(),
+                    f.cache.len() + f.tokens.len(),
                     c.context
                 )));
             }
@@ -300,6 +276,10 @@ impl Llama {
                     "token {t} is outside the vocabulary"
                 )));
             }
+            f.cache.check(c)?;
+        }
+        for f in batch.iter_mut() {
+            f.cache.make_room(c, f.tokens.len());
         }
         let s = scratch;
         grow(&mut s.x, total * h);
@@ -340,25 +320,25 @@ impl Llama {
                     offset += part.n_out;
                 }
             }
-            // RoPE, cache append, attention: per sequence.
+            // RoPE, cache write, attention: per sequence.
             let mut row = 0;
             for f in batch.iter_mut() {
                 let n = f.tokens.len();
-                let start = f.cache.len;
-                let kc = &mut f.cache.k[li];
-                let vc = &mut f.cache.v[li];
+                let start = f.cache.len();
                 for i in 0..n {
                     let r = &mut s.qkv[(row + i) * width..(row + i + 1) * width];
                     let (q, kv) = r.split_at_mut(qd);
                     self.rope(q, start + i);
                     self.rope(&mut kv[..kvd], start + i);
-                    kc.extend_from_slice(&kv[..kvd]);
-                    vc.extend_from_slice(&kv[kvd..]);
+                    let (key, value) = kv.split_at(kvd);
+                    f.cache.write(li, c.head_dim, start + i, key, value)?;
                 }
+                let (keys, values) = f.cache.layer_blocks(li, kvd, start + n);
                 self.attention(
                     &s.qkv[row * width..(row + n) * width],
-                    kc,
-                    vc,
+                    &keys,
+                    &values,
+                    f.cache.block_tokens(),
                     start,
                     &mut s.attn[row * qd..(row + n) * qd],
                 );
@@ -412,7 +392,7 @@ impl Llama {
             let mut row = 0;
             let mut rows = Vec::new();
             for f in batch.iter_mut() {
-                f.cache.len += f.tokens.len();
+                f.cache.advance(f.tokens.len());
                 row += f.tokens.len();
                 if f.logits {
                     rows.push(row - 1);
@@ -452,8 +432,17 @@ impl Llama {
     }
 
     /// Causal attention of `n` new rows (q|k|v each) at positions
-    /// `start..start + n` over the cache (which already holds them).
-    fn attention(&self, qkv: &[f32], kc: &[f32], vc: &[f32], start: usize, out: &mut [f32]) {
+    /// `start..start + n` over the cache's blocks of this layer (which
+    /// already hold them).
+    fn attention(
+        &self,
+        qkv: &[f32],
+        keys: &[&[f32]],
+        values: &[&[f32]],
+        block_tokens: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
         let c = &self.config;
         let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
         let width = qd + 2 * kvd;
@@ -465,7 +454,19 @@ impl Llama {
             let first = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let q = &qkv[i * width + head * hd..i * width + (head + 1) * hd];
             let kvh = head / group;
-            flotilla_kernels::attend(q, kc, vc, kvd, kvh * hd, first..pos + 1, scale, scores, o);
+            // Blocks are `[kv_head][position][head_dim]` per layer.
+            flotilla_kernels::attend_paged(
+                q,
+                keys,
+                values,
+                block_tokens,
+                hd,
+                kvh * block_tokens * hd,
+                first..pos + 1,
+                scale,
+                scores,
+                o,
+            );
         };
         let work = n * c.heads * (start + n);
         if work < 1 << 11 {

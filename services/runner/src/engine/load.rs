@@ -19,6 +19,20 @@ pub struct LoadedModel {
     pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
     pub context_length: usize,
+    /// Names the weights (files, sizes, modification times): the prefix
+    /// cache's salt, so that keys and values of other weights never match.
+    pub fingerprint: String,
+}
+
+/// `path`, its size and modification time, as text.
+fn file_fingerprint(path: &Path) -> String {
+    let meta = std::fs::metadata(path).ok();
+    let size = meta.as_ref().map_or(0, |m| m.len());
+    let modified = meta
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{} {size} {modified}", path.display())
 }
 
 /// Loads a GGUF model and builds its tokenizer and chat template from the
@@ -50,6 +64,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, EngineErro
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
         context_length,
+        fingerprint: format!("{} on {device:?}", file_fingerprint(path)),
     })
 }
 
@@ -128,10 +143,16 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<LoadedModel, Engine
             weights.config.vocab
         )));
     }
+    let fingerprint = files
+        .iter()
+        .map(|f| file_fingerprint(f))
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok(LoadedModel {
         context_length: weights.config.context,
         weights,
         tokenizer: Arc::new(tokenizer),
         template: Arc::new(template),
+        fingerprint: format!("{fingerprint} on {device:?}"),
     })
 }

@@ -1,12 +1,17 @@
-//! The worker thread: admits jobs into the running batch, runs one
-//! forward pass per step over every active sequence, samples, streams text
+//! The worker thread: admits jobs into the running batch (sharing the
+//! cached blocks their prompts start with, or holding them back while the
+//! KV budget is taken), runs one forward pass per step over every active
+//! sequence, registers the blocks that filled up, samples, streams text
 //! and lets finished or abandoned sequences go.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use super::{EngineLimits, FinishReason, GenEvent, Job};
+use super::kv_pool::{KvPool, Link};
+use super::{EngineLimits, FinishReason, GenEvent, Job, KvCacheStats};
 use crate::metrics::RunnerMetrics;
 use crate::model::{Feed, Llama, Scratch, SeqCache};
 use crate::sampling::Sampler;
@@ -16,6 +21,13 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 struct Active {
     job: Job,
     cache: SeqCache,
+    /// The prefix cache entries of the cache's leading full blocks.
+    chain: Vec<Link>,
+    /// The prompt, then each chosen token: what the cache holds, and the
+    /// next token to feed.
+    tokens: Vec<u32>,
+    /// Prompt tokens found in the prefix cache.
+    cached: usize,
     sampler: Sampler,
     /// How much of the prompt is in the cache.
     fed: usize,
@@ -40,7 +52,7 @@ enum Step {
 }
 
 impl Active {
-    fn new(job: Job, tokenizer: &Tokenizer) -> Self {
+    fn new(job: Job, tokenizer: &Tokenizer, cache: SeqCache) -> Self {
         let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
         // A continuation starts in the state the interrupted generation
         // had after its tokens: same text, same sampler.
@@ -67,8 +79,11 @@ impl Active {
         };
         Self {
             sampler,
+            tokens: job.prompt.clone(),
             job,
-            cache: SeqCache::default(),
+            cache,
+            chain: Vec::new(),
+            cached: 0,
             fed: 0,
             next: None,
             decoder,
@@ -86,6 +101,7 @@ impl Active {
     fn accept(&mut self, token: u32, tokenizer: &Tokenizer, metrics: &RunnerMetrics) -> Step {
         self.completion += 1;
         self.unsent_ids.push(token);
+        self.tokens.push(token);
         let now = Instant::now();
         if self.completion == 1 {
             metrics
@@ -161,11 +177,13 @@ impl Active {
         let _ = self.job.events.send(GenEvent::Done {
             reason,
             prompt_tokens: self.job.prompt.len(),
+            cached_tokens: self.cached,
             completion_tokens: self.completion,
             token_ids: std::mem::take(&mut self.unsent_ids),
         });
         tracing::debug!(
             prompt_tokens = self.job.prompt.len(),
+            cached_tokens = self.cached,
             completion = self.completion,
             elapsed = ?self.started.elapsed(),
             "generated"
@@ -175,14 +193,29 @@ impl Active {
 
 pub(super) struct Worker {
     pub(super) model: Llama,
-    /// Caches of sequences that left, emptied, for the next ones: a new
-    /// request reuses memory rather than faulting in fresh pages.
-    pub(super) spare: std::cell::RefCell<Vec<SeqCache>>,
+    /// Every sequence's KV blocks and the prefix cache.
+    pub(super) pool: RefCell<KvPool>,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) jobs: std::sync::mpsc::Receiver<Job>,
     pub(super) waiting: Arc<AtomicUsize>,
     pub(super) limits: EngineLimits,
     pub(super) metrics: Arc<RunnerMetrics>,
+    pub(super) stats: tokio::sync::watch::Sender<KvCacheStats>,
+}
+
+/// Blocks and positions the running sequences hold, shared ones once.
+fn in_use(active: &[Active]) -> (usize, usize) {
+    let mut seen = HashSet::new();
+    let mut tokens = 0;
+    for a in active {
+        let bt = a.cache.block_tokens();
+        for (i, block) in a.cache.blocks().iter().enumerate() {
+            if seen.insert(Arc::as_ptr(block)) {
+                tokens += a.cache.len().saturating_sub(i * bt).min(bt);
+            }
+        }
+    }
+    (seen.len(), tokens)
 }
 
 impl Worker {
@@ -190,50 +223,63 @@ impl Worker {
         let mut active: Vec<Active> = Vec::new();
         let mut scratch = Scratch::default();
         let mut logits = Vec::new();
-        let capacity = self.limits.max_batch * self.model.config.context;
-        self.metrics.kv_cache_capacity.set(capacity as i64);
+        // The queue's head, waiting for KV room; still counted as waiting.
+        let mut held: Option<Job> = None;
+        self.publish(&active);
         loop {
             // Admit waiting requests into free slots; block only when idle.
+            let (mut blocks_in_use, _) = in_use(&active);
             while active.len() < self.limits.max_batch {
-                let job = if active.is_empty() {
-                    match self.jobs.recv() {
+                let job = match held.take() {
+                    Some(job) => job,
+                    None if active.is_empty() => match self.jobs.recv() {
                         Ok(job) => job,
                         Err(_) => return,
-                    }
-                } else {
-                    match self.jobs.try_recv() {
+                    },
+                    None => match self.jobs.try_recv() {
                         Ok(job) => job,
                         Err(_) => break,
-                    }
+                    },
                 };
-                let left = self
-                    .waiting
-                    .fetch_sub(1, Ordering::SeqCst)
-                    .saturating_sub(1);
-                self.metrics.queue_depth.set(left as i64);
                 if job.events.is_closed() {
+                    self.dequeued();
                     continue;
                 }
                 if job.prompt.is_empty() || job.max_tokens == 0 {
+                    self.dequeued();
                     let _ = job.events.send(GenEvent::Failed(
                         "an empty prompt or max_tokens of 0".into(),
                     ));
                     continue;
                 }
+                let mut pool = self.pool.borrow_mut();
+                let found = pool.lookup(&job.prompt);
+                let needed = pool.blocks_needed(&found, job.prompt.len());
+                // With nothing running it goes in whatever it needs, or it
+                // would never run.
+                if !active.is_empty() && blocks_in_use + needed > pool.budget_blocks() {
+                    held = Some(job);
+                    break;
+                }
+                self.dequeued();
+                blocks_in_use += needed;
                 self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-                let mut a = Active::new(job, &self.tokenizer);
-                a.cache = self
-                    .spare
-                    .borrow_mut()
-                    .pop()
-                    .unwrap_or_else(|| self.model.new_cache());
+                let prompt_len = job.prompt.len();
+                let mut a = Active::new(job, &self.tokenizer, pool.new_cache());
+                if pool.prefix_caching() {
+                    let cached = pool.acquire(found, &mut a.cache, &mut a.chain);
+                    a.cached = cached;
+                    a.fed = cached;
+                    self.metrics.prefix_cache_queries.inc_by(prompt_len as u64);
+                    self.metrics.prefix_cache_hits.inc_by(cached as u64);
+                }
                 active.push(a);
             }
             // Abandoned requests leave before costing a step.
             let mut i = 0;
             while i < active.len() {
                 if active[i].job.events.is_closed() {
-                    self.keep_cache(&mut active.remove(i));
+                    self.release(&mut active.remove(i));
                 } else {
                     i += 1;
                 }
@@ -254,8 +300,9 @@ impl Worker {
             };
             if let Some(e) = failure {
                 tracing::error!(error = %e, "a forward step failed; failing its requests");
-                for a in active.drain(..) {
+                for mut a in active.drain(..) {
                     let _ = a.job.events.send(GenEvent::Failed(e.clone()));
+                    self.release(&mut a);
                 }
                 scratch = Scratch::default();
             }
@@ -263,21 +310,45 @@ impl Worker {
         }
     }
 
-    /// Empties a leaving sequence's cache and keeps it for the next one.
-    fn keep_cache(&self, a: &mut Active) {
-        let mut cache = std::mem::take(&mut a.cache);
-        cache.clear();
-        self.spare.borrow_mut().push(cache);
+    /// A job left the queue (admitted, refused or abandoned).
+    fn dequeued(&self) {
+        let left = self
+            .waiting
+            .fetch_sub(1, Ordering::SeqCst)
+            .saturating_sub(1);
+        self.metrics.queue_depth.set(left as i64);
+    }
+
+    /// Hands a leaving sequence's blocks back to the pool.
+    fn release(&self, a: &mut Active) {
+        self.pool.borrow_mut().release(&mut a.cache, &mut a.chain);
     }
 
     fn publish(&self, active: &[Active]) {
-        let tokens: usize = active.iter().map(|a| a.cache.len()).sum();
-        self.metrics.kv_cache_tokens.set(tokens as i64);
-        let capacity = (self.limits.max_batch * self.model.config.context).max(1);
-        self.metrics
-            .kv_cache_usage
-            .set(tokens as f64 / capacity as f64);
-        self.metrics.running.set(active.len() as i64);
+        let pool = self.pool.borrow();
+        let (blocks, tokens) = in_use(active);
+        let bt = pool.block_tokens();
+        let budget = pool.budget_blocks();
+        let counts = pool.counts();
+        let m = &self.metrics;
+        m.kv_cache_tokens.set(tokens as i64);
+        m.kv_cache_capacity.set((budget * bt) as i64);
+        m.kv_cache_usage.set(tokens as f64 / (budget * bt) as f64);
+        m.kv_cache_usage_perc
+            .set((blocks as f64 / budget as f64).min(1.0));
+        m.prefix_cache_blocks.set(counts.cached_blocks as i64);
+        m.running.set(active.len() as i64);
+        self.stats.send_replace(KvCacheStats {
+            running: active.len(),
+            sequence_tokens: active.iter().map(|a| a.cache.len()).sum(),
+            tokens_in_use: tokens,
+            blocks_in_use: blocks,
+            block_tokens: bt,
+            budget_blocks: budget,
+            pool: counts,
+            queries: m.prefix_cache_queries.get(),
+            hits: m.prefix_cache_hits.get(),
+        });
     }
 
     /// One forward pass over every active sequence, then sampling.
@@ -303,6 +374,12 @@ impl Worker {
         for (i, a) in active.iter().enumerate() {
             if let Some(t) = a.next {
                 singles[i] = [t];
+            }
+        }
+        {
+            let mut pool = self.pool.borrow_mut();
+            for &(i, n) in &plan {
+                pool.reserve(&mut active[i].cache, n);
             }
         }
         let mut wants: Vec<usize> = Vec::with_capacity(plan.len());
@@ -333,11 +410,15 @@ impl Worker {
             }
             self.model.forward(&mut feeds, scratch, logits)?;
         }
+        let mut pool = self.pool.borrow_mut();
         for &(i, n) in &plan {
-            if active[i].next.is_none() {
-                active[i].fed += n;
+            let a = &mut active[i];
+            if a.next.is_none() {
+                a.fed += n;
             }
+            pool.register(&mut a.cache, &mut a.chain, &a.tokens);
         }
+        drop(pool);
         let vocab = self.model.config.vocab;
         let mut outcomes: Vec<(usize, Step)> = Vec::with_capacity(wants.len());
         for (slot, &i) in wants.iter().enumerate() {
@@ -348,16 +429,24 @@ impl Worker {
             outcomes.push((i, a.accept(token, &self.tokenizer, &self.metrics)));
         }
         // Leave in reverse so earlier indices stay valid.
+        let mut finished = Vec::new();
         for (i, step) in outcomes.into_iter().rev() {
             match step {
                 Step::Continue => {}
                 Step::Finished(reason) => {
                     let mut a = active.swap_remove(i);
-                    self.keep_cache(&mut a);
-                    a.finish(reason)
+                    self.release(&mut a);
+                    finished.push((a, reason));
                 }
-                Step::Abandoned => self.keep_cache(&mut active.swap_remove(i)),
+                Step::Abandoned => self.release(&mut active.swap_remove(i)),
             }
+        }
+        // A client that has its answer sees metrics without it.
+        if !finished.is_empty() {
+            self.publish(active);
+        }
+        for (a, reason) in finished {
+            a.finish(reason);
         }
         Ok(())
     }

@@ -24,8 +24,12 @@ pub(super) struct Envelope {
     pub return_token_ids: bool,
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+/// OpenAI's usage object; `cached_tokens` (prompt tokens served from the
+/// prefix cache) under `prompt_tokens_details`, as OpenAI reports it.
+fn usage(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}})
 }
 
 /// SSE chunks as OpenAI sends them, ending with `[DONE]`. Dropping the
@@ -94,6 +98,7 @@ pub(super) fn stream(
                 GenEvent::Done {
                     reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     token_ids,
                 } => {
@@ -101,7 +106,7 @@ pub(super) fn stream(
                         json!({}),
                         Some(token_ids),
                         Some(reason.as_str()),
-                        Some(usage(prompt_tokens, completion_tokens)),
+                        Some(usage(prompt_tokens, cached_tokens, completion_tokens)),
                     ));
                     let _ = out_tx.send(Ok(Event::default().data("[DONE]")));
                     break;
@@ -143,6 +148,7 @@ pub(super) async fn whole(
             GenEvent::Done {
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
                 token_ids,
             } => {
@@ -169,7 +175,7 @@ pub(super) async fn whole(
                 };
                 return Json(
                     json!({"id": id, "object": object, "created": created, "model": model,
-                           "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}),
+                           "choices": [choice], "usage": usage(prompt_tokens, cached_tokens, completion_tokens)}),
                 )
                 .into_response();
             }
