@@ -13,6 +13,7 @@
 mod continuation;
 mod forward;
 mod openai;
+mod prefix_cache;
 mod safetensors;
 mod support;
 mod tokenizers;

@@ -39,6 +39,9 @@ impl Runner {
             max_queue,
             max_batch,
             device: "cpu".into(),
+            kv_block_tokens: 16,
+            kv_cache_budget: "1GiB".parse().unwrap(),
+            no_prefix_cache: false,
             log_format: Default::default(),
         };
         let stop = CancellationToken::new();
