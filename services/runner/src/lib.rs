@@ -23,6 +23,11 @@
 //!   none.
 //! - **Devices**: the CPU; with the `cuda` feature, the linear layers on an
 //!   NVIDIA GPU (`--device cuda:N`).
+//! - **KV cache**: paged in blocks within a memory budget, with automatic
+//!   prefix caching: a prompt that starts like an earlier one (a shared
+//!   system prompt, a conversation's next turn, a continuation) reuses its
+//!   keys and values ([`engine`]); answers report them as OpenAI's
+//!   `cached_tokens`.
 //!
 //! The model runs on one engine thread ([`engine`]); HTTP handlers
 //! ([`server`]) queue jobs on it and stream tokens back. It never talks to
@@ -219,9 +224,15 @@ pub async fn run(
         prefix_cache: !args.no_prefix_cache,
         ..Default::default()
     };
-    let _ = state
-        .engine
-        .set(engine::Engine::start(loaded, limits, metrics));
+    let engine = engine::Engine::start(loaded, limits, metrics);
+    let kv = *engine.kv_cache().borrow();
+    tracing::info!(
+        block_tokens = kv.block_tokens,
+        budget_tokens = kv.budget_blocks * kv.block_tokens,
+        prefix_cache = limits.prefix_cache,
+        "KV cache"
+    );
+    let _ = state.engine.set(engine);
 
     let _ = serving.await;
     Ok(())
