@@ -252,3 +252,126 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Two real runners behind a cache-aware gateway: a second request that
+/// shares a long system prompt with the first meets it on the same
+/// replica and is served from that replica's prefix cache; bumping the
+/// replica's `restarts` in KV (a restarted runner has an empty cache)
+/// empties what the gateway predicts it holds.
+#[tokio::test]
+async fn cache_aware_routing_meets_the_prefix_and_forgets_a_restarted_replica() {
+    let (server, bus) = support::bus().await;
+    let first = support::runner("smollm2").await;
+    let second = support::runner("smollm2").await;
+    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+        .await
+        .unwrap();
+    let record = |id: &str, endpoint: &str, restarts: u32| ReplicaStatus {
+        replica_id: id.into(),
+        cluster: "local".into(),
+        deployment: "chat".into(),
+        phase: ReplicaPhase::Ready.into(),
+        endpoint: endpoint.into(),
+        model: "smollm2".into(),
+        region: "local".into(),
+        restarts,
+        ..Default::default()
+    };
+    for (id, endpoint) in [("r-1", &first), ("r-2", &second)] {
+        let r = record(id, endpoint, 0);
+        replicas
+            .update(&format!("local.{id}"), |_| Some(r.clone()))
+            .await
+            .unwrap();
+    }
+    let config = flotilla_gateway::Config {
+        region: "local".into(),
+        api_keys: vec!["secret".into()],
+        ..fleet::gateway_config(&support::config(&server))
+    };
+    assert_eq!(
+        config.routing,
+        flotilla_gateway::routing::Policy::CacheAware
+    );
+    let gateway = format!("http://{}", fleet::gateway(config).await);
+    let http = reqwest::Client::new();
+    poll_until(
+        Duration::from_secs(20),
+        "both replicas routable",
+        || async {
+            let m: Value = http
+                .get(format!("{gateway}/v1/models"))
+                .bearer_auth("secret")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (m["data"][0]["id"] == "smollm2").then_some(())
+        },
+    )
+    .await;
+
+    let system = "You answer questions about the fleet's shipping policy. ".repeat(40);
+    let ask = |question: &str| {
+        json!({"model": "smollm2", "temperature": 0, "max_tokens": 3, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+        ]})
+    };
+    let answer = complete(&http, &gateway, Some("secret"), &ask("Where is my parcel?")).await;
+    assert_eq!(answer.status(), 200);
+    let holder = answer.headers()["x-flotilla-replica"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        body["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "a fresh runner had nothing cached: {body}"
+    );
+
+    let answer = complete(&http, &gateway, Some("secret"), &ask("Can I return it?")).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["x-flotilla-replica"].to_str().unwrap(),
+        holder,
+        "the shared prompt went elsewhere"
+    );
+    let body: Value = answer.json().await.unwrap();
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached * 10 >= prompt * 8,
+        "only {cached} of {prompt} prompt tokens came from the cache"
+    );
+
+    let held = sample(
+        &scrape(&http, &gateway).await,
+        "flotilla_gateway_prefix_blocks",
+        &[("replica", holder.as_str())],
+    );
+    assert!(held > 0.0, "the gateway predicts nothing on {holder}");
+    let endpoint = if holder == "r-1" { &first } else { &second };
+    let restarted = record(&holder, endpoint, 1);
+    replicas
+        .update(&format!("local.{holder}"), |_| Some(restarted.clone()))
+        .await
+        .unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "the restarted replica's prefixes forgotten",
+        || async {
+            let held = sample(
+                &scrape(&http, &gateway).await,
+                "flotilla_gateway_prefix_blocks",
+                &[("replica", holder.as_str())],
+            );
+            (held == 0.0).then_some(())
+        },
+    )
+    .await;
+}

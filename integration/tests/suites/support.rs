@@ -90,15 +90,23 @@ where
 /// its base URL.
 pub async fn runner(served_model_name: &str) -> String {
     let (bound, addr) = tokio::sync::oneshot::channel();
-    let args = flotilla_runner::Args {
-        model: shipped_model(),
-        served_model_name: Some(served_model_name.into()),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        max_queue: 16,
-        max_batch: 8,
-        device: "cpu".into(),
-        log_format: Default::default(),
-    };
+    // Parsed as the command line would be, so every other flag keeps its
+    // default.
+    let model = shipped_model();
+    let args = <flotilla_runner::Args as clap::Parser>::try_parse_from([
+        "flotilla-runner",
+        "--model",
+        &model.display().to_string(),
+        "--served-model-name",
+        served_model_name,
+        "--addr",
+        "127.0.0.1:0",
+        "--max-queue",
+        "16",
+        "--max-batch",
+        "8",
+    ])
+    .unwrap();
     tokio::spawn(async move {
         flotilla_runner::run(args, CancellationToken::new(), Some(bound))
             .await
