@@ -115,6 +115,12 @@ pub(crate) struct Paged<'a> {
 /// [`attend_paged`] with the inner loops of `isa` (one of
 /// [`crate::available_isas`]).
 pub(crate) fn attend_paged_with(isa: Isa, args: Paged<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    assert!(args.block_tokens > 0, "blocks of no positions");
+    let hd = args.q.len();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && hd.is_multiple_of(16) && hd <= 128 && out.len() >= hd {
+        return x86::attention::attend(args, scores, out);
+    }
     let Paged {
         q,
         key_blocks,
@@ -125,22 +131,6 @@ pub(crate) fn attend_paged_with(isa: Isa, args: Paged<'_>, scores: &mut Vec<f32>
         positions,
         scale,
     } = args;
-    assert!(block_tokens > 0, "blocks of no positions");
-    let hd = q.len();
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && hd.is_multiple_of(16) && hd <= 128 && out.len() >= hd {
-        let args = Paged {
-            q,
-            key_blocks,
-            value_blocks,
-            block_tokens,
-            stride,
-            offset,
-            positions,
-            scale,
-        };
-        return x86::attention::attend(args, scores, out);
-    }
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for (b, rows) in segments(positions.clone(), block_tokens) {
