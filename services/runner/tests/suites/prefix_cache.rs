@@ -84,7 +84,8 @@ async fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Answer 
     answer(submit(engine, prompt, max_tokens)).await
 }
 
-/// A long shared instruction (about 150 tokens) and what follows it.
+/// A long shared instruction (about 130 tokens) and two questions after
+/// it, and an unrelated prompt.
 fn prompts(engine: &Engine) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let system = "<|im_start|>system\nYou are a careful assistant for a harbour office. \
         You answer questions about tides, ships, berths and the weather in short, \
@@ -195,8 +196,8 @@ async fn cached_and_uncached_generations_are_token_identical_alone_and_batched()
 #[tokio::test]
 async fn a_small_budget_evicts_and_answers_stay_right() {
     let (reference, _) = start(uncached());
-    // Ten blocks: one prompt of about 150 tokens (10 blocks with its answer)
-    // leaves little room for a second.
+    // Twelve blocks: a prompt of about 140 tokens and its answer take ten,
+    // too many for a second one to fit beside them.
     let small = EngineLimits {
         kv_cache_budget: KvCacheBudget::Tokens(16 * 12),
         ..Default::default()
@@ -277,7 +278,7 @@ async fn a_prompt_waits_while_the_budget_is_taken() {
     let want_b = generate(&reference, &b, 4).await.tokens;
     let mut first = submit(&engine, &a, 40);
     assert!(matches!(first.recv().await, Some(GenEvent::Text { .. })));
-    // a holds about 10 blocks, b needs 10 of the 14: b waits for a.
+    // a holds about 10 of the 14 blocks, b's prompt needs 9: b waits.
     let mut second = submit(&engine, &b, 4);
     let e = second.recv().await.unwrap();
     let mut a_done = false;
