@@ -58,9 +58,16 @@ struct Answer {
     cached: usize,
 }
 
+/// Waits for `what`, failing the test past a minute.
+async fn within<T>(what: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), what)
+        .await
+        .expect("the engine took over a minute")
+}
+
 async fn answer(mut rx: mpsc::UnboundedReceiver<GenEvent>) -> Answer {
     let mut tokens = Vec::new();
-    while let Some(e) = rx.recv().await {
+    while let Some(e) = within(rx.recv()).await {
         match e {
             GenEvent::Text { token_ids, .. } => tokens.extend(token_ids),
             GenEvent::Done {
@@ -247,9 +254,12 @@ async fn concurrent_requests_sharing_a_prefix_hold_its_blocks_once() {
     let mut kv = engine.kv_cache();
     let mut first = submit(&engine, &a, 400);
     // Its prompt is in (and its blocks registered) once it has a token.
-    assert!(matches!(first.recv().await, Some(GenEvent::Text { .. })));
+    assert!(matches!(
+        within(first.recv()).await,
+        Some(GenEvent::Text { .. })
+    ));
     let second = submit(&engine, &b, 400);
-    let both = *kv.wait_for(|s| s.running == 2).await.unwrap();
+    let both = *within(kv.wait_for(|s| s.running == 2)).await.unwrap();
     let shared = shared_blocks(&a, &b);
     assert!(shared >= 128);
     assert_eq!(
@@ -260,7 +270,7 @@ async fn concurrent_requests_sharing_a_prefix_hold_its_blocks_once() {
     let usage = metrics.kv_cache_usage_perc.get();
     assert!(usage > 0.0 && usage <= 1.0, "{usage}");
     drop((first, second));
-    let idle = *kv.wait_for(|s| s.running == 0).await.unwrap();
+    let idle = *within(kv.wait_for(|s| s.running == 0)).await.unwrap();
     assert_eq!(idle.tokens_in_use, 0);
     assert!(idle.pool.cached_blocks >= (a.len() + b.len() - shared) / 16);
 }
@@ -277,10 +287,13 @@ async fn a_prompt_waits_while_the_budget_is_taken() {
     b[1] = engine.tokenizer.encode("user")[0];
     let want_b = generate(&reference, &b, 4).await.tokens;
     let mut first = submit(&engine, &a, 40);
-    assert!(matches!(first.recv().await, Some(GenEvent::Text { .. })));
+    assert!(matches!(
+        within(first.recv()).await,
+        Some(GenEvent::Text { .. })
+    ));
     // a holds about 10 of the 14 blocks, b's prompt needs 9: b waits.
     let mut second = submit(&engine, &b, 4);
-    let e = second.recv().await.unwrap();
+    let e = within(second.recv()).await.unwrap();
     let mut a_done = false;
     while let Ok(event) = first.try_recv() {
         a_done |= matches!(event, GenEvent::Done { .. });
