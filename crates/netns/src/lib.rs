@@ -600,14 +600,18 @@ fn remove_member(ip: &Path, namespace: &str, slot: Slot) -> Result<(), NetnsErro
         left = pids(namespace);
     }
     let _ = run_ip(ip, &["link", "delete", &slot.hub_device()]);
-    let deleted = run_ip(ip, &["netns", "delete", namespace]);
+    let deleted = match run_ip(ip, &["netns", "delete", namespace]) {
+        // Another process removing the same leftovers got there first.
+        Err(_) if !Path::new("/run/netns").join(namespace).exists() => Ok(()),
+        other => other.map(|_| ()),
+    };
     if !left.is_empty() {
         return Err(NetnsError::Lingering {
             namespace: namespace.into(),
             pids: left,
         });
     }
-    deleted.map(|_| ())
+    deleted
 }
 
 /// This process's start time, as [`Owner`] records it.

@@ -15,6 +15,16 @@ use flotilla_netns::{Member, NetnsError, Topology, TopologySpec, preflight};
 const CONNECT: Duration = Duration::from_secs(2);
 
 /// Whether this machine can run the tests; says why not when it cannot.
+/// The tests of this file one at a time: each topology's creation removes
+/// the leftovers it finds, among them the one a test makes on purpose.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn permitted() -> bool {
     match preflight() {
         Ok(_) => true,
@@ -56,6 +66,7 @@ fn device_exists(name: &str) -> bool {
 
 #[test]
 fn members_are_separate_networks_joined_to_the_hub() {
+    let _serial = serial();
     if !permitted() {
         return;
     }
@@ -120,6 +131,7 @@ fn members_are_separate_networks_joined_to_the_hub() {
 
 #[test]
 fn dropping_the_topology_kills_its_processes_and_removes_its_namespaces() {
+    let _serial = serial();
     if !permitted() {
         return;
     }
@@ -148,6 +160,7 @@ fn dropping_the_topology_kills_its_processes_and_removes_its_namespaces() {
 
 #[test]
 fn a_namespace_in_use_is_refused() {
+    let _serial = serial();
     if !permitted() {
         return;
     }
@@ -167,6 +180,7 @@ fn a_namespace_in_use_is_refused() {
 
 #[test]
 fn leftovers_of_a_process_that_is_gone_are_removed() {
+    let _serial = serial();
     if !permitted() {
         return;
     }
