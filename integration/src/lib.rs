@@ -11,6 +11,7 @@
 //!
 //! Start reading at [`NatsServer::start`].
 
+pub mod bench;
 pub mod fleet;
 pub mod isolated;
 pub mod nats_cluster;

@@ -30,13 +30,13 @@
 
 #![allow(clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use flotilla_integration::bench::{cpu_line, free_port, wait_until};
 use flotilla_integration::{NatsServer, shipped_model};
 use flotilla_kit::RecordStore;
 use flotilla_proto::v1::{
@@ -69,10 +69,6 @@ struct Args {
     model: Option<PathBuf>,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn spawn(binary: &Path, args: &[String]) -> anyhow::Result<Child> {
     Command::new(binary)
         .args(args)
@@ -83,24 +79,6 @@ fn spawn(binary: &Path, args: &[String]) -> anyhow::Result<Child> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} (build it first)", binary.display()))
-}
-
-/// Polls `url` until it answers 200 with a body containing `want`.
-async fn wait_until(url: &str, want: &str, deadline: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = http.get(url).bearer_auth(KEY).send().await
-            && r.status() == 200
-            && r.text().await.is_ok_and(|t| t.contains(want))
-        {
-            return Ok(());
-        }
-        if start.elapsed() > deadline {
-            bail!("{url} not ready within {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -259,7 +237,13 @@ async fn main() -> anyhow::Result<()> {
         ],
     )?;
     let runner = format!("http://{runner_addr}");
-    wait_until(&format!("{runner}/health"), "", Duration::from_secs(120)).await?;
+    wait_until(
+        &format!("{runner}/health"),
+        "",
+        Some(KEY),
+        Duration::from_secs(120),
+    )
+    .await?;
 
     // What the runner's executor would write.
     let bus = server.provisioned_bus("bench").await?;
@@ -296,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
     wait_until(
         &format!("{gateway}/v1/models"),
         MODEL,
+        Some(KEY),
         Duration::from_secs(30),
     )
     .await?;
@@ -348,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
     wait_until(
         &format!("http://{edge_local}/v1/models"),
         MODEL,
+        Some(KEY),
         Duration::from_secs(30),
     )
     .await?;
@@ -386,6 +372,7 @@ async fn main() -> anyhow::Result<()> {
     wait_until(
         &format!("{global}/v1/models"),
         MODEL,
+        Some(KEY),
         Duration::from_secs(30),
     )
     .await?;
@@ -507,21 +494,7 @@ async fn main() -> anyhow::Result<()> {
             "missed"
         }
     );
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model_name = cpu
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let flags = cpu
-        .lines()
-        .find_map(|l| l.strip_prefix("flags"))
-        .unwrap_or_default();
-    let isa: Vec<&str> = ["avx2", "avx512f", "avx512_vnni", "avx_vnni"]
-        .into_iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
-    println!("cpu: {model_name}; {}", isa.join(" "));
+    println!("cpu: {}", cpu_line());
     println!(
         "reproduce: cargo build -p flotilla-runner -p flotilla-gateway -p flotilla-integration --bin bench-gateway && {} --seconds {} --rounds {} --warmup {} --connections {}",
         std::env::current_exe()?.display(),

@@ -31,13 +31,13 @@
 
 #![allow(clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use flotilla_integration::bench::{cpu_line, free_port, wait_until};
 use flotilla_integration::{NatsServer, shipped_model};
 use flotilla_kit::RecordStore;
 use flotilla_proto::v1::{ReplicaPhase, ReplicaStatus};
@@ -229,10 +229,6 @@ fn system_prompt(rng: &mut Rng, tag: &str, words_n: usize) -> String {
     )
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn spawn(binary: &Path, args: &[String], threads: usize) -> anyhow::Result<Child> {
     Command::new(binary)
         .args(args)
@@ -244,24 +240,6 @@ fn spawn(binary: &Path, args: &[String], threads: usize) -> anyhow::Result<Child
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} (build it first)", binary.display()))
-}
-
-/// Polls `url` until it answers 200 with a body containing `want`.
-async fn wait_until(url: &str, want: &str, deadline: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = http.get(url).send().await
-            && r.status() == 200
-            && r.text().await.is_ok_and(|t| t.contains(want))
-        {
-            return Ok(());
-        }
-        if start.elapsed() > deadline {
-            bail!("{url} not ready within {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// What one request measured; `None` fields when it failed.
@@ -465,25 +443,6 @@ async fn run_step(
     }
 }
 
-fn cpu_line() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model_name = cpu
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let flags = cpu
-        .lines()
-        .find_map(|l| l.strip_prefix("flags"))
-        .unwrap_or_default();
-    let isa: Vec<&str> = ["avx2", "avx512f", "avx512_vnni", "avx_vnni"]
-        .into_iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{model_name}; {cpus} CPUs; {}", isa.join(" "))
-}
-
 /// Starts a runner; returns its process and base URL once it answers.
 async fn start_runner(
     bin_dir: &Path,
@@ -506,7 +465,7 @@ async fn start_runner(
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = spawn(&bin_dir.join("flotilla-runner"), &args, threads)?;
     let url = format!("http://{addr}");
-    wait_until(&format!("{url}/health"), "", Duration::from_secs(180)).await?;
+    wait_until(&format!("{url}/health"), "", None, Duration::from_secs(180)).await?;
     Ok((child, url))
 }
 
@@ -636,7 +595,13 @@ async fn main() -> anyhow::Result<()> {
             1,
         )?;
         let url = format!("http://{addr}");
-        wait_until(&format!("{url}/v1/models"), MODEL, Duration::from_secs(30)).await?;
+        wait_until(
+            &format!("{url}/v1/models"),
+            MODEL,
+            None,
+            Duration::from_secs(30),
+        )
+        .await?;
         gateways.push((policy.clone(), url, child));
     }
 
