@@ -335,15 +335,7 @@ async fn usages(r: &Runner, body: Value) -> (Value, Value) {
 }
 
 async fn metric(r: &Runner, series: &str) -> f64 {
-    let text = r
-        .client
-        .get(format!("{}/metrics", r.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = r.metrics().await;
     assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     assert!(text.ends_with("# EOF\n"));
     text.lines()
