@@ -67,71 +67,47 @@ fn main() {
             }
         }
     };
-    let step_paged = |out: &mut [f32], scores: &mut Vec<f32>| {
-        let per_layer = bt * kvd;
-        for l in 0..LAYERS {
-            for seq in &paged {
-                let (kb, vb): (Vec<&[f32]>, Vec<&[f32]>) = seq
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            &k[l * per_layer..(l + 1) * per_layer],
-                            &v[l * per_layer..(l + 1) * per_layer],
-                        )
-                    })
-                    .unzip();
-                for h in 0..HEADS {
-                    let kvh = h / (HEADS / KV_HEADS);
-                    let q = &q[h * HD..(h + 1) * HD];
-                    attend_paged(
-                        q,
-                        &kb,
-                        &vb,
-                        bt,
-                        kvd,
-                        kvh * HD,
-                        0..context,
-                        scale,
-                        scores,
-                        out,
-                    );
+    // One step over the paged caches, with position `p` of kv head `h`
+    // at `p * stride + offset(h)` within a block's layer.
+    let step_blocks =
+        |stride: usize, offset: &dyn Fn(usize) -> usize, out: &mut [f32], scores: &mut Vec<f32>| {
+            let per_layer = bt * kvd;
+            for l in 0..LAYERS {
+                for seq in &paged {
+                    let (kb, vb): (Vec<&[f32]>, Vec<&[f32]>) = seq
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                &k[l * per_layer..(l + 1) * per_layer],
+                                &v[l * per_layer..(l + 1) * per_layer],
+                            )
+                        })
+                        .unzip();
+                    for h in 0..HEADS {
+                        let kvh = h / (HEADS / KV_HEADS);
+                        let q = &q[h * HD..(h + 1) * HD];
+                        attend_paged(
+                            q,
+                            &kb,
+                            &vb,
+                            bt,
+                            stride,
+                            offset(kvh),
+                            0..context,
+                            scale,
+                            scores,
+                            out,
+                        );
+                    }
                 }
             }
-        }
-    };
+        };
+    // Paged, position-major: blocks of `[layer][position][kv_head][head_dim]`.
+    let step_paged =
+        |out: &mut [f32], scores: &mut Vec<f32>| step_blocks(kvd, &|kvh| kvh * HD, out, scores);
     // Paged, head-major: blocks of `[layer][kv_head][position][head_dim]`.
-    let step_heads = |out: &mut [f32], scores: &mut Vec<f32>| {
-        let per_layer = bt * kvd;
-        for l in 0..LAYERS {
-            for seq in &paged {
-                let (kb, vb): (Vec<&[f32]>, Vec<&[f32]>) = seq
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            &k[l * per_layer..(l + 1) * per_layer],
-                            &v[l * per_layer..(l + 1) * per_layer],
-                        )
-                    })
-                    .unzip();
-                for h in 0..HEADS {
-                    let kvh = h / (HEADS / KV_HEADS);
-                    let q = &q[h * HD..(h + 1) * HD];
-                    attend_paged(
-                        q,
-                        &kb,
-                        &vb,
-                        bt,
-                        HD,
-                        kvh * bt * HD,
-                        0..context,
-                        scale,
-                        scores,
-                        out,
-                    );
-                }
-            }
-        }
-    };
+    let step_heads =
+        |out: &mut [f32], scores: &mut Vec<f32>| step_blocks(HD, &|kvh| kvh * bt * HD, out, scores);
     let mut best_h = f64::MAX;
     let rounds = 5;
     let steps = 20;
