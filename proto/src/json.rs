@@ -37,6 +37,7 @@ json_enum! {
     TolerationOperator { Equal => "Equal", Exists => "Exists" }
     TaintEffect { NoSchedule => "NoSchedule", PreferNoSchedule => "PreferNoSchedule", NoExecute => "NoExecute" }
     RolloutStrategy { RollingUpdate => "RollingUpdate", Staged => "Staged" }
+    DriftPolicy { TakeOver => "TakeOver", ReportOnly => "ReportOnly" }
     AutoscalingMetric {
         InFlightPerReplica => "InFlightPerReplica", QueueDepthPerReplica => "QueueDepthPerReplica",
         TtftP95Ms => "TtftP95Ms", TokensPerSecondPerReplica => "TokensPerSecondPerReplica",

@@ -183,6 +183,8 @@ event_types! {
     ReplicaReady => Replica."ready": "a replica passes its health probe",
     ReplicaFailed => Replica."failed": "a replica failed to start or stopped answering",
     ReplicaStopped => Replica."stopped": "a replica was stopped",
+    ReplicaProgress => Replica."progress": "a starting replica moved on or is held up (scheduled, pulling its image, unschedulable), in Kubernetes' own words",
+    ReplicaDrifted => Replica."drifted": "a replica's objects in its cluster were changed or deleted by hand; restored or left per the deployment's drift policy",
     ModelProvisioning => Model."provisioning": "a model is being resolved and stored",
     ModelReady => Model."ready": "a model's artifacts are stored and digest-checked",
     ModelFailed => Model."failed": "a model could not be provisioned, with the reason",

@@ -88,6 +88,122 @@ pub struct ModelDeploymentSpec {
     #[prost(message, optional, tag = "8")]
     #[serde(rename = "residency", skip_serializing_if = "Option::is_none")]
     pub residency: ::core::option::Option<ResidencySpec>,
+    /// How the engine runs in a replica: its image, arguments, environment,
+    /// pod resources and node selection. Part of the replica template, so a
+    /// change (a new vLLM image, say) rolls out by the deployment's strategy,
+    /// staged and canaried like any other.
+    #[prost(message, optional, tag = "9")]
+    #[serde(rename = "engine", skip_serializing_if = "Option::is_none")]
+    pub engine: ::core::option::Option<EngineSpec>,
+    /// What an executor does when a replica's objects in its cluster are
+    /// changed or deleted by hand. Unset: take over.
+    #[prost(enumeration = "DriftPolicy", tag = "10")]
+    #[serde(
+        rename = "driftPolicy",
+        serialize_with = "crate::json::enum_name::<crate::v1::DriftPolicy, _>",
+        deserialize_with = "crate::json::enum_from_name::<crate::v1::DriftPolicy, _>",
+        skip_serializing_if = "crate::json::is_unset"
+    )]
+    pub drift_policy: i32,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EngineSpec {
+    /// The container image (Kubernetes backend). Empty: the executor's
+    /// default for the runtime.
+    #[prost(string, tag = "1")]
+    #[serde(rename = "image")]
+    pub image: ::prost::alloc::string::String,
+    /// vLLM `--max-model-len`; 0 leaves the engine's default.
+    #[prost(uint32, tag = "2")]
+    #[serde(rename = "maxModelLen")]
+    pub max_model_len: u32,
+    /// vLLM `--gpu-memory-utilization`, above 0 and at most 1; 0 leaves the
+    /// engine's default.
+    #[prost(double, tag = "3")]
+    #[serde(rename = "gpuMemoryUtilization")]
+    pub gpu_memory_utilization: f64,
+    /// vLLM `--quantization`, e.g. `awq`, `fp8`.
+    #[prost(string, tag = "4")]
+    #[serde(rename = "quantization")]
+    pub quantization: ::prost::alloc::string::String,
+    /// Further engine arguments, appended as given.
+    #[prost(string, repeated, tag = "5")]
+    #[serde(rename = "extraArgs")]
+    pub extra_args: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Environment of the engine container.
+    #[prost(btree_map = "string, string", tag = "6")]
+    #[serde(rename = "env")]
+    pub env: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Environment variables taken from Kubernetes Secrets in the replica's
+    /// namespace (a Hugging Face token, say).
+    #[prost(message, repeated, tag = "7")]
+    #[serde(rename = "secretEnv")]
+    pub secret_env: ::prost::alloc::vec::Vec<SecretEnv>,
+    /// CPU and memory of the engine container, as Kubernetes quantities.
+    #[prost(message, optional, tag = "8")]
+    #[serde(rename = "resources", skip_serializing_if = "Option::is_none")]
+    pub resources: ::core::option::Option<ContainerResources>,
+    /// Size of the in-memory /dev/shm (`16Gi`); empty: 1Gi per GPU, at least
+    /// 1Gi, for vLLM replicas of more than one GPU.
+    #[prost(string, tag = "9")]
+    #[serde(rename = "shmSize")]
+    pub shm_size: ::prost::alloc::string::String,
+    /// Node labels a replica pod must match (Kubernetes), beside the GPU
+    /// model placement sized the replica for.
+    #[prost(btree_map = "string, string", tag = "10")]
+    #[serde(rename = "nodeSelector")]
+    pub node_selector: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Node taints the replica pods tolerate (Kubernetes). Cluster taints
+    /// are `placement.tolerations`.
+    #[prost(message, repeated, tag = "11")]
+    #[serde(rename = "tolerations")]
+    pub tolerations: ::prost::alloc::vec::Vec<Toleration>,
+    #[prost(string, tag = "12")]
+    #[serde(rename = "priorityClassName")]
+    pub priority_class_name: ::prost::alloc::string::String,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SecretEnv {
+    /// The variable, e.g. `HF_TOKEN`.
+    #[prost(string, tag = "1")]
+    #[serde(rename = "name")]
+    pub name: ::prost::alloc::string::String,
+    /// The Secret and its key.
+    #[prost(string, tag = "2")]
+    #[serde(rename = "secret")]
+    pub secret: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    #[serde(rename = "key")]
+    pub key: ::prost::alloc::string::String,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ContainerResources {
+    /// e.g. `4`, `500m`.
+    #[prost(string, tag = "1")]
+    #[serde(rename = "cpuRequest")]
+    pub cpu_request: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    #[serde(rename = "cpuLimit")]
+    pub cpu_limit: ::prost::alloc::string::String,
+    /// e.g. `32Gi`.
+    #[prost(string, tag = "3")]
+    #[serde(rename = "memoryRequest")]
+    pub memory_request: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    #[serde(rename = "memoryLimit")]
+    pub memory_limit: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -483,6 +599,38 @@ pub struct ModelDeploymentStatus {
     #[prost(string, tag = "8")]
     #[serde(rename = "scalingReason")]
     pub scaling_reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum DriftPolicy {
+    Unspecified = 0,
+    /// Report the change as a `replica.drifted` event and restore what the
+    /// executor created.
+    TakeOver = 1,
+    /// Report the change and leave it.
+    ReportOnly = 2,
+}
+impl DriftPolicy {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "DRIFT_POLICY_UNSPECIFIED",
+            Self::TakeOver => "DRIFT_POLICY_TAKE_OVER",
+            Self::ReportOnly => "DRIFT_POLICY_REPORT_ONLY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "DRIFT_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
+            "DRIFT_POLICY_TAKE_OVER" => Some(Self::TakeOver),
+            "DRIFT_POLICY_REPORT_ONLY" => Some(Self::ReportOnly),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -995,6 +1143,11 @@ pub struct GpuDevice {
     #[prost(bool, tag = "10")]
     #[serde(rename = "allocated")]
     pub allocated: bool,
+    /// The node the GPU is on (Kubernetes node name, or the host); GPUs of
+    /// one node can serve one tensor-parallel group.
+    #[prost(string, tag = "11")]
+    #[serde(rename = "node")]
+    pub node: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1511,6 +1664,11 @@ pub struct ClusterAssignment {
     #[prost(uint32, tag = "6")]
     #[serde(rename = "tensorParallel")]
     pub tensor_parallel: u32,
+    /// Nodes one replica spans (pipeline stages of `tensor_parallel` GPUs
+    /// each); 0 or 1: one node.
+    #[prost(uint32, tag = "7")]
+    #[serde(rename = "pipelineParallel")]
+    pub pipeline_parallel: u32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -2099,6 +2257,30 @@ pub struct StartReplica {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Placement's sizing of the replica on this cluster: `gpu.count` GPUs in
+    /// all, split into `pipeline_parallel` stages of `tensor_parallel` GPUs
+    /// each (one stage per node; 1: the replica fits on one node).
+    #[prost(uint32, tag = "7")]
+    #[serde(rename = "tensorParallel")]
+    pub tensor_parallel: u32,
+    #[prost(uint32, tag = "8")]
+    #[serde(rename = "pipelineParallel")]
+    pub pipeline_parallel: u32,
+    /// The GPU model placement sized the replica for (`H100-80GB`).
+    #[prost(string, tag = "9")]
+    #[serde(rename = "gpuModel")]
+    pub gpu_model: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "10")]
+    #[serde(rename = "engine", skip_serializing_if = "Option::is_none")]
+    pub engine: ::core::option::Option<EngineSpec>,
+    #[prost(enumeration = "DriftPolicy", tag = "11")]
+    #[serde(
+        rename = "driftPolicy",
+        serialize_with = "crate::json::enum_name::<crate::v1::DriftPolicy, _>",
+        deserialize_with = "crate::json::enum_from_name::<crate::v1::DriftPolicy, _>",
+        skip_serializing_if = "crate::json::is_unset"
+    )]
+    pub drift_policy: i32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -37,6 +37,8 @@ impl GpuTelemetry {
                 ecc_errors: r.ecc_uncorrected.unwrap_or(0),
                 xid_errors: self.xid_counts.get(&r.index).copied().unwrap_or(0),
                 allocated: false,
+                // One host: the executor's own.
+                node: String::new(),
             })
             .collect())
     }

@@ -260,6 +260,7 @@ impl Decision {
                         .map(|g| g.model.clone())
                         .unwrap_or_default(),
                     tensor_parallel: a.tensor_parallel,
+                    pipeline_parallel: 1,
                 }
             })
             .collect()
