@@ -365,6 +365,12 @@ impl<B: ReplicaBackend> Replicas<B> {
             gpus: gpu.count,
             tolerations: start.tolerations.clone(),
             node_selector: start.node_selector.clone(),
+            tensor_parallel: start.tensor_parallel,
+            pipeline_parallel: start.pipeline_parallel,
+            gpu_model: start.gpu_model.clone(),
+            model_digest: record.digest.clone(),
+            engine: start.engine.clone().unwrap_or_default(),
+            drift_policy: start.drift_policy(),
         };
         match self.backend.start(&spec).await {
             Ok(endpoint) => {

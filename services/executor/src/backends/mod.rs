@@ -61,6 +61,18 @@ pub struct ReplicaSpec {
     pub gpus: u32,
     pub tolerations: Vec<v1::Toleration>,
     pub node_selector: BTreeMap<String, String>,
+    /// Placement's sizing: `gpus` split into `pipeline_parallel` stages
+    /// (nodes) of `tensor_parallel` GPUs each; 0 counts as 1.
+    pub tensor_parallel: u32,
+    pub pipeline_parallel: u32,
+    /// The GPU model placement sized for (`H100-80GB`); empty: any.
+    pub gpu_model: String,
+    /// The model's digest (`sha256:<hex>`) as the model store has it.
+    pub model_digest: String,
+    /// Image, engine arguments, environment, resources and node selection
+    /// of the deployment.
+    pub engine: v1::EngineSpec,
+    pub drift_policy: v1::DriftPolicy,
 }
 
 /// What an executor that restarted finds of a replica its KV record says

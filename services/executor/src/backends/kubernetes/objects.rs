@@ -290,6 +290,7 @@ pub(super) mod tests {
                 },
             ],
             node_selector: BTreeMap::from([("gpu.type".to_string(), "H100".to_string())]),
+            ..Default::default()
         }
     }
 
