@@ -2,7 +2,9 @@
 throw-away in-process Kubernetes API that accepts everything and records it,
 then prints JSON: {"lint": <helm lint result>, "manifest": <rendered YAML>,
 "applied": [<every object Helm created>]}. No cluster is needed; the
-objects are exactly what `helm install` would send to one.
+objects are exactly what `helm install` would send to one. The lint runs
+with the same values (merged into a copy of the chart's values.yaml, as
+`helm lint -f` would), so a member's templates are linted too.
 
 Usage: render.py CHART [VALUES_JSON]
        render.py --real KUBECONFIG NAMESPACE CHART [VALUES_JSON]
@@ -15,6 +17,8 @@ JSON with the objects of the release manifest, and uninstalls.
 import asyncio
 import http.server
 import json
+import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -43,6 +47,31 @@ RESOURCES = {
 }
 
 applied = []
+
+
+def merged(base, override):
+    """Helm's merge of values: maps merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merged(base.get(k), v) if k in base else v
+        return out
+    return override
+
+
+def lint(config, chart, release, values):
+    """`helm lint` of `chart` with `values` on top of its own (as `helm
+    lint -f` does; the library's Lint takes no values). The chart's own
+    values come parsed from the installed `release`."""
+    if not values:
+        return asyncio.run(helm_sdkpy.Lint(config).run(chart))
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, os.path.basename(os.path.normpath(chart)))
+        shutil.copytree(chart, copy)
+        # JSON is YAML.
+        with open(os.path.join(copy, "values.yaml"), "w") as f:
+            json.dump(merged(release["chart"]["values"], values), f)
+        return asyncio.run(helm_sdkpy.Lint(config).run(copy))
 
 
 class FakeApi(http.server.BaseHTTPRequestHandler):
@@ -113,17 +142,17 @@ class FakeApi(http.server.BaseHTTPRequestHandler):
 
 def real(kubeconfig, namespace, chart, values):
     config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
-    lint = asyncio.run(helm_sdkpy.Lint(config).run(chart))
     name = "flotilla-chart-test"
     try:
         release = asyncio.run(helm_sdkpy.Install(config).run(
             name, chart, values=values, wait=False, create_namespace=True))
+        result = lint(config, chart, release, values)
     finally:
         try:
             asyncio.run(helm_sdkpy.Uninstall(config).run(name, wait=False))
         except Exception as e:  # nothing to uninstall when the install failed
             sys.stderr.write(f"uninstall: {e}\n")
-    json.dump({"lint": lint, "manifest": release.get("manifest", ""), "applied": None}, sys.stdout)
+    json.dump({"lint": result, "manifest": release.get("manifest", ""), "applied": None}, sys.stdout)
 
 
 def main():
@@ -142,9 +171,9 @@ def main():
             "users: [{name: fake, user: {}}]\ncurrent-context: fake\n"
         )
     config = helm_sdkpy.Configuration(namespace="flotilla", kubeconfig=kc.name)
-    lint = asyncio.run(helm_sdkpy.Lint(config).run(chart))
     release = asyncio.run(helm_sdkpy.Install(config).run("flotilla", chart, values=values, wait=False))
-    json.dump({"lint": lint, "manifest": release.get("manifest", ""), "applied": applied}, sys.stdout)
+    result = lint(config, chart, release, values)
+    json.dump({"lint": result, "manifest": release.get("manifest", ""), "applied": applied}, sys.stdout)
 
 
 if __name__ == "__main__":
