@@ -5,6 +5,9 @@
 //! (`spec.placement.numberOfClusters`). [`residency_allows`] and
 //! [`residency_rule_text`] read `spec.residency` straight from a document
 //! for the gateway, which routes by it without a [`DeploymentRequest`].
+//! `spec.engine` and `spec.driftPolicy` are checked here too (Kubernetes
+//! quantities, names and variables) though placement never reads them: they
+//! travel to the executor in the start command.
 //!
 //! Invariant: pure functions over `flotilla_proto` types; no I/O, no bus.
 
@@ -247,10 +250,12 @@ impl Autoscaling {
     }
 }
 
+mod engine;
 mod fields;
 mod residency;
 mod validate;
 
+pub use engine::parse_quantity;
 pub use fields::{
     check_int_or_percent, check_label_selector, parse_duration, resolve_int_or_percent,
 };

@@ -187,3 +187,328 @@ fn a_malformed_residency_rule_allows_nothing_and_says_why() {
         "{text}"
     );
 }
+
+/// A vLLM deployment with every engine field, as a user writes it.
+const VLLM_ENGINE: &str = r#"
+apiVersion: flotilla.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: llama-70b}
+spec:
+  model: {preset: llama-3.1-70b-instruct}
+  runtime: vllm
+  replicas: 2
+  driftPolicy: ReportOnly
+  engine:
+    image: vllm/vllm-openai:v0.8.5
+    maxModelLen: 8192
+    gpuMemoryUtilization: 0.9
+    quantization: fp8
+    extraArgs: [--enable-prefix-caching, --max-num-seqs=64]
+    env: {VLLM_LOGGING_LEVEL: INFO, NCCL_DEBUG: WARN}
+    secretEnv:
+      - {name: HF_TOKEN, secret: hf, key: token}
+    resources: {cpuRequest: "4", cpuLimit: 8000m, memoryRequest: 32Gi, memoryLimit: 64Gi}
+    shmSize: 16Gi
+    nodeSelector: {cloud.google.com/gke-accelerator: nvidia-l4, pool: gpu}
+    tolerations:
+      - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+    priorityClassName: inference-high
+"#;
+
+fn yaml(text: &str) -> v1::ModelDeployment {
+    serde_yaml::from_str(text).unwrap()
+}
+
+#[test]
+fn an_engine_and_a_drift_policy_are_read_from_yaml_and_accepted() {
+    let doc = yaml(VLLM_ENGINE);
+    crate::validate(&doc).unwrap();
+    let spec = doc.spec.as_ref().unwrap();
+    assert_eq!(spec.drift_policy(), v1::DriftPolicy::ReportOnly);
+    let engine = spec.engine.as_ref().unwrap();
+    assert_eq!(engine.max_model_len, 8192);
+    assert_eq!(engine.secret_env[0].secret, "hf");
+    assert_eq!(
+        engine.resources.as_ref().unwrap().memory_limit,
+        "64Gi".to_string()
+    );
+    assert_eq!(
+        engine.tolerations[0].operator(),
+        v1::TolerationOperator::Exists
+    );
+}
+
+#[test]
+fn a_document_with_an_engine_round_trips_through_yaml_json_and_protobuf() {
+    use flotilla_proto::codec::{Encoding, decode, encode};
+    let doc = yaml(VLLM_ENGINE);
+    let text = serde_yaml::to_string(&doc).unwrap();
+    assert!(text.contains("driftPolicy: ReportOnly"), "{text}");
+    assert!(text.contains("secretEnv:"), "{text}");
+    assert_eq!(yaml(&text), doc);
+    let via_json: v1::ModelDeployment = decode(None, &encode(&doc, Encoding::Json)).unwrap();
+    let via_proto: v1::ModelDeployment = decode(None, &encode(&doc, Encoding::Protobuf)).unwrap();
+    assert_eq!(via_json, doc);
+    assert_eq!(via_proto, doc);
+}
+
+#[test]
+fn engine_fields_are_refused_with_the_field_and_why() {
+    // (runtime, engine as YAML, field, words the reason must hold)
+    let cases = [
+        (
+            "vllm",
+            "{gpuMemoryUtilization: 1.5}",
+            "spec.engine.gpuMemoryUtilization",
+            "above 0 and at most 1",
+        ),
+        (
+            "vllm",
+            "{gpuMemoryUtilization: -0.5}",
+            "spec.engine.gpuMemoryUtilization",
+            "above 0 and at most 1",
+        ),
+        (
+            "candle",
+            "{gpuMemoryUtilization: 0.8}",
+            "spec.engine.gpuMemoryUtilization",
+            "vLLM setting",
+        ),
+        (
+            "vllm",
+            "{image: 'vllm/vllm-openai: latest'}",
+            "spec.engine.image",
+            "whitespace",
+        ),
+        (
+            "vllm",
+            "{quantization: 'a w q'}",
+            "spec.engine.quantization",
+            "quantization name",
+        ),
+        (
+            "candle",
+            "{extraArgs: [--enforce-eager]}",
+            "spec.engine.extraArgs[0]",
+            "for vLLM",
+        ),
+        (
+            "vllm",
+            "{extraArgs: ['']}",
+            "spec.engine.extraArgs[0]",
+            "is empty",
+        ),
+        (
+            "vllm",
+            "{extraArgs: [--enforce-eager, --tensor-parallel-size=4]}",
+            "spec.engine.extraArgs[1]",
+            "placement's sizing",
+        ),
+        (
+            "vllm",
+            "{extraArgs: [-tp, '2']}",
+            "spec.engine.extraArgs[0]",
+            "placement's sizing",
+        ),
+        (
+            "vllm",
+            "{extraArgs: [--max-model-len, '4096']}",
+            "spec.engine.extraArgs[0]",
+            "spec.engine.maxModelLen",
+        ),
+        (
+            "vllm",
+            "{env: {HF-TOKEN: x}}",
+            "spec.engine.env",
+            "not a variable name",
+        ),
+        (
+            "vllm",
+            "{env: {1X: x}}",
+            "spec.engine.env",
+            "not starting with a digit",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: HF_TOKEN, key: token}]}",
+            "spec.engine.secretEnv[0].secret",
+            "is empty",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: HF_TOKEN, secret: Hf_Secret, key: token}]}",
+            "spec.engine.secretEnv[0].secret",
+            "not a Secret name",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: HF_TOKEN, secret: hf}]}",
+            "spec.engine.secretEnv[0].key",
+            "is empty",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: HF_TOKEN, secret: hf, key: 'a/b'}]}",
+            "spec.engine.secretEnv[0].key",
+            "not a Secret key",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: 'HF TOKEN', secret: hf, key: token}]}",
+            "spec.engine.secretEnv[0].name",
+            "not a variable name",
+        ),
+        (
+            "vllm",
+            "{env: {HF_TOKEN: x}, secretEnv: [{name: HF_TOKEN, secret: hf, key: token}]}",
+            "spec.engine.secretEnv[0].name",
+            "also in spec.engine.env",
+        ),
+        (
+            "vllm",
+            "{secretEnv: [{name: A, secret: s, key: k}, {name: A, secret: t, key: k}]}",
+            "spec.engine.secretEnv[1].name",
+            "twice",
+        ),
+        (
+            "vllm",
+            "{resources: {cpuRequest: four}}",
+            "spec.engine.resources.cpuRequest",
+            "Kubernetes quantity",
+        ),
+        (
+            "vllm",
+            "{resources: {cpuLimit: '-1'}}",
+            "spec.engine.resources.cpuLimit",
+            "Kubernetes quantity",
+        ),
+        (
+            "vllm",
+            "{resources: {memoryRequest: 32GB}}",
+            "spec.engine.resources.memoryRequest",
+            "Kubernetes quantity",
+        ),
+        (
+            "vllm",
+            "{resources: {memoryLimit: 1.2.3Gi}}",
+            "spec.engine.resources.memoryLimit",
+            "Kubernetes quantity",
+        ),
+        (
+            "vllm",
+            "{resources: {cpuRequest: '8', cpuLimit: 4000m}}",
+            "spec.engine.resources.cpuRequest",
+            "above cpuLimit 4000m",
+        ),
+        (
+            "vllm",
+            "{resources: {memoryRequest: 64Gi, memoryLimit: 32Gi}}",
+            "spec.engine.resources.memoryRequest",
+            "above memoryLimit",
+        ),
+        (
+            "vllm",
+            "{shmSize: 16 Gi}",
+            "spec.engine.shmSize",
+            "Kubernetes quantity",
+        ),
+        ("vllm", "{shmSize: '0'}", "spec.engine.shmSize", "is zero"),
+        (
+            "vllm",
+            "{nodeSelector: {'pool/': gpu}}",
+            "spec.engine.nodeSelector",
+            "not a label key",
+        ),
+        (
+            "vllm",
+            "{nodeSelector: {pool: 'has space'}}",
+            "spec.engine.nodeSelector.pool",
+            "not a label value",
+        ),
+        (
+            "vllm",
+            "{tolerations: [{operator: Equal, value: x}]}",
+            "spec.engine.tolerations[0].key",
+            "only operator Exists",
+        ),
+        (
+            "vllm",
+            "{tolerations: [{key: k, operator: Exists, value: x}]}",
+            "spec.engine.tolerations[0].value",
+            "Exists takes no value",
+        ),
+        (
+            "vllm",
+            "{priorityClassName: High_Priority}",
+            "spec.engine.priorityClassName",
+            "not a PriorityClass name",
+        ),
+    ];
+    for (runtime, engine, field, words) in cases {
+        let text = format!(
+            "metadata: {{name: d}}\nspec: {{model: {{preset: llama-3.1-8b-instruct}}, runtime: {runtime}, engine: {engine}}}\n"
+        );
+        let e = crate::validate(&yaml(&text)).unwrap_err();
+        assert_eq!(e.field, field, "{engine}: {e}");
+        assert!(e.reason.contains(words), "{engine}: {e}");
+    }
+}
+
+#[test]
+fn an_unknown_drift_policy_is_refused() {
+    let mut doc = yaml(VLLM_ENGINE);
+    doc.spec.as_mut().unwrap().drift_policy = 7;
+    let e = crate::validate(&doc).unwrap_err();
+    assert_eq!(e.field, "spec.driftPolicy");
+    assert!(e.reason.contains("TakeOver or ReportOnly"), "{e}");
+    // In YAML the name itself is checked as the document is read.
+    let refused = serde_yaml::from_str::<v1::ModelDeployment>(
+        "spec: {model: {preset: llama-3.1-8b-instruct}, driftPolicy: Ignore}",
+    );
+    assert!(refused.is_err());
+}
+
+#[test]
+fn kubernetes_quantities_are_read_in_base_units() {
+    let cases = [
+        ("", None),
+        ("4", Some(4.0)),
+        ("500m", Some(0.5)),
+        ("1.5", Some(1.5)),
+        (".5", Some(0.5)),
+        ("32Gi", Some(32.0 * 1024.0 * 1024.0 * 1024.0)),
+        ("128M", Some(128e6)),
+        ("1e3", Some(1e3)),
+        ("2E-2", Some(0.02)),
+        ("16Ki", Some(16384.0)),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(crate::parse_quantity("f", text), Ok(expected), "{text}");
+    }
+    for text in [
+        "Gi", "4 Gi", "4gi", "-1", "+1", "1.2.3", "1e", "1e+", "0x10", ".",
+    ] {
+        assert!(crate::parse_quantity("f", text).is_err(), "{text}");
+    }
+}
+
+#[test]
+fn the_examples_are_valid_documents() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let doc: v1::ModelDeployment =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Err(e) = crate::validate(&doc) {
+            panic!("{}: {e}", path.display());
+        }
+        assert_eq!(yaml(&serde_yaml::to_string(&doc).unwrap()), doc);
+        seen += 1;
+    }
+    assert!(seen >= 2, "no examples found in {}", dir.display());
+}

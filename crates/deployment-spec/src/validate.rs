@@ -1,14 +1,13 @@
 //! The whole document checked, section by section.
 
+use crate::engine::{check_drift_policy, check_engine, check_tolerations};
 use crate::{
     Autoscaling, DeploymentRequest, FieldError, ModelChoice, Policy, Preference, Property,
     PropertyRequirement, RequiredTerm, Residency, ScalingRules, Spread, bad, check_int_or_percent,
     check_label_selector, fields::check_duration, parse_duration,
 };
 use flotilla_proto::json::name_of;
-use flotilla_proto::v1::{
-    self, PlacementPolicy, PropertyOperator, SortOrder, TolerationOperator, WhenUnsatisfiable,
-};
+use flotilla_proto::v1::{self, PlacementPolicy, PropertyOperator, SortOrder, WhenUnsatisfiable};
 use std::time::Duration;
 
 fn check_autoscaling(spec: &v1::AutoscalingSpec, replicas: i32) -> Result<Autoscaling, FieldError> {
@@ -379,21 +378,11 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
             hard: s.when_unsatisfiable() != WhenUnsatisfiable::ScheduleAnyway,
         });
     }
-    for (i, t) in placement.tolerations.iter().enumerate() {
-        let f = format!("spec.placement.tolerations[{i}]");
-        match t.operator() {
-            TolerationOperator::Exists if !t.value.is_empty() => {
-                return bad(format!("{f}.value"), "Exists takes no value");
-            }
-            TolerationOperator::Equal | TolerationOperator::Unspecified if t.key.is_empty() => {
-                return bad(
-                    format!("{f}.key"),
-                    "is empty (only operator Exists may leave it empty)",
-                );
-            }
-            _ => {}
-        }
+    check_tolerations("spec.placement.tolerations", &placement.tolerations)?;
+    if let Some(engine) = &spec.engine {
+        check_engine(engine, spec.runtime())?;
     }
+    check_drift_policy(spec.drift_policy)?;
 
     if let Some(rollout) = &spec.rollout {
         check_int_or_percent("spec.rollout.maxUnavailable", &rollout.max_unavailable)?;
