@@ -5,6 +5,11 @@
 //! server holds a different configuration, it is reported (log, event,
 //! [`ProvisionReport::drifted`]) and left alone: changing retention under a
 //! running fleet is an operator's decision.
+//!
+//! A JetStream cluster that is still forming (servers starting together,
+//! a restarted peer not yet current) refuses to place a replicated stream
+//! for a while; a service started with it waits for the cluster, up to
+//! [`CLUSTER_PATIENCE`], instead of failing its start.
 
 use std::time::Duration;
 
@@ -12,7 +17,37 @@ use async_nats::jetstream::{self, kv, object_store, stream};
 use flotilla_proto::v1::{self, event::Payload};
 use flotilla_proto::{BucketDef, EventType, ObjectStoreDef, Retention, StreamDef};
 
-use crate::{BoxError, Bus, EventDraft, KitError};
+use crate::{Backoff, BoxError, Bus, EventDraft, KitError};
+
+/// How long provisioning waits for a JetStream cluster that cannot place
+/// streams yet.
+pub const CLUSTER_PATIENCE: Duration = Duration::from_secs(90);
+const CLUSTER_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+
+/// Whether `error` (or what caused it) is the answer of a JetStream
+/// cluster that is forming or electing a leader: it passes by itself.
+/// The server says so only in its error text and codes (10005 no suitable
+/// peers, 10008 temporarily unavailable), whatever the request was.
+fn cluster_not_ready(error: &(dyn std::error::Error + 'static)) -> bool {
+    const MARKERS: &[&str] = &[
+        "no suitable peers",
+        "10005",
+        "temporarily unavailable",
+        "10008",
+        "no responders",
+        "timed out",
+        "request timeout",
+    ];
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let text = e.to_string().to_ascii_lowercase();
+        if MARKERS.iter().any(|m| text.contains(m)) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProvisionReport {
@@ -181,6 +216,8 @@ fn drift_report(kind: &str, name: &str, fields: Vec<v1::FieldDrift>) -> Option<v
 /// Looks first (an existing one is compared, never recreated), creates it
 /// when missing, and when another service won the race to create it,
 /// compares what that one made.
+/// [`ensure_once`], again while the JetStream cluster is not ready, up to
+/// [`CLUSTER_PATIENCE`].
 async fn ensure<Create, Fut, E>(
     js: &jetstream::Context,
     kind: &'static str,
@@ -190,7 +227,47 @@ async fn ensure<Create, Fut, E>(
     create: Create,
 ) -> Result<Option<v1::TopologyDrift>, KitError>
 where
-    Create: FnOnce() -> Fut,
+    Create: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    let started = std::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match ensure_once(js, kind, name, stream_name, &drift, &create).await {
+            Err(KitError::Provision { source, .. })
+                if cluster_not_ready(source.as_ref()) && started.elapsed() < CLUSTER_PATIENCE =>
+            {
+                if attempt == 0 {
+                    tracing::warn!(
+                        %kind, %name,
+                        "the JetStream cluster cannot take it yet ({source}); waiting up to {CLUSTER_PATIENCE:?}"
+                    );
+                }
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(CLUSTER_BACKOFF.delay(attempt)).await;
+            }
+            Ok(found) => {
+                if attempt > 0 {
+                    tracing::info!(%kind, %name, waited = ?started.elapsed(), "the JetStream cluster took it");
+                }
+                return Ok(found);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn ensure_once<Create, Fut, E>(
+    js: &jetstream::Context,
+    kind: &'static str,
+    name: &str,
+    stream_name: &str,
+    drift: &impl Fn(&stream::Config) -> Option<v1::TopologyDrift>,
+    create: &Create,
+) -> Result<Option<v1::TopologyDrift>, KitError>
+where
+    Create: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: Into<BoxError>,
 {
@@ -268,7 +345,7 @@ async fn ensure_bucket(
         &def.name,
         &format!("KV_{}", def.name),
         drift,
-        || async { js.create_key_value(config).await.map(|_| ()) },
+        || async { js.create_key_value(config.clone()).await.map(|_| ()) },
     )
     .await
 }
@@ -300,7 +377,7 @@ async fn ensure_object_store(
         &def.name,
         &format!("OBJ_{}", def.name),
         drift,
-        || async { js.create_object_store(config).await.map(|_| ()) },
+        || async { js.create_object_store(config.clone()).await.map(|_| ()) },
     )
     .await
 }
@@ -309,6 +386,30 @@ async fn ensure_object_store(
 mod tests {
     use super::*;
     use flotilla_proto::{Subjects, Topology};
+
+    #[test]
+    fn a_forming_cluster_is_waited_for_and_other_refusals_are_not() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("provisioning failed: {0}")]
+        struct Outer(#[source] Box<dyn std::error::Error + Send + Sync>);
+        let forming = [
+            "jetstream error: no suitable peers for placement, peer offline (code 400, error code 10005)",
+            "JetStream system temporarily unavailable (code 503, error code 10008)",
+            "no responders",
+        ];
+        for text in forming {
+            let wrapped = Outer(text.into());
+            assert!(cluster_not_ready(&wrapped), "{text}");
+        }
+        for text in [
+            "stream name already in use with a different configuration (error code 10058)",
+            "subjects overlap with an existing stream (error code 10065)",
+            "authorization violation",
+        ] {
+            let wrapped = Outer(text.into());
+            assert!(!cluster_not_ready(&wrapped), "{text}");
+        }
+    }
 
     #[test]
     fn a_stream_matching_its_definition_has_no_drift() {
