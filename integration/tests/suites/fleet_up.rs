@@ -152,12 +152,32 @@ fn log_of(data: &Path) -> String {
     std::fs::read_to_string(data.join("up.log")).unwrap_or_default()
 }
 
+/// Prints the end of `flotilla up`'s log when the test fails, whatever
+/// step it failed at: the fleet's own account is what explains it.
+struct LogOnFailure<'a>(&'a Path);
+
+impl Drop for LogOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = log_of(self.0);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "flotilla up's log, last {} lines:\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn flotilla_up_serves_and_survives_a_killed_cluster() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_string();
     let [nats_port, gateway_port, grpc_port] = free_ports();
     let log = std::fs::File::create(data.path().join("up.log")).unwrap();
+    let _log_on_failure = LogOnFailure(data.path());
     let mut up = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args(["up", "--data-dir", &data_dir])
         .args(["--nats-port", &nats_port.to_string()])

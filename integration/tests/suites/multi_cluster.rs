@@ -429,7 +429,17 @@ spec:
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        support::text(&body).to_string()
+        let text = support::text(&body).to_string();
+        if text.is_empty() {
+            // What the client saw, for the failure message.
+            eprintln!(
+                "local client at {edge_local}: {}; stdout {:?}; stderr {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        text
     };
     assert!(
         !local_answer().await.is_empty(),
