@@ -77,6 +77,49 @@ fn check_env(context: &str, bin: &str, env: &BTreeMap<String, Option<String>>) {
     }
 }
 
+/// The variables a workspace binary reads, as the built binary's own
+/// `--help` lists them (`[env: NAME=...]`): what it really accepts,
+/// whatever a library's flag definitions say. `cargo build --workspace
+/// --bins` builds them.
+fn env_of_binary(bin: &str) -> BTreeSet<String> {
+    static SEEN: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    if let Some(known) = SEEN.lock().unwrap().get(bin) {
+        return known.clone();
+    }
+    // No environment: help would show the values of variables set here.
+    let out = Process::new(flotilla_integration::fleet::target_bin(bin))
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{bin} --help failed: {out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let names: BTreeSet<String> = help
+        .match_indices("[env: ")
+        .map(|(i, m)| {
+            help[i + m.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect();
+    assert!(names.len() > 3, "{bin} --help names no variables:\n{help}");
+    SEEN.lock().unwrap().insert(bin.to_string(), names.clone());
+    names
+}
+
+/// Every variable of `env` is one `bin --help` names.
+fn check_env_with_binary(context: &str, bin: &str, env: &BTreeMap<String, Option<String>>) {
+    let accepted = env_of_binary(bin);
+    for name in env.keys() {
+        assert!(
+            accepted.contains(name),
+            "{context}: `{bin} --help` names no flag read from {name}"
+        );
+    }
+}
+
 fn workspace_bins() -> BTreeSet<String> {
     let mut bins = BTreeSet::new();
     for dir in std::fs::read_dir(workspace_root().join("services")).unwrap() {
@@ -261,6 +304,7 @@ fn compose_starts_every_service_with_flags_it_accepts_on_ports_that_do_not_clash
             .map(|(k, v)| (k.as_str().unwrap().to_string(), yaml_str(v)))
             .collect();
         check_env(&format!("compose {name}"), bin, &env);
+        check_env_with_binary(&format!("compose {name}"), bin, &env);
         assert_eq!(
             env.get("FLOTILLA_NATS_URL").cloned().flatten().as_deref(),
             Some("nats://127.0.0.1:4222"),
@@ -284,42 +328,58 @@ fn compose_starts_every_service_with_flags_it_accepts_on_ports_that_do_not_clash
     assert_eq!(started.get("flotilla-executor"), Some(&2));
 }
 
-/// Runs `helm/tests/render.py` (Helm's own library, helm-sdkpy) on the
-/// chart with `values`; `real` names a kubeconfig and a namespace to
-/// install into instead of the recording fake API server.
-fn helm(values: &Value, real: Option<(&str, &str)>) -> std::process::Output {
+/// Runs `helm/tests/render.py` (Helm's own library, helm-sdkpy) with
+/// `args` before the chart and `values` after it.
+fn render_py(args: &[&str], values: Option<&Value>) -> std::process::Output {
     let root = workspace_root();
     let mut command = Process::new(support::python());
-    command.arg(root.join("helm/tests/render.py"));
-    if let Some((kubeconfig, namespace)) = real {
-        command.args(["--real", kubeconfig, namespace]);
+    command.arg(root.join("helm/tests/render.py")).args(args);
+    if let Some(values) = values {
+        command
+            .arg(root.join("helm/flotilla"))
+            .arg(serde_json::to_string(&serde_json::to_value(values).unwrap()).unwrap());
     }
-    command
-        .arg(root.join("helm/flotilla"))
-        .arg(serde_json::to_string(&serde_json::to_value(values).unwrap()).unwrap())
-        .output()
-        .unwrap()
+    command.output().unwrap()
+}
+
+/// Lints the chart with `values` and installs it, as release `flotilla` of
+/// namespace `flotilla`, into the recording fake API server.
+fn helm(values: &Value) -> std::process::Output {
+    helm_in("flotilla", values)
+}
+
+fn helm_in(namespace: &str, values: &Value) -> std::process::Output {
+    render_py(&["--namespace", namespace], Some(values))
+}
+
+/// Helm's severities: 1 info, 2 warning, 3 error. Panics on a warning or
+/// worse, naming it.
+fn assert_lint_clean(context: &str, lint: &serde_json::Value) {
+    assert_eq!(lint["TotalChartsLinted"], 1, "{context}: {lint}");
+    for m in lint["Messages"].as_array().into_iter().flatten() {
+        assert!(
+            m["Severity"].as_i64().unwrap_or(0) < 2,
+            "{context}: helm lint: {m} in {lint}"
+        );
+    }
+    assert!(lint["Errors"].is_null(), "{context}: {lint}");
 }
 
 /// Lints and installs the chart with `values`; returns the objects Helm
 /// sent to the API server.
 fn render_chart(values: &Value) -> Vec<serde_json::Value> {
-    let out = helm(values, None);
+    render_chart_in("flotilla", values)
+}
+
+fn render_chart_in(namespace: &str, values: &Value) -> Vec<serde_json::Value> {
+    let out = helm_in(namespace, values);
     assert!(
         out.status.success(),
         "helm failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Helm's severities: 1 info, 2 warning, 3 error.
-    for m in result["lint"]["Messages"].as_array().into_iter().flatten() {
-        assert!(
-            m["Severity"].as_i64().unwrap_or(0) < 2,
-            "helm lint: {m} in {}",
-            result["lint"]
-        );
-    }
-    assert!(result["lint"]["Errors"].is_null(), "{}", result["lint"]);
+    assert_lint_clean(namespace, &result["lint"]);
     let manifest = result["manifest"].as_str().unwrap();
     let applied = result["applied"].as_array().unwrap().clone();
     // What Helm applied is what it rendered.
@@ -404,6 +464,7 @@ fn check_workloads(objects: &[serde_json::Value]) {
                 })
                 .collect();
             check_env(&format!("chart {name}"), bin, &env);
+            check_env_with_binary(&format!("chart {name}"), bin, &env);
             // Readiness probes reach the service only if it listens beyond
             // loopback.
             let addr = env
@@ -511,13 +572,67 @@ fn env_of(container: &serde_json::Value) -> BTreeMap<String, serde_json::Value> 
         .collect()
 }
 
+/// A rule's (API group, resource) and its verbs.
+type Rules = BTreeMap<(String, String), BTreeSet<String>>;
+
+fn rules_of(role: &serde_json::Value) -> Rules {
+    let mut out = Rules::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                let verbs = out
+                    .entry((
+                        group.as_str().unwrap().to_string(),
+                        resource.as_str().unwrap().to_string(),
+                    ))
+                    .or_default();
+                for v in rule["verbs"].as_array().unwrap() {
+                    verbs.insert(v.as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rules(expected: &[(&str, &str, &[&str])]) -> Rules {
+    expected
+        .iter()
+        .map(|(group, resource, verbs)| {
+            (
+                (group.to_string(), resource.to_string()),
+                verbs.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The one object of `kind`.
+fn only<'a>(objects: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let all = of_kind(objects, kind);
+    assert_eq!(all.len(), 1, "{kind}: {all:?}");
+    all[0]
+}
+
+/// The executor's variables that hold a value (not from a Secret or the
+/// downward API).
+fn executor_values(objects: &[serde_json::Value]) -> BTreeMap<String, String> {
+    env_of(container(objects, "flotilla-executor"))
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v["value"].as_str()?.to_string())))
+        .collect()
+}
+
+/// A member, installed into a namespace of its own name: the executor runs
+/// replicas as pods there (the Kubernetes backend), owned by its own
+/// Deployment, and may do exactly what that needs.
 #[test]
-fn the_chart_installs_a_member_executor_with_namespaced_rbac() {
+fn the_chart_installs_a_member_executor_with_the_kubernetes_backend_and_its_rbac() {
     let mut values = member_values();
     values["serviceMonitor"] = serde_yaml::from_str("{enabled: true}").unwrap();
-    let objects = render_chart(&values);
-    let deployments = of_kind(&objects, "Deployment");
-    let names: BTreeSet<&str> = deployments
+    let namespace = "gpu-team";
+    let objects = render_chart_in(namespace, &values);
+    let names: BTreeSet<&str> = of_kind(&objects, "Deployment")
         .iter()
         .map(|d| d["metadata"]["name"].as_str().unwrap())
         .collect();
@@ -528,95 +643,733 @@ fn the_chart_installs_a_member_executor_with_namespaced_rbac() {
     check_workloads(&objects);
     // The executor reaches the hub through the cluster's leaf node, with
     // no credentials of its own and the leaf user's reply inboxes.
-    let env = env_of(container(&objects, "flotilla-executor"));
-    let value = |n: &str| env.get(n).map(|e| e["value"].clone());
+    let executor = container(&objects, "flotilla-executor");
+    let env = env_of(executor);
+    let value = executor_values(&objects);
+    assert_eq!(value["FLOTILLA_NATS_URL"], "nats://flotilla-leaf:4222");
     assert_eq!(
-        value("FLOTILLA_NATS_URL").unwrap(),
-        "nats://flotilla-leaf:4222"
-    );
-    assert_eq!(
-        value("FLOTILLA_NATS_INBOX_PREFIX").unwrap(),
+        value["FLOTILLA_NATS_INBOX_PREFIX"],
         "_INBOX.executor-member-1"
     );
     for absent in [
         "FLOTILLA_NATS_USER",
         "FLOTILLA_NATS_PASSWORD",
         "FLOTILLA_NATS_REQUIRE_TLS",
+        // Local-backend settings: replicas are pods with their own address.
+        "FLOTILLA_REPLICA_HOST",
+        "FLOTILLA_RUNNER_BIN",
+        "FLOTILLA_KUBE_MODEL_PVC",
     ] {
         assert!(!env.contains_key(absent), "executor has {absent}");
     }
-    assert_eq!(value("FLOTILLA_EDGE_URL").unwrap(), EDGE_URL);
+    // The nodes report the GPUs; declared ones would override them.
+    assert_eq!(value["FLOTILLA_GPUS"], "");
+    assert_eq!(value["FLOTILLA_GPU_SOURCE"], "auto");
+    assert_eq!(value["FLOTILLA_EDGE_URL"], EDGE_URL);
+
+    // The Kubernetes backend, in the release's namespace, owned by the
+    // executor's own Deployment; models cached on each node.
+    assert_eq!(value["FLOTILLA_BACKEND"], "kubernetes");
+    assert_eq!(value["FLOTILLA_KUBE_NAMESPACE"], namespace);
+    let own = of_kind(&objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "flotilla-executor")
+        .unwrap();
+    assert_eq!(own["metadata"]["namespace"], namespace);
+    assert_eq!(value["FLOTILLA_KUBE_OWNER"], "deployment/flotilla-executor");
+    assert_eq!(value["FLOTILLA_MODEL_DELIVERY"], "node-cache");
+    assert_eq!(
+        value["FLOTILLA_KUBE_NODE_CACHE_DIR"],
+        "/var/lib/flotilla/models"
+    );
+    assert_eq!(
+        value["FLOTILLA_RUNNER_IMAGE"],
+        "ghcr.io/flotilla-dev/flotilla-runner:0.1.0"
+    );
+    assert_eq!(value["FLOTILLA_VLLM_IMAGE"], "vllm/vllm-openai:v0.11.0");
+    // The fetch init container runs `flotilla-executor fetch-model`: the
+    // chart's own image holds it.
+    assert_eq!(
+        value["FLOTILLA_FETCH_IMAGE"],
+        executor["image"].as_str().unwrap()
+    );
+    assert_eq!(value["FLOTILLA_MAX_CONCURRENT_STARTS"], "8");
+    assert_eq!(value["FLOTILLA_KUBE_READY_TIMEOUT"], "15m");
+    // Replica pods outlive an executor pod being replaced: an upgrade is
+    // not a failed cluster.
+    assert_eq!(value["FLOTILLA_RESTART_GRACE"], "60s");
+    let pod = &own["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], true);
+
+    // RBAC: a Role in the release's namespace with exactly the verbs the
+    // backend uses, and cluster-wide only reading what the GPU inventory
+    // needs (nodes, and the pods bound to them); all for the executor's
+    // own service account.
+    let role = only(&objects, "Role");
+    let manage: &[&str] = &[
+        "create", "get", "list", "watch", "update", "patch", "delete",
+    ];
+    assert_eq!(
+        rules_of(role),
+        rules(&[
+            ("apps", "deployments", manage),
+            ("leaderworkerset.x-k8s.io", "leaderworkersets", manage),
+            ("", "pods", &["get", "list", "watch"]),
+            ("", "pods/log", &["get"]),
+            ("", "events", &["get", "list", "watch"]),
+        ])
+    );
+    assert_eq!(role["metadata"]["namespace"], namespace);
+    let cluster_role = only(&objects, "ClusterRole");
+    assert_eq!(
+        rules_of(cluster_role),
+        rules(&[
+            ("", "nodes", &["get", "list", "watch"]),
+            ("", "pods", &["list", "watch"]),
+        ])
+    );
+    let account = pod["serviceAccountName"].as_str().unwrap();
+    for (binding, bound) in [("RoleBinding", role), ("ClusterRoleBinding", cluster_role)] {
+        let binding = only(&objects, binding);
+        assert_eq!(binding["roleRef"]["kind"], bound["kind"]);
+        assert_eq!(binding["roleRef"]["name"], bound["metadata"]["name"]);
+        assert_eq!(
+            binding["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": account, "namespace": namespace}])
+        );
+    }
+    // Two members in two namespaces of one cluster do not share a
+    // ClusterRole.
+    assert!(
+        cluster_role["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .contains(namespace)
+    );
+    assert_eq!(of_kind(&objects, "ServiceMonitor").len(), 1);
+}
+
+/// `executor.backend: local` keeps replicas as processes in the executor's
+/// pod: the settings `flotilla up` uses, and no Kubernetes API access.
+#[test]
+fn a_member_executor_with_the_local_backend_has_no_api_access() {
+    let mut values = member_values();
+    values["executor"]["backend"] = Value::from("local");
+    let objects = render_chart(&values);
+    check_workloads(&objects);
+    let env = env_of(container(&objects, "flotilla-executor"));
+    let value = executor_values(&objects);
+    assert_eq!(value["FLOTILLA_BACKEND"], "local");
+    assert_eq!(
+        value["FLOTILLA_RUNNER_BIN"],
+        "/usr/local/bin/flotilla-runner"
+    );
+    assert_eq!(value["FLOTILLA_RESTART_GRACE"], "0s");
     assert_eq!(
         env["FLOTILLA_REPLICA_HOST"]["valueFrom"]["fieldRef"]["fieldPath"],
         "status.podIP"
     );
-    let deployments: Vec<&serde_json::Value> = deployments
+    assert!(
+        !env.keys().any(|k| k.starts_with("FLOTILLA_KUBE_")),
+        "{env:?}"
+    );
+    for kind in ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"] {
+        assert!(
+            of_kind(&objects, kind).is_empty(),
+            "{kind} with the local backend"
+        );
+    }
+    let own = of_kind(&objects, "Deployment")
         .into_iter()
-        .filter(|d| d["metadata"]["name"] == "flotilla-executor")
-        .collect();
+        .find(|d| d["metadata"]["name"] == "flotilla-executor")
+        .unwrap();
+    assert_eq!(
+        own["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+}
 
-    // RBAC: one namespaced Role over pods and deployments, bound to the
-    // executor's own service account; nothing cluster-wide.
-    assert!(of_kind(&objects, "ClusterRole").is_empty());
-    assert!(of_kind(&objects, "ClusterRoleBinding").is_empty());
-    let roles = of_kind(&objects, "Role");
-    assert_eq!(roles.len(), 1);
-    let mut resources = BTreeSet::new();
-    for rule in roles[0]["rules"].as_array().unwrap() {
-        for r in rule["resources"].as_array().unwrap() {
-            resources.insert(r.as_str().unwrap().to_string());
-        }
-        for v in rule["verbs"].as_array().unwrap() {
-            assert_ne!(v, "*", "wildcard verb");
+/// Models from an existing ReadWriteMany claim instead of the nodes'
+/// caches: the executor fills it, replica pods mount it; without a claim
+/// the chart refuses, naming the value.
+#[test]
+fn a_member_can_deliver_models_from_an_existing_claim() {
+    let mut values = member_values();
+    values["executor"]["modelDelivery"] = Value::from("pvc");
+    let out = helm(&values);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("executor.modelCache.claimName is required with executor.modelDelivery=pvc"),
+        "{stderr}"
+    );
+
+    values["executor"]["modelCache"] = serde_yaml::from_str("{claimName: models-rwx}").unwrap();
+    let objects = render_chart(&values);
+    check_workloads(&objects);
+    let value = executor_values(&objects);
+    assert_eq!(value["FLOTILLA_MODEL_DELIVERY"], "pvc");
+    assert_eq!(value["FLOTILLA_KUBE_MODEL_PVC"], "models-rwx");
+    assert!(!value.contains_key("FLOTILLA_KUBE_NODE_CACHE_DIR"));
+    let executor = container(&objects, "flotilla-executor");
+    let cache_dir = &value["FLOTILLA_MODEL_CACHE_DIR"];
+    let mount = executor["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| &m["mountPath"] == cache_dir)
+        .expect("the model cache mounted");
+    let pod = &of_kind(&objects, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "flotilla-executor")
+        .unwrap()["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(volume["persistentVolumeClaim"]["claimName"], "models-rwx");
+
+    for (key, bad, says) in [
+        ("backend", "nomad", "executor.backend \"nomad\""),
+        ("modelDelivery", "s3", "executor.modelDelivery \"s3\""),
+    ] {
+        let mut values = member_values();
+        values["executor"][key] = Value::from(bad);
+        let out = helm(&values);
+        assert!(!out.status.success(), "{key}={bad} accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
+/// Every variable the chart sets on a Flotilla container, under each
+/// values file and backend, is one the built binary it starts names in its
+/// `--help`; the executor's Kubernetes settings are among those checked.
+#[test]
+fn every_variable_the_chart_sets_is_one_its_binary_accepts() {
+    let mut local = member_values();
+    local["executor"]["backend"] = Value::from("local");
+    let mut pvc = member_values();
+    pvc["executor"]["modelDelivery"] = Value::from("pvc");
+    pvc["executor"]["modelCache"] = serde_yaml::from_str("{claimName: models}").unwrap();
+    let mut checked = BTreeSet::new();
+    for (context, values) in [
+        ("defaults", Value::Mapping(Default::default())),
+        ("values-hub.yaml", values_file("values-hub.yaml")),
+        ("values-member.yaml", member_values()),
+        ("member, local backend", local),
+        ("member, pvc", pvc),
+    ] {
+        for d in of_kind(&render_chart(&values), "Deployment") {
+            for c in d["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+            {
+                let Some(bin) = c["command"][0]
+                    .as_str()
+                    .and_then(|c| c.strip_prefix("/usr/local/bin/"))
+                else {
+                    continue;
+                };
+                let env: BTreeMap<String, Option<String>> = c["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| (e["name"].as_str().unwrap().to_string(), None))
+                    .collect();
+                check_env_with_binary(&format!("{context}: {}", d["metadata"]["name"]), bin, &env);
+                checked.extend(env.into_keys().map(|k| (bin.to_string(), k)));
+            }
         }
     }
-    assert_eq!(
-        resources,
-        BTreeSet::from(["pods".into(), "pods/log".into(), "deployments".into()])
-    );
-    let binding = of_kind(&objects, "RoleBinding")[0];
-    assert_eq!(binding["roleRef"]["kind"], "Role");
-    assert_eq!(binding["roleRef"]["name"], roles[0]["metadata"]["name"]);
-    assert_eq!(binding["subjects"][0]["namespace"], "flotilla");
-    assert_eq!(
-        binding["subjects"][0]["name"],
-        deployments[0]["spec"]["template"]["spec"]["serviceAccountName"]
-    );
-    assert_eq!(of_kind(&objects, "ServiceMonitor").len(), 1);
+    for var in [
+        "FLOTILLA_BACKEND",
+        "FLOTILLA_KUBE_NAMESPACE",
+        "FLOTILLA_KUBE_OWNER",
+        "FLOTILLA_RUNNER_IMAGE",
+        "FLOTILLA_VLLM_IMAGE",
+        "FLOTILLA_FETCH_IMAGE",
+        "FLOTILLA_MAX_CONCURRENT_STARTS",
+        "FLOTILLA_KUBE_READY_TIMEOUT",
+        "FLOTILLA_MODEL_DELIVERY",
+        "FLOTILLA_KUBE_NODE_CACHE_DIR",
+        "FLOTILLA_KUBE_MODEL_PVC",
+        "FLOTILLA_REPLICA_HOST",
+        "FLOTILLA_RUNNER_BIN",
+    ] {
+        assert!(
+            checked.contains(&("flotilla-executor".to_string(), var.to_string())),
+            "{var} was not checked"
+        );
+    }
+    for bin in CONTROL_SERVICES {
+        assert!(checked.iter().any(|(b, _)| b == bin), "{bin} not checked");
+    }
+}
+
+/// `helm lint` (Helm's own, through helm-sdkpy) reports nothing above
+/// info for the chart's defaults and both values files.
+#[test]
+fn the_chart_lints_clean_with_its_values_files() {
+    for (context, values) in [
+        ("defaults", Value::Mapping(Default::default())),
+        ("values-hub.yaml", values_file("values-hub.yaml")),
+        ("values-member.yaml", member_values()),
+    ] {
+        let out = helm(&values);
+        assert!(
+            out.status.success(),
+            "{context}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_lint_clean(context, &result["lint"]);
+    }
 }
 
 #[test]
 fn the_chart_refuses_an_executor_without_a_cluster_name() {
     let values: Value =
         serde_yaml::from_str("{hub: {enabled: false}, executor: {enabled: true}}").unwrap();
-    let out = helm(&values, None);
+    let out = helm(&values);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("executor.cluster is required"), "{stderr}");
 }
 
-/// Installs the chart (hub and member values) into the real cluster
-/// `KUBECONFIG` names: the API server validates every object. Pods are not
-/// waited for (the image need not be pullable there). Uninstalls after.
-/// Run with `--ignored` where `KUBECONFIG` is set (scripts/test does).
-#[test]
-#[ignore = "needs KUBECONFIG"]
-fn the_chart_installs_on_a_real_cluster_when_kubeconfig_is_set() {
-    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG names a cluster to install on");
-    for (namespace, values) in [
-        (
-            "flotilla-chart-test-hub",
-            Value::Mapping(Default::default()),
-        ),
-        ("flotilla-chart-test-member", member_values()),
-    ] {
-        let out = helm(&values, Some((&kubeconfig, namespace)));
-        assert!(
-            out.status.success(),
-            "{namespace}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// `kubectl` on the cluster `kubeconfig` names, with `input` on its
+/// standard input; its output. Panics with kubectl's own words on failure.
+fn kubectl(kubeconfig: &str, args: &[&str], input: Option<&str>) -> String {
+    use std::io::Write as _;
+    let mut child = Process::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH (the real-cluster test drives the cluster with it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.unwrap_or("").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kubectl port-forward` of `service`'s `port` to a free local port,
+/// stopped when dropped; the local port once it accepts connections.
+async fn port_forward(
+    kubeconfig: &str,
+    namespace: &str,
+    service: &str,
+    port: u16,
+) -> (KillOnDrop, u16) {
+    let [local] = support::free_ports::<1>();
+    let child = KillOnDrop(
+        Process::new("kubectl")
+            .env("KUBECONFIG", kubeconfig)
+            .args(["-n", namespace, "port-forward"])
+            .arg(format!("svc/{service}"))
+            .arg(format!("{local}:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    support::poll_until(
+        Duration::from_secs(60),
+        &format!("a port-forward to {service}:{port}"),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", local))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    (child, local)
+}
+
+/// Helm installs `release` of the chart with `values` into the real
+/// cluster; panics with Helm's words, or on a lint warning.
+fn install_real(kubeconfig: &str, namespace: &str, release: &str, values: &Value) {
+    let out = render_py(&["--install", kubeconfig, namespace, release], Some(values));
+    assert!(
+        out.status.success(),
+        "{release}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_lint_clean(release, &result["lint"]);
+}
+
+/// Removes what a real-cluster test left, however it ends.
+struct RealCleanup {
+    kubeconfig: String,
+    namespace: String,
+}
+
+impl Drop for RealCleanup {
+    fn drop(&mut self) {
+        for release in ["flotilla-member", "flotilla"] {
+            let _ = render_py(
+                &["--uninstall", &self.kubeconfig, &self.namespace, release],
+                None,
+            );
+        }
+        let _ = Process::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(["delete", "namespace", &self.namespace, "--wait=false"])
+            .output();
     }
+}
+
+/// A NATS server with JetStream, the users of `flotilla nats-config` and a
+/// leaf node port (7422), as Deployment and Service `nats`.
+const TEST_NATS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: nats}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: nats}}
+  template:
+    metadata: {labels: {app: nats}}
+    spec:
+      containers:
+        - name: nats
+          image: nats:2.11-alpine
+          args: [-c, /etc/nats/nats-server.conf]
+          ports: [{containerPort: 4222}, {containerPort: 7422}]
+          volumeMounts:
+            - {name: conf, mountPath: /etc/nats}
+            - {name: data, mountPath: /data}
+      volumes:
+        - {name: conf, configMap: {name: nats-conf}}
+        - {name: data, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nats}
+spec:
+  selector: {app: nats}
+  ports:
+    - {name: client, port: 4222}
+    - {name: leafnodes, port: 7422}
+"#;
+
+/// The whole path on the cluster `KUBECONFIG` names: a hub (a NATS server
+/// with the users `flotilla nats-config` writes, and the chart's control
+/// services) and a member installed with `values-member.yaml` (the
+/// Kubernetes backend, the leaf node, the edge over mutual TLS), all in a
+/// namespace of the test's own. One candle replica of the shipped model is
+/// placed on the member and answers a chat through the global gateway;
+/// uninstalling the member leaves none of its replica pods (they are owned
+/// by the executor's Deployment).
+///
+/// Needs: `KUBECONFIG`; `kubectl` on PATH; `FLOTILLA_TEST_IMAGE`, the image
+/// of `docker/Dockerfile` as `repository:tag`, pullable by the cluster
+/// (it also runs the candle replica unless `FLOTILLA_TEST_RUNNER_IMAGE`
+/// names another); a node with an allocatable `nvidia.com/gpu` (every
+/// replica asks for one) whose pods may use hostPath volumes; the cluster
+/// may pull `nats:2.11-alpine`. Run with `--ignored` (scripts/test does
+/// where `KUBECONFIG` is set).
+#[tokio::test]
+#[ignore = "needs KUBECONFIG"]
+async fn the_chart_installs_on_a_real_cluster_when_kubeconfig_is_set() {
+    use sha2::Digest as _;
+
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG names a cluster to install on");
+    let image = std::env::var("FLOTILLA_TEST_IMAGE").expect(
+        "FLOTILLA_TEST_IMAGE names the image of docker/Dockerfile (repository:tag), pullable by the cluster",
+    );
+    let runner_image = std::env::var("FLOTILLA_TEST_RUNNER_IMAGE").unwrap_or(image.clone());
+    let split = |image: &str| -> Value {
+        let (repository, tag) = image
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{image} has no :tag"));
+        serde_yaml::from_str(&format!("{{repository: {repository:?}, tag: {tag:?}}}")).unwrap()
+    };
+    let namespace = format!("flotilla-chart-test-{}", std::process::id());
+    let k = |args: &[&str]| kubectl(&kubeconfig, args, None);
+    k(&["create", "namespace", &namespace]);
+    let _cleanup = RealCleanup {
+        kubeconfig: kubeconfig.clone(),
+        namespace: namespace.clone(),
+    };
+    // Replica pods cache models in a hostPath folder (node-cache delivery).
+    k(&[
+        "label",
+        "namespace",
+        &namespace,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ]);
+    let n = |args: &[&str]| {
+        let mut all = vec!["-n", namespace.as_str()];
+        all.extend_from_slice(args);
+        kubectl(&kubeconfig, &all, None)
+    };
+
+    // The hub's NATS: the users `flotilla nats-config` writes, one Secret
+    // key per user, and a leaf node port for the member.
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("nats-config");
+    let made = Process::new(flotilla_integration::fleet::target_bin("flotilla"))
+        .arg("nats-config")
+        .arg("--out")
+        .arg(&config_dir)
+        .args(["--cluster", "e2e"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let conf = config_dir.join("nats-server.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\nleafnodes { listen: \"0.0.0.0:7422\" }\n");
+    std::fs::write(&conf, text).unwrap();
+    n(&[
+        "create",
+        "configmap",
+        "nats-conf",
+        &format!("--from-file=nats-server.conf={}", conf.display()),
+    ]);
+    kubectl(
+        &kubeconfig,
+        &["-n", &namespace, "apply", "-f", "-"],
+        Some(TEST_NATS),
+    );
+    let mut passwords = BTreeMap::new();
+    for entry in std::fs::read_dir(config_dir.join("users")).unwrap() {
+        let path = entry.unwrap().path();
+        let user = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let password = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("FLOTILLA_NATS_PASSWORD=")
+                    .map(str::to_string)
+            })
+            .unwrap();
+        passwords.insert(user, password);
+    }
+    let literals: Vec<String> = passwords
+        .iter()
+        .map(|(user, password)| format!("--from-literal={user}={password}"))
+        .collect();
+    let mut args = vec!["create", "secret", "generic", "flotilla-nats-users"];
+    args.extend(literals.iter().map(String::as_str));
+    n(&args);
+
+    // The edge's server certificate and the global gateway's client
+    // certificate, from one CA.
+    let edge_host = format!("flotilla-member-edge.{namespace}.svc");
+    let ca = flotilla_tls::Authority::generate("Flotilla chart test edge CA").unwrap();
+    let ca_file = dir.path().join("edge-ca.crt");
+    ca.write_cert(&ca_file).unwrap();
+    let (edge_cert, edge_key) = ca
+        .issue_server(std::slice::from_ref(&edge_host))
+        .unwrap()
+        .write(dir.path(), "edge")
+        .unwrap();
+    let (gateway_cert, gateway_key) = ca
+        .issue_client("flotilla-gateway")
+        .unwrap()
+        .write(dir.path(), "gateway")
+        .unwrap();
+    for (secret, cert, key) in [
+        ("flotilla-edge-tls", &edge_cert, &edge_key),
+        ("flotilla-gateway-edge-tls", &gateway_cert, &gateway_key),
+    ] {
+        n(&[
+            "create",
+            "secret",
+            "generic",
+            secret,
+            &format!("--from-file=ca.crt={}", ca_file.display()),
+            &format!("--from-file=tls.crt={}", cert.display()),
+            &format!("--from-file=tls.key={}", key.display()),
+        ]);
+    }
+
+    // The hub's control services, then the member with its values file.
+    let mut hub: Value = serde_yaml::from_str(
+        "{nats: {url: 'nats://nats:4222', credentialsSecret: flotilla-nats-users},
+          hub: {gateway: {replicas: 1, edges: {tls: {secretName: flotilla-gateway-edge-tls}}}}}",
+    )
+    .unwrap();
+    hub["image"] = split(&image);
+    install_real(&kubeconfig, &namespace, "flotilla", &hub);
+    let mut member = values_file("values-member.yaml");
+    member["image"] = split(&image);
+    member["executor"]["cluster"] = Value::from("e2e");
+    member["executor"]["images"] = serde_yaml::from_str("{runner: {}}").unwrap();
+    member["executor"]["images"]["runner"] = split(&runner_image);
+    member["nats"]["streamReplicas"] = Value::from(1);
+    member["nats"]["tls"]["enabled"] = Value::from(false);
+    member["leaf"]["hubUrls"] = serde_yaml::from_str("[nats:7422]").unwrap();
+    member["edge"]["url"] = Value::from(format!("https://{edge_host}:8443"));
+    member["edge"]["replicas"] = Value::from(1);
+    member["edge"]["service"]["type"] = Value::from("ClusterIP");
+    install_real(&kubeconfig, &namespace, "flotilla-member", &member);
+    for deployment in ["nats", "flotilla-placement", "flotilla-member-executor"] {
+        n(&[
+            "rollout",
+            "status",
+            &format!("deploy/{deployment}"),
+            "--timeout=10m",
+        ]);
+    }
+
+    // The shipped model, pushed through the hub's NATS as the operator,
+    // and one candle replica of it placed on the member.
+    let (_nats, nats_port) = port_forward(&kubeconfig, &namespace, "nats", 4222).await;
+    let cli = |args: &[&str]| {
+        let out = Process::new(flotilla_integration::fleet::target_bin("flotilla"))
+            .args(args)
+            .env("FLOTILLA_NATS_URL", format!("nats://127.0.0.1:{nats_port}"))
+            .env("FLOTILLA_NATS_USER", "admin")
+            .env("FLOTILLA_NATS_PASSWORD", &passwords["admin"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    support::poll_until(
+        Duration::from_secs(300),
+        "cluster e2e in `flotilla get clusters`",
+        || {
+            let listed = cli(&["get", "clusters"]);
+            async move { (listed.0 && listed.1.contains("e2e")).then_some(()) }
+        },
+    )
+    .await;
+    let model = support::shipped_model();
+    let digest = format!(
+        "sha256:{:x}",
+        sha2::Sha256::digest(std::fs::read(&model).unwrap())
+    );
+    let pushed = cli(&[
+        "model",
+        "push",
+        "--name",
+        "chart-test-smollm2",
+        &model.display().to_string(),
+    ]);
+    assert!(pushed.0, "flotilla model push: {}", pushed.1);
+    let deployment = dir.path().join("deployment.yaml");
+    std::fs::write(
+        &deployment,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: chart-test}}
+spec:
+  model: {{artifact: {{name: chart-test-smollm2, digest: '{digest}', format: gguf}}}}
+  runtime: candle
+  replicas: 1
+  resources: {{gpu: {{count: 1}}}}
+  placement: {{policy: PickFixed, clusterNames: [e2e]}}
+"
+        ),
+    )
+    .unwrap();
+    let applied = cli(&["apply", "-f", &deployment.display().to_string()]);
+    assert!(applied.0, "flotilla apply: {}", applied.1);
+
+    // A chat through the hub's global gateway, which reaches the replica
+    // through the member's edge.
+    let (_gateway, gateway_port) =
+        port_forward(&kubeconfig, &namespace, "flotilla-gateway", 8080).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{gateway_port}/v1");
+    let answer: serde_json::Value = support::poll_until(
+        Duration::from_secs(20 * 60),
+        "a chat answered through the gateway (the replica needs a node with an allocatable \
+         nvidia.com/gpu; `flotilla describe deployment chart-test` says why not)",
+        || {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                let models: serde_json::Value = http
+                    .get(format!("{base}/models"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let model = models["data"][0]["id"].as_str()?.to_string();
+                let answer = http
+                    .post(format!("{base}/chat/completions"))
+                    .json(&serde_json::json!({
+                        "model": model,
+                        "messages": [{"role": "user", "content": "Say hello."}],
+                        "max_tokens": 8,
+                    }))
+                    .send()
+                    .await
+                    .ok()?;
+                if !answer.status().is_success() {
+                    return None;
+                }
+                answer.json().await.ok()
+            }
+        },
+    )
+    .await;
+    assert!(!support::text(&answer).is_empty(), "{answer}");
+
+    // The replica is a Deployment owned by the executor's.
+    let replicas: serde_json::Value = serde_json::from_str(&n(&[
+        "get",
+        "deployments",
+        "-l",
+        "flotilla.dev/deployment=chart-test",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let items = replicas["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{replicas}");
+    let owners = &items[0]["metadata"]["ownerReferences"];
+    assert_eq!(owners[0]["kind"], "Deployment", "{owners}");
+    assert_eq!(owners[0]["name"], "flotilla-member-executor", "{owners}");
+
+    // Uninstalling the member garbage-collects its replicas' pods.
+    let out = render_py(
+        &["--uninstall", &kubeconfig, &namespace, "flotilla-member"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    support::poll_until(
+        Duration::from_secs(300),
+        "no replica pod left after uninstalling the member",
+        || {
+            let left = n(&[
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/managed-by=flotilla-executor",
+                "-o",
+                "name",
+            ]);
+            async move { left.trim().is_empty().then_some(()) }
+        },
+    )
+    .await;
 }
 
 #[test]
@@ -712,14 +1465,14 @@ fn the_chart_refuses_an_edge_without_an_https_url() {
     ] {
         let mut values = member_values();
         values["edge"]["url"] = Value::from(url);
-        let out = helm(&values, None);
+        let out = helm(&values);
         assert!(!out.status.success(), "{url:?} accepted");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(message), "{url:?}: {stderr}");
     }
     let mut values = member_values();
     values["leaf"]["hubUrls"] = Value::Sequence(vec![]);
-    let out = helm(&values, None);
+    let out = helm(&values);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("leaf.hubUrls is required"), "{stderr}");
 }
