@@ -379,7 +379,7 @@ impl ReplicaBackend for LocalBackend {
         // A process keeps its address: nothing moves.
         Observation {
             failed: gone,
-            moved: Vec::new(),
+            ..Observation::default()
         }
     }
 

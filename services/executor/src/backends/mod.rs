@@ -104,6 +104,30 @@ pub struct Moved {
     pub endpoint: String,
 }
 
+/// How a starting replica is getting on, in the words of what runs it
+/// (Kubernetes' `Unschedulable` and the scheduler's message, `Scheduled`,
+/// `ContainerCreating`): reported once per change of `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub replica_id: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A replica's object changed or went by another hand than the
+/// executor's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub replica_id: String,
+    /// What differs from what was sent, one line each
+    /// (`spec.template.spec.containers[0].image: "a" != "b"`,
+    /// `deleted`).
+    pub differences: Vec<String>,
+    /// Whether the backend put it back (drift policy take-over) or left it
+    /// (report-only); `Err` when putting it back failed, why.
+    pub restored: Result<bool, String>,
+}
+
 /// What a backend saw of its replicas since it last looked.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observation {
@@ -113,6 +137,10 @@ pub struct Observation {
     /// Replicas that serve somewhere else now; the backend already routes
     /// its own calls there.
     pub moved: Vec<Moved>,
+    /// Starting replicas that got on (or got stuck) since the last call.
+    pub progress: Vec<Progress>,
+    /// Replicas whose objects were changed or deleted by hand.
+    pub drifted: Vec<Drift>,
 }
 
 /// Starts, stops and watches replicas. Implementations keep, in memory,
@@ -136,7 +164,8 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     fn runs(&self, replica_id: &str) -> bool;
 
     /// What changed of its replicas since the last call: those that
-    /// stopped serving and those that serve at a new address.
+    /// stopped serving, those that serve at a new address, how starting
+    /// ones get on and which were changed by hand.
     fn observe(&self) -> impl Future<Output = Observation> + Send;
 
     /// Finds the replica `recorded` describes after this executor

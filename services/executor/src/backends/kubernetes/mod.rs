@@ -10,36 +10,51 @@
 //! cache volume (`--kube-model-pvc`, the same claim the executor's cache
 //! lives on) mounted read-only at `/models`. Labels tie every object to
 //! its cluster, deployment, replica and generation; a restarted executor
-//! finds its replicas by them. Pod status is polled: ready once the pod's
-//! `Ready` condition holds, failed when its container cannot start
-//! (crash loop, image pull errors) or the pod failed.
+//! finds its replicas by them.
 //!
-//! `objects` builds what is sent; `observe` reads pods into
-//! [`Observation`]s, purely; this module is the backend that talks to the
-//! API server and keeps which replicas it runs.
+//! The cluster's replica pods and Deployments are watched, not polled
+//! ([`watch`]): a start waits on the pod store and wakes when a pod
+//! changes; [`observe`](ReplicaBackend::observe) reads the stores. A
+//! replica is ready once its pod's `Ready` condition holds, failed when its
+//! container cannot start (crash loop, image pull errors) or the pod
+//! failed, and while it starts its pod's progress (`Unschedulable` with
+//! the scheduler's message, `ContainerCreating`, ...) is reported once per
+//! change. A Deployment changed or deleted by another hand is reported as
+//! drift and, under the take-over policy, put back.
+//!
+//! `objects` builds what is sent; `observe` reads pods, purely; `compare`
+//! finds drift, purely; `nodes` reads the cluster's GPUs from its nodes;
+//! this module is the backend that talks to the API server and keeps which
+//! replicas it runs.
 
+mod compare;
+pub mod nodes;
 mod objects;
 mod observe;
+mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_kit::sync::lock;
-use flotilla_proto::v1::ReplicaStatus;
+use flotilla_proto::v1::{DriftPolicy, ReplicaStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
 
-use super::{Adoption, BackendError, Observation, ReplicaBackend, ReplicaSpec};
+use super::{Adoption, BackendError, Drift, Observation, Progress, ReplicaBackend, ReplicaSpec};
+pub use compare::differences;
 use objects::replica_of;
 pub use objects::{
     ANNOTATION_MODEL, KubernetesConfig, LABEL_CLUSTER, LABEL_DEPLOYMENT, LABEL_GENERATION,
     LABEL_MANAGED_BY, LABEL_REPLICA, LABEL_RUNTIME, MANAGED_BY, MODELS_MOUNT, PORT,
     deployment_object, object_name,
 };
-pub use observe::{PodState, observe_pods, pod_state};
+pub use observe::{PodState, observe_pods, pod_progress, pod_state};
+pub use watch::Watched;
 
 fn api_error(e: kube::Error) -> BackendError {
     BackendError::Kubernetes(e)
@@ -49,24 +64,71 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// What the executor sent for a replica it started, to tell drift.
+struct Sent {
+    spec: ReplicaSpec,
+    object: serde_json::Value,
+    /// The Deployment has been in the store once: its absence since is a
+    /// deletion, not a watch that has not caught up.
+    seen: bool,
+    /// The differences last reported, so one drift is reported once.
+    reported: Vec<String>,
+}
+
+/// Removes a replica from the starting ones however its start ends
+/// (finished, failed or dropped by a stop).
+struct Starting<'a> {
+    backend: &'a KubernetesBackend,
+    replica_id: String,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        lock(&self.backend.starting).remove(&self.replica_id);
+    }
+}
+
 /// Runs replicas as Deployments through the Kubernetes API.
 pub struct KubernetesBackend {
     config: KubernetesConfig,
     deployments: Api<Deployment>,
-    pods: Api<Pod>,
+    /// This cluster's replica pods and Deployments.
+    pods: Watched<Pod>,
+    objects: Watched<Deployment>,
     /// Replica id to base URL, for the replicas this instance runs.
     running: Mutex<HashMap<String, String>>,
-    last_observed: Mutex<Option<Instant>>,
+    /// Replicas whose start is under way, with the progress reason last
+    /// reported.
+    starting: Mutex<HashMap<String, String>>,
+    /// What was sent for the replicas started here.
+    sent: Mutex<HashMap<String, Sent>>,
 }
 
 impl KubernetesBackend {
+    /// The backend of `config.cluster`; starts watching its replica pods
+    /// and Deployments, so it must be called inside a Tokio runtime.
     pub fn new(client: kube::Client, config: KubernetesConfig) -> Self {
+        let selector = format!(
+            "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CLUSTER}={}",
+            config.cluster
+        );
+        let watch = || watcher::Config::default().labels(&selector);
         Self {
             deployments: Api::namespaced(client.clone(), &config.namespace),
-            pods: Api::namespaced(client, &config.namespace),
+            pods: Watched::spawn(
+                Api::namespaced(client.clone(), &config.namespace),
+                watch(),
+                "replica pods",
+            ),
+            objects: Watched::spawn(
+                Api::namespaced(client, &config.namespace),
+                watch(),
+                "replica Deployments",
+            ),
             config,
             running: Mutex::new(HashMap::new()),
-            last_observed: Mutex::new(None),
+            starting: Mutex::new(HashMap::new()),
+            sent: Mutex::new(HashMap::new()),
         }
     }
 
@@ -77,30 +139,30 @@ impl KubernetesBackend {
         )
     }
 
-    async fn pods_of(&self, replica_id: &str) -> Result<Vec<Pod>, BackendError> {
-        let selector = format!(
-            "{LABEL_CLUSTER}={},{LABEL_REPLICA}={replica_id}",
-            self.config.cluster
-        );
-        Ok(self
-            .pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(api_error)?
-            .items)
+    fn pods_of(&self, replica_id: &str) -> Vec<Pod> {
+        self.pods
+            .store
+            .state()
+            .iter()
+            .filter(|p| replica_of(&p.metadata).is_some_and(|r| r == replica_id))
+            .map(|p| Pod::clone(p))
+            .collect()
     }
 
-    /// Polls the replica's pods until one is ready (its URL), one failed,
-    /// or `deadline` passed.
+    /// Waits until one of the replica's pods is ready (its URL), one
+    /// failed, or `deadline` passed, waking whenever a replica pod
+    /// changes.
     async fn wait_ready(
         &self,
         replica_id: &str,
         deadline: Duration,
     ) -> Result<String, BackendError> {
-        let started = Instant::now();
+        let until = tokio::time::Instant::now() + deadline;
+        let mut changes = self.pods.subscribe();
         let mut last = "no pod yet".to_string();
         loop {
-            let pods = self.pods_of(replica_id).await?;
+            changes.mark_unchanged();
+            let pods = self.pods_of(replica_id);
             let states: Vec<PodState> = pods.iter().map(pod_state).collect();
             if let Some(url) = states.iter().find_map(|s| match s {
                 PodState::Ready(url) => Some(url.clone()),
@@ -114,13 +176,21 @@ impl KubernetesBackend {
             }) {
                 return Err(BackendError::Failed(why));
             }
-            if !pods.is_empty() {
+            if let Some((reason, message)) = pods.iter().find_map(pod_progress) {
+                last = format!("{reason}: {message}");
+            } else if !pods.is_empty() {
                 last = "the pod is not ready".into();
             }
-            if started.elapsed() >= deadline {
-                return Err(BackendError::NotReady(deadline, last));
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Err(BackendError::Failed("the pod watch ended".into()));
+                    }
+                }
+                () = tokio::time::sleep_until(until) => {
+                    return Err(BackendError::NotReady(deadline, last));
+                }
             }
-            tokio::time::sleep(self.config.poll_interval).await;
         }
     }
 
@@ -140,6 +210,17 @@ impl KubernetesBackend {
     /// [`start`](ReplicaBackend::start) does before it waits).
     pub async fn create(&self, spec: &ReplicaSpec) -> Result<(), BackendError> {
         let object = deployment_object(&self.config, spec);
+        if let Ok(sent) = serde_json::to_value(&object) {
+            lock(&self.sent).insert(
+                spec.replica_id.clone(),
+                Sent {
+                    spec: spec.clone(),
+                    object: sent,
+                    seen: false,
+                    reported: Vec::new(),
+                },
+            );
+        }
         match self
             .deployments
             .create(&PostParams::default(), &object)
@@ -174,6 +255,128 @@ impl KubernetesBackend {
             Err(e) => Err(api_error(e)),
         }
     }
+
+    /// Progress of the starting replicas not reported yet.
+    fn progress(&self, pods: &[Pod]) -> Vec<Progress> {
+        let mut starting = lock(&self.starting);
+        let mut ids: Vec<&String> = starting.keys().collect();
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            let said = pods
+                .iter()
+                .filter(|p| replica_of(&p.metadata) == Some(id))
+                .find_map(pod_progress);
+            if let Some((reason, message)) = said {
+                out.push(Progress {
+                    replica_id: id.clone(),
+                    reason,
+                    message,
+                });
+            }
+        }
+        out.retain(|p| {
+            starting.get_mut(&p.replica_id).is_some_and(|last| {
+                if *last == p.reason {
+                    return false;
+                }
+                last.clone_from(&p.reason);
+                true
+            })
+        });
+        out
+    }
+
+    /// Deployments of replicas started here that no longer hold what was
+    /// sent, or are gone; put back under the take-over policy.
+    async fn drift(&self) -> Vec<Drift> {
+        if !self.objects.synced() {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        {
+            let mut sent = lock(&self.sent);
+            let mut ids: Vec<String> = sent.keys().cloned().collect();
+            ids.sort();
+            for id in ids {
+                let Some(entry) = sent.get_mut(&id) else {
+                    continue;
+                };
+                let name = object_name(&id);
+                let live = self
+                    .objects
+                    .store
+                    .find(|d| d.metadata.name.as_deref() == Some(name.as_str()));
+                let differences = match &live {
+                    None if !entry.seen => continue,
+                    None => vec!["deleted".to_string()],
+                    Some(live) => {
+                        entry.seen = true;
+                        match serde_json::to_value(live.as_ref()) {
+                            Ok(live) => differences(&entry.object, &live),
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                if differences.is_empty() {
+                    entry.reported.clear();
+                    continue;
+                }
+                if differences == entry.reported {
+                    continue;
+                }
+                entry.reported.clone_from(&differences);
+                found.push((id, entry.spec.clone(), differences, live));
+            }
+        }
+        let mut out = Vec::new();
+        for (replica_id, spec, differences, live) in found {
+            let restored = match spec.drift_policy {
+                DriftPolicy::ReportOnly => Ok(false),
+                DriftPolicy::TakeOver | DriftPolicy::Unspecified => {
+                    self.restore(&spec, live.as_deref()).await.map(|()| true)
+                }
+            };
+            if let Err(e) = &restored {
+                // Tried again when the object changes next.
+                if let Some(entry) = lock(&self.sent).get_mut(&replica_id) {
+                    entry.reported.clear();
+                }
+                tracing::warn!(replica = %replica_id, "putting its Deployment back: {e}");
+            }
+            out.push(Drift {
+                replica_id,
+                differences,
+                restored,
+            });
+        }
+        out
+    }
+
+    /// Puts back what was sent for `spec`: replaces `live`, or creates it
+    /// again when it is gone.
+    async fn restore(&self, spec: &ReplicaSpec, live: Option<&Deployment>) -> Result<(), String> {
+        let mut object = deployment_object(&self.config, spec);
+        let name = object_name(&spec.replica_id);
+        let done = match live {
+            Some(live) => {
+                object
+                    .metadata
+                    .resource_version
+                    .clone_from(&live.metadata.resource_version);
+                self.deployments
+                    .replace(&name, &PostParams::default(), &object)
+                    .await
+                    .map(|_| ())
+            }
+            None => self
+                .deployments
+                .create(&PostParams::default(), &object)
+                .await
+                .map(|_| ()),
+        };
+        done.map_err(|e| e.to_string())
+    }
 }
 
 impl ReplicaBackend for KubernetesBackend {
@@ -182,7 +385,15 @@ impl ReplicaBackend for KubernetesBackend {
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<String, BackendError> {
-        self.create(spec).await?;
+        lock(&self.starting).insert(spec.replica_id.clone(), String::new());
+        let _starting = Starting {
+            backend: self,
+            replica_id: spec.replica_id.clone(),
+        };
+        if let Err(e) = self.create(spec).await {
+            lock(&self.sent).remove(&spec.replica_id);
+            return Err(e);
+        }
         match self
             .wait_ready(&spec.replica_id, self.config.ready_timeout)
             .await
@@ -193,6 +404,7 @@ impl ReplicaBackend for KubernetesBackend {
             }
             Err(e) => {
                 // A replica that failed must not hold GPUs.
+                lock(&self.sent).remove(&spec.replica_id);
                 if let Err(delete) = self.delete(&spec.replica_id).await {
                     tracing::warn!(replica = %spec.replica_id, "deleting the failed replica: {delete}");
                 }
@@ -203,7 +415,9 @@ impl ReplicaBackend for KubernetesBackend {
 
     async fn stop(&self, replica_id: &str) -> Result<bool, BackendError> {
         let tracked = lock(&self.running).remove(replica_id).is_some();
-        Ok(self.delete(replica_id).await? || tracked)
+        // Its deletion is the executor's own, not drift.
+        let sent = lock(&self.sent).remove(replica_id).is_some();
+        Ok(self.delete(replica_id).await? || tracked || sent)
     }
 
     fn runs(&self, replica_id: &str) -> bool {
@@ -211,36 +425,26 @@ impl ReplicaBackend for KubernetesBackend {
     }
 
     async fn observe(&self) -> Observation {
-        let due = {
-            let mut last = lock(&self.last_observed);
-            let due = last.is_none_or(|t| t.elapsed() >= self.config.poll_interval);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        let running = lock(&self.running).clone();
-        if !due || running.is_empty() {
+        if !self.pods.synced() {
             return Observation::default();
         }
-        let pods = match self
+        let pods: Vec<Pod> = self
             .pods
-            .list(&ListParams::default().labels(&self.cluster_selector()))
-            .await
-        {
-            Ok(list) => list.items,
-            Err(e) => {
-                tracing::warn!(cluster = %self.config.cluster, "reading replica pods: {e}");
-                return Observation::default();
-            }
-        };
+            .store
+            .state()
+            .iter()
+            .map(|p| Pod::clone(p))
+            .collect();
+        let running = lock(&self.running).clone();
         let seen = observe_pods(&running, &pods);
         let moved = {
             let mut running = lock(&self.running);
+            let mut sent = lock(&self.sent);
             for failure in &seen.failed {
                 running.remove(&failure.replica_id);
+                sent.remove(&failure.replica_id);
             }
-            // Stopped while the pods were listed: no longer this backend's
+            // Stopped while the pods were read: no longer this backend's
             // to move.
             seen.moved
                 .into_iter()
@@ -258,9 +462,13 @@ impl ReplicaBackend for KubernetesBackend {
                 tracing::warn!(replica = %failure.replica_id, "deleting the failed replica: {e}");
             }
         }
+        let progress = self.progress(&pods);
+        let drifted = self.drift().await;
         Observation {
             failed: seen.failed,
             moved,
+            progress,
+            drifted,
         }
     }
 

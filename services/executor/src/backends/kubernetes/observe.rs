@@ -69,6 +69,64 @@ pub fn pod_state(pod: &Pod) -> PodState {
     }
 }
 
+/// How a pod that is not ready yet is getting on, as Kubernetes says it:
+/// (reason, message). Not scheduled (`Unschedulable`, with the
+/// scheduler's "0/3 nodes are available: 3 Insufficient nvidia.com/gpu";
+/// the cluster autoscaler may still add a node), a container waiting for
+/// a non-fatal reason (`ContainerCreating` while the image is pulled,
+/// `PodInitializing`), running but not ready yet (the model is loading),
+/// or `Scheduled` on its node. `None` for a ready or failed pod and one
+/// not yet seen by the scheduler.
+pub fn pod_progress(pod: &Pod) -> Option<(String, String)> {
+    if !matches!(pod_state(pod), PodState::Pending) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let scheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled");
+    if let Some(c) = scheduled.filter(|c| c.status == "False") {
+        return Some((
+            c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+            c.message.clone().unwrap_or_default(),
+        ));
+    }
+    for container in status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+    {
+        if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = waiting.reason.clone().unwrap_or_default();
+            if !reason.is_empty() {
+                return Some((reason, waiting.message.clone().unwrap_or_default()));
+            }
+        }
+    }
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    if status
+        .container_statuses
+        .iter()
+        .flatten()
+        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    {
+        return Some((
+            "Started".into(),
+            format!("running on {node}, not ready yet (loading the model)"),
+        ));
+    }
+    scheduled
+        .filter(|c| c.status == "True")
+        .map(|_| ("Scheduled".into(), format!("assigned to node {node}")))
+}
+
 /// What `pods` (the cluster's replica pods, listed at once) say about the
 /// replicas in `running` (replica id to the base URL it serves at), in
 /// replica-id order. A replica with a ready pod serves: where it did,
@@ -141,6 +199,58 @@ mod tests {
             "name": "replica", "image": "flotilla-runner:test", "imageID": "",
             "ready": false, "restartCount": 4,
             "state": {"waiting": {"reason": reason, "message": "back-off 1m0s"}}}]})
+    }
+
+    #[test]
+    fn a_pending_pod_says_how_it_gets_on() {
+        let unschedulable = json!({"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]});
+        let creating = json!({"phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "replica", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]});
+        let loading = json!({"phase": "Running", "podIP": "10.0.0.1",
+            "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "replica", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"running": {}}}]});
+        let scheduled = json!({"phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}]});
+        let said = |status: Value| {
+            let mut p = pod("r", status);
+            p.spec = Some(
+                serde_json::from_value(json!({"nodeName": "gpu-1", "containers": []})).unwrap(),
+            );
+            pod_progress(&p)
+        };
+        let pair = |r: &str, m: &str| Some((r.to_string(), m.to_string()));
+        assert_eq!(
+            said(unschedulable),
+            pair(
+                "Unschedulable",
+                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+            )
+        );
+        assert_eq!(said(creating), pair("ContainerCreating", ""));
+        assert_eq!(
+            said(loading),
+            pair(
+                "Started",
+                "running on gpu-1, not ready yet (loading the model)"
+            )
+        );
+        assert_eq!(said(scheduled), pair("Scheduled", "assigned to node gpu-1"));
+        assert_eq!(
+            said(json!({"phase": "Pending"})),
+            None,
+            "not seen by the scheduler yet"
+        );
+        assert_eq!(said(ready("10.0.0.1")), None);
+        assert_eq!(
+            said(waiting("CrashLoopBackOff")),
+            None,
+            "failed, not progress"
+        );
     }
 
     #[test]
@@ -291,6 +401,7 @@ mod tests {
                         failure("c", "container replica: CrashLoopBackOff: back-off 1m0s"),
                     ],
                     moved: vec![moved("b", "10.0.0.7")],
+                    ..Default::default()
                 },
             ),
         ];
