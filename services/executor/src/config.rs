@@ -107,6 +107,11 @@ pub struct ExecutorArgs {
     #[arg(long, env = "FLOTILLA_BACKEND", value_enum, default_value_t = BackendKind::Local)]
     pub backend: BackendKind,
 
+    /// Start and stop commands handled at once (1 to 256): a replica slow
+    /// to come up (a pod waiting for a node) holds one and not the rest.
+    #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_STARTS", default_value_t = crate::replicas::DEFAULT_MAX_CONCURRENT_STARTS)]
+    pub max_concurrent_starts: usize,
+
     /// The `vllm` executable for local `runtime: vllm` replicas; by
     /// default `vllm` on PATH.
     #[arg(long, env = "FLOTILLA_VLLM_BIN")]
@@ -162,6 +167,7 @@ impl Default for ExecutorArgs {
             model_cache_budget: "50GiB".into(),
             runner_bin: None,
             backend: BackendKind::Local,
+            max_concurrent_starts: crate::replicas::DEFAULT_MAX_CONCURRENT_STARTS,
             vllm_bin: None,
             kube_namespace: "flotilla".into(),
             runner_image: DEFAULT_RUNNER_IMAGE.into(),
@@ -242,6 +248,7 @@ pub struct Config {
     pub runner_bin: std::path::PathBuf,
     pub vllm_bin: Option<std::path::PathBuf>,
     pub backend: BackendSettings,
+    pub max_concurrent_starts: usize,
 }
 
 /// The chosen backend with its settings.
@@ -269,6 +276,12 @@ impl ExecutorArgs {
             return Err(ConfigError::new(
                 "heartbeat-interval",
                 "must be at least 10ms",
+            ));
+        }
+        if !(1..=256).contains(&self.max_concurrent_starts) {
+            return Err(ConfigError::new(
+                "max-concurrent-starts",
+                format!("{} is not 1 to 256", self.max_concurrent_starts),
             ));
         }
         let edge_url = match &self.edge_url {
@@ -327,6 +340,7 @@ impl ExecutorArgs {
             runner_bin: backends::local::find_runner(self.runner_bin.clone()),
             vllm_bin: backends::local::find_vllm(self.vllm_bin.clone()),
             backend,
+            max_concurrent_starts: self.max_concurrent_starts,
         })
     }
 }

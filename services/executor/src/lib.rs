@@ -1,9 +1,11 @@
 //! The `executor`: one per cluster. This half reports the cluster to the
 //! fleet: every `--heartbeat-interval` a `ClusterHeartbeat` on
 //! `<prefix>.telemetry.<cluster>` with labels, taints, cost, CPU and memory,
-//! and GPUs from NVML when a driver is present or from the declared
-//! inventory otherwise (the source is in the message, so a simulation is
-//! never mistaken for hardware). The replica half ([`replicas`]) runs this
+//! and GPUs from NVML when a driver is present, from the cluster's nodes
+//! on Kubernetes, or from the declared inventory otherwise (the source is
+//! in the message, so a simulation is never mistaken for hardware). GPUs
+//! held by this executor's replicas (or, on Kubernetes, by any pod) are
+//! reported `allocated`, and each replica's usage carries its GPU count. The replica half ([`replicas`]) runs this
 //! cluster's replicas through one [`backends::ReplicaBackend`]: local
 //! processes (the default) or Kubernetes (`--backend kubernetes`).
 //!
@@ -57,9 +59,23 @@ pub enum ExecutorError {
 enum Gpus {
     Nvml(Box<dyn DeviceReader>, GpuTelemetry),
     Declared,
+    /// The cluster's nodes (allocatable GPUs, feature discovery's labels)
+    /// and the pods bound to them. Reported as `INVENTORY_SOURCE_NVML`:
+    /// the figures are measured on the hardware (the device plugin and
+    /// feature discovery read NVML on each node), not declared.
+    Kubernetes(backends::kubernetes::nodes::NodeInventory),
 }
 
-fn choose_gpus(config: &Config) -> Result<Gpus, ExecutorError> {
+fn choose_gpus(config: &Config, kube: Option<&kube::Client>) -> Result<Gpus, ExecutorError> {
+    if let (GpuSource::Auto, Some(client)) = (config.gpu_source, kube) {
+        // Declared GPUs (`--gpus`) stay an override.
+        if config.declared.count() == 0 {
+            tracing::info!("GPU inventory from the cluster's nodes");
+            return Ok(Gpus::Kubernetes(
+                backends::kubernetes::nodes::NodeInventory::spawn(client.clone()),
+            ));
+        }
+    }
     match config.gpu_source {
         GpuSource::Declared => Ok(Gpus::Declared),
         GpuSource::Nvml => Ok(Gpus::Nvml(
@@ -109,6 +125,7 @@ pub struct Heartbeats {
     config: Config,
     cache: std::sync::Arc<flotilla_model_store::ModelCache>,
     gpus: Gpus,
+    holds: std::sync::Arc<load::GpuHolds>,
     instance: String,
     sequence: u64,
     cpu_cores: u32,
@@ -121,11 +138,13 @@ impl Heartbeats {
         config: Config,
         gpus: Gpus,
         cache: std::sync::Arc<flotilla_model_store::ModelCache>,
+        holds: std::sync::Arc<load::GpuHolds>,
     ) -> Self {
         Self {
             config,
             cache,
             gpus,
+            holds,
             instance: uuid::Uuid::new_v4().to_string(),
             sequence: 0,
             cpu_cores: std::thread::available_parallelism()
@@ -138,13 +157,17 @@ impl Heartbeats {
     pub fn next_heartbeat(&mut self) -> v1::ClusterHeartbeat {
         self.sequence += 1;
         let (gpus, source) = match &mut self.gpus {
-            Gpus::Declared => (
-                self.config.declared.devices(&self.config.cluster),
-                InventorySource::Declared,
-            ),
+            Gpus::Declared => {
+                let mut gpus = self.config.declared.devices(&self.config.cluster);
+                load::mark_allocated(&mut gpus, self.holds.total());
+                (gpus, InventorySource::Declared)
+            }
+            // Pods hold GPUs there, this executor's replicas among them.
+            Gpus::Kubernetes(nodes) => (nodes.devices().unwrap_or_default(), InventorySource::Nvml),
             Gpus::Nvml(reader, telemetry) => match telemetry.sample(reader.as_mut()) {
-                Ok(gpus) => {
+                Ok(mut gpus) => {
                     self.gpu_read_failed = false;
+                    load::mark_allocated(&mut gpus, self.holds.total());
                     (gpus, InventorySource::Nvml)
                 }
                 Err(e) => {
@@ -203,6 +226,8 @@ struct ReplicaHalf {
     cache: std::sync::Arc<flotilla_model_store::ModelCache>,
     store: async_nats::jetstream::object_store::ObjectStore,
     handover: bool,
+    holds: std::sync::Arc<load::GpuHolds>,
+    max_concurrent_starts: usize,
 }
 
 impl ReplicaHalf {
@@ -220,10 +245,12 @@ impl ReplicaHalf {
             self.cache,
             self.store,
         )
-        .await?;
+        .await?
+        .with_holds(self.holds);
         Ok(replicas::spawn(
             std::sync::Arc::new(half),
             self.handover,
+            self.max_concurrent_starts,
             shutdown,
         )?)
     }
@@ -231,7 +258,15 @@ impl ReplicaHalf {
 
 /// Runs the executor until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
-    let gpus = choose_gpus(&config)?;
+    let kube = match &config.backend {
+        BackendSettings::Kubernetes(_) => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(ExecutorError::Kubernetes)?,
+        ),
+        BackendSettings::Local => None,
+    };
+    let gpus = choose_gpus(&config, kube.as_ref())?;
     let bus = Bus::connect(&config.bus, SERVICE, &shutdown).await?;
     flotilla_kit::provision(&bus).await?;
     let health = Health::for_bus(&bus);
@@ -265,7 +300,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     let region = config.labels.get("region").cloned().unwrap_or_default();
     let restart_grace = config.restart_grace;
     let handover = !restart_grace.is_zero();
+    let holds = std::sync::Arc::new(load::GpuHolds::default());
     let half = ReplicaHalf {
+        holds: holds.clone(),
+        max_concurrent_starts: config.max_concurrent_starts,
         bus: bus.clone(),
         cluster: cluster.clone(),
         region,
@@ -285,14 +323,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
             half.start(backend, shutdown.clone()).await?
         }
         BackendSettings::Kubernetes(settings) => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(ExecutorError::Kubernetes)?;
+            let client = match kube.clone() {
+                Some(client) => client,
+                None => kube::Client::try_default()
+                    .await
+                    .map_err(ExecutorError::Kubernetes)?,
+            };
             let backend = backends::kubernetes::KubernetesBackend::new(client, settings.clone());
             half.start(backend, shutdown.clone()).await?
         }
     };
-    let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone()));
+    let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone(), holds.clone()));
     let load_task = {
         let store = flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?;
         store.start_watch(shutdown.clone()).await?;
@@ -301,7 +342,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
                 .run(store, LOAD_SAMPLE_INTERVAL, shutdown.clone()),
         )
     };
-    let mut heartbeats = Heartbeats::new(config, gpus, cache);
+    let mut heartbeats = Heartbeats::new(config, gpus, cache, holds);
 
     health.set_ready(true);
     tracing::info!(%cluster, ?interval, "sending heartbeats on {subject}");

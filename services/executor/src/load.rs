@@ -7,7 +7,7 @@
 //! heartbeat carries the latest summaries, so they reach the bus with no
 //! central poller.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,47 @@ pub fn ttft_p95_ms(before: &[(f64, f64)], now: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// GPUs this executor's replicas hold, by replica: taken when a start
+/// begins (the start command says how many), given back when the replica
+/// stops or fails. Heartbeats report them in each replica's usage and mark
+/// as many devices allocated, so a cluster's free count includes
+/// Flotilla's own replicas.
+#[derive(Debug, Default)]
+pub struct GpuHolds {
+    held: Mutex<BTreeMap<String, u32>>,
+}
+
+impl GpuHolds {
+    pub fn hold(&self, replica_id: &str, gpus: u32) {
+        sync::lock(&self.held).insert(replica_id.to_string(), gpus);
+    }
+
+    pub fn release(&self, replica_id: &str) {
+        sync::lock(&self.held).remove(replica_id);
+    }
+
+    /// GPUs `replica_id` holds; 0 for one not held here.
+    pub fn of(&self, replica_id: &str) -> u32 {
+        sync::lock(&self.held).get(replica_id).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u32 {
+        sync::lock(&self.held)
+            .values()
+            .fold(0u32, |sum, n| sum.saturating_add(*n))
+    }
+}
+
+/// Marks the first `held` devices by index allocated (declared or NVML
+/// inventory, where nothing else knows which device a replica uses).
+pub fn mark_allocated(gpus: &mut [v1::GpuDevice], held: u32) {
+    let mut order: Vec<usize> = (0..gpus.len()).collect();
+    order.sort_by_key(|i| gpus[*i].index);
+    for i in order.into_iter().take(held as usize) {
+        gpus[i].allocated = true;
+    }
+}
+
 struct Previous {
     at: Instant,
     scrape: Scrape,
@@ -125,15 +166,17 @@ struct Previous {
 
 pub struct LoadSampler {
     cluster: String,
+    holds: Arc<GpuHolds>,
     client: reqwest::Client,
     previous: Mutex<HashMap<String, Previous>>,
     latest: Mutex<Vec<v1::ReplicaUsage>>,
 }
 
 impl LoadSampler {
-    pub fn new(cluster: String) -> Self {
+    pub fn new(cluster: String, holds: Arc<GpuHolds>) -> Self {
         Self {
             cluster,
+            holds,
             client: reqwest::Client::new(),
             previous: Mutex::new(HashMap::new()),
             latest: Mutex::new(Vec::new()),
@@ -195,6 +238,7 @@ impl LoadSampler {
             usage.push(v1::ReplicaUsage {
                 replica_id: r.replica_id.clone(),
                 deployment: r.deployment.clone(),
+                gpus: self.holds.of(&r.replica_id),
                 ready: true,
                 in_flight: scrape.in_flight,
                 queued: scrape.queued,
@@ -287,6 +331,29 @@ vllm:kv_cache_usage_perc{engine="1",model_name="qwen"} 0.25
         // Either name, averaged over the engines that report it.
         assert_eq!(s.kv_cache_usage, 0.375);
         assert_eq!(parse(TEXT).kv_cache_usage, 0.0);
+    }
+
+    #[test]
+    fn held_gpus_mark_the_first_devices_by_index() {
+        let holds = GpuHolds::default();
+        holds.hold("a", 1);
+        holds.hold("b", 2);
+        holds.hold("b", 1);
+        assert_eq!((holds.of("a"), holds.of("b"), holds.total()), (1, 1, 2));
+        let mut gpus: Vec<v1::GpuDevice> = [2, 0, 1]
+            .into_iter()
+            .map(|index| v1::GpuDevice {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        mark_allocated(&mut gpus, holds.total());
+        let allocated: Vec<(u32, bool)> = gpus.iter().map(|g| (g.index, g.allocated)).collect();
+        assert_eq!(allocated, [(2, false), (0, true), (1, true)]);
+        holds.release("a");
+        assert_eq!(holds.total(), 1);
+        mark_allocated(&mut gpus, 9);
+        assert!(gpus.iter().all(|g| g.allocated), "more held than there are");
     }
 
     #[test]

@@ -8,6 +8,16 @@
 //! from this cluster's starting and ready replicas in KV, so a restart
 //! does not forget them.
 //!
+//! Concurrency: up to `--max-concurrent-starts` commands are handled at
+//! once (the kit's consumer runs that many handlers), so a replica whose
+//! pod never becomes ready does not hold up the others. Commands for one
+//! replica stay in order where it matters: a stop cancels that replica's
+//! start in progress and waits for it to let go; a stop that overtakes
+//! the start it ends (handled first) records the replica stopped and the
+//! start, when it comes, does nothing. Every change of a record
+//! (starting, ready, failed, stopped) is made under one lock, so a stop
+//! and a start or a failure report never overwrite each other.
+//!
 //! Restart: before it consumes a command, [`Replicas::reconcile`] reads this
 //! cluster's records and asks the backend to adopt every replica recorded
 //! as starting or ready; what it cannot vouch for is stopped and a ready
@@ -17,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::object_store::ObjectStore;
 use flotilla_kit::{
@@ -34,7 +44,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backends::{Adoption, ReplicaBackend, ReplicaSpec};
+use crate::backends::{Adoption, Drift, Progress, ReplicaBackend, ReplicaSpec};
+use crate::load::GpuHolds;
 use crate::replica_client::ReplicaClient;
 
 mod probe;
@@ -44,6 +55,21 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Waits between tries to reconcile with KV before commands are consumed.
 const RECONCILE_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+/// How long a stop that came before its start is remembered: its start,
+/// handled after it, is due within moments (the two were consumed
+/// together).
+const STOPPED_EARLY_FOR: Duration = Duration::from_secs(600);
+/// Commands handled at once, by default.
+pub const DEFAULT_MAX_CONCURRENT_STARTS: usize = 8;
+
+/// A start in progress: cancelled by a stop of the same replica, `done`
+/// once the start let go of it.
+#[derive(Clone)]
+pub struct StartClaim {
+    deployment: String,
+    cancel: CancellationToken,
+    done: CancellationToken,
+}
 
 pub struct Replicas<B: ReplicaBackend> {
     pub bus: Bus,
@@ -57,22 +83,33 @@ pub struct Replicas<B: ReplicaBackend> {
     /// Newest placement generation seen per deployment (fencing).
     pub generations: Mutex<HashMap<String, u64>>,
     /// Replicas whose start is in progress here: a second start for one
-    /// of them waits for nothing and starts nothing.
-    pub starting: Mutex<HashSet<String>>,
+    /// of them waits for nothing and starts nothing; a stop cancels it.
+    pub starting: Mutex<HashMap<String, StartClaim>>,
+    /// Stops handled before their start (no record, no start under way):
+    /// the start, when it comes, starts nothing.
+    pub stopped_early: Mutex<HashMap<String, Instant>>,
+    /// Held while a record changes phase, so concurrent commands and
+    /// failure reports do not overwrite each other's.
+    pub transitions: tokio::sync::Mutex<()>,
+    /// GPUs held by the replicas started here.
+    pub holds: Arc<GpuHolds>,
     /// Consecutive failed health probes per ready replica.
     pub probe_failures: Mutex<HashMap<String, u32>>,
     pub client: ReplicaClient,
 }
 
-/// Removes a replica from [`Replicas::starting`] however its start ends.
+/// Removes a replica from [`Replicas::starting`] however its start ends,
+/// and tells a stop waiting for it.
 struct StartingGuard<'a> {
-    set: &'a Mutex<HashSet<String>>,
+    set: &'a Mutex<HashMap<String, StartClaim>>,
     replica_id: String,
+    claim: StartClaim,
 }
 
 impl Drop for StartingGuard<'_> {
     fn drop(&mut self) {
         sync::lock(self.set).remove(&self.replica_id);
+        self.claim.done.cancel();
     }
 }
 
@@ -100,9 +137,18 @@ impl<B: ReplicaBackend> Replicas<B> {
             replicas,
             generations: Mutex::default(),
             starting: Mutex::default(),
+            stopped_early: Mutex::default(),
+            transitions: tokio::sync::Mutex::new(()),
+            holds: Arc::default(),
             probe_failures: Mutex::default(),
             client: ReplicaClient::default(),
         })
+    }
+
+    /// Shares `holds` with the heartbeats.
+    pub fn with_holds(mut self, holds: Arc<GpuHolds>) -> Self {
+        self.holds = holds;
+        self
     }
 
     fn key(&self, replica_id: &str) -> String {
@@ -277,10 +323,11 @@ impl<B: ReplicaBackend> Replicas<B> {
             // A redelivered start: the replica runs.
             return Ok(());
         }
-        let Some(_starting) = self.claim_start(&start.replica_id) else {
+        let Some(starting) = self.claim_start(&start.replica_id, deployment) else {
             // The same start is in progress.
             return Ok(());
         };
+        let cancel = starting.claim.cancel.clone();
         let model = start.model.clone().unwrap_or_default();
         let Some((record, _)) = self
             .models
@@ -312,27 +359,41 @@ impl<B: ReplicaBackend> Replicas<B> {
             message: "fetching the model".into(),
             ..Default::default()
         };
-        self.record(
-            status.clone(),
-            EventType::ReplicaStarting,
-            format!(
-                "replica {} of {deployment} starting on {} ({})",
-                start.replica_id,
-                self.cluster,
-                self.backend.name()
-            ),
-            correlation,
-        )
-        .await
-        .map_err(HandlerError::retry)?;
-        let fetched = match self
-            .cache
-            .fetch(&self.store, &record, shutdown, |_| {})
-            .await
         {
+            let _transition = self.transitions.lock().await;
+            if cancel.is_cancelled() || self.take_stopped_early(&start.replica_id) {
+                tracing::info!("stopped before it started; not started");
+                return Ok(());
+            }
+            self.record(
+                status.clone(),
+                EventType::ReplicaStarting,
+                format!(
+                    "replica {} of {deployment} starting on {} ({})",
+                    start.replica_id,
+                    self.cluster,
+                    self.backend.name()
+                ),
+                correlation,
+            )
+            .await
+            .map_err(HandlerError::retry)?;
+        }
+        let gpu = start.gpu.clone().unwrap_or_default();
+        self.holds.hold(&start.replica_id, gpu.count);
+        let fetched = tokio::select! {
+            fetched = self.cache.fetch(&self.store, &record, shutdown, |_| {}) => fetched,
+            () = cancel.cancelled() => return self.abandon(&start.replica_id).await,
+        };
+        let fetched = match fetched {
             Ok(f) => f,
             Err(e) if e.is_transient() => return Err(HandlerError::retry(e)),
             Err(e) => {
+                let _transition = self.transitions.lock().await;
+                self.holds.release(&start.replica_id);
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
                 status.phase = ReplicaPhase::Failed.into();
                 status.message = e.to_string();
                 return self
@@ -353,7 +414,6 @@ impl<B: ReplicaBackend> Replicas<B> {
             .strip_prefix(self.cache.dir())
             .map(std::path::Path::to_path_buf)
             .unwrap_or_else(|_| model_path.clone());
-        let gpu = start.gpu.clone().unwrap_or_default();
         let spec = ReplicaSpec {
             replica_id: start.replica_id.clone(),
             deployment: deployment.to_string(),
@@ -372,7 +432,17 @@ impl<B: ReplicaBackend> Replicas<B> {
             engine: start.engine.clone().unwrap_or_default(),
             drift_policy: start.drift_policy(),
         };
-        match self.backend.start(&spec).await {
+        let started = tokio::select! {
+            started = self.backend.start(&spec) => started,
+            () = cancel.cancelled() => return self.abandon(&start.replica_id).await,
+        };
+        let _transition = self.transitions.lock().await;
+        if cancel.is_cancelled() {
+            // Stopped while it came up: the stop waits for this to return
+            // and stops it.
+            return Ok(());
+        }
+        match started {
             Ok(endpoint) => {
                 status.phase = ReplicaPhase::Ready.into();
                 status.endpoint = endpoint.clone();
@@ -391,6 +461,7 @@ impl<B: ReplicaBackend> Replicas<B> {
                 .map_err(HandlerError::retry)
             }
             Err(e) => {
+                self.holds.release(&start.replica_id);
                 status.phase = ReplicaPhase::Failed.into();
                 status.message = e.to_string();
                 status.updated_at_unix_ms = now_unix_ms();
@@ -406,12 +477,54 @@ impl<B: ReplicaBackend> Replicas<B> {
         }
     }
 
-    fn claim_start(&self, replica_id: &str) -> Option<StartingGuard<'_>> {
+    /// A start a stop cancelled: whatever it brought up goes (the stop
+    /// stops it again, which is harmless), and the stop records it.
+    async fn abandon(&self, replica_id: &str) -> Result<(), HandlerError> {
+        tracing::info!("start cancelled by a stop");
+        if let Err(e) = self.backend.stop(replica_id).await {
+            tracing::warn!("stopping the cancelled start: {e}");
+        }
+        self.holds.release(replica_id);
+        Ok(())
+    }
+
+    fn claim_start(&self, replica_id: &str, deployment: &str) -> Option<StartingGuard<'_>> {
         let mut set = sync::lock(&self.starting);
-        set.insert(replica_id.to_string()).then(|| StartingGuard {
+        if set.contains_key(replica_id) {
+            return None;
+        }
+        let claim = StartClaim {
+            deployment: deployment.to_string(),
+            cancel: CancellationToken::new(),
+            done: CancellationToken::new(),
+        };
+        set.insert(replica_id.to_string(), claim.clone());
+        Some(StartingGuard {
             set: &self.starting,
             replica_id: replica_id.to_string(),
+            claim,
         })
+    }
+
+    /// Whether a stop for `replica_id` came before this start; forgets it.
+    fn take_stopped_early(&self, replica_id: &str) -> bool {
+        let mut early = sync::lock(&self.stopped_early);
+        early.retain(|_, at| at.elapsed() < STOPPED_EARLY_FOR);
+        early.remove(replica_id).is_some()
+    }
+
+    /// Cancels the replica's start in progress, if any, and waits until
+    /// it let go; whether there was one.
+    async fn cancel_start(&self, replica_id: &str) -> bool {
+        let claim = sync::lock(&self.starting).get(replica_id).cloned();
+        match claim {
+            Some(claim) => {
+                claim.cancel.cancel();
+                claim.done.cancelled().await;
+                true
+            }
+            None => false,
+        }
     }
 
     async fn stop(
@@ -422,12 +535,37 @@ impl<B: ReplicaBackend> Replicas<B> {
         correlation: &str,
     ) -> Result<(), HandlerError> {
         let key = self.key(&stop.replica_id);
+        self.cancel_start(&stop.replica_id).await;
+        let _transition = self.transitions.lock().await;
         let Some((mut status, _)) = self.replicas.get(&key).await.map_err(HandlerError::retry)?
         else {
-            return Err(HandlerError::invalid(
-                "action.stop.replica_id",
-                format!("no replica {:?} on {}", stop.replica_id, self.cluster),
-            ));
+            // Its start has not been handled yet (the two were consumed
+            // together and this one went first), or its start was
+            // cancelled before it recorded anything: it never runs.
+            sync::lock(&self.stopped_early).insert(stop.replica_id.clone(), Instant::now());
+            let status = ReplicaStatus {
+                replica_id: stop.replica_id.clone(),
+                cluster: self.cluster.clone(),
+                deployment: deployment.to_string(),
+                generation,
+                phase: ReplicaPhase::Stopped.into(),
+                region: self.region.clone(),
+                message: format!("stopped before it started: {}", stop.reason),
+                updated_at_unix_ms: now_unix_ms(),
+                ..Default::default()
+            };
+            return self
+                .record(
+                    status,
+                    EventType::ReplicaStopped,
+                    format!(
+                        "replica {} of {deployment} stopped before it started",
+                        stop.replica_id
+                    ),
+                    correlation,
+                )
+                .await
+                .map_err(HandlerError::retry);
         };
         if status.deployment != deployment {
             return Err(HandlerError::invalid(
@@ -445,6 +583,7 @@ impl<B: ReplicaBackend> Replicas<B> {
             .stop(&stop.replica_id)
             .await
             .map_err(HandlerError::retry)?;
+        self.holds.release(&stop.replica_id);
         status.phase = ReplicaPhase::Stopped.into();
         status.endpoint.clear();
         status.generation = status.generation.max(generation);
@@ -465,12 +604,16 @@ impl<B: ReplicaBackend> Replicas<B> {
         // Its last replica here gone (a delete): forget its generation, so
         // the same name applied again, which starts over at generation 1,
         // is not fenced off.
-        let still_live = self.own_records().await.map_or(true, |records| {
-            records.iter().any(|r| {
-                r.deployment == deployment
-                    && matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting)
-            })
-        });
+        let starting_here = sync::lock(&self.starting)
+            .values()
+            .any(|c| c.deployment == deployment);
+        let still_live = starting_here
+            || self.own_records().await.map_or(true, |records| {
+                records.iter().any(|r| {
+                    r.deployment == deployment
+                        && matches!(r.phase(), ReplicaPhase::Ready | ReplicaPhase::Starting)
+                })
+            });
         if !still_live {
             sync::lock(&self.generations).remove(deployment);
         }
@@ -478,6 +621,8 @@ impl<B: ReplicaBackend> Replicas<B> {
     }
 
     async fn report_failed(&self, replica_id: &str, why: &str) {
+        let _transition = self.transitions.lock().await;
+        self.holds.release(replica_id);
         if let Ok(Some((mut status, _))) = self.replicas.get(&self.key(replica_id)).await {
             if status.phase() == ReplicaPhase::Stopped {
                 return;
@@ -508,6 +653,95 @@ impl<B: ReplicaBackend> Replicas<B> {
         }
         for moved in seen.moved {
             self.record_moved(&moved.replica_id, moved.endpoint).await;
+        }
+        for progress in seen.progress {
+            self.report_progress(progress).await;
+        }
+        for drift in seen.drifted {
+            self.report_drift(drift).await;
+        }
+    }
+
+    /// A starting replica got on (or is held up): its record's message
+    /// says so, and a `replica.progress` event.
+    async fn report_progress(&self, progress: Progress) {
+        let Progress {
+            replica_id,
+            reason,
+            message,
+        } = progress;
+        let said = if message.is_empty() {
+            reason.clone()
+        } else {
+            format!("{reason}: {message}")
+        };
+        let updated = self
+            .replicas
+            .update(&self.key(&replica_id), |current| {
+                let mut status = current?.clone();
+                if status.phase() != ReplicaPhase::Starting {
+                    return None;
+                }
+                status.message.clone_from(&said);
+                status.updated_at_unix_ms = now_unix_ms();
+                Some(status)
+            })
+            .await;
+        let status = match updated {
+            Ok(Some(status)) => status,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(replica = %replica_id, "recording progress: {e}");
+                return;
+            }
+        };
+        tracing::info!(replica = %replica_id, %reason, "{message}");
+        let draft = EventDraft::new(
+            EventType::ReplicaProgress,
+            &replica_id,
+            format!("replica {replica_id} starting: {said}"),
+        )
+        .generation(status.generation)
+        .payload(Payload::Replica(status));
+        if let Err(e) = self.bus.publish_event(draft).await {
+            tracing::warn!(replica = %replica_id, "publishing progress: {e}");
+        }
+    }
+
+    /// A replica's objects were changed or deleted by hand: a
+    /// `replica.drifted` event naming the differences and what was done.
+    async fn report_drift(&self, drift: Drift) {
+        let Drift {
+            replica_id,
+            differences,
+            restored,
+        } = drift;
+        let done = match &restored {
+            Ok(true) => "restored (drift policy take-over)".to_string(),
+            Ok(false) => "left as it is (drift policy report-only)".to_string(),
+            Err(e) => format!("restoring it failed: {e}"),
+        };
+        tracing::warn!(replica = %replica_id, ?differences, "changed by hand; {done}");
+        let status = match self.replicas.get(&self.key(&replica_id)).await {
+            Ok(Some((status, _))) => status,
+            _ => ReplicaStatus {
+                replica_id: replica_id.clone(),
+                cluster: self.cluster.clone(),
+                ..Default::default()
+            },
+        };
+        let draft = EventDraft::new(
+            EventType::ReplicaDrifted,
+            &replica_id,
+            format!(
+                "replica {replica_id} changed by hand ({}); {done}",
+                differences.join("; ")
+            ),
+        )
+        .generation(status.generation)
+        .payload(Payload::Replica(status));
+        if let Err(e) = self.bus.publish_event(draft).await {
+            tracing::warn!(replica = %replica_id, "publishing drift: {e}");
         }
     }
 
@@ -543,6 +777,7 @@ impl<B: ReplicaBackend> Replicas<B> {
 pub fn spawn<B: ReplicaBackend>(
     replicas: Arc<Replicas<B>>,
     handover: bool,
+    max_concurrent_starts: usize,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, KitError> {
     let bus = replicas.bus.clone();
@@ -561,6 +796,9 @@ pub fn spawn<B: ReplicaBackend>(
     // this); the command of a killed executor goes to its successor after
     // at most this long.
     spec.ack_wait = crate::COMMAND_ACK_WAIT;
+    // Each command in hand has its own progress acks and is acknowledged
+    // when its own handler returns.
+    spec.max_in_flight = max_concurrent_starts.max(1);
     Ok(tokio::spawn(async move {
         // Commands wait until what runs matches KV, so none acts on a
         // replica an earlier instance left behind.
