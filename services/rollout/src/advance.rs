@@ -106,15 +106,32 @@ pub struct StagePlan {
 }
 
 /// The replica template of a spec: what a replica runs. Placement-only
-/// fields (clusters, tolerations, rollout strategy) are not part of it.
+/// fields (clusters, tolerations, rollout strategy) are not part of it,
+/// nor is the drift policy (how an executor treats hand edits, not what
+/// runs).
+///
+/// The engine counts only when it says something: a spec without one (or
+/// with an empty one) has the digest it had before engines existed, so
+/// upgrading Flotilla replaces no replica, while a new image or engine
+/// argument is a new template, rolled out by the deployment's strategy.
 pub fn template_of_spec(spec: &ModelDeploymentSpec) -> String {
     let model = spec.model.as_ref().map(Message::encode_to_vec);
     let resources = spec.resources.as_ref().map(Message::encode_to_vec);
-    plan::template_digest(&[
+    let engine = spec
+        .engine
+        .as_ref()
+        .filter(|e| **e != v1::EngineSpec::default())
+        .map(Message::encode_to_vec);
+    let runtime = spec.runtime.to_le_bytes();
+    let mut parts: Vec<&[u8]> = vec![
         model.as_deref().unwrap_or_default(),
-        &spec.runtime.to_le_bytes(),
+        &runtime,
         resources.as_deref().unwrap_or_default(),
-    ])
+    ];
+    if let Some(engine) = &engine {
+        parts.push(engine);
+    }
+    plan::template_digest(&parts)
 }
 
 /// Whether `placement` is placement's answer to spec generation

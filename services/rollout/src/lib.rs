@@ -449,8 +449,13 @@ impl Rollouts {
             };
             self.announce(name, Some(&written), announced).await?;
         }
-        self.send(name, placement.generation, Some(&spec), next.steps)
-            .await
+        self.send(
+            name,
+            placement.generation,
+            Some((&spec, &placement)),
+            next.steps,
+        )
+        .await
     }
 }
 

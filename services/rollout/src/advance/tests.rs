@@ -368,3 +368,68 @@ fn a_deleted_deployment_stops_every_replica() {
         ]
     );
 }
+
+#[test]
+fn an_engine_is_part_of_the_template_only_when_set() {
+    let before = spec(1, &approval());
+    // The digest of a spec without an engine is what it was before
+    // engines existed: model, runtime, resources.
+    let model = before.model.as_ref().map(Message::encode_to_vec);
+    let old = plan::template_digest(&[
+        model.as_deref().unwrap_or_default(),
+        &before.runtime.to_le_bytes(),
+        &[],
+    ]);
+    assert_eq!(template_of_spec(&before), old);
+    let empty = ModelDeploymentSpec {
+        engine: Some(v1::EngineSpec::default()),
+        ..before.clone()
+    };
+    assert_eq!(
+        template_of_spec(&empty),
+        old,
+        "an empty engine is no engine"
+    );
+    // Nor do the drift policy or placement-only fields make a new template.
+    let report_only = ModelDeploymentSpec {
+        drift_policy: v1::DriftPolicy::ReportOnly.into(),
+        ..before.clone()
+    };
+    assert_eq!(template_of_spec(&report_only), old);
+
+    let image = |image: &str| ModelDeploymentSpec {
+        engine: Some(v1::EngineSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..before.clone()
+    };
+    let (v085, v090) = (
+        image("vllm/vllm-openai:v0.8.5"),
+        image("vllm/vllm-openai:v0.9.0"),
+    );
+    assert_ne!(template_of_spec(&v085), old);
+    assert_ne!(template_of_spec(&v085), template_of_spec(&v090));
+    let mut with_args = v085.clone();
+    with_args.engine.as_mut().unwrap().extra_args = vec!["--enable-prefix-caching".into()];
+    assert_ne!(template_of_spec(&with_args), template_of_spec(&v085));
+}
+
+#[test]
+fn a_new_engine_image_rolls_out_stage_by_stage() {
+    // Version 1 complete everywhere; then only the image changes.
+    let mut world = World::new(1, approval(), v1_ready());
+    world.spec.engine = Some(v1::EngineSpec {
+        image: "vllm/vllm-openai:v0.9.0".into(),
+        ..Default::default()
+    });
+    world.spec_generation = 2;
+    world.placement.generation = 2;
+    world.placement.deployment_generation = 2;
+    let got = world.step(Some(&v1_complete()), T0);
+    assert_eq!(got.state.template, template_of_spec(&world.spec));
+    assert_ne!(got.state.template, template(1));
+    assert_eq!(got.state.phase(), RolloutPhase::Progressing);
+    assert_eq!(clusters_of(&got.steps, true), ["a"], "the canary only");
+    assert!(clusters_of(&got.steps, false).is_empty(), "surge first");
+}
