@@ -6,12 +6,15 @@ objects are exactly what `helm install` would send to one. The lint runs
 with the same values (merged into a copy of the chart's values.yaml, as
 `helm lint -f` would), so a member's templates are linted too.
 
-Usage: render.py CHART [VALUES_JSON]
-       render.py --real KUBECONFIG NAMESPACE CHART [VALUES_JSON]
+Usage: render.py [--namespace NAMESPACE] CHART [VALUES_JSON]
+       render.py --install KUBECONFIG NAMESPACE RELEASE CHART [VALUES_JSON]
+       render.py --uninstall KUBECONFIG NAMESPACE RELEASE
 
-With --real, installs into that cluster's namespace instead (the API
-server validates every object; nothing waits for pods), prints the same
-JSON with the objects of the release manifest, and uninstalls.
+--namespace: the release's namespace (default flotilla). --install installs
+the release into that cluster's namespace instead (the API server
+validates every object; nothing waits for pods) and prints the same JSON
+("applied": null); --uninstall removes it, waiting until its objects are
+deleted.
 """
 
 import asyncio
@@ -140,37 +143,41 @@ class FakeApi(http.server.BaseHTTPRequestHandler):
         return self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
 
-def real(kubeconfig, namespace, chart, values):
+def install(kubeconfig, namespace, name, chart, values):
     config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
-    name = "flotilla-chart-test"
-    try:
-        release = asyncio.run(helm_sdkpy.Install(config).run(
-            name, chart, values=values, wait=False, create_namespace=True))
-        result = lint(config, chart, release, values)
-    finally:
-        try:
-            asyncio.run(helm_sdkpy.Uninstall(config).run(name, wait=False))
-        except Exception as e:  # nothing to uninstall when the install failed
-            sys.stderr.write(f"uninstall: {e}\n")
+    release = asyncio.run(helm_sdkpy.Install(config).run(
+        name, chart, values=values, wait=False, create_namespace=True))
+    result = lint(config, chart, release, values)
     json.dump({"lint": result, "manifest": release.get("manifest", ""), "applied": None}, sys.stdout)
 
 
+def uninstall(kubeconfig, namespace, name):
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+    asyncio.run(helm_sdkpy.Uninstall(config).run(name, wait=True))
+
+
 def main():
-    if sys.argv[1] == "--real":
-        _, _, kubeconfig, namespace, chart, *rest = sys.argv
-        return real(kubeconfig, namespace, chart, json.loads(rest[0]) if rest else None)
-    chart = sys.argv[1]
-    values = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+    args = sys.argv[1:]
+    if args[0] == "--install":
+        kubeconfig, namespace, name, chart, *rest = args[1:]
+        return install(kubeconfig, namespace, name, chart, json.loads(rest[0]) if rest else None)
+    if args[0] == "--uninstall":
+        return uninstall(*args[1:4])
+    namespace = "flotilla"
+    if args[0] == "--namespace":
+        namespace, args = args[1], args[2:]
+    chart = args[0]
+    values = json.loads(args[1]) if len(args) > 1 else None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False) as kc:
         kc.write(
             "apiVersion: v1\nkind: Config\n"
             f"clusters: [{{name: fake, cluster: {{server: 'http://127.0.0.1:{server.server_address[1]}'}}}}]\n"
-            "contexts: [{name: fake, context: {cluster: fake, user: fake, namespace: flotilla}}]\n"
+            f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {namespace}}}}}]\n"
             "users: [{name: fake, user: {}}]\ncurrent-context: fake\n"
         )
-    config = helm_sdkpy.Configuration(namespace="flotilla", kubeconfig=kc.name)
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kc.name)
     release = asyncio.run(helm_sdkpy.Install(config).run("flotilla", chart, values=values, wait=False))
     result = lint(config, chart, release, values)
     json.dump({"lint": result, "manifest": release.get("manifest", ""), "applied": applied}, sys.stdout)
