@@ -387,7 +387,11 @@ impl<B: ReplicaBackend> Replicas<B> {
         };
         let fetched = match fetched {
             Ok(f) => f,
-            Err(e) if e.is_transient() => return Err(HandlerError::retry(e)),
+            Err(e) if e.is_transient() => {
+                // Held again when it is tried again.
+                self.holds.release(&start.replica_id);
+                return Err(HandlerError::retry(e));
+            }
             Err(e) => {
                 let _transition = self.transitions.lock().await;
                 self.holds.release(&start.replica_id);
