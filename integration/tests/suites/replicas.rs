@@ -38,6 +38,37 @@ fn start(replica: &str) -> Action {
     support::start_replica(replica, v1::Runtime::Candle)
 }
 
+/// The next heartbeat of eu-1 in which `wanted` holds.
+async fn heartbeat_where(
+    sub: &mut async_nats::Subscriber,
+    what: &str,
+    mut wanted: impl FnMut(&v1::ClusterHeartbeat) -> bool,
+) -> v1::ClusterHeartbeat {
+    use futures::StreamExt;
+    use prost::Message;
+    let found = tokio::time::timeout(DEADLINE, async {
+        while let Some(msg) = sub.next().await {
+            if let Ok(hb) = v1::ClusterHeartbeat::decode(msg.payload)
+                && wanted(&hb)
+            {
+                return Some(hb);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no heartbeat with {what} within {DEADLINE:?}"))
+}
+
+fn allocated(hb: &v1::ClusterHeartbeat) -> usize {
+    hb.inventory
+        .as_ref()
+        .map_or(0, |i| i.gpus.iter().filter(|g| g.allocated).count())
+}
+
 #[tokio::test]
 async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
     let (server, bus, mut events) = support::bus_with_events().await;
@@ -52,11 +83,24 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
         caches.path(),
     );
     push(&bus, &shipped_model(), "smollm2", None).await;
+    let mut heartbeats = bus
+        .client
+        .subscribe(bus.subjects.telemetry("eu-1").unwrap())
+        .await
+        .unwrap();
 
     let subject = |action| bus.subjects.command("eu-1", action).unwrap();
+    // One GPU a replica, as a deployment's resources say.
+    let Action::Start(mut one_gpu) = start("chat-g2-0") else {
+        unreachable!()
+    };
+    one_gpu.gpu = Some(v1::GpuRequirements {
+        count: 1,
+        ..Default::default()
+    });
     bus.publish(
         subject(CommandAction::Start),
-        &command(2, start("chat-g2-0")),
+        &command(2, Action::Start(one_gpu)),
         None,
     )
     .await
@@ -73,6 +117,16 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
     // It serves the model.
     let answer = support::chat(&status.endpoint, "smollm2", "Say hi.", 8).await;
     assert!(!support::text(&answer).is_empty(), "{answer}");
+    // Its GPU is taken: `flotilla get clusters` shows 0/1 free.
+    let hb = heartbeat_where(&mut heartbeats, "the replica's GPU held", |hb| {
+        allocated(hb) == 1
+            && hb
+                .replicas
+                .iter()
+                .any(|r| r.replica_id == "chat-g2-0" && r.gpus == 1)
+    })
+    .await;
+    assert_eq!(hb.inventory.unwrap().gpus.len(), 1);
 
     // A start from an older placement generation is ignored...
     bus.publish(
@@ -106,4 +160,8 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
         .send()
         .await;
     assert!(gone.is_err(), "the runner still answers after stop");
+    heartbeat_where(&mut heartbeats, "the GPU free again", |hb| {
+        allocated(hb) == 0 && hb.replicas.is_empty()
+    })
+    .await;
 }
