@@ -9,8 +9,9 @@
 //! - the one memory formula ([`replica_memory`]): weights + KV cache +
 //!   runtime overhead for a [`ServingProfile`];
 //! - the sizing rule ([`size_replica`], [`size_preset`]): the smallest
-//!   tensor-parallel degree that fits a [`GpuType`], or a [`SizingError`]
-//!   that says in numbers why nothing does.
+//!   tensor-parallel degree that fits a node of a [`GpuType`], else the
+//!   fewest pipeline stages (nodes) of the widest degree a node holds, or
+//!   a [`SizingError`] that says in numbers why nothing does.
 //!
 //! It never does I/O: no files, no network, no clock, no async. Callers
 //! (placement, the CLI) hand it figures and get figures back, so every answer
@@ -31,5 +32,6 @@ pub use memory::{
 };
 pub use precision::{ArtifactFormat, Precision, Runtime};
 pub use sizing::{
-    GpuType, ReplicaSizing, SizingError, USABLE_GPU_MEMORY_FRACTION, size_preset, size_replica,
+    GpuType, MAX_PIPELINE_STAGES, ReplicaSizing, SizingError, USABLE_GPU_MEMORY_FRACTION,
+    size_preset, size_replica, stage_tensor_parallel,
 };

@@ -1,4 +1,5 @@
-//! GPUs per replica and the tensor-parallel degree on a kind of GPU.
+//! GPUs per replica, the tensor-parallel degree and, for a replica larger
+//! than one node, its pipeline stages, on a kind of GPU.
 
 use std::fmt::Write as _;
 
@@ -12,12 +13,18 @@ use crate::memory::{GIB, MemoryEstimate, ServingProfile, gib, replica_memory};
 /// H100 reports about 79.6 GiB), fragmentation, and estimate error.
 pub const USABLE_GPU_MEMORY_FRACTION: f64 = 0.9;
 
+/// Most pipeline stages (nodes) one replica may span. Each stage adds a
+/// network hop per token; past this a fleet should rather get larger GPUs.
+pub const MAX_PIPELINE_STAGES: u32 = 16;
+
 /// A kind of GPU as the fleet reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuType {
     /// Short model name as executors report it, e.g. "H100-80GB".
     pub model: String,
     pub memory_bytes: u64,
+    /// GPUs of this model on one node: a tensor-parallel group never
+    /// spans nodes.
     pub gpus_per_node: u32,
 }
 
@@ -57,8 +64,11 @@ impl GpuType {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplicaSizing {
     pub gpu_model: String,
+    /// `tensor_parallel × pipeline_parallel`.
     pub gpus_per_replica: u32,
     pub tensor_parallel: u32,
+    /// Pipeline stages, one node each; 1 when the replica fits on a node.
+    pub pipeline_parallel: u32,
     /// What each of the replica's GPUs holds: its shard of weights and
     /// overhead, and its share of the KV cache.
     pub memory_bytes_per_gpu: u64,
@@ -81,12 +91,21 @@ pub enum SizingError {
 /// ([`USABLE_GPU_MEMORY_FRACTION`] of it). `gpus_per_replica == tp`: a
 /// replica stays inside one node.
 ///
+/// When no degree fits on one node, the replica spans nodes as pipeline
+/// stages: each stage is the largest `tp` a node offers that the heads
+/// allow, and `pipeline_parallel` is the fewest stages (2 up to
+/// [`MAX_PIPELINE_STAGES`], and no more than the model's layers) at which
+/// each GPU's share fits. The stages split the layers, so each GPU holds
+/// `1 / pp` of what it would hold at `tp` alone. Whether a cluster has
+/// that many nodes is the caller's to check.
+///
 /// Heads: `tp` must divide `attention_heads`, and either divide `kv_heads`
 /// or be a multiple of it (vLLM then replicates KV heads across GPUs).
 ///
-/// Each GPU holds `(weights + overhead) / tp` plus `kv_cache / min(tp,
-/// kv_heads)`: once `tp` exceeds `kv_heads`, the KV cache stops shrinking
-/// because every GPU keeps a whole replicated KV head.
+/// Each GPU holds `(weights + overhead) / (tp × pp)` plus `kv_cache /
+/// (min(tp, kv_heads) × pp)`: once `tp` exceeds `kv_heads`, the KV cache
+/// stops shrinking with `tp` because every GPU keeps a whole replicated KV
+/// head.
 ///
 /// [`size_preset`] does the same and names the preset in its error.
 pub fn size_replica(
@@ -122,6 +141,14 @@ fn size(
     let usable = gpu.usable_bytes();
     let mut largest_tried: Option<(u32, u64)> = None;
     let mut ruled_out = Vec::new();
+    let sized = |tp: u32, pp: u32, per_gpu: u64, estimate: MemoryEstimate| ReplicaSizing {
+        gpu_model: gpu.model.clone(),
+        gpus_per_replica: tp.saturating_mul(pp),
+        tensor_parallel: tp,
+        pipeline_parallel: pp,
+        memory_bytes_per_gpu: per_gpu,
+        estimate,
+    };
     for tp in (0..u32::BITS)
         .map(|power| 1u32 << power)
         .take_while(|&tp| tp <= gpu.gpus_per_node)
@@ -130,27 +157,55 @@ fn size(
             ruled_out.push(tp);
             continue;
         }
-        let per_gpu = bytes_per_gpu(&estimate, shape, tp);
+        let per_gpu = bytes_per_gpu(&estimate, shape, tp, 1);
         if per_gpu <= usable {
-            return Ok(ReplicaSizing {
-                gpu_model: gpu.model.clone(),
-                gpus_per_replica: tp,
-                tensor_parallel: tp,
-                memory_bytes_per_gpu: per_gpu,
-                estimate,
-            });
+            return Ok(sized(tp, 1, per_gpu, estimate));
         }
         largest_tried = Some((tp, per_gpu));
     }
+    // One node is not enough: stages of the widest group a node holds.
+    let mut deepest_tried: Option<(u32, u64)> = None;
+    if let Some((tp, _)) = largest_tried {
+        for pp in 2..=MAX_PIPELINE_STAGES.min(shape.layers) {
+            let per_gpu = bytes_per_gpu(&estimate, shape, tp, pp);
+            if per_gpu <= usable {
+                return Ok(sized(tp, pp, per_gpu, estimate));
+            }
+            deepest_tried = Some((pp, per_gpu));
+        }
+    }
+    let tried = Tried {
+        largest: largest_tried,
+        deepest: deepest_tried,
+        ruled_out,
+    };
     Err(SizingError::DoesNotFit(does_not_fit(
-        model,
-        shape,
-        profile,
-        gpu,
-        &estimate,
-        largest_tried,
-        &ruled_out,
+        model, shape, profile, gpu, &estimate, &tried,
     )))
+}
+
+/// What [`size`] tried before giving up, for the message.
+struct Tried {
+    /// The widest tensor-parallel degree on one node, and its bytes per GPU.
+    largest: Option<(u32, u64)>,
+    /// The most pipeline stages of that degree, and their bytes per GPU.
+    deepest: Option<(u32, u64)>,
+    /// Degrees the heads ruled out.
+    ruled_out: Vec<u32>,
+}
+
+/// The tensor-parallel degree of each pipeline stage when a replica of
+/// `gpus` GPUs (a count the deployment asked for) is spread over nodes of
+/// `gpus_per_node`: the largest power of two up to `gpus_per_node` that
+/// divides `gpus` and that the heads of `shape` allow (any, for a model
+/// of unknown shape); at least 1. The replica is then `gpus / tp` stages.
+pub fn stage_tensor_parallel(shape: Option<&ModelShape>, gpus_per_node: u32, gpus: u32) -> u32 {
+    (0..u32::BITS)
+        .map(|power| 1u32 << power)
+        .take_while(|&tp| tp <= gpus_per_node)
+        .filter(|&tp| gpus.is_multiple_of(tp) && shape.is_none_or(|s| heads_allow(s, tp)))
+        .last()
+        .unwrap_or(1)
 }
 
 fn heads_allow(shape: &ModelShape, tp: u32) -> bool {
@@ -159,14 +214,15 @@ fn heads_allow(shape: &ModelShape, tp: u32) -> bool {
         && (shape.kv_heads.is_multiple_of(tp) || tp.is_multiple_of(shape.kv_heads))
 }
 
-fn bytes_per_gpu(estimate: &MemoryEstimate, shape: &ModelShape, tp: u32) -> u64 {
-    let kv_shards = tp.min(shape.kv_heads).max(1);
+fn bytes_per_gpu(estimate: &MemoryEstimate, shape: &ModelShape, tp: u32, pp: u32) -> u64 {
+    let (tp, pp) = (u64::from(tp.max(1)), u64::from(pp.max(1)));
+    let kv_shards = tp.min(u64::from(shape.kv_heads)).max(1);
     let sharded = estimate
         .weights_bytes
         .saturating_add(estimate.overhead_bytes);
     sharded
-        .div_ceil(u64::from(tp))
-        .saturating_add(estimate.kv_cache_bytes.div_ceil(u64::from(kv_shards)))
+        .div_ceil(tp * pp)
+        .saturating_add(estimate.kv_cache_bytes.div_ceil(kv_shards * pp))
 }
 
 fn does_not_fit(
@@ -175,9 +231,14 @@ fn does_not_fit(
     profile: &ServingProfile,
     gpu: &GpuType,
     estimate: &MemoryEstimate,
-    largest_tried: Option<(u32, u64)>,
-    ruled_out: &[u32],
+    tried: &Tried,
 ) -> String {
+    let Tried {
+        largest: largest_tried,
+        deepest: deepest_tried,
+        ruled_out,
+    } = tried;
+    let (largest_tried, deepest_tried) = (*largest_tried, *deepest_tried);
     let mut message = format!(
         "{model} at {precision} does not fit on {gpu_model}: it needs {total:.1} GiB per replica \
          (weights {weights:.1} GiB, KV cache {kv:.1} GiB for {batch} sequences of {context} tokens, \
@@ -212,6 +273,14 @@ fn does_not_fit(
             gpu.gpus_per_node
         ),
     };
+    if let (Some((tp, _)), Some((pp, per_gpu))) = (largest_tried, deepest_tried) {
+        let _ = write!(
+            message,
+            "; across nodes, {pp} pipeline stages of {tp} GPUs (the most tried) still need \
+             {per_gpu:.1} GiB per GPU",
+            per_gpu = gib(per_gpu),
+        );
+    }
     if !ruled_out.is_empty() {
         let degrees: Vec<String> = ruled_out.iter().map(u32::to_string).collect();
         let _ = write!(
@@ -372,6 +441,7 @@ mod tests {
             let sizing = size_preset(preset, &profile, &gpu).unwrap();
             assert_eq!(sizing.tensor_parallel, tp, "{name} on {model}");
             assert_eq!(sizing.gpus_per_replica, tp, "{name} on {model}");
+            assert_eq!(sizing.pipeline_parallel, 1, "{name} on {model}");
             assert_eq!(sizing.gpu_model, model);
             assert_eq!(sizing.memory_bytes_per_gpu, per_gpu, "{name} on {model}");
             assert!(sizing.memory_bytes_per_gpu <= gpu.usable_bytes());
@@ -390,30 +460,115 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_larger_than_a_node_spans_nodes_in_pipeline_stages() {
+        // (preset, profile, gpu, per node, tp, pp, bytes per GPU), worked by hand.
+        let cases = [
+            // 166.6 GiB: 41.6 GiB per GPU at tp 4 is over 21.6 GiB usable;
+            // two nodes of 4 hold half of tp 4's 41.6 GiB per GPU: 20.8 GiB.
+            (
+                "llama-3.1-70b-instruct",
+                profile(Precision::BF16, 8192, 8),
+                "L4-24GB",
+                4,
+                4,
+                2,
+                22_355_059_303,
+            ),
+            // Nodes of 2: four stages of 2 (one node of 2 would need 83 GiB).
+            (
+                "llama-3.1-70b-instruct",
+                profile(Precision::BF16, 8192, 8),
+                "L4-24GB",
+                2,
+                2,
+                4,
+                22_355_059_303,
+            ),
+            // The heads rule out tp 4 and 8 for phi-3-medium: stages of 2
+            // even on nodes of 8.
+            (
+                "phi-3-medium-4k-instruct",
+                profile(Precision::BF16, 4096, 32),
+                "L4-24GB",
+                8,
+                2,
+                2,
+                0,
+            ),
+        ];
+        for (name, profile, model, gpus_per_node, tp, pp, per_gpu) in cases {
+            let gpu = gpu(model, gpus_per_node);
+            let sizing = size_preset(preset(name).unwrap(), &profile, &gpu).unwrap();
+            let what = format!("{name} on nodes of {gpus_per_node} × {model}");
+            assert_eq!(
+                (sizing.tensor_parallel, sizing.pipeline_parallel),
+                (tp, pp),
+                "{what}"
+            );
+            assert_eq!(sizing.gpus_per_replica, tp * pp, "{what}");
+            if per_gpu != 0 {
+                assert_eq!(sizing.memory_bytes_per_gpu, per_gpu, "{what}");
+            }
+            assert!(sizing.memory_bytes_per_gpu <= gpu.usable_bytes(), "{what}");
+            // One stage fewer would not fit.
+            let shallower =
+                bytes_per_gpu(&sizing.estimate, &preset(name).unwrap().shape, tp, pp - 1);
+            assert!(shallower > gpu.usable_bytes(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_count_larger_than_a_node_splits_into_stages_the_heads_allow() {
+        let llama_70b = &preset("llama-3.1-70b-instruct").unwrap().shape;
+        let phi_medium = &preset("phi-3-medium-4k-instruct").unwrap().shape;
+        // (shape, per node, GPUs, tp)
+        let cases = [
+            (Some(llama_70b), 4, 8, 4),
+            (Some(llama_70b), 4, 12, 4),
+            (Some(llama_70b), 8, 12, 4),
+            (Some(llama_70b), 4, 6, 2),
+            (Some(phi_medium), 8, 16, 2),
+            (None, 8, 24, 8),
+            (None, 4, 6, 2),
+            (None, 4, 5, 1),
+            (None, 0, 4, 1),
+        ];
+        for (shape, per_node, gpus, tp) in cases {
+            assert_eq!(
+                stage_tensor_parallel(shape, per_node, gpus),
+                tp,
+                "{gpus} GPUs on nodes of {per_node}"
+            );
+        }
+    }
+
+    #[test]
     fn explains_why_nothing_fits() {
         // (preset, profile, gpu, per node, phrases the message must hold)
         let cases = [
             (
                 "llama-3.1-70b-instruct",
                 profile(Precision::BF16, 8192, 8),
-                "L4-24GB",
+                "TEST-2GB",
                 4,
                 vec![
-                    "llama-3.1-70b-instruct at BF16 does not fit on L4-24GB",
+                    "llama-3.1-70b-instruct at BF16 does not fit on TEST-2GB",
                     "needs 166.6 GiB per replica",
                     "weights 131.4 GiB, KV cache 20.0 GiB for 8 sequences of 8192 tokens",
-                    "the largest tensor-parallel degree tried is 4 (a node has 4 × L4-24GB)",
-                    "41.6 GiB per GPU against 21.6 GiB usable (90 % of 24.0 GiB)",
+                    "the largest tensor-parallel degree tried is 4 (a node has 4 × TEST-2GB)",
+                    "41.6 GiB per GPU against 1.8 GiB usable (90 % of 2.0 GiB)",
+                    "across nodes, 16 pipeline stages of 4 GPUs (the most tried) still need 2.6 GiB per GPU",
                 ],
             ),
             (
                 "phi-3-medium-4k-instruct",
                 profile(Precision::BF16, 4096, 32),
-                "L4-24GB",
+                "TEST-1GB",
                 8,
                 vec![
-                    "phi-3-medium-4k-instruct at BF16 does not fit on L4-24GB",
-                    "the largest tensor-parallel degree tried is 2 (a node has 8 × L4-24GB)",
+                    "phi-3-medium-4k-instruct at BF16 does not fit on TEST-1GB",
+                    "the largest tensor-parallel degree tried is 2 (a node has 8 × TEST-1GB)",
+                    "across nodes, 16 pipeline stages of 2 GPUs",
                     "must divide the 40 attention heads and divide or be a multiple of the \
                      10 KV heads, which rules out tp 4, 8",
                 ],
