@@ -13,6 +13,32 @@ pub struct GpuGroup {
     /// Largest free memory of one GPU of this group, as last reported.
     pub largest_free_bytes: u64,
     pub count: u32,
+    /// GPUs of this group on each node, most first; they add up to
+    /// `count`. GPUs that name no node count as one node (an executor on
+    /// one host reports none).
+    pub per_node: Vec<u32>,
+}
+
+impl GpuGroup {
+    /// The most GPUs of this group on one node: the widest tensor-parallel
+    /// group a replica can have here.
+    pub fn gpus_per_node(&self) -> u32 {
+        self.per_node.first().copied().unwrap_or(self.count)
+    }
+
+    /// Nodes with at least `gpus` GPUs of this group.
+    pub fn nodes_with(&self, gpus: u32) -> u32 {
+        let n = self.per_node.iter().filter(|&&n| n >= gpus).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Groups of `gpus` GPUs that fit inside nodes, all nodes together.
+    pub fn node_slots(&self, gpus: u32) -> u32 {
+        self.per_node
+            .iter()
+            .map(|n| n.checked_div(gpus).unwrap_or(0))
+            .sum()
+    }
 }
 
 /// Whether new replicas may go to a cluster at all.
@@ -46,6 +72,8 @@ impl ClusterView {
     pub fn from_record(record: &ClusterRecord, now_ms: i64, probation_ms: i64) -> Self {
         let inventory = record.inventory.clone().unwrap_or_default();
         let mut gpus: Vec<GpuGroup> = Vec::new();
+        // (model, node) -> GPUs, in the order first seen.
+        let mut nodes: Vec<(&str, &str, u32)> = Vec::new();
         for gpu in &inventory.gpus {
             match gpus.iter_mut().find(|g| g.model == gpu.model) {
                 Some(g) => {
@@ -57,8 +85,24 @@ impl ClusterView {
                     memory_bytes: gpu.memory_total_bytes,
                     largest_free_bytes: gpu.memory_free_bytes,
                     count: 1,
+                    per_node: Vec::new(),
                 }),
             }
+            match nodes
+                .iter_mut()
+                .find(|(m, n, _)| *m == gpu.model && *n == gpu.node)
+            {
+                Some((_, _, count)) => *count += 1,
+                None => nodes.push((&gpu.model, &gpu.node, 1)),
+            }
+        }
+        for g in &mut gpus {
+            g.per_node = nodes
+                .iter()
+                .filter(|(m, _, _)| *m == g.model)
+                .map(|(_, _, count)| *count)
+                .collect();
+            g.per_node.sort_unstable_by(|a, b| b.cmp(a));
         }
         let availability = match record.health() {
             ClusterHealth::Healthy

@@ -185,7 +185,7 @@ impl Decision {
                         let gpu = GpuType {
                             model: g.model.clone(),
                             memory_bytes: g.memory_bytes,
-                            gpus_per_node: g.count.max(1),
+                            gpus_per_node: g.gpus_per_node().max(1),
                         };
                         match flotilla_model_catalog::size_preset(preset, &profile, &gpu) {
                             Err(e) => e.to_string(),
@@ -200,6 +200,26 @@ impl Decision {
                 cluster.gpus[group as usize].model,
                 request.gpu_count.unwrap_or(1)
             ),
+            Why::TooFewNodes {
+                group,
+                stage_gpus,
+                stages,
+                tensor_parallel,
+            } => {
+                let g = &cluster.gpus[group as usize];
+                let nodes = g.nodes_with(stage_gpus);
+                let per_node: Vec<String> = g.per_node.iter().map(u32::to_string).collect();
+                format!(
+                    "one replica of {name} needs {stages} nodes with {stage_gpus} × {model} each \
+                     ({stages} pipeline stages of tensor-parallel {tensor_parallel}); \
+                     {nodes} node{s} here {have} that many ({model} per node: {per_node})",
+                    name = request.model.cache_name(),
+                    model = g.model,
+                    s = if nodes == 1 { "" } else { "s" },
+                    have = if nodes == 1 { "has" } else { "have" },
+                    per_node = per_node.join(", "),
+                )
+            }
             Why::Capacity { free, need } => {
                 format!("needs {need} free GPUs for one replica; {free} free")
             }
@@ -260,7 +280,7 @@ impl Decision {
                         .map(|g| g.model.clone())
                         .unwrap_or_default(),
                     tensor_parallel: a.tensor_parallel,
-                    pipeline_parallel: 1,
+                    pipeline_parallel: a.pipeline_parallel.max(1),
                 }
             })
             .collect()

@@ -2,19 +2,36 @@
 //! reason a cluster is left out. What passes becomes a [`Candidate`] with
 //! its best GPU group and how many replicas fit there.
 
-use flotilla_model_catalog::{GpuType, ServingProfile, size_replica};
+use flotilla_model_catalog::{GpuType, ServingProfile, size_replica, stage_tensor_parallel};
 use flotilla_proto::v1::{self, TaintEffect, TolerationOperator};
 
 use super::{Candidate, Decision, Exclusion, Why};
 use crate::fleet::{Availability, ClusterView, Commitments, Fleet, GpuGroup};
 use crate::spec::{DeploymentRequest, ModelChoice, Policy, Property};
 
-/// (model, GPUs in the group, memory per GPU) -> sizing, see
-/// [`SizingCache::size`].
-type SizedModel = (String, u32, u64, Result<(u32, u32), u32>);
+/// How one replica is laid out on a GPU group: `gpus` in all, in
+/// `pipeline_parallel` stages of `gpus / pipeline_parallel` on one node
+/// each, tensor-parallel `tensor_parallel` within a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    pub gpus: u32,
+    pub tensor_parallel: u32,
+    pub pipeline_parallel: u32,
+}
 
-/// GPUs per replica and tensor parallelism of a deployment on one GPU
-/// model, computed once per model per decision.
+impl Layout {
+    /// GPUs of one stage, all on one node.
+    pub fn stage_gpus(&self) -> u32 {
+        self.gpus / self.pipeline_parallel.max(1)
+    }
+}
+
+/// (model, GPUs per node, memory per GPU) -> sizing, see
+/// [`SizingCache::size`].
+type SizedModel = (String, u32, u64, Result<Layout, u32>);
+
+/// A deployment's replica layout on one GPU model, computed once per
+/// model and node size per decision.
 struct SizingCache<'a> {
     request: &'a DeploymentRequest,
     entries: Vec<SizedModel>,
@@ -28,18 +45,43 @@ impl<'a> SizingCache<'a> {
         }
     }
 
-    /// `Ok((gpus per replica, tensor parallel))`, or `Err(needed)` where
-    /// needed is 0 when the model cannot fit at all.
-    fn size(&mut self, group: &GpuGroup) -> Result<(u32, u32), u32> {
+    /// The layout of a replica on `group`, or `Err(needed)` where needed is
+    /// 0 when the model cannot fit at all.
+    ///
+    /// A preset is sized by the catalog for the group's largest node (see
+    /// [`size_replica`]: one node if it fits, else pipeline stages). A
+    /// count the deployment asks for (`spec.resources.gpu.count`) must be
+    /// at least that; within one node it is taken as it is, beyond one
+    /// node it is split into stages of the widest tensor-parallel degree
+    /// that divides it ([`stage_tensor_parallel`]). An artifact has no
+    /// shape to size: its count (1 by default) is the layout.
+    fn size(&mut self, group: &GpuGroup) -> Result<Layout, u32> {
+        let per_node = group.gpus_per_node();
         if let Some((_, _, _, r)) = self.entries.iter().find(|(m, n, mem, _)| {
-            *m == group.model && *n == group.count && *mem == group.memory_bytes
+            *m == group.model && *n == per_node && *mem == group.memory_bytes
         }) {
             return *r;
         }
+        let across_nodes = |shape, gpus: u32| {
+            let tp = stage_tensor_parallel(shape, per_node, gpus);
+            Layout {
+                gpus,
+                tensor_parallel: tp,
+                pipeline_parallel: gpus / tp,
+            }
+        };
         let result = match &self.request.model {
             ModelChoice::Artifact { .. } => {
                 let n = self.request.gpu_count.unwrap_or(1);
-                Ok((n, n))
+                if n <= per_node {
+                    Ok(Layout {
+                        gpus: n,
+                        tensor_parallel: n,
+                        pipeline_parallel: 1,
+                    })
+                } else {
+                    Ok(across_nodes(None, n))
+                }
             }
             ModelChoice::Preset { preset, precision } => {
                 let mut profile = ServingProfile::default_for(preset);
@@ -47,21 +89,30 @@ impl<'a> SizingCache<'a> {
                 let gpu = GpuType {
                     model: group.model.clone(),
                     memory_bytes: group.memory_bytes,
-                    gpus_per_node: group.count.max(1),
+                    gpus_per_node: per_node.max(1),
                 };
                 match (
                     size_replica(&preset.shape, &profile, &gpu),
                     self.request.gpu_count,
                 ) {
                     (Err(_), _) => Err(0),
-                    (Ok(s), None) => Ok((s.gpus_per_replica, s.tensor_parallel)),
-                    (Ok(s), Some(n)) if n >= s.gpus_per_replica => Ok((n, s.tensor_parallel)),
-                    (Ok(s), Some(_)) => Err(s.gpus_per_replica),
+                    (Ok(s), None) => Ok(Layout {
+                        gpus: s.gpus_per_replica,
+                        tensor_parallel: s.tensor_parallel,
+                        pipeline_parallel: s.pipeline_parallel,
+                    }),
+                    (Ok(s), Some(n)) if n < s.gpus_per_replica => Err(s.gpus_per_replica),
+                    (Ok(s), Some(n)) if s.pipeline_parallel == 1 && n <= per_node => Ok(Layout {
+                        gpus: n,
+                        tensor_parallel: s.tensor_parallel,
+                        pipeline_parallel: 1,
+                    }),
+                    (Ok(_), Some(n)) => Ok(across_nodes(Some(&preset.shape), n)),
                 }
             }
         };
         self.entries
-            .push((group.model.clone(), group.count, group.memory_bytes, result));
+            .push((group.model.clone(), per_node, group.memory_bytes, result));
         result
     }
 }
@@ -217,7 +268,7 @@ pub(super) fn filter(
                 }
                 continue;
             }
-            let (gpr, tp) = match sizing.size(group) {
+            let layout = match sizing.size(group) {
                 Ok(s) => s,
                 Err(needed) => {
                     if stage < 2 {
@@ -239,10 +290,32 @@ pub(super) fn filter(
                 .filter(|(c, m, _, _)| *c == idx && *m == group.model)
                 .map(|(_, _, replicas, _)| replicas)
                 .sum();
+            // One stage per node: a replica of several stages needs that
+            // many nodes, each with room for a stage.
+            let stage_gpus = layout.stage_gpus();
+            let stages = layout.pipeline_parallel.max(1);
+            if group.nodes_with(stage_gpus) < stages {
+                if stage < 2 {
+                    stage = 2;
+                    furthest = Some(Why::TooFewNodes {
+                        group: g as u16,
+                        stage_gpus,
+                        stages,
+                        tensor_parallel: layout.tensor_parallel,
+                    });
+                }
+                continue;
+            }
+            let gpr = layout.gpus;
             let free = group
                 .count
                 .saturating_sub(held.held(&cluster.name, &group.model));
-            let capacity = free.checked_div(gpr).unwrap_or(0);
+            // Other deployments' GPUs are counted per cluster, not per
+            // node: the slots bound what fits if nothing else ran.
+            let capacity = free
+                .checked_div(gpr)
+                .unwrap_or(0)
+                .min(group.node_slots(stage_gpus) / stages);
             if capacity == 0 {
                 if stage < 3 {
                     stage = 3;
@@ -254,7 +327,8 @@ pub(super) fn filter(
                 cluster: idx,
                 group: g as u16,
                 gpus_per_replica: gpr,
-                tensor_parallel: tp,
+                tensor_parallel: layout.tensor_parallel,
+                pipeline_parallel: stages,
                 capacity,
                 free_gpus: free,
                 current: own_replicas,

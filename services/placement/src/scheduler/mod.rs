@@ -4,7 +4,8 @@
 //! 1. **Filter** plugins, in order; the first that fails names the reason a
 //!    cluster is left out: Residency, ClusterHealth, Cordon, ClusterNames,
 //!    TaintToleration, RequiredAffinity, GpuType, GpuMemory, ModelFit,
-//!    Capacity. Residency is first and, like every filter, never relaxed
+//!    Capacity. ModelFit sizes a replica for the group's largest node and,
+//!    when it spans nodes (pipeline stages), wants a node per stage. Residency is first and, like every filter, never relaxed
 //!    by the steps after it, so no policy, spread or re-plan after a
 //!    failure puts a replica outside the deployment's residency.
 //! 2. **Score** the rest, 0–100: the deployment's preferred terms
@@ -89,6 +90,15 @@ pub enum Why {
         group: u16,
         needed: u32,
     },
+    /// A replica spans `stages` nodes of `stage_gpus` GPUs each (pipeline
+    /// stages of tensor-parallel `tensor_parallel`); fewer nodes have that
+    /// many.
+    TooFewNodes {
+        group: u16,
+        stage_gpus: u32,
+        stages: u32,
+        tensor_parallel: u32,
+    },
     Capacity {
         free: u32,
         need: u32,
@@ -117,7 +127,9 @@ impl Why {
             Self::Label { .. } | Self::Property { .. } => "RequiredAffinity",
             Self::NoGpuType => "GpuType",
             Self::GpuMemory { .. } => "GpuMemory",
-            Self::ModelTooBig { .. } | Self::GpuCountTooSmall { .. } => "ModelFit",
+            Self::ModelTooBig { .. } | Self::GpuCountTooSmall { .. } | Self::TooFewNodes { .. } => {
+                "ModelFit"
+            }
             Self::Capacity { .. } => "Capacity",
             Self::MissingTopologyKey { .. } | Self::Spread { .. } => "TopologySpread",
             Self::NotChosen { .. } => "Selection",
@@ -139,6 +151,8 @@ pub struct Chosen {
     pub replicas: u32,
     pub gpus_per_replica: u32,
     pub tensor_parallel: u32,
+    /// Pipeline stages (nodes) of one replica; 1 on one node.
+    pub pipeline_parallel: u32,
     pub score: f64,
 }
 
@@ -161,6 +175,7 @@ pub(crate) struct Candidate {
     group: u16,
     gpus_per_replica: u32,
     tensor_parallel: u32,
+    pipeline_parallel: u32,
     /// Replicas that fit, counting what this deployment holds there.
     capacity: u32,
     free_gpus: u32,
@@ -201,5 +216,8 @@ pub fn same_assignments(a: &v1::PlacementDecision, b: &v1::PlacementDecision) ->
                 && x.replicas == y.replicas
                 && x.gpus_per_replica == y.gpus_per_replica
                 && x.gpu_model == y.gpu_model
+                && x.tensor_parallel == y.tensor_parallel
+                // Written before pipeline stages existed: 0 is one node.
+                && x.pipeline_parallel.max(1) == y.pipeline_parallel.max(1)
         })
 }

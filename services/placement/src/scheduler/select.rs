@@ -235,6 +235,7 @@ fn finish(chosen: Vec<Candidate>, assigned: Vec<u32>, wanted: u32, decision: &mu
             replicas,
             gpus_per_replica: c.gpus_per_replica,
             tensor_parallel: c.tensor_parallel,
+            pipeline_parallel: c.pipeline_parallel,
             score: c.score,
         });
     }

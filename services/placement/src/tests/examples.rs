@@ -564,3 +564,178 @@ fn residency_holds_through_failover_and_relabelling() {
         ],
     );
 }
+
+/// A cluster as its inventory reports it: `nodes` of (node name, GPUs of
+/// `model`).
+fn cluster_of_nodes(
+    name: &str,
+    model: &str,
+    memory_gib: u64,
+    nodes: &[(&str, u32)],
+) -> ClusterView {
+    let gpus = nodes
+        .iter()
+        .flat_map(|(node, n)| {
+            (0..*n).map(move |index| v1::GpuDevice {
+                index,
+                model: model.into(),
+                memory_total_bytes: memory_gib << 30,
+                memory_free_bytes: memory_gib << 30,
+                node: (*node).into(),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let record = v1::ClusterRecord {
+        name: name.into(),
+        health: v1::ClusterHealth::Healthy.into(),
+        inventory: Some(v1::ClusterInventory {
+            gpus,
+            cost_per_gpu_hour: 1.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ClusterView::from_record(&record, 0, 0)
+}
+
+fn llama_70b(replicas: u32, gpu: &str) -> DeploymentRequest {
+    request(&format!(
+        r#"{{"metadata": {{"name": "big"}}, "spec": {{"model": {{"preset": "llama-3.1-70b-instruct"}}, "runtime": "vllm", "replicas": {replicas}{gpu}}}}}"#
+    ))
+}
+
+#[test]
+fn gpus_are_grouped_by_node() {
+    let c = cluster_of_nodes("gke", "L4-24GB", 24, &[("n1", 4), ("n2", 2), ("n3", 4)]);
+    let g = &c.gpus[0];
+    assert_eq!((g.count, g.gpus_per_node()), (10, 4));
+    assert_eq!(g.per_node, [4, 4, 2]);
+    assert_eq!(
+        (g.nodes_with(4), g.nodes_with(2), g.nodes_with(5)),
+        (2, 3, 0)
+    );
+    assert_eq!(
+        (g.node_slots(4), g.node_slots(2), g.node_slots(1)),
+        (2, 5, 10)
+    );
+    // GPUs that name no node are one node, as before nodes were reported.
+    let one_host = cluster_of_nodes("local", "L4-24GB", 24, &[("", 8)]);
+    assert_eq!(one_host.gpus[0].per_node, [8]);
+    assert_eq!(one_host.gpus[0].gpus_per_node(), 8);
+}
+
+#[test]
+fn a_replica_larger_than_a_node_spans_nodes_as_pipeline_stages() {
+    // Llama 3.1 70B at BF16 needs 166.6 GiB: four L4s (21.6 GiB usable
+    // each) are not enough, two nodes of four are (20.8 GiB per GPU).
+    let two_nodes = cluster_of_nodes("gke-l4", "L4-24GB", 24, &[("n1", 4), ("n2", 4)]);
+    let one_node = cluster_of_nodes("one-l4", "L4-24GB", 24, &[("n1", 4)]);
+    let uneven = cluster_of_nodes(
+        "uneven-l4",
+        "L4-24GB",
+        24,
+        &[("n1", 4), ("n2", 2), ("n3", 2)],
+    );
+    let fleet = Fleet::new(vec![two_nodes, one_node, uneven]);
+    let request = llama_70b(1, "");
+    let checked = check(&fleet, &request);
+    checked.expect(
+        "70B on L4 nodes",
+        &[
+            On(&[("gke-l4", 1)]),
+            Excluded(
+                "one-l4",
+                "ModelFit",
+                Is(
+                    "one replica of llama-3.1-70b-instruct needs 2 nodes with 4 × L4-24GB each \
+                    (2 pipeline stages of tensor-parallel 4); 1 node here has that many \
+                    (L4-24GB per node: 4)",
+                ),
+            ),
+            Excluded(
+                "uneven-l4",
+                "ModelFit",
+                Contains("1 node here has that many (L4-24GB per node: 4, 2, 2)"),
+            ),
+        ],
+    );
+    let record = checked.record();
+    let a = &record.assignments[0];
+    assert_eq!(
+        (a.gpus_per_replica, a.tensor_parallel, a.pipeline_parallel),
+        (8, 4, 2)
+    );
+    assert_eq!(a.gpu_model, "L4-24GB");
+
+    // Three nodes of four hold one replica of two stages; the third node
+    // is left over.
+    let three = Fleet::new(vec![cluster_of_nodes(
+        "gke-l4",
+        "L4-24GB",
+        24,
+        &[("n1", 4), ("n2", 4), ("n3", 4)],
+    )]);
+    let two = llama_70b(2, "");
+    let checked = check(&three, &two);
+    checked.expect("three nodes of four", &[On(&[("gke-l4", 1)]), Unplaced(1)]);
+}
+
+#[test]
+fn a_replica_that_fits_a_node_stays_on_one() {
+    // One 8 × H100 node: the 70B model fits at tensor-parallel 4.
+    let fleet = Fleet::new(vec![cluster_of_nodes(
+        "h100",
+        "H100-80GB",
+        80,
+        &[("n1", 8), ("n2", 8)],
+    )]);
+    let three = llama_70b(3, "");
+    let checked = check(&fleet, &three);
+    checked.expect("70B on H100", &[On(&[("h100", 3)])]);
+    let a = &checked.record().assignments[0];
+    assert_eq!(
+        (a.gpus_per_replica, a.tensor_parallel, a.pipeline_parallel),
+        (4, 4, 1)
+    );
+    // Two replicas per node of 8, though 3 × 4 = 12 of the 16 GPUs are free.
+    let small = Fleet::new(vec![cluster_of_nodes(
+        "h100",
+        "H100-80GB",
+        80,
+        &[("n1", 6), ("n2", 6)],
+    )]);
+    check(&small, &three).expect(
+        "4-GPU replicas on 6-GPU nodes",
+        &[On(&[("h100", 2)]), Unplaced(1)],
+    );
+}
+
+#[test]
+fn a_gpu_count_beyond_a_node_is_split_into_stages() {
+    let fleet = Fleet::new(vec![cluster_of_nodes(
+        "gke-l4",
+        "L4-24GB",
+        24,
+        &[("n1", 4), ("n2", 4), ("n3", 4)],
+    )]);
+    let twelve = llama_70b(1, r#", "resources": {"gpu": {"count": 12}}"#);
+    let checked = check(&fleet, &twelve);
+    checked.expect("12 GPUs asked for", &[On(&[("gke-l4", 1)])]);
+    let a = &checked.record().assignments[0];
+    assert_eq!(
+        (a.gpus_per_replica, a.tensor_parallel, a.pipeline_parallel),
+        (12, 4, 3)
+    );
+    // Fewer than the sizing needs is refused, as before.
+    let four = llama_70b(1, r#", "resources": {"gpu": {"count": 4}}"#);
+    let checked = check(&fleet, &four);
+    checked.expect(
+        "4 GPUs asked for",
+        &[Excluded(
+            "gke-l4",
+            "ModelFit",
+            StartsWith("the model needs 8 GPUs per replica on L4-24GB"),
+        )],
+    );
+}
