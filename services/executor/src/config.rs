@@ -20,6 +20,18 @@ pub enum GpuSource {
     Declared,
 }
 
+/// How replica pods get their model (kubernetes backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelDeliveryKind {
+    /// A ReadWriteMany PersistentVolumeClaim holding the executor's model
+    /// cache (`--kube-model-pvc`), mounted read-only in every replica pod.
+    Pvc,
+    /// An init container (`flotilla-executor fetch-model`) fetches the
+    /// model from the hub into a hostPath folder on the node
+    /// (`--kube-node-cache-dir`), shared by the replicas on that node.
+    NodeCache,
+}
+
 /// Where replicas run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
@@ -130,10 +142,43 @@ pub struct ExecutorArgs {
     #[arg(long, env = "FLOTILLA_VLLM_IMAGE", default_value = DEFAULT_VLLM_IMAGE)]
     pub vllm_image: String,
 
-    /// PersistentVolumeClaim that holds the model cache, mounted read-only
-    /// at /models in replica pods (kubernetes backend; required there).
+    /// How replica pods get their model (kubernetes backend).
+    #[arg(long, env = "FLOTILLA_MODEL_DELIVERY", value_enum, default_value_t = ModelDeliveryKind::Pvc)]
+    pub model_delivery: ModelDeliveryKind,
+
+    /// PersistentVolumeClaim (ReadWriteMany) that holds the model cache,
+    /// mounted read-only at /models in replica pods (required with
+    /// `--model-delivery pvc`).
     #[arg(long, env = "FLOTILLA_KUBE_MODEL_PVC")]
     pub kube_model_pvc: Option<String>,
+
+    /// The folder on each node that holds the node's model cache
+    /// (`--model-delivery node-cache`).
+    #[arg(long, env = "FLOTILLA_KUBE_NODE_CACHE_DIR", default_value = backends::kubernetes::DEFAULT_NODE_CACHE_DIR)]
+    pub kube_node_cache_dir: String,
+
+    /// Most bytes of models one node's cache keeps; least recently used go
+    /// first (`--model-delivery node-cache`).
+    #[arg(long, env = "FLOTILLA_KUBE_NODE_CACHE_BUDGET", default_value = DEFAULT_NODE_CACHE_BUDGET)]
+    pub kube_node_cache_budget: String,
+
+    /// Image of the init container that fetches a replica's model
+    /// (`--model-delivery node-cache`): one holding `flotilla-executor`.
+    #[arg(long, env = "FLOTILLA_FETCH_IMAGE", default_value = DEFAULT_EXECUTOR_IMAGE)]
+    pub fetch_image: String,
+
+    /// The Secret and key holding this executor's NATS password, as
+    /// `SECRET/KEY`: the fetch-model init container reads the password
+    /// from there (`--model-delivery node-cache` with `--nats-password`;
+    /// the password itself is never written into a pod spec).
+    #[arg(long, env = "FLOTILLA_KUBE_NATS_PASSWORD_SECRET")]
+    pub kube_nats_password_secret: Option<String>,
+
+    /// Owner of every replica object, `deployment/NAME` (or `statefulset/`,
+    /// `daemonset/`, `pod/`) in `--kube-namespace`: the executor's own
+    /// Deployment, so that deleting it deletes the replicas.
+    #[arg(long, env = "FLOTILLA_KUBE_OWNER")]
+    pub kube_owner: Option<String>,
 
     /// How long a Kubernetes replica may take to become ready (image pull
     /// and model load included).
@@ -145,6 +190,11 @@ pub const DEFAULT_RUNNER_IMAGE: &str = concat!(
     "ghcr.io/flotilla-dev/flotilla-runner:",
     env!("CARGO_PKG_VERSION")
 );
+pub const DEFAULT_EXECUTOR_IMAGE: &str = concat!(
+    "ghcr.io/flotilla-dev/flotilla-executor:",
+    env!("CARGO_PKG_VERSION")
+);
+pub const DEFAULT_NODE_CACHE_BUDGET: &str = "500GiB";
 pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.11.0";
 
@@ -172,7 +222,13 @@ impl Default for ExecutorArgs {
             kube_namespace: "flotilla".into(),
             runner_image: DEFAULT_RUNNER_IMAGE.into(),
             vllm_image: DEFAULT_VLLM_IMAGE.into(),
+            model_delivery: ModelDeliveryKind::Pvc,
             kube_model_pvc: None,
+            kube_node_cache_dir: backends::kubernetes::DEFAULT_NODE_CACHE_DIR.into(),
+            kube_node_cache_budget: DEFAULT_NODE_CACHE_BUDGET.into(),
+            fetch_image: DEFAULT_EXECUTOR_IMAGE.into(),
+            kube_nats_password_secret: None,
+            kube_owner: None,
             kube_ready_timeout: Duration::from_secs(15 * 60),
         }
     }
@@ -252,6 +308,8 @@ pub struct Config {
 }
 
 /// The chosen backend with its settings.
+// One value per process: boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum BackendSettings {
     Local,
@@ -259,6 +317,118 @@ pub enum BackendSettings {
 }
 
 impl ExecutorArgs {
+    /// How replica pods get their model, from the Kubernetes flags.
+    fn model_delivery(&self) -> Result<backends::kubernetes::ModelDelivery, ConfigError> {
+        match self.model_delivery {
+            ModelDeliveryKind::Pvc => {
+                let claim = self
+                    .kube_model_pvc
+                    .clone()
+                    .filter(|c| !c.trim().is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "kube-model-pvc",
+                            "is required with --backend kubernetes and --model-delivery pvc \
+                             (the ReadWriteMany claim holding the model cache)",
+                        )
+                    })?;
+                Ok(backends::kubernetes::ModelDelivery::Pvc { claim })
+            }
+            ModelDeliveryKind::NodeCache => {
+                let host_path = self.kube_node_cache_dir.trim();
+                if !host_path.starts_with('/') || host_path.split('/').any(|p| p == "..") {
+                    return Err(ConfigError::new(
+                        "kube-node-cache-dir",
+                        format!("{host_path:?} is not an absolute folder on the node"),
+                    ));
+                }
+                if self.fetch_image.trim().is_empty() {
+                    return Err(ConfigError::new("fetch-image", "must name an image"));
+                }
+                Ok(backends::kubernetes::ModelDelivery::NodeCache {
+                    host_path: host_path.to_string(),
+                    fetch_image: self.fetch_image.clone(),
+                    fetch_env: self.fetch_env()?,
+                    budget_bytes: parse_size(&self.kube_node_cache_budget)
+                        .map_err(|e| ConfigError::new("kube-node-cache-budget", e))?,
+                })
+            }
+        }
+    }
+
+    /// How the fetch-model init container reaches the bus: this executor's
+    /// own bus settings, the password by reference to its Secret.
+    fn fetch_env(&self) -> Result<Vec<k8s_openapi::api::core::v1::EnvVar>, ConfigError> {
+        use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+        let bus = &self.bus;
+        let files = [
+            ("nats-creds", &bus.nats_creds),
+            ("nats-tls-ca", &bus.nats_tls_ca),
+            ("nats-tls-cert", &bus.nats_tls_cert),
+            ("nats-tls-key", &bus.nats_tls_key),
+        ];
+        if let Some((flag, _)) = files.iter().find(|(_, f)| f.is_some()) {
+            return Err(ConfigError::new(
+                "model-delivery",
+                format!(
+                    "node-cache cannot hand --{flag} (a file) to the fetch-model init container \
+                     yet; reach NATS through a leaf node or with a user and password, or use \
+                     --model-delivery pvc"
+                ),
+            ));
+        }
+        let value = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            value_from: None,
+        };
+        let mut env = vec![
+            value("FLOTILLA_NATS_URL", bus.nats_url.clone()),
+            value("FLOTILLA_SUBJECT_PREFIX", bus.subject_prefix.clone()),
+        ];
+        if let Some(prefix) = &bus.nats_inbox_prefix {
+            env.push(value("FLOTILLA_NATS_INBOX_PREFIX", prefix.clone()));
+        }
+        if bus.nats_require_tls {
+            env.push(value("FLOTILLA_NATS_REQUIRE_TLS", "true".into()));
+        }
+        if let Some(user) = &bus.nats_user {
+            env.push(value("FLOTILLA_NATS_USER", user.clone()));
+        }
+        if bus.nats_password.is_some() {
+            let reference = self.kube_nats_password_secret.as_deref().ok_or_else(|| {
+                ConfigError::new(
+                    "kube-nats-password-secret",
+                    "is required with --model-delivery node-cache and a NATS password: the \
+                     fetch-model init container reads the password from that Secret \
+                     (SECRET/KEY)",
+                )
+            })?;
+            let (secret, key) = reference
+                .split_once('/')
+                .filter(|(s, k)| !s.is_empty() && !k.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "kube-nats-password-secret",
+                        format!("{reference:?} is not SECRET/KEY"),
+                    )
+                })?;
+            env.push(EnvVar {
+                name: "FLOTILLA_NATS_PASSWORD".into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.into(),
+                        key: key.into(),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                }),
+            });
+        }
+        Ok(env)
+    }
+
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let cluster = self
             .cluster
@@ -293,12 +463,6 @@ impl ExecutorArgs {
             BackendKind::Kubernetes => {
                 flotilla_proto::check_name("kube-namespace", &self.kube_namespace)
                     .map_err(|e| ConfigError::new("kube-namespace", e.to_string()))?;
-                let model_pvc = self.kube_model_pvc.clone().ok_or_else(|| {
-                    ConfigError::new(
-                        "kube-model-pvc",
-                        "is required with --backend kubernetes (the claim holding the model cache)",
-                    )
-                })?;
                 for (flag, image) in [
                     ("runner-image", &self.runner_image),
                     ("vllm-image", &self.vllm_image),
@@ -307,12 +471,18 @@ impl ExecutorArgs {
                         return Err(ConfigError::new(flag, "must name an image"));
                     }
                 }
+                if let Some(owner) = &self.kube_owner {
+                    backends::kubernetes::parse_owner(owner)
+                        .map_err(|e| ConfigError::new("kube-owner", e))?;
+                }
                 BackendSettings::Kubernetes(backends::kubernetes::KubernetesConfig {
                     cluster: cluster.clone(),
                     namespace: self.kube_namespace.clone(),
                     runner_image: self.runner_image.clone(),
                     vllm_image: self.vllm_image.clone(),
-                    model_pvc,
+                    model_delivery: self.model_delivery()?,
+                    owner_name: self.kube_owner.clone(),
+                    owner: None,
                     ready_timeout: self.kube_ready_timeout,
                     poll_interval: Duration::from_secs(2),
                 })
@@ -368,5 +538,132 @@ mod edge_url_tests {
             let e = check_edge_url(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod kubernetes_flag_tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::backends::kubernetes::ModelDelivery;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ExecutorArgs,
+    }
+
+    fn kube(flags: &[&str]) -> Result<backends::kubernetes::KubernetesConfig, ConfigError> {
+        let mut line = vec!["executor", "--cluster", "eu-1", "--backend", "kubernetes"];
+        line.extend_from_slice(flags);
+        match Cli::try_parse_from(line).unwrap().args.validate()?.backend {
+            BackendSettings::Kubernetes(k) => Ok(k),
+            BackendSettings::Local => panic!("not the kubernetes backend"),
+        }
+    }
+
+    #[test]
+    fn pvc_delivery_needs_the_claim() {
+        let e = kube(&[]).unwrap_err();
+        assert_eq!(e.flag, "kube-model-pvc");
+        let k = kube(&["--kube-model-pvc", "models"]).unwrap();
+        assert_eq!(
+            k.model_delivery,
+            ModelDelivery::Pvc {
+                claim: "models".into()
+            }
+        );
+        assert_eq!((k.owner_name, k.owner), (None, None));
+    }
+
+    #[test]
+    fn node_cache_delivery_hands_the_bus_settings_to_the_init_container() {
+        let k = kube(&[
+            "--model-delivery",
+            "node-cache",
+            "--nats-url",
+            "nats://hub:4222",
+            "--kube-node-cache-budget",
+            "1TiB",
+            "--fetch-image",
+            "flotilla-executor:test",
+            "--kube-owner",
+            "deployment/flotilla-executor",
+        ])
+        .unwrap();
+        let ModelDelivery::NodeCache {
+            host_path,
+            fetch_image,
+            fetch_env,
+            budget_bytes,
+        } = k.model_delivery
+        else {
+            panic!("not node-cache");
+        };
+        assert_eq!(host_path, "/var/lib/flotilla/models");
+        assert_eq!(fetch_image, "flotilla-executor:test");
+        assert_eq!(budget_bytes, 1 << 40);
+        assert_eq!(
+            serde_json::to_value(&fetch_env).unwrap(),
+            serde_json::json!([
+                {"name": "FLOTILLA_NATS_URL", "value": "nats://hub:4222"},
+                {"name": "FLOTILLA_SUBJECT_PREFIX", "value": flotilla_proto::DEFAULT_PREFIX},
+            ])
+        );
+        assert_eq!(
+            k.owner_name.as_deref(),
+            Some("deployment/flotilla-executor")
+        );
+    }
+
+    #[test]
+    fn a_nats_password_reaches_the_init_container_only_through_its_secret() {
+        let base = [
+            "--model-delivery",
+            "node-cache",
+            "--nats-user",
+            "executor-eu-1",
+            "--nats-password",
+            "s3cret-value",
+        ];
+        assert_eq!(kube(&base).unwrap_err().flag, "kube-nats-password-secret");
+        let mut flags = base.to_vec();
+        flags.extend(["--kube-nats-password-secret", "nats-users"]);
+        assert!(kube(&flags).unwrap_err().reason.contains("SECRET/KEY"));
+        flags.pop();
+        flags.push("nats-users/executor-eu-1");
+        let ModelDelivery::NodeCache { fetch_env, .. } = kube(&flags).unwrap().model_delivery
+        else {
+            panic!("not node-cache");
+        };
+        let env = serde_json::to_string(&fetch_env).unwrap();
+        assert!(!env.contains("s3cret-value"), "{env}");
+        assert!(
+            env.contains(
+                r#"{"name":"FLOTILLA_NATS_PASSWORD","valueFrom":{"secretKeyRef":{"key":"executor-eu-1","name":"nats-users"}}}"#
+            ),
+            "{env}"
+        );
+        assert!(
+            env.contains(r#"{"name":"FLOTILLA_NATS_USER","value":"executor-eu-1"}"#),
+            "{env}"
+        );
+    }
+
+    #[test]
+    fn node_cache_flags_are_checked() {
+        let e = kube(&[
+            "--model-delivery",
+            "node-cache",
+            "--kube-node-cache-dir",
+            "relative/dir",
+        ])
+        .unwrap_err();
+        assert_eq!(e.flag, "kube-node-cache-dir");
+        let e = kube(&["--model-delivery", "node-cache", "--nats-creds", "/x.creds"]).unwrap_err();
+        assert!(e.reason.contains("--nats-creds"), "{e}");
+        let e = kube(&["--kube-model-pvc", "m", "--kube-owner", "service/x"]).unwrap_err();
+        assert_eq!(e.flag, "kube-owner");
     }
 }

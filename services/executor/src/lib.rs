@@ -329,7 +329,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
                     .await
                     .map_err(ExecutorError::Kubernetes)?,
             };
-            let backend = backends::kubernetes::KubernetesBackend::new(client, settings.clone());
+            // Replicas are owned by --kube-owner (the executor's own
+            // Deployment): read its uid once, at start.
+            let settings = settings
+                .clone()
+                .with_owner(&client)
+                .await
+                .map_err(ExecutorError::Kubernetes)?;
+            let backend = backends::kubernetes::KubernetesBackend::new(client, settings);
             half.start(backend, shutdown.clone()).await?
         }
     };

@@ -16,7 +16,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use flotilla_executor::backends::kubernetes::{
-    KubernetesBackend, KubernetesConfig, LABEL_GENERATION, LABEL_REPLICA, object_name,
+    KubernetesBackend, KubernetesConfig, LABEL_GENERATION, LABEL_REPLICA, ModelDelivery,
+    object_name,
 };
 use flotilla_executor::backends::{ReplicaBackend, ReplicaSpec};
 use flotilla_proto::v1;
@@ -36,7 +37,11 @@ async fn replica_deployment_round_trip_on_a_real_cluster_when_kubeconfig_is_set(
             namespace: namespace.clone(),
             runner_image: flotilla_executor::DEFAULT_RUNNER_IMAGE.into(),
             vllm_image: flotilla_executor::DEFAULT_VLLM_IMAGE.into(),
-            model_pvc: "flotilla-model-cache".into(),
+            model_delivery: ModelDelivery::Pvc {
+                claim: "flotilla-model-cache".into(),
+            },
+            owner_name: None,
+            owner: None,
             ready_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
         },

@@ -47,6 +47,7 @@ use kube::runtime::watcher;
 
 use super::{Adoption, BackendError, Drift, Observation, Progress, ReplicaBackend, ReplicaSpec};
 pub use compare::differences;
+pub use objects::reexports::*;
 use objects::replica_of;
 pub use objects::{
     ANNOTATION_MODEL, KubernetesConfig, LABEL_CLUSTER, LABEL_DEPLOYMENT, LABEL_GENERATION,
