@@ -2,6 +2,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flotilla_executor::gpu::{DeviceReader, NvmlReader, RecordedDevices, RecordedFrame};
 
+mod fetch_model;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "flotilla-executor",
@@ -28,6 +30,10 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         frames: usize,
     },
+    /// Fetch a model from the hub's object store into a model cache folder,
+    /// checking it is of the digest given (the init container of
+    /// Kubernetes replica pods under `--model-delivery node-cache`).
+    FetchModel(Box<fetch_model::FetchModelArgs>),
 }
 
 #[tokio::main]
@@ -48,6 +54,11 @@ async fn main() -> Result<()> {
                 });
             }
             println!("{}", serde_json::to_string_pretty(&recorded)?);
+            Ok(())
+        }
+        (Some(Command::FetchModel(args)), _) => {
+            let cancel = flotilla_kit::shutdown_on_signals();
+            fetch_model::run(&args, &cancel, &mut std::io::stdout()).await?;
             Ok(())
         }
         (None, args) => {
