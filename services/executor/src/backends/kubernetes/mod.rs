@@ -22,12 +22,12 @@
 //! change. A Deployment changed or deleted by another hand is reported as
 //! drift and, under the take-over policy, put back.
 //!
-//! `objects` builds what is sent; `observe` reads pods, purely; `compare`
-//! finds drift, purely; `nodes` reads the cluster's GPUs from its nodes;
+//! `objects` builds what is sent and finds drift (`drift_json`: what was
+//! sent against what the server holds, its defaults and rewritten
+//! quantities aside), purely; `observe` reads pods, purely; `nodes` reads the cluster's GPUs from its nodes;
 //! this module is the backend that talks to the API server and keeps which
 //! replicas it runs.
 
-mod compare;
 pub mod nodes;
 mod objects;
 mod observe;
@@ -46,7 +46,6 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 
 use super::{Adoption, BackendError, Drift, Observation, Progress, ReplicaBackend, ReplicaSpec};
-pub use compare::differences;
 pub use objects::reexports::*;
 use objects::replica_of;
 pub use objects::{
@@ -314,7 +313,7 @@ impl KubernetesBackend {
                     Some(live) => {
                         entry.seen = true;
                         match serde_json::to_value(live.as_ref()) {
-                            Ok(live) => differences(&entry.object, &live),
+                            Ok(live) => drift_json(&entry.object, &live),
                             Err(_) => continue,
                         }
                     }

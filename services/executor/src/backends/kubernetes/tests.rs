@@ -718,7 +718,7 @@ async fn an_image_changed_by_hand_is_reported_and_put_back_under_take_over() {
     assert_eq!(
         drift.differences,
         [
-            "spec.template.spec.containers[0].image: sent \"flotilla-runner:test\", found \"someone/else:latest\""
+            "spec.template.spec.containers[replica].image: set \"flotilla-runner:test\", found \"someone/else:latest\""
         ]
     );
     assert_eq!(drift.restored, Ok(true));
