@@ -46,12 +46,34 @@ pub fn pod_state(pod: &Pod) -> PodState {
                 .unwrap_or_default()
         ));
     }
-    for container in status.container_statuses.iter().flatten() {
+    // An init container (the model fetch) that keeps failing holds the
+    // pod in Pending for good, as a crash-looping engine would.
+    let init = status.init_container_statuses.iter().flatten();
+    let main = status.container_statuses.iter().flatten();
+    for (kind, container) in init
+        .map(|c| ("init container", c))
+        .chain(main.map(|c| ("container", c)))
+    {
         if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {
             let reason = waiting.reason.clone().unwrap_or_default();
             if FATAL_WAITING_REASONS.contains(&reason.as_str()) {
+                let last_exit = container
+                    .last_state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .map(|t| {
+                        format!(
+                            " (last exit code {}{})",
+                            t.exit_code,
+                            t.message
+                                .as_deref()
+                                .map(|m| format!(": {}", m.trim()))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .unwrap_or_default();
                 return PodState::Failed(format!(
-                    "container {}: {reason}: {}",
+                    "{kind} {}: {reason}: {}{last_exit}",
                     container.name,
                     waiting.message.clone().unwrap_or_default()
                 ));
@@ -295,6 +317,34 @@ mod tests {
             (
                 "still creating its container",
                 waiting("ContainerCreating"),
+                PodState::Pending,
+            ),
+            (
+                "its model fetch keeps failing",
+                json!({"phase": "Pending",
+                       "initContainerStatuses": [{
+                           "name": "fetch-model", "image": "flotilla-executor:test", "imageID": "",
+                           "ready": false, "restartCount": 3,
+                           "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                           "lastState": {"terminated": {"exitCode": 1,
+                               "message": "model smollm2 is sha256:aa, not sha256:bb\n"}}}],
+                       "containerStatuses": [{
+                           "name": "replica", "image": "flotilla-runner:test", "imageID": "",
+                           "ready": false, "restartCount": 0,
+                           "state": {"waiting": {"reason": "PodInitializing"}}}]}),
+                PodState::Failed(
+                    "init container fetch-model: CrashLoopBackOff: back-off 40s \
+                     (last exit code 1: model smollm2 is sha256:aa, not sha256:bb)"
+                        .into(),
+                ),
+            ),
+            (
+                "its model fetch still running",
+                json!({"phase": "Pending",
+                       "initContainerStatuses": [{
+                           "name": "fetch-model", "image": "flotilla-executor:test", "imageID": "",
+                           "ready": false, "restartCount": 0,
+                           "state": {"running": {}}}]}),
                 PodState::Pending,
             ),
         ];
