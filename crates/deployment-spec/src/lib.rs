@@ -212,6 +212,9 @@ pub struct DeploymentRequest {
     pub min_gpu_memory_bytes: u64,
     /// Accepted GPU type prefixes (`H100` accepts `H100-80GB`); empty: any.
     pub gpu_types: Vec<String>,
+    /// The runtime serves a replica from one node only (candle): a
+    /// replica larger than any node cannot be split into stages.
+    pub single_node: bool,
     pub policy: Policy,
     pub required: Vec<RequiredTerm>,
     pub preferred: Vec<Preference>,

@@ -425,6 +425,7 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
         gpu_count: (gpu.count > 0).then_some(gpu.count),
         min_gpu_memory_bytes: u64::from(gpu.min_memory_gib) << 30,
         gpu_types: gpu.types.clone(),
+        single_node: spec.runtime() != v1::Runtime::Vllm,
         policy,
         required,
         preferred,

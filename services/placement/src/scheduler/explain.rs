@@ -220,6 +220,17 @@ impl Decision {
                     per_node = per_node.join(", "),
                 )
             }
+            Why::SingleNodeRuntime { group, gpus } => {
+                let g = &cluster.gpus[group as usize];
+                format!(
+                    "one replica of {name} needs {gpus} × {model}, more than any node here has \
+                     ({largest} per node at most), and runtime candle serves from one node \
+                     only; runtime vllm spans nodes",
+                    name = request.model.cache_name(),
+                    model = g.model,
+                    largest = g.gpus_per_node(),
+                )
+            }
             Why::Capacity { free, need } => {
                 format!("needs {need} free GPUs for one replica; {free} free")
             }

@@ -294,6 +294,16 @@ pub(super) fn filter(
             // many nodes, each with room for a stage.
             let stage_gpus = layout.stage_gpus();
             let stages = layout.pipeline_parallel.max(1);
+            if stages > 1 && request.single_node {
+                if stage < 2 {
+                    stage = 2;
+                    furthest = Some(Why::SingleNodeRuntime {
+                        group: g as u16,
+                        gpus: layout.gpus,
+                    });
+                }
+                continue;
+            }
             if group.nodes_with(stage_gpus) < stages {
                 if stage < 2 {
                     stage = 2;

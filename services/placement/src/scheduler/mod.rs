@@ -99,6 +99,12 @@ pub enum Why {
         stages: u32,
         tensor_parallel: u32,
     },
+    /// A replica needs `gpus`, more than one node of the group holds, and
+    /// the runtime cannot span nodes.
+    SingleNodeRuntime {
+        group: u16,
+        gpus: u32,
+    },
     Capacity {
         free: u32,
         need: u32,
@@ -127,9 +133,10 @@ impl Why {
             Self::Label { .. } | Self::Property { .. } => "RequiredAffinity",
             Self::NoGpuType => "GpuType",
             Self::GpuMemory { .. } => "GpuMemory",
-            Self::ModelTooBig { .. } | Self::GpuCountTooSmall { .. } | Self::TooFewNodes { .. } => {
-                "ModelFit"
-            }
+            Self::ModelTooBig { .. }
+            | Self::GpuCountTooSmall { .. }
+            | Self::TooFewNodes { .. }
+            | Self::SingleNodeRuntime { .. } => "ModelFit",
             Self::Capacity { .. } => "Capacity",
             Self::MissingTopologyKey { .. } | Self::Spread { .. } => "TopologySpread",
             Self::NotChosen { .. } => "Selection",

@@ -682,6 +682,32 @@ fn a_replica_larger_than_a_node_spans_nodes_as_pipeline_stages() {
 }
 
 #[test]
+fn a_candle_replica_larger_than_a_node_is_refused_with_that_reason() {
+    let fleet = Fleet::new(vec![
+        cluster_of_nodes("two-l4", "L4-24GB", 24, &[("n1", 4), ("n2", 4)]),
+        cluster_of_nodes("big-l4", "L4-24GB", 24, &[("n1", 8)]),
+    ]);
+    let eight = request(
+        r#"{"metadata": {"name": "small"}, "spec": {"model": {"artifact": {"name": "smollm2", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "format": "safetensors"}}, "runtime": "candle", "replicas": 1, "resources": {"gpu": {"count": 8}}}}"#,
+    );
+    check(&fleet, &eight).expect(
+        "8 GPUs of candle",
+        &[
+            On(&[("big-l4", 1)]),
+            Excluded(
+                "two-l4",
+                "ModelFit",
+                Is(
+                    "one replica of smollm2 needs 8 × L4-24GB, more than any node here has \
+                     (4 per node at most), and runtime candle serves from one node only; \
+                     runtime vllm spans nodes",
+                ),
+            ),
+        ],
+    );
+}
+
+#[test]
 fn a_replica_that_fits_a_node_stays_on_one() {
     // One 8 × H100 node: the 70B model fits at tensor-parallel 4.
     let fleet = Fleet::new(vec![cluster_of_nodes(

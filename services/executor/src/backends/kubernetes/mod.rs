@@ -3,6 +3,12 @@
 //! pod when its node goes, while the executor keeps one object per replica
 //! to create, find and delete).
 //!
+//! A replica larger than one node is one LeaderWorkerSet instead
+//! ([`objects::multinode`]): the same labels on every pod of its group,
+//! only the leader serving. The backend handles both kinds alike; it
+//! watches LeaderWorkerSets only once it has made one, so a cluster
+//! without the LWS controller never sees the executor ask for them.
+//!
 //! The pod runs the runner image (`flotilla-runner`) or, for
 //! `runtime: vllm`, the vLLM image (`vllm serve`), with `nvidia.com/gpu`
 //! limits from the replica's GPU count, the node selector and tolerations
@@ -33,16 +39,17 @@ mod objects;
 mod observe;
 mod watch;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use flotilla_kit::sync::lock;
 use flotilla_proto::v1::{DriftPolicy, ReplicaStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 
 use super::{Adoption, BackendError, Drift, Observation, Progress, ReplicaBackend, ReplicaSpec};
@@ -64,9 +71,64 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+fn kind_name(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Deployment => "Deployment",
+        ObjectKind::LeaderWorkerSet => LWS_KIND,
+    }
+}
+
+/// A replica's object, of either kind, as built for its spec.
+enum ReplicaObject {
+    Deployment(Box<Deployment>),
+    LeaderWorkerSet(Box<DynamicObject>),
+}
+
+impl ReplicaObject {
+    fn build(config: &KubernetesConfig, spec: &ReplicaSpec) -> Result<Self, BackendError> {
+        Ok(match object_kind(spec)? {
+            ObjectKind::Deployment => Self::Deployment(Box::new(deployment_object(config, spec))),
+            ObjectKind::LeaderWorkerSet => {
+                Self::LeaderWorkerSet(Box::new(lws_object(config, spec)?))
+            }
+        })
+    }
+
+    fn kind(&self) -> ObjectKind {
+        match self {
+            Self::Deployment(_) => ObjectKind::Deployment,
+            Self::LeaderWorkerSet(_) => ObjectKind::LeaderWorkerSet,
+        }
+    }
+
+    fn to_json(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Deployment(d) => serde_json::to_value(d).ok(),
+            Self::LeaderWorkerSet(l) => serde_json::to_value(l).ok(),
+        }
+    }
+
+    fn set_resource_version(&mut self, version: Option<String>) {
+        match self {
+            Self::Deployment(d) => d.metadata.resource_version = version,
+            Self::LeaderWorkerSet(l) => l.metadata.resource_version = version,
+        }
+    }
+}
+
+/// The generation label of an object's metadata.
+fn generation_of(meta: &ObjectMeta) -> String {
+    label_of(meta.labels.as_ref(), LABEL_GENERATION)
+}
+
+fn label_of(labels: Option<&BTreeMap<String, String>>, key: &str) -> String {
+    labels.and_then(|l| l.get(key)).cloned().unwrap_or_default()
+}
+
 /// What the executor sent for a replica it started, to tell drift.
 struct Sent {
     spec: ReplicaSpec,
+    kind: ObjectKind,
     object: serde_json::Value,
     /// The Deployment has been in the store once: its absence since is a
     /// deletion, not a watch that has not caught up.
@@ -88,13 +150,18 @@ impl Drop for Starting<'_> {
     }
 }
 
-/// Runs replicas as Deployments through the Kubernetes API.
+/// Runs replicas as Deployments (LeaderWorkerSets when they span nodes)
+/// through the Kubernetes API.
 pub struct KubernetesBackend {
     config: KubernetesConfig,
     deployments: Api<Deployment>,
+    leader_worker_sets: Api<DynamicObject>,
     /// This cluster's replica pods and Deployments.
     pods: Watched<Pod>,
     objects: Watched<Deployment>,
+    /// This cluster's replica LeaderWorkerSets, watched from the first
+    /// one made.
+    lws_objects: OnceLock<Watched<DynamicObject>>,
     /// Replica id to base URL, for the replicas this instance runs.
     running: Mutex<HashMap<String, String>>,
     /// Replicas whose start is under way, with the progress reason last
@@ -115,6 +182,12 @@ impl KubernetesBackend {
         let watch = || watcher::Config::default().labels(&selector);
         Self {
             deployments: Api::namespaced(client.clone(), &config.namespace),
+            leader_worker_sets: Api::namespaced_with(
+                client.clone(),
+                &config.namespace,
+                &lws_resource(),
+            ),
+            lws_objects: OnceLock::new(),
             pods: Watched::spawn(
                 Api::namespaced(client.clone(), &config.namespace),
                 watch(),
@@ -137,6 +210,18 @@ impl KubernetesBackend {
             "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CLUSTER}={}",
             self.config.cluster
         )
+    }
+
+    /// The LeaderWorkerSets' watch, started on first use.
+    fn lws_watch(&self) -> &Watched<DynamicObject> {
+        self.lws_objects.get_or_init(|| {
+            Watched::spawn_typed(
+                self.leader_worker_sets.clone(),
+                watcher::Config::default().labels(&self.cluster_selector()),
+                lws_resource(),
+                "replica LeaderWorkerSets",
+            )
+        })
     }
 
     fn pods_of(&self, replica_id: &str) -> Vec<Pod> {
@@ -194,63 +279,113 @@ impl KubernetesBackend {
         }
     }
 
+    /// Deletes the replica's object, whichever kind it is; whether there
+    /// was one.
     async fn delete(&self, replica_id: &str) -> Result<bool, BackendError> {
-        match self
-            .deployments
-            .delete(&object_name(replica_id), &DeleteParams::background())
-            .await
-        {
+        let name = object_name(replica_id);
+        let params = DeleteParams::background();
+        match self.deployments.delete(&name, &params).await {
+            Ok(_) => return Ok(true),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(api_error(e)),
+        }
+        match self.leader_worker_sets.delete(&name, &params).await {
             Ok(_) => Ok(true),
-            Err(e) if is_status(&e, 404) => Ok(false),
+            // Not found, or no LeaderWorkerSet API (or no right to it):
+            // then the executor cannot have made one either.
+            Err(e) if is_status(&e, 404) || is_status(&e, 403) => Ok(false),
             Err(e) => Err(api_error(e)),
         }
     }
 
-    /// Creates the replica's Deployment and returns at once (what
+    /// The replica's object as the API server holds it, of either kind.
+    async fn find(&self, replica_id: &str) -> Result<Option<(ObjectKind, ObjectMeta)>, String> {
+        let name = object_name(replica_id);
+        match self.deployments.get(&name).await {
+            Ok(d) => return Ok(Some((ObjectKind::Deployment, d.metadata))),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(format!("reading Deployment {name}: {e}")),
+        }
+        match self.leader_worker_sets.get(&name).await {
+            Ok(l) => Ok(Some((ObjectKind::LeaderWorkerSet, l.metadata))),
+            Err(e) if is_status(&e, 404) || is_status(&e, 403) => Ok(None),
+            Err(e) => Err(format!("reading {LWS_KIND} {name}: {e}")),
+        }
+    }
+
+    async fn post(&self, object: &ReplicaObject) -> Result<(), kube::Error> {
+        let params = PostParams::default();
+        match object {
+            ReplicaObject::Deployment(d) => self.deployments.create(&params, d).await.map(|_| ()),
+            ReplicaObject::LeaderWorkerSet(l) => {
+                self.leader_worker_sets.create(&params, l).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn put(&self, name: &str, object: &ReplicaObject) -> Result<(), kube::Error> {
+        let params = PostParams::default();
+        match object {
+            ReplicaObject::Deployment(d) => {
+                self.deployments.replace(name, &params, d).await.map(|_| ())
+            }
+            ReplicaObject::LeaderWorkerSet(l) => self
+                .leader_worker_sets
+                .replace(name, &params, l)
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Creates the replica's object and returns at once (what
     /// [`start`](ReplicaBackend::start) does before it waits).
     pub async fn create(&self, spec: &ReplicaSpec) -> Result<(), BackendError> {
-        let object = deployment_object(&self.config, spec);
-        if let Ok(sent) = serde_json::to_value(&object) {
+        let object = ReplicaObject::build(&self.config, spec)?;
+        let kind = object.kind();
+        if kind == ObjectKind::LeaderWorkerSet {
+            self.lws_watch();
+        }
+        if let Some(sent) = object.to_json() {
             lock(&self.sent).insert(
                 spec.replica_id.clone(),
                 Sent {
                     spec: spec.clone(),
+                    kind,
                     object: sent,
                     seen: false,
                     reported: Vec::new(),
                 },
             );
         }
-        match self
-            .deployments
-            .create(&PostParams::default(), &object)
-            .await
-        {
-            Ok(_) => Ok(()),
+        let name = object_name(&spec.replica_id);
+        match self.post(&object).await {
+            Ok(()) => Ok(()),
             Err(e) if is_status(&e, 409) => {
                 // Created by an earlier attempt: the same replica only if
                 // it is of the same generation.
-                let existing = self
-                    .deployments
-                    .get(&object_name(&spec.replica_id))
-                    .await
-                    .map_err(api_error)?;
-                let generation = existing
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_GENERATION))
-                    .cloned()
-                    .unwrap_or_default();
+                let generation = match self.find(&spec.replica_id).await {
+                    Ok(Some((_, meta))) => generation_of(&meta),
+                    Ok(None) => String::new(),
+                    Err(e) => return Err(BackendError::Failed(e)),
+                };
                 if generation == spec.generation.to_string() {
                     Ok(())
                 } else {
                     Err(BackendError::Failed(format!(
-                        "Deployment {} exists for generation {generation:?}, not {}",
-                        object_name(&spec.replica_id),
+                        "{} {name} exists for generation {generation:?}, not {}",
+                        kind_name(kind),
                         spec.generation
                     )))
                 }
+            }
+            Err(e) if kind == ObjectKind::LeaderWorkerSet && is_status(&e, 404) => {
+                Err(BackendError::Failed(format!(
+                    "replica {} spans {} nodes, which takes a {LWS_KIND} ({LWS_API_VERSION}), \
+                     and creating {name} was refused ({e}): install the LeaderWorkerSet \
+                     controller in this cluster (docs/deploy-kubernetes.md, \"Replicas larger \
+                     than one node\")",
+                    spec.replica_id, spec.pipeline_parallel
+                )))
             }
             Err(e) => Err(api_error(e)),
         }
@@ -287,12 +422,29 @@ impl KubernetesBackend {
         out
     }
 
-    /// Deployments of replicas started here that no longer hold what was
+    /// The replica object named `name` of `kind` in its watch's store,
+    /// as JSON; `Err(())` while that watch has not listed yet.
+    fn live(&self, kind: ObjectKind, name: &str) -> Result<Option<serde_json::Value>, ()> {
+        match kind {
+            ObjectKind::Deployment if self.objects.synced() => Ok(self
+                .objects
+                .store
+                .find(|d| d.metadata.name.as_deref() == Some(name))
+                .and_then(|d| serde_json::to_value(d.as_ref()).ok())),
+            ObjectKind::LeaderWorkerSet => match self.lws_objects.get() {
+                Some(watched) if watched.synced() => Ok(watched
+                    .store
+                    .find(|l| l.metadata.name.as_deref() == Some(name))
+                    .and_then(|l| serde_json::to_value(l.as_ref()).ok())),
+                _ => Err(()),
+            },
+            ObjectKind::Deployment => Err(()),
+        }
+    }
+
+    /// Objects of replicas started here that no longer hold what was
     /// sent, or are gone; put back under the take-over policy.
     async fn drift(&self) -> Vec<Drift> {
-        if !self.objects.synced() {
-            return Vec::new();
-        }
         let mut found = Vec::new();
         {
             let mut sent = lock(&self.sent);
@@ -302,20 +454,15 @@ impl KubernetesBackend {
                 let Some(entry) = sent.get_mut(&id) else {
                     continue;
                 };
-                let name = object_name(&id);
-                let live = self
-                    .objects
-                    .store
-                    .find(|d| d.metadata.name.as_deref() == Some(name.as_str()));
+                let Ok(live) = self.live(entry.kind, &object_name(&id)) else {
+                    continue;
+                };
                 let differences = match &live {
                     None if !entry.seen => continue,
                     None => vec!["deleted".to_string()],
                     Some(live) => {
                         entry.seen = true;
-                        match serde_json::to_value(live.as_ref()) {
-                            Ok(live) => drift_json(&entry.object, &live),
-                            Err(_) => continue,
-                        }
+                        drift_json(&entry.object, live)
                     }
                 };
                 if differences.is_empty() {
@@ -326,7 +473,11 @@ impl KubernetesBackend {
                     continue;
                 }
                 entry.reported.clone_from(&differences);
-                found.push((id, entry.spec.clone(), differences, live));
+                let version = live
+                    .as_ref()
+                    .and_then(|l| l["metadata"]["resourceVersion"].as_str())
+                    .map(String::from);
+                found.push((id, entry.spec.clone(), differences, live.map(|_| version)));
             }
         }
         let mut out = Vec::new();
@@ -334,7 +485,7 @@ impl KubernetesBackend {
             let restored = match spec.drift_policy {
                 DriftPolicy::ReportOnly => Ok(false),
                 DriftPolicy::TakeOver | DriftPolicy::Unspecified => {
-                    self.restore(&spec, live.as_deref()).await.map(|()| true)
+                    self.restore(&spec, live).await.map(|()| true)
                 }
             };
             if let Err(e) = &restored {
@@ -342,7 +493,7 @@ impl KubernetesBackend {
                 if let Some(entry) = lock(&self.sent).get_mut(&replica_id) {
                     entry.reported.clear();
                 }
-                tracing::warn!(replica = %replica_id, "putting its Deployment back: {e}");
+                tracing::warn!(replica = %replica_id, "putting its object back: {e}");
             }
             out.push(Drift {
                 replica_id,
@@ -353,27 +504,22 @@ impl KubernetesBackend {
         out
     }
 
-    /// Puts back what was sent for `spec`: replaces `live`, or creates it
-    /// again when it is gone.
-    async fn restore(&self, spec: &ReplicaSpec, live: Option<&Deployment>) -> Result<(), String> {
-        let mut object = deployment_object(&self.config, spec);
+    /// Puts back what was sent for `spec`: replaces the live object (of
+    /// that resource version), or creates it again when it is gone
+    /// (`None`).
+    async fn restore(
+        &self,
+        spec: &ReplicaSpec,
+        live: Option<Option<String>>,
+    ) -> Result<(), String> {
+        let mut object = ReplicaObject::build(&self.config, spec).map_err(|e| e.to_string())?;
         let name = object_name(&spec.replica_id);
         let done = match live {
-            Some(live) => {
-                object
-                    .metadata
-                    .resource_version
-                    .clone_from(&live.metadata.resource_version);
-                self.deployments
-                    .replace(&name, &PostParams::default(), &object)
-                    .await
-                    .map(|_| ())
+            Some(version) => {
+                object.set_resource_version(version);
+                self.put(&name, &object).await
             }
-            None => self
-                .deployments
-                .create(&PostParams::default(), &object)
-                .await
-                .map(|_| ()),
+            None => self.post(&object).await,
         };
         done.map_err(|e| e.to_string())
     }
@@ -474,45 +620,28 @@ impl ReplicaBackend for KubernetesBackend {
 
     async fn adopt(&self, recorded: &ReplicaStatus) -> Adoption {
         let id = &recorded.replica_id;
-        let existing = match self.deployments.get(&object_name(id)).await {
-            Ok(d) => d,
-            Err(e) if is_status(&e, 404) => {
+        let name = object_name(id);
+        let (kind, meta) = match self.find(id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
                 return Adoption::Gone(format!(
-                    "no Deployment {} when the executor restarted",
-                    object_name(id)
+                    "no Deployment or {LWS_KIND} {name} when the executor restarted"
                 ));
             }
-            Err(e) => {
-                return Adoption::Refused(format!("reading Deployment {}: {e}", object_name(id)));
-            }
+            Err(e) => return Adoption::Refused(e),
         };
-        let label = |key: &str| {
-            existing
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(key))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let model = existing
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_MODEL))
-            .cloned()
-            .unwrap_or_default();
-        let why_not = if label(LABEL_GENERATION) != recorded.generation.to_string() {
+        let what = format!("{} {name}", kind_name(kind));
+        let label = |key: &str| label_of(meta.labels.as_ref(), key);
+        let model = label_of(meta.annotations.as_ref(), ANNOTATION_MODEL);
+        let why_not = if generation_of(&meta) != recorded.generation.to_string() {
             Some(format!(
-                "Deployment {} is of generation {:?}, the record says {}",
-                object_name(id),
-                label(LABEL_GENERATION),
+                "{what} is of generation {:?}, the record says {}",
+                generation_of(&meta),
                 recorded.generation
             ))
         } else if label(LABEL_CLUSTER) != self.config.cluster || model != recorded.model {
             Some(format!(
-                "Deployment {} is of cluster {:?} serving {model:?}, the record says {} serving {}",
-                object_name(id),
+                "{what} is of cluster {:?} serving {model:?}, the record says {} serving {}",
                 label(LABEL_CLUSTER),
                 self.config.cluster,
                 recorded.model
@@ -534,20 +663,26 @@ impl ReplicaBackend for KubernetesBackend {
     }
 
     async fn stop_unknown(&self, known: &HashSet<String>) -> Vec<String> {
-        let list = match self
-            .deployments
-            .list(&ListParams::default().labels(&self.cluster_selector()))
-            .await
-        {
-            Ok(list) => list.items,
+        let params = ListParams::default().labels(&self.cluster_selector());
+        let mut metas: Vec<ObjectMeta> = match self.deployments.list(&params).await {
+            Ok(list) => list.items.into_iter().map(|d| d.metadata).collect(),
             Err(e) => {
                 tracing::warn!("listing replica Deployments: {e}");
                 return Vec::new();
             }
         };
+        match self.leader_worker_sets.list(&params).await {
+            Ok(list) => metas.extend(list.items.into_iter().map(|l| l.metadata)),
+            // No LeaderWorkerSet API here (or no right to it): none made.
+            Err(e) if is_status(&e, 404) || is_status(&e, 403) => {}
+            Err(e) => {
+                tracing::warn!("listing replica {LWS_KIND}s: {e}");
+                return Vec::new();
+            }
+        }
         let mut stopped = Vec::new();
-        for d in list {
-            let Some(id) = replica_of(&d.metadata).cloned() else {
+        for meta in metas {
+            let Some(id) = replica_of(&meta).cloned() else {
                 continue;
             };
             if known.contains(&id) || self.runs(&id) {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::objects::multinode::{LABEL_ROLE, ROLE_WORKER};
 use super::objects::{PORT, replica_of};
 use crate::backends::{Moved, Observation, ReplicaFailure};
 
@@ -20,6 +21,24 @@ const FATAL_WAITING_REASONS: &[&str] = &[
     "CreateContainerConfigError",
     "CreateContainerError",
 ];
+
+/// Whether the pod's `Ready` condition holds.
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// A worker of a multi-node replica: it joins the leader and serves
+/// nothing itself, so its being ready says nothing of the replica.
+fn is_worker(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ROLE))
+        .is_some_and(|role| role == ROLE_WORKER)
+}
 
 /// What one pod says about its replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,13 +99,10 @@ pub fn pod_state(pod: &Pod) -> PodState {
             }
         }
     }
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    match (ready, status.pod_ip.as_deref()) {
-        (true, Some(ip)) if !ip.is_empty() => PodState::Ready(format!("http://{ip}:{PORT}")),
+    match (is_ready(pod), status.pod_ip.as_deref()) {
+        (true, Some(ip)) if !ip.is_empty() && !is_worker(pod) => {
+            PodState::Ready(format!("http://{ip}:{PORT}"))
+        }
         _ => PodState::Pending,
     }
 }
@@ -100,7 +116,7 @@ pub fn pod_state(pod: &Pod) -> PodState {
 /// or `Scheduled` on its node. `None` for a ready or failed pod and one
 /// not yet seen by the scheduler.
 pub fn pod_progress(pod: &Pod) -> Option<(String, String)> {
-    if !matches!(pod_state(pod), PodState::Pending) {
+    if !matches!(pod_state(pod), PodState::Pending) || is_ready(pod) {
         return None;
     }
     let status = pod.status.as_ref()?;

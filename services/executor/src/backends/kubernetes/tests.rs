@@ -37,6 +37,9 @@ struct State {
     history: Vec<(u64, String, &'static str, Value)>,
     version: u64,
     watches: Vec<Watch>,
+    /// Kinds whose API this cluster does not have (a CRD not installed):
+    /// every request on them is answered 404.
+    absent: Vec<String>,
 }
 
 struct Watch {
@@ -143,9 +146,13 @@ fn success() -> Value {
 
 /// (kind, namespace, name) of a request path.
 fn parse_path(path: &str) -> (String, Option<String>, Option<String>) {
+    // `/api/v1/...` or `/apis/<group>/<version>/...`.
     let rest = path
-        .strip_prefix("/apis/apps/v1/")
-        .or_else(|| path.strip_prefix("/api/v1/"))
+        .strip_prefix("/api/v1/")
+        .or_else(|| {
+            path.strip_prefix("/apis/")
+                .and_then(|p| p.splitn(3, '/').nth(2))
+        })
         .unwrap_or(path);
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
@@ -184,6 +191,7 @@ fn list_kind(kind: &str) -> (&'static str, &'static str) {
         "pods" => ("PodList", "v1"),
         "nodes" => ("NodeList", "v1"),
         "deployments" => ("DeploymentList", "apps/v1"),
+        "leaderworkersets" => ("LeaderWorkerSetList", "leaderworkerset.x-k8s.io/v1"),
         other => panic!("no list kind for {other}"),
     }
 }
@@ -210,6 +218,13 @@ async fn serve(mut handle: ApiHandle, api: FakeApi, mutations: mpsc::UnboundedSe
             })
             .unwrap_or_default();
         let ns = namespace.clone().unwrap_or_default();
+        if api.state.lock().unwrap().absent.contains(&kind) {
+            if method != http::Method::GET {
+                let _ = mutations.send((method, path, body));
+            }
+            reply.send_response(respond(404, &not_found()));
+            continue;
+        }
         let response = match (method.clone(), name) {
             (http::Method::GET, None) if query.get("watch").is_some_and(|w| w == "true") => {
                 let since: u64 = query
@@ -395,15 +410,23 @@ async fn observe_until(
 ) -> Observation {
     let mut pods = backend.pods.subscribe();
     let mut objects = backend.objects.subscribe();
+    let mut groups = backend.lws_objects.get().map(Watched::subscribe);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let seen = backend.observe().await;
         if done(&seen) {
             return seen;
         }
+        let group_changed = async {
+            match groups.as_mut() {
+                Some(changes) => changes.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = pods.changed() => {}
             _ = objects.changed() => {}
+            _ = group_changed => {}
             () = tokio::time::sleep_until(deadline) => panic!("not seen within 10 s"),
         }
     }
@@ -826,3 +849,5 @@ async fn capacity_follows_the_nodes() {
     let gpus = devices_until(&inventory, |d| d.len() == 8).await;
     assert!(gpus.iter().all(|g| g.node == "gpu-b" && !g.allocated));
 }
+
+mod multinode;

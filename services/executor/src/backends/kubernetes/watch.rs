@@ -38,7 +38,25 @@ where
     /// must be called inside a Tokio runtime); the task ends when this is
     /// dropped. `what` names the objects in logs.
     pub fn spawn(api: Api<K>, config: watcher::Config, what: &'static str) -> Self {
-        let (store, writer) = reflector::store();
+        Self::spawn_typed(api, config, K::DynamicType::default(), what)
+    }
+}
+
+impl<K> Watched<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    /// As [`spawn`](Self::spawn), for a kind known only at run time (a
+    /// custom resource read as `DynamicObject`, `dyntype` its resource).
+    pub fn spawn_typed(
+        api: Api<K>,
+        config: watcher::Config,
+        dyntype: K::DynamicType,
+        what: &'static str,
+    ) -> Self {
+        let writer = reflector::store::Writer::new(dyntype);
+        let store = writer.as_reader();
         let (bump, changes) = watch::channel(0u64);
         let synced = Arc::new(AtomicBool::new(false));
         let listed = synced.clone();
