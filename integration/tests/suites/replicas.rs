@@ -165,3 +165,52 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
     })
     .await;
 }
+
+/// A second start command for a replica whose start is still under way
+/// (what the rollout sends the moment a failed start is recorded) waits
+/// for that start to end and then tries again; it is not taken for the
+/// first one delivered again and dropped.
+#[tokio::test]
+async fn a_retry_that_arrives_while_the_start_fails_starts_it_again() {
+    let (server, bus, mut events) = support::bus_with_events().await;
+    fleet::model_provisioner(&support::config(&server));
+    let caches = tempfile::tempdir().unwrap();
+    fleet::executor(&server, "eu-1", "1xH100-80GB", &[], 0.0, caches.path());
+    // Weights no runner can load: every start of them fails.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&[0xff; 4096]);
+    std::fs::write(&broken, bytes).unwrap();
+    push(&bus, &broken, "broken", Some("gguf")).await;
+
+    let Action::Start(mut first) = start("chat-g1-0") else {
+        unreachable!()
+    };
+    first.model = Some(v1::ModelRef {
+        name: "broken".into(),
+        ..Default::default()
+    });
+    let subject = bus.subjects.command("eu-1", CommandAction::Start).unwrap();
+    for attempt in ["-a", "-b"] {
+        let c = support::command("eu-1", 1, attempt, Action::Start(first.clone()));
+        bus.publish(subject.clone(), &c, None).await.unwrap();
+    }
+    let (mut starting, mut failed) = (0, 0);
+    let wanted = [EventType::ReplicaStarting, EventType::ReplicaFailed].map(|t| t.to_string());
+    while failed < 2 {
+        let event = next_event(&mut events, DEADLINE, |e| {
+            e.name == "chat-g1-0" && wanted.contains(&e.r#type)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!("{failed} failed start(s) of 2 within {DEADLINE:?}; the retry was dropped")
+        });
+        if event.r#type == wanted[0] {
+            starting += 1;
+        } else {
+            failed += 1;
+            assert_eq!(starting, failed, "each failure follows its own start");
+        }
+    }
+}

@@ -67,6 +67,8 @@ pub const DEFAULT_MAX_CONCURRENT_STARTS: usize = 8;
 #[derive(Clone)]
 pub struct StartClaim {
     deployment: String,
+    /// The start command that holds it.
+    command_id: String,
     cancel: CancellationToken,
     done: CancellationToken,
 }
@@ -82,8 +84,9 @@ pub struct Replicas<B: ReplicaBackend> {
     pub replicas: RecordStore<ReplicaStatus>,
     /// Newest placement generation seen per deployment (fencing).
     pub generations: Mutex<HashMap<String, u64>>,
-    /// Replicas whose start is in progress here: a second start for one
-    /// of them waits for nothing and starts nothing; a stop cancels it.
+    /// Replicas whose start is in progress here: the same start command
+    /// again starts nothing, another start command waits until the first
+    /// let go; a stop cancels it.
     pub starting: Mutex<HashMap<String, StartClaim>>,
     /// Stops handled before their start (no record, no start under way):
     /// the start, when it comes, starts nothing.
@@ -104,6 +107,18 @@ struct StartingGuard<'a> {
     set: &'a Mutex<HashMap<String, StartClaim>>,
     replica_id: String,
     claim: StartClaim,
+}
+
+/// What [`Replicas::claim_start`] found.
+enum Claim<'a> {
+    /// This start holds the replica now.
+    Mine(StartingGuard<'a>),
+    /// This very command is already starting it (delivered again).
+    Same,
+    /// Another command's start of the replica is under way (a start that
+    /// is failing, and this the retry its failure brought); `done` once
+    /// that one let go.
+    Busy(CancellationToken),
 }
 
 impl Drop for StartingGuard<'_> {
@@ -323,9 +338,25 @@ impl<B: ReplicaBackend> Replicas<B> {
             // A redelivered start: the replica runs.
             return Ok(());
         }
-        let Some(starting) = self.claim_start(&start.replica_id, deployment) else {
-            // The same start is in progress.
-            return Ok(());
+        let starting = loop {
+            match self.claim_start(&start.replica_id, deployment, correlation) {
+                Claim::Mine(guard) => break guard,
+                Claim::Same => return Ok(()),
+                // Its failure is recorded before it lets go, so the retry
+                // that failure brings can come first: it must not be
+                // taken for the same start and dropped.
+                Claim::Busy(done) => {
+                    tokio::select! {
+                        () = done.cancelled() => {}
+                        () = shutdown.cancelled() => {
+                            return Err(HandlerError::retry("the executor is shutting down"));
+                        }
+                    }
+                    if self.backend.runs(&start.replica_id) {
+                        return Ok(());
+                    }
+                }
+            }
         };
         let cancel = starting.claim.cancel.clone();
         let model = start.model.clone().unwrap_or_default();
@@ -492,18 +523,23 @@ impl<B: ReplicaBackend> Replicas<B> {
         Ok(())
     }
 
-    fn claim_start(&self, replica_id: &str, deployment: &str) -> Option<StartingGuard<'_>> {
+    fn claim_start(&self, replica_id: &str, deployment: &str, command_id: &str) -> Claim<'_> {
         let mut set = sync::lock(&self.starting);
-        if set.contains_key(replica_id) {
-            return None;
+        if let Some(held) = set.get(replica_id) {
+            return if held.command_id == command_id {
+                Claim::Same
+            } else {
+                Claim::Busy(held.done.clone())
+            };
         }
         let claim = StartClaim {
             deployment: deployment.to_string(),
+            command_id: command_id.to_string(),
             cancel: CancellationToken::new(),
             done: CancellationToken::new(),
         };
         set.insert(replica_id.to_string(), claim.clone());
-        Some(StartingGuard {
+        Claim::Mine(StartingGuard {
             set: &self.starting,
             replica_id: replica_id.to_string(),
             claim,
