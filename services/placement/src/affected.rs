@@ -133,6 +133,7 @@ mod tests {
                 memory_bytes: 80 * GIB,
                 largest_free_bytes: 80 * GIB,
                 count: 8,
+                allocated: 0,
                 per_node: vec![8],
             }],
             cost_per_gpu_hour: 2.0,

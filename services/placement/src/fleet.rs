@@ -13,6 +13,9 @@ pub struct GpuGroup {
     /// Largest free memory of one GPU of this group, as last reported.
     pub largest_free_bytes: u64,
     pub count: u32,
+    /// GPUs of this group the cluster reports in use: by Flotilla's own
+    /// replicas and, on Kubernetes, by any other pod that requested them.
+    pub allocated: u32,
     /// GPUs of this group on each node, most first; they add up to
     /// `count`. GPUs that name no node count as one node (an executor on
     /// one host reports none).
@@ -78,6 +81,7 @@ impl ClusterView {
             match gpus.iter_mut().find(|g| g.model == gpu.model) {
                 Some(g) => {
                     g.count += 1;
+                    g.allocated += u32::from(gpu.allocated);
                     g.largest_free_bytes = g.largest_free_bytes.max(gpu.memory_free_bytes);
                 }
                 None => gpus.push(GpuGroup {
@@ -85,6 +89,7 @@ impl ClusterView {
                     memory_bytes: gpu.memory_total_bytes,
                     largest_free_bytes: gpu.memory_free_bytes,
                     count: 1,
+                    allocated: u32::from(gpu.allocated),
                     per_node: Vec::new(),
                 }),
             }

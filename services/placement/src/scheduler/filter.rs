@@ -285,11 +285,12 @@ pub(super) fn filter(
                     continue;
                 }
             };
-            let own_replicas: u32 = own
+            let (own_replicas, own_gpus) = own
                 .iter()
                 .filter(|(c, m, _, _)| *c == idx && *m == group.model)
-                .map(|(_, _, replicas, _)| replicas)
-                .sum();
+                .fold((0u32, 0u32), |(r, g), (_, _, replicas, gpus)| {
+                    (r + replicas, g + gpus)
+                });
             // One stage per node: a replica of several stages needs that
             // many nodes, each with room for a stage.
             let stage_gpus = layout.stage_gpus();
@@ -317,9 +318,15 @@ pub(super) fn filter(
                 continue;
             }
             let gpr = layout.gpus;
-            let free = group
-                .count
-                .saturating_sub(held.held(&cluster.name, &group.model));
+            // In use by others: what other deployments hold, or what the
+            // cluster reports allocated beyond this deployment's own
+            // replicas (pods of other workloads on a Kubernetes member),
+            // whichever is more; a replica placed but not yet running
+            // shows only in the first, a foreign pod only in the second.
+            let taken = held
+                .held(&cluster.name, &group.model)
+                .max(group.allocated.saturating_sub(own_gpus));
+            let free = group.count.saturating_sub(taken);
             // Other deployments' GPUs are counted per cluster, not per
             // node: the slots bound what fits if nothing else ran.
             let capacity = free

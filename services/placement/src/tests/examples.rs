@@ -375,6 +375,30 @@ fn healthy_replicas_stay_unless_a_cluster_is_clearly_better() {
 }
 
 #[test]
+fn gpus_other_workloads_hold_are_not_offered_and_own_ones_are_not_counted_twice() {
+    // A member of one node of 4 GPUs, two of them requested by pods that
+    // are not Flotilla's.
+    let member = |allocated: u32| {
+        let mut c = cluster("k8s", "eu", 4, "L4-24GB", 24, 1.0);
+        c.gpus[0].allocated = allocated;
+        Fleet::new(vec![c])
+    };
+    let req = simple(4, r#"{"policy": "PickAll"}"#);
+    let two_taken = member(2);
+    let first = check(&two_taken, &req);
+    first.expect("two GPUs taken", &[On(&[("k8s", 2)]), Unplaced(2)]);
+    // Its own two replicas run: the cluster reports all four allocated,
+    // and placement keeps the two, not mistaking them for others' pods.
+    let current = first.record();
+    let all_taken = member(4);
+    check_with(&all_taken, &req, &Commitments::default(), Some(&current))
+        .expect("own replicas running", &[On(&[("k8s", 2)]), Unplaced(2)]);
+    // The other pods went: room for all four.
+    check_with(&two_taken, &req, &Commitments::default(), Some(&current))
+        .expect("others gone", &[On(&[("k8s", 4)])]);
+}
+
+#[test]
 fn autoscaled_replicas_pack_onto_the_best_cluster_first() {
     let fleet = Fleet::new(vec![
         cluster("cheap", "eu", 2, "H100-80GB", 80, 1.0),

@@ -38,6 +38,7 @@ fn cluster(
             memory_bytes: memory_gib * GIB,
             largest_free_bytes: memory_gib * GIB,
             count: gpus,
+            allocated: 0,
             per_node: vec![gpus],
         }],
         cost_per_gpu_hour: cost,
