@@ -56,6 +56,7 @@ fn fleet() -> Fleet {
                     memory_bytes: mem << 30,
                     largest_free_bytes: mem << 30,
                     count: count * 8,
+                    allocated: 0,
                     per_node: vec![count * 8],
                 }],
                 cost_per_gpu_hour: cost + (i % 13) as f64 * 0.01,
