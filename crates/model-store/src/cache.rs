@@ -179,8 +179,7 @@ impl ModelCache {
 
     /// Where a cached model's files are.
     pub fn path_of(&self, digest: &str) -> Option<PathBuf> {
-        let hex = digest_hex(digest)?;
-        let path = self.dir.join("models").join(hex);
+        let path = self.dir.join(crate::cache_relative_path(digest)?);
         path.is_dir().then_some(path)
     }
 

@@ -48,6 +48,13 @@ pub fn digest_hex(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
+/// Where a model of `digest` lies inside a [`ModelCache`]'s folder, in
+/// the layout every cache shares (the executor's, a node cache filled by
+/// `flotilla-executor fetch-model`).
+pub fn cache_relative_path(digest: &str) -> Option<std::path::PathBuf> {
+    digest_hex(digest).map(|hex| std::path::Path::new("models").join(hex))
+}
+
 /// Object name of one part: by its content, so equal parts are stored
 /// once per model and no part waits for the artifact's digest.
 pub fn part_object(model: &str, part_digest_hex: &str) -> String {

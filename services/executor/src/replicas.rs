@@ -377,6 +377,23 @@ impl<B: ReplicaBackend> Replicas<B> {
                 record.name
             )));
         }
+        // Pods that fetch the model themselves put it in their node's
+        // cache, in the layout of this one: the executor need not hold
+        // (or have room for) every model too.
+        let in_node_cache = if self.backend.fetches_models() {
+            let relative = flotilla_model_store::cache_relative_path(&record.digest);
+            Some(relative.ok_or_else(|| {
+                HandlerError::invalid(
+                    "action.start.model",
+                    format!(
+                        "model {} has no sha256 digest ({:?})",
+                        record.name, record.digest
+                    ),
+                )
+            })?)
+        } else {
+            None
+        };
         let mut status = ReplicaStatus {
             replica_id: start.replica_id.clone(),
             cluster: self.cluster.clone(),
@@ -387,7 +404,11 @@ impl<B: ReplicaBackend> Replicas<B> {
             region: self.region.clone(),
             runtime: start.runtime,
             updated_at_unix_ms: now_unix_ms(),
-            message: "fetching the model".into(),
+            message: if in_node_cache.is_some() {
+                "starting; its pods fetch the model".into()
+            } else {
+                "fetching the model".into()
+            },
             ..Default::default()
         };
         {
@@ -412,38 +433,43 @@ impl<B: ReplicaBackend> Replicas<B> {
         }
         let gpu = start.gpu.clone().unwrap_or_default();
         self.holds.hold(&start.replica_id, gpu.count);
-        let fetched = tokio::select! {
-            fetched = self.cache.fetch(&self.store, &record, shutdown, |_| {}) => fetched,
-            () = cancel.cancelled() => return self.abandon(&start.replica_id).await,
-        };
-        let fetched = match fetched {
-            Ok(f) => f,
-            Err(e) if e.is_transient() => {
-                // Held again when it is tried again.
-                self.holds.release(&start.replica_id);
-                return Err(HandlerError::retry(e));
-            }
-            Err(e) => {
-                let _transition = self.transitions.lock().await;
-                self.holds.release(&start.replica_id);
-                if cancel.is_cancelled() {
-                    return Ok(());
+        let model_dir = if let Some(relative) = in_node_cache {
+            self.cache.dir().join(relative)
+        } else {
+            let fetched = tokio::select! {
+                fetched = self.cache.fetch(&self.store, &record, shutdown, |_| {}) => fetched,
+                () = cancel.cancelled() => return self.abandon(&start.replica_id).await,
+            };
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(e) if e.is_transient() => {
+                    // Held again when it is tried again.
+                    self.holds.release(&start.replica_id);
+                    return Err(HandlerError::retry(e));
                 }
-                status.phase = ReplicaPhase::Failed.into();
-                status.message = e.to_string();
-                return self
-                    .record(status, EventType::ReplicaFailed, e.to_string(), correlation)
-                    .await
-                    .map_err(HandlerError::retry);
-            }
+                Err(e) => {
+                    let _transition = self.transitions.lock().await;
+                    self.holds.release(&start.replica_id);
+                    if cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    status.phase = ReplicaPhase::Failed.into();
+                    status.message = e.to_string();
+                    return self
+                        .record(status, EventType::ReplicaFailed, e.to_string(), correlation)
+                        .await
+                        .map_err(HandlerError::retry);
+                }
+            };
+            fetched.path
         };
         // A one-file model (its parts are pieces of that file) is served as
         // the file; a model of several files as its folder.
         let files: std::collections::BTreeSet<&str> =
             record.parts.iter().map(|p| p.file.as_str()).collect();
         let model_path = match files.into_iter().collect::<Vec<_>>().as_slice() {
-            [one] => fetched.path.join(one),
-            _ => fetched.path.clone(),
+            [one] => model_dir.join(one),
+            _ => model_dir.clone(),
         };
         let model_in_cache = model_path
             .strip_prefix(self.cache.dir())

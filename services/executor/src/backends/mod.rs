@@ -160,6 +160,12 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// Stops a replica; `Ok(false)` when this backend did not run it.
     fn stop(&self, replica_id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
+    /// Whether the replicas fetch their model themselves (pods filling a
+    /// node cache), so the executor need not hold a copy of it.
+    fn fetches_models(&self) -> bool {
+        false
+    }
+
     /// Whether this backend runs the replica now (started or adopted).
     fn runs(&self, replica_id: &str) -> bool;
 

@@ -190,9 +190,14 @@ async fn two_pods_on_one_node_fetch_a_model_once_and_both_find_it() {
         "{log}"
     );
     assert!(log.contains("tiny ready at "), "{log}");
-    // The engine's path: the cache's layout under the mount.
+    // The engine's path: the cache's layout under the mount, the path the
+    // executor gives the replica without fetching the model itself.
     let hex = digest.trim_start_matches("sha256:");
     assert_eq!(downloaded.path, cache.join("models").join(hex));
+    assert_eq!(
+        Some(downloaded.path.clone()),
+        flotilla_model_store::cache_relative_path(&digest).map(|r| cache.join(r))
+    );
     std::fs::remove_dir_all(&cache).unwrap();
 }
 

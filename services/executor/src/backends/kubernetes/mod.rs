@@ -566,6 +566,10 @@ impl ReplicaBackend for KubernetesBackend {
         Ok(self.delete(replica_id).await? || tracked || sent)
     }
 
+    fn fetches_models(&self) -> bool {
+        matches!(self.config.model_delivery, ModelDelivery::NodeCache { .. })
+    }
+
     fn runs(&self, replica_id: &str) -> bool {
         lock(&self.running).contains_key(replica_id)
     }
