@@ -484,7 +484,6 @@ impl ExecutorArgs {
                     owner_name: self.kube_owner.clone(),
                     owner: None,
                     ready_timeout: self.kube_ready_timeout,
-                    poll_interval: Duration::from_secs(2),
                 })
             }
         };

@@ -63,7 +63,7 @@ enum Gpus {
     /// and the pods bound to them. Reported as `INVENTORY_SOURCE_NVML`:
     /// the figures are measured on the hardware (the device plugin and
     /// feature discovery read NVML on each node), not declared.
-    Kubernetes(backends::kubernetes::nodes::NodeInventory),
+    Kubernetes(std::sync::Arc<backends::kubernetes::nodes::NodeInventory>),
 }
 
 fn choose_gpus(config: &Config, kube: Option<&kube::Client>) -> Result<Gpus, ExecutorError> {
@@ -71,9 +71,9 @@ fn choose_gpus(config: &Config, kube: Option<&kube::Client>) -> Result<Gpus, Exe
         // Declared GPUs (`--gpus`) stay an override.
         if config.declared.count() == 0 {
             tracing::info!("GPU inventory from the cluster's nodes");
-            return Ok(Gpus::Kubernetes(
+            return Ok(Gpus::Kubernetes(std::sync::Arc::new(
                 backends::kubernetes::nodes::NodeInventory::spawn(client.clone()),
-            ));
+            )));
         }
     }
     match config.gpu_source {
@@ -336,7 +336,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
                 .with_owner(&client)
                 .await
                 .map_err(ExecutorError::Kubernetes)?;
-            let backend = backends::kubernetes::KubernetesBackend::new(client, settings);
+            let mut backend = backends::kubernetes::KubernetesBackend::new(client, settings);
+            if let Gpus::Kubernetes(inventory) = &gpus {
+                backend = backend.with_inventory(inventory.clone());
+            }
             half.start(backend, shutdown.clone()).await?
         }
     };

@@ -489,6 +489,7 @@ impl<B: ReplicaBackend> Replicas<B> {
             tensor_parallel: start.tensor_parallel,
             pipeline_parallel: start.pipeline_parallel,
             gpu_model: start.gpu_model.clone(),
+            gpu_products: Vec::new(),
             model_digest: record.digest.clone(),
             engine: start.engine.clone().unwrap_or_default(),
             drift_policy: start.drift_policy(),

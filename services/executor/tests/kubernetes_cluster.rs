@@ -43,7 +43,6 @@ async fn replica_deployment_round_trip_on_a_real_cluster_when_kubeconfig_is_set(
             owner_name: None,
             owner: None,
             ready_timeout: Duration::from_secs(5),
-            poll_interval: Duration::from_secs(1),
         },
     );
     let spec = ReplicaSpec {

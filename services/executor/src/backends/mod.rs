@@ -67,6 +67,10 @@ pub struct ReplicaSpec {
     pub pipeline_parallel: u32,
     /// The GPU model placement sized for (`H100-80GB`); empty: any.
     pub gpu_model: String,
+    /// The `nvidia.com/gpu.product` values of this cluster's nodes whose
+    /// GPUs are `gpu_model`: pods are kept to those nodes. Filled by the
+    /// Kubernetes backend from its node inventory; empty: no constraint.
+    pub gpu_products: Vec<String>,
     /// The model's digest (`sha256:<hex>`) as the model store has it.
     pub model_digest: String,
     /// Image, engine arguments, environment, resources and node selection

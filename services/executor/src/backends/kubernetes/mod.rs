@@ -40,7 +40,7 @@ mod observe;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flotilla_kit::sync::lock;
@@ -169,6 +169,8 @@ pub struct KubernetesBackend {
     starting: Mutex<HashMap<String, String>>,
     /// What was sent for the replicas started here.
     sent: Mutex<HashMap<String, Sent>>,
+    /// The cluster's nodes, to keep pods to the GPU type placement chose.
+    inventory: Option<Arc<nodes::NodeInventory>>,
 }
 
 impl KubernetesBackend {
@@ -202,7 +204,28 @@ impl KubernetesBackend {
             running: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashMap::new()),
             sent: Mutex::new(HashMap::new()),
+            inventory: None,
         }
+    }
+
+    /// Keeps replica pods to nodes of the GPU type placement sized them
+    /// for, as `inventory` (the executor's view of the nodes) names them.
+    #[must_use]
+    pub fn with_inventory(mut self, inventory: Arc<nodes::NodeInventory>) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
+    /// `spec` with the GPU products of its GPU model on this cluster.
+    fn on_its_gpu_type(&self, spec: &ReplicaSpec) -> ReplicaSpec {
+        let mut spec = spec.clone();
+        if let Some(inventory) = &self.inventory
+            && !spec.gpu_model.is_empty()
+            && spec.gpu_products.is_empty()
+        {
+            spec.gpu_products = inventory.products_of(&spec.gpu_model);
+        }
+        spec
     }
 
     fn cluster_selector(&self) -> String {
@@ -340,6 +363,7 @@ impl KubernetesBackend {
     /// Creates the replica's object and returns at once (what
     /// [`start`](ReplicaBackend::start) does before it waits).
     pub async fn create(&self, spec: &ReplicaSpec) -> Result<(), BackendError> {
+        let spec = &self.on_its_gpu_type(spec);
         let object = ReplicaObject::build(&self.config, spec)?;
         let kind = object.kind();
         if kind == ObjectKind::LeaderWorkerSet {

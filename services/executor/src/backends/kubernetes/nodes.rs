@@ -224,6 +224,24 @@ fn offers(node: &Node) -> Vec<Offer> {
     out
 }
 
+/// The product labels of `nodes` that offer whole GPUs (`nvidia.com/gpu`)
+/// of the fleet's model `model`, sorted and once each.
+pub fn products_of<'a>(nodes: impl IntoIterator<Item = &'a Node>, model: &str) -> Vec<String> {
+    let mut products: Vec<String> = nodes
+        .into_iter()
+        .filter(|node| {
+            offers(node)
+                .iter()
+                .any(|o| o.resource == GPU_RESOURCE && o.model == model)
+        })
+        .filter_map(|node| node.metadata.labels.as_ref()?.get(LABEL_PRODUCT).cloned())
+        .filter(|product| !product.is_empty())
+        .collect();
+    products.sort();
+    products.dedup();
+    products
+}
+
 /// The memory a MIG profile names (`1g.10gb` is 10 GiB).
 fn profile_memory(profile: &str) -> u64 {
     profile
@@ -321,6 +339,14 @@ impl NodeInventory {
         ))
     }
 
+    /// The `nvidia.com/gpu.product` values of the nodes whose whole GPUs
+    /// are of the fleet's model `model` (`H100-80GB`), sorted; empty when
+    /// none says so (no feature discovery labels).
+    pub fn products_of(&self, model: &str) -> Vec<String> {
+        let nodes = self.nodes.store.state();
+        products_of(nodes.iter().map(AsRef::as_ref), model)
+    }
+
     /// Receivers that see every change of nodes and of pods from now on.
     pub fn changes(
         &self,
@@ -381,6 +407,25 @@ mod tests {
         ] {
             assert_eq!(gpu_model(product, mib * MIB), expected, "{product}");
         }
+    }
+
+    #[test]
+    fn the_products_of_a_gpu_model_are_those_its_nodes_are_labelled_with() {
+        let l4 = node(
+            "l4-a",
+            json!({LABEL_PRODUCT: "NVIDIA-L4", LABEL_MEMORY: "23034"}),
+            json!({GPU_RESOURCE: "4"}),
+        );
+        let unlabelled = node("plain", json!({}), json!({GPU_RESOURCE: "8"}));
+        let nodes = [
+            h100_node("h100-b", 8),
+            l4,
+            h100_node("h100-a", 8),
+            unlabelled,
+        ];
+        assert_eq!(products_of(&nodes, "H100-80GB"), ["NVIDIA-H100-80GB-HBM3"]);
+        assert_eq!(products_of(&nodes, "L4-24GB"), ["NVIDIA-L4"]);
+        assert!(products_of(&nodes, "A100-80GB").is_empty());
     }
 
     #[test]

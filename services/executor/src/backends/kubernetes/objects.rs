@@ -40,9 +40,10 @@ use std::time::Duration;
 use flotilla_proto::v1::{self, TaintEffect, TolerationOperator};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretKeySelector, Toleration, Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -83,6 +84,8 @@ pub const LABEL_REPLICA: &str = "flotilla.dev/replica";
 pub const LABEL_GENERATION: &str = "flotilla.dev/generation";
 pub const LABEL_RUNTIME: &str = "flotilla.dev/runtime";
 pub const ANNOTATION_MODEL: &str = "flotilla.dev/model";
+/// The GPU product label NVIDIA's GPU feature discovery sets on nodes.
+pub const LABEL_GPU_PRODUCT: &str = "nvidia.com/gpu.product";
 /// Hash of the `spec` the executor sent ([`spec_hash`]): an object whose
 /// annotation differs from the desired spec's hash was made from another
 /// spec (an older executor's, or the annotation was edited), not merely
@@ -134,8 +137,6 @@ pub struct KubernetesConfig {
     /// How long a new replica may take to become ready (image pull, model
     /// load).
     pub ready_timeout: Duration,
-    /// How often pod status is read while waiting and observing.
-    pub poll_interval: Duration,
 }
 
 impl KubernetesConfig {
@@ -550,9 +551,30 @@ fn pod_spec(config: &KubernetesConfig, spec: &ReplicaSpec, engine: Engine) -> Po
         }
     }
     let priority_class = spec.engine.priority_class_name.trim();
+    // On a cluster of several GPU types, the type placement sized the
+    // replica for; a selector on the product already says which.
+    let affinity = (!spec.gpu_products.is_empty()
+        && !node_selector.contains_key(LABEL_GPU_PRODUCT))
+    .then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: LABEL_GPU_PRODUCT.into(),
+                        operator: "In".into(),
+                        values: Some(spec.gpu_products.clone()),
+                    }]),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     PodSpec {
         init_containers: init.map(|c| vec![c]),
         containers: vec![container],
+        affinity,
         node_selector: (!node_selector.is_empty()).then_some(node_selector),
         tolerations: (!tolerations.is_empty()).then_some(tolerations),
         priority_class_name: (!priority_class.is_empty()).then(|| priority_class.to_string()),

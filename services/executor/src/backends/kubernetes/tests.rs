@@ -850,4 +850,28 @@ async fn capacity_follows_the_nodes() {
     assert!(gpus.iter().all(|g| g.node == "gpu-b" && !g.allocated));
 }
 
+#[tokio::test]
+async fn a_replica_is_kept_to_nodes_of_the_gpu_type_it_was_sized_for() {
+    let (client, api, mut mutations) = fake_api();
+    api.apply("nodes", gpu_node("h100-a", 8));
+    let mut l4 = gpu_node("l4-a", 4);
+    l4["metadata"]["labels"] =
+        json!({"nvidia.com/gpu.product": "NVIDIA-L4", "nvidia.com/gpu.memory": "23034"});
+    api.apply("nodes", l4);
+    let inventory = Arc::new(NodeInventory::spawn(client.clone()));
+    devices_until(&inventory, |d| d.len() == 12).await;
+    let backend = KubernetesBackend::new(client, config()).with_inventory(inventory);
+    let mut s = spec(v1::Runtime::Candle);
+    s.gpu_model = "H100-80GB".into();
+    tokio::spawn(async move { backend.start(&s).await });
+    let (method, _, body) = next_mutation(&mut mutations).await;
+    assert_eq!(method, http::Method::POST);
+    assert_eq!(
+        body["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"],
+        json!([{"key": "nvidia.com/gpu.product", "operator": "In",
+                "values": ["NVIDIA-H100-80GB-HBM3"]}])
+    );
+}
+
 mod multinode;

@@ -16,7 +16,6 @@ pub(in crate::backends::kubernetes) fn config() -> KubernetesConfig {
         owner_name: None,
         owner: None,
         ready_timeout: Duration::from_secs(5),
-        poll_interval: Duration::from_millis(1),
     }
 }
 
@@ -461,4 +460,28 @@ fn the_spec_hash_follows_the_spec_and_only_the_spec() {
     // FNV-1a's published values: the hash must not change with the build.
     assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
     assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+}
+
+#[test]
+fn pods_keep_to_the_gpu_type_placement_sized_them_for() {
+    let mut on_h100 = engine_spec();
+    on_h100.gpu_model = "H100-80GB".into();
+    on_h100.gpu_products = vec!["NVIDIA-H100-80GB-HBM3".into(), "NVIDIA-H100-NVL".into()];
+    let sent = serde_json::to_value(deployment_object(&config(), &on_h100)).unwrap();
+    assert_eq!(
+        sent["spec"]["template"]["spec"]["affinity"],
+        json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{
+                "key": "nvidia.com/gpu.product", "operator": "In",
+                "values": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-NVL"]}]}]}}})
+    );
+    // The deployment's own selector on the product decides instead.
+    let mut chosen = on_h100.clone();
+    chosen.engine.node_selector =
+        BTreeMap::from([(LABEL_GPU_PRODUCT.to_string(), "NVIDIA-H100-NVL".to_string())]);
+    let sent = serde_json::to_value(deployment_object(&config(), &chosen)).unwrap();
+    assert!(sent["spec"]["template"]["spec"].get("affinity").is_none());
+    // No product known (no feature discovery labels): no constraint.
+    let sent = serde_json::to_value(deployment_object(&config(), &engine_spec())).unwrap();
+    assert!(sent["spec"]["template"]["spec"].get("affinity").is_none());
 }
