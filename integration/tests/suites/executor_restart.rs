@@ -97,6 +97,18 @@ fn start(replica: &str) -> Action {
     support::start_replica(replica, v1::Runtime::Candle)
 }
 
+/// A start of one GPU, as a deployment's resources say.
+fn start_on_one_gpu(replica: &str) -> Action {
+    let Action::Start(mut s) = start(replica) else {
+        unreachable!("a start")
+    };
+    s.gpu = Some(v1::GpuRequirements {
+        count: 1,
+        ..Default::default()
+    });
+    Action::Start(s)
+}
+
 fn stop(replica: &str) -> Action {
     support::stop_replica(replica, "scaled down")
 }
@@ -200,8 +212,11 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
 
     // One replica, started by the first executor.
     let mut first = f.executor.spawn().await;
-    f.publish(CommandAction::Start, command(2, "a", start("chat-g2-0")))
-        .await;
+    f.publish(
+        CommandAction::Start,
+        command(2, "a", start_on_one_gpu("chat-g2-0")),
+    )
+    .await;
     f.until(EventType::ReplicaReady, "chat-g2-0").await;
     let before = f.replicas.get("eu-1.chat-g2-0").await.unwrap().unwrap().0;
     let runner_pids = replica_processes(&owner, "chat-g2-0");
@@ -244,8 +259,42 @@ async fn a_killed_executor_adopts_its_runners_and_starts_no_duplicate() {
         .spawn()
         .unwrap();
 
+    let mut heartbeats = f
+        .bus
+        .client
+        .subscribe(f.bus.subjects.telemetry(CLUSTER).unwrap())
+        .await
+        .unwrap();
     let _second = f.executor.spawn().await;
     let ready = f.until(EventType::ReplicaReady, "chat-g2-1").await;
+    // The adopted replica still holds its GPU: the restarted executor's
+    // heartbeats say so, and mark the GPU allocated.
+    let held = tokio::time::timeout(DEADLINE, async {
+        use futures::StreamExt;
+        use prost::Message;
+        while let Some(msg) = heartbeats.next().await {
+            let Ok(hb) = v1::ClusterHeartbeat::decode(msg.payload) else {
+                continue;
+            };
+            let allocated = hb
+                .inventory
+                .as_ref()
+                .map_or(0, |i| i.gpus.iter().filter(|g| g.allocated).count());
+            if allocated == 1
+                && hb
+                    .replicas
+                    .iter()
+                    .any(|r| r.replica_id == "chat-g2-0" && r.gpus == 1)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        held.is_ok(),
+        "no heartbeat with the adopted replica's GPU held"
+    );
     assert_eq!(ready.generation, 2);
     let stray_exit = tokio::time::timeout(DEADLINE, stray.wait())
         .await

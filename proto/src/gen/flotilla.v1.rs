@@ -1771,6 +1771,11 @@ pub struct ReplicaStatus {
         skip_serializing_if = "crate::json::is_unset"
     )]
     pub runtime: i32,
+    /// GPUs the replica holds (its start command's count), so an executor
+    /// that restarts and adopts it still counts them.
+    #[prost(uint32, tag = "13")]
+    #[serde(rename = "gpus")]
+    pub gpus: u32,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

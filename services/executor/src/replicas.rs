@@ -242,6 +242,8 @@ impl<B: ReplicaBackend> Replicas<B> {
             let id = status.replica_id.clone();
             match self.backend.adopt(&status).await {
                 Adoption::Adopted(endpoint) => {
+                    // What it held before the restart, it holds still.
+                    self.holds.hold(&id, status.gpus);
                     if phase == ReplicaPhase::Ready && status.endpoint == endpoint {
                         continue;
                     }
@@ -403,6 +405,7 @@ impl<B: ReplicaBackend> Replicas<B> {
             model: record.name.clone(),
             region: self.region.clone(),
             runtime: start.runtime,
+            gpus: start.gpu.as_ref().map_or(0, |g| g.count),
             updated_at_unix_ms: now_unix_ms(),
             message: if in_node_cache.is_some() {
                 "starting; its pods fetch the model".into()
