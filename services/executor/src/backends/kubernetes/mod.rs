@@ -108,12 +108,53 @@ impl ReplicaObject {
         }
     }
 
+    /// The object `value` holds (what [`to_json`](Self::to_json) gave).
+    fn from_json(kind: ObjectKind, value: &serde_json::Value) -> Result<Self, String> {
+        let value = value.clone();
+        match kind {
+            ObjectKind::Deployment => {
+                serde_json::from_value(value).map(|d| Self::Deployment(Box::new(d)))
+            }
+            ObjectKind::LeaderWorkerSet => {
+                serde_json::from_value(value).map(|l| Self::LeaderWorkerSet(Box::new(l)))
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
+
     fn set_resource_version(&mut self, version: Option<String>) {
         match self {
             Self::Deployment(d) => d.metadata.resource_version = version,
             Self::LeaderWorkerSet(l) => l.metadata.resource_version = version,
         }
     }
+}
+
+/// What an adopted object holds that is the executor's to keep: its
+/// identity, labels, its own annotations, owners and spec (server-set
+/// metadata and status aside, and controllers' annotations such as the
+/// Deployment revision, which change by themselves).
+fn adopted_baseline(live: &serde_json::Value) -> serde_json::Value {
+    let mut metadata = serde_json::Map::new();
+    for key in ["name", "namespace", "labels", "ownerReferences"] {
+        if let Some(value) = live["metadata"].get(key) {
+            metadata.insert(key.to_string(), value.clone());
+        }
+    }
+    if let Some(annotations) = live["metadata"]["annotations"].as_object() {
+        let own: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .filter(|(key, _)| key.starts_with("flotilla.dev/"))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        metadata.insert("annotations".into(), own.into());
+    }
+    serde_json::json!({
+        "apiVersion": live["apiVersion"],
+        "kind": live["kind"],
+        "metadata": metadata,
+        "spec": live["spec"],
+    })
 }
 
 /// The generation label of an object's metadata.
@@ -125,11 +166,12 @@ fn label_of(labels: Option<&BTreeMap<String, String>>, key: &str) -> String {
     labels.and_then(|l| l.get(key)).cloned().unwrap_or_default()
 }
 
-/// What the executor sent for a replica it started, to tell drift.
+/// What the executor sent for a replica it started (or found when it
+/// adopted it), to tell drift.
 struct Sent {
-    spec: ReplicaSpec,
     kind: ObjectKind,
     object: serde_json::Value,
+    policy: DriftPolicy,
     /// The Deployment has been in the store once: its absence since is a
     /// deletion, not a watch that has not caught up.
     seen: bool,
@@ -321,16 +363,27 @@ impl KubernetesBackend {
         }
     }
 
-    /// The replica's object as the API server holds it, of either kind.
-    async fn find(&self, replica_id: &str) -> Result<Option<(ObjectKind, ObjectMeta)>, String> {
+    /// The replica's object as the API server holds it, of either kind:
+    /// its metadata and the whole of it as JSON.
+    async fn find(
+        &self,
+        replica_id: &str,
+    ) -> Result<Option<(ObjectKind, ObjectMeta, serde_json::Value)>, String> {
         let name = object_name(replica_id);
+        let json = |o: Result<serde_json::Value, serde_json::Error>| o.unwrap_or_default();
         match self.deployments.get(&name).await {
-            Ok(d) => return Ok(Some((ObjectKind::Deployment, d.metadata))),
+            Ok(d) => {
+                let whole = json(serde_json::to_value(&d));
+                return Ok(Some((ObjectKind::Deployment, d.metadata, whole)));
+            }
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(format!("reading Deployment {name}: {e}")),
         }
         match self.leader_worker_sets.get(&name).await {
-            Ok(l) => Ok(Some((ObjectKind::LeaderWorkerSet, l.metadata))),
+            Ok(l) => {
+                let whole = json(serde_json::to_value(&l));
+                Ok(Some((ObjectKind::LeaderWorkerSet, l.metadata, whole)))
+            }
             Err(e) if is_status(&e, 404) || is_status(&e, 403) => Ok(None),
             Err(e) => Err(format!("reading {LWS_KIND} {name}: {e}")),
         }
@@ -373,9 +426,9 @@ impl KubernetesBackend {
             lock(&self.sent).insert(
                 spec.replica_id.clone(),
                 Sent {
-                    spec: spec.clone(),
                     kind,
                     object: sent,
+                    policy: spec.drift_policy,
                     seen: false,
                     reported: Vec::new(),
                 },
@@ -388,7 +441,7 @@ impl KubernetesBackend {
                 // Created by an earlier attempt: the same replica only if
                 // it is of the same generation.
                 let generation = match self.find(&spec.replica_id).await {
-                    Ok(Some((_, meta))) => generation_of(&meta),
+                    Ok(Some((_, meta, _))) => generation_of(&meta),
                     Ok(None) => String::new(),
                     Err(e) => return Err(BackendError::Failed(e)),
                 };
@@ -501,16 +554,24 @@ impl KubernetesBackend {
                     .as_ref()
                     .and_then(|l| l["metadata"]["resourceVersion"].as_str())
                     .map(String::from);
-                found.push((id, entry.spec.clone(), differences, live.map(|_| version)));
+                found.push((
+                    id,
+                    entry.kind,
+                    entry.object.clone(),
+                    entry.policy,
+                    differences,
+                    live.map(|_| version),
+                ));
             }
         }
         let mut out = Vec::new();
-        for (replica_id, spec, differences, live) in found {
-            let restored = match spec.drift_policy {
+        for (replica_id, kind, object, policy, differences, live) in found {
+            let restored = match policy {
                 DriftPolicy::ReportOnly => Ok(false),
-                DriftPolicy::TakeOver | DriftPolicy::Unspecified => {
-                    self.restore(&spec, live).await.map(|()| true)
-                }
+                DriftPolicy::TakeOver | DriftPolicy::Unspecified => self
+                    .restore(&replica_id, kind, &object, live)
+                    .await
+                    .map(|()| true),
             };
             if let Err(e) = &restored {
                 // Tried again when the object changes next.
@@ -528,16 +589,18 @@ impl KubernetesBackend {
         out
     }
 
-    /// Puts back what was sent for `spec`: replaces the live object (of
+    /// Puts back `object` (what was sent): replaces the live object (of
     /// that resource version), or creates it again when it is gone
     /// (`None`).
     async fn restore(
         &self,
-        spec: &ReplicaSpec,
+        replica_id: &str,
+        kind: ObjectKind,
+        object: &serde_json::Value,
         live: Option<Option<String>>,
     ) -> Result<(), String> {
-        let mut object = ReplicaObject::build(&self.config, spec).map_err(|e| e.to_string())?;
-        let name = object_name(&spec.replica_id);
+        let mut object = ReplicaObject::from_json(kind, object)?;
+        let name = object_name(replica_id);
         let done = match live {
             Some(version) => {
                 object.set_resource_version(version);
@@ -649,7 +712,7 @@ impl ReplicaBackend for KubernetesBackend {
     async fn adopt(&self, recorded: &ReplicaStatus) -> Adoption {
         let id = &recorded.replica_id;
         let name = object_name(id);
-        let (kind, meta) = match self.find(id).await {
+        let (kind, meta, whole) = match self.find(id).await {
             Ok(Some(found)) => found,
             Ok(None) => {
                 return Adoption::Gone(format!(
@@ -678,6 +741,28 @@ impl ReplicaBackend for KubernetesBackend {
             match self.wait_ready(id, self.config.ready_timeout).await {
                 Ok(url) => {
                     lock(&self.running).insert(id.clone(), url.clone());
+                    // Changes from here on are drift, measured against
+                    // what it holds now (what changed while no executor
+                    // watched cannot be told from what was sent).
+                    if kind == ObjectKind::LeaderWorkerSet {
+                        self.lws_watch();
+                    }
+                    let policy = drift_policy_of(
+                        meta.annotations
+                            .as_ref()
+                            .and_then(|a| a.get(ANNOTATION_DRIFT_POLICY))
+                            .map(String::as_str),
+                    );
+                    lock(&self.sent).insert(
+                        id.clone(),
+                        Sent {
+                            kind,
+                            object: adopted_baseline(&whole),
+                            policy,
+                            seen: true,
+                            reported: Vec::new(),
+                        },
+                    );
                     return Adoption::Adopted(url);
                 }
                 Err(e) => Some(e.to_string()),

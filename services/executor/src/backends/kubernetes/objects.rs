@@ -61,8 +61,8 @@ pub mod reexports {
     };
     pub use super::owner::{OwnerKind, owner_reference, parse_owner};
     pub use super::{
-        ANNOTATION_SPEC_HASH, DEFAULT_NODE_CACHE_DIR, FETCH_CACHE_MOUNT, ModelDelivery,
-        gpus_per_pod, spec_hash,
+        ANNOTATION_DRIFT_POLICY, ANNOTATION_SPEC_HASH, DEFAULT_NODE_CACHE_DIR, FETCH_CACHE_MOUNT,
+        ModelDelivery, drift_policy_name, drift_policy_of, gpus_per_pod, spec_hash,
     };
 }
 
@@ -91,6 +91,26 @@ pub const LABEL_GPU_PRODUCT: &str = "nvidia.com/gpu.product";
 /// spec (an older executor's, or the annotation was edited), not merely
 /// edited by hand.
 pub const ANNOTATION_SPEC_HASH: &str = "flotilla.dev/spec-hash";
+/// The deployment's drift policy (`TakeOver`, `ReportOnly`), so that an
+/// executor that restarts and adopts the object keeps to it.
+pub const ANNOTATION_DRIFT_POLICY: &str = "flotilla.dev/drift-policy";
+
+/// The annotation's value for `policy`.
+pub fn drift_policy_name(policy: v1::DriftPolicy) -> &'static str {
+    match policy {
+        v1::DriftPolicy::ReportOnly => "ReportOnly",
+        v1::DriftPolicy::TakeOver | v1::DriftPolicy::Unspecified => "TakeOver",
+    }
+}
+
+/// The policy an annotation names; take-over, the default, for anything
+/// else.
+pub fn drift_policy_of(name: Option<&str>) -> v1::DriftPolicy {
+    match name {
+        Some("ReportOnly") => v1::DriftPolicy::ReportOnly,
+        _ => v1::DriftPolicy::TakeOver,
+    }
+}
 
 /// How replica pods get their model.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,6 +265,10 @@ fn metadata(
         annotations: Some(BTreeMap::from([
             (ANNOTATION_MODEL.to_string(), spec.model_name.clone()),
             (ANNOTATION_SPEC_HASH.to_string(), spec_hash(object_spec)),
+            (
+                ANNOTATION_DRIFT_POLICY.to_string(),
+                drift_policy_name(spec.drift_policy).to_string(),
+            ),
         ])),
         owner_references: config.owner.clone().map(|o| vec![o]),
         ..Default::default()

@@ -616,6 +616,52 @@ async fn a_restarted_executor_adopts_its_ready_replica() {
 }
 
 #[tokio::test]
+async fn an_adopted_replica_changed_by_hand_is_handled_as_its_policy_annotation_says() {
+    for (policy, put_back) in [
+        (v1::DriftPolicy::TakeOver, true),
+        (v1::DriftPolicy::ReportOnly, false),
+    ] {
+        let (backend, api, mut mutations) = backend();
+        let mut s = spec(v1::Runtime::Candle);
+        s.drift_policy = policy;
+        let mut object = serde_json::to_value(deployment_object(&config(), &s)).unwrap();
+        object["metadata"]["namespace"] = json!("flotilla");
+        // What the server and the Deployment controller add.
+        object["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("1");
+        object["spec"]["progressDeadlineSeconds"] = json!(600);
+        api.apply("deployments", object);
+        api.apply("pods", pod("chat-g3-0", "p1", ready_status("10.1.2.3")));
+        let adoption = backend.adopt(&recorded(3)).await;
+        assert_eq!(adoption, Adoption::Adopted("http://10.1.2.3:8000".into()));
+        // The controller's own annotation moving on is not drift.
+        let mut live = api
+            .get("deployments", "flotilla", "flotilla-chat-g3-0")
+            .unwrap();
+        live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("2");
+        api.apply("deployments", live);
+        edited_image(&api);
+        let seen = observe_until(&backend, |o| !o.drifted.is_empty()).await;
+        assert_eq!(
+            seen.drifted[0].differences,
+            [
+                "spec.template.spec.containers[replica].image: set \"flotilla-runner:test\", found \"someone/else:latest\""
+            ],
+            "{policy:?}"
+        );
+        assert_eq!(seen.drifted[0].restored, Ok(put_back), "{policy:?}");
+        if put_back {
+            let (method, _, body) = next_mutation(&mut mutations).await;
+            assert_eq!(method, http::Method::PUT);
+            let pod = &body["spec"]["template"]["spec"];
+            assert_eq!(pod["containers"][0]["image"], "flotilla-runner:test");
+            assert_eq!(body["spec"]["progressDeadlineSeconds"], 600);
+        } else {
+            assert!(mutations.try_recv().is_err(), "nothing sent");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_replica_of_another_generation_is_deleted_not_adopted() {
     let (backend, api, mut mutations) = backend();
     let mut older = spec(v1::Runtime::Candle);

@@ -314,6 +314,7 @@ exec vllm serve /models/sha256-ab/model.gguf --served-model-name smollm2 --host 
                     "annotations": {
                         "flotilla.dev/model": "smollm2",
                         "flotilla.dev/spec-hash": super::super::spec_hash(&sent["spec"]),
+                        "flotilla.dev/drift-policy": "TakeOver",
                     },
                 },
                 "spec": {

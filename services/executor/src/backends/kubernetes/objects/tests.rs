@@ -168,7 +168,8 @@ fn a_candle_replica_is_exactly_this_deployment() {
             "name": "flotilla-chat-g3-0",
             "namespace": "flotilla",
             "labels": labels,
-            "annotations": {"flotilla.dev/model": "smollm2", "flotilla.dev/spec-hash": hash},
+            "annotations": {"flotilla.dev/model": "smollm2", "flotilla.dev/spec-hash": hash,
+                            "flotilla.dev/drift-policy": "TakeOver"},
         },
         "spec": {
             "replicas": 1,
