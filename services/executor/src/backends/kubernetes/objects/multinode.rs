@@ -170,13 +170,14 @@ pub fn lws_object(
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::backends::kubernetes) mod tests {
     use serde_json::{Value, json};
 
     use super::super::tests::{config, engine_spec, node_cache, spec};
     use super::*;
 
-    fn multi_node() -> ReplicaSpec {
+    /// 16 GPUs as two pipeline stages of eight.
+    pub(in crate::backends::kubernetes) fn multi_node() -> ReplicaSpec {
         ReplicaSpec {
             gpus: 16,
             tensor_parallel: 8,

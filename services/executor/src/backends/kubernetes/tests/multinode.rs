@@ -3,26 +3,38 @@
 //! found as a stray, its drift put back, and a clear refusal where the
 //! cluster has no LeaderWorkerSet API.
 
-use super::super::objects::tests::engine_spec;
+use super::super::objects::multinode::tests::multi_node;
 use super::*;
 
 const LWS_PATH: &str = "/apis/leaderworkerset.x-k8s.io/v1/namespaces/flotilla/leaderworkersets";
-
-/// 16 GPUs as two pipeline stages of eight.
-fn multi_node() -> ReplicaSpec {
-    ReplicaSpec {
-        gpus: 16,
-        tensor_parallel: 8,
-        pipeline_parallel: 2,
-        ..engine_spec()
-    }
-}
 
 /// A pod of the group, as the LWS controller makes it from a template.
 fn group_pod(role: &str, name: &str, status: Value) -> Value {
     let mut p = pod("chat-g3-0", name, status);
     p["metadata"]["labels"][LABEL_ROLE] = json!(role);
     p
+}
+
+/// The worker of the group, ready (it joined the leader's Ray cluster).
+fn ready_worker() -> Value {
+    group_pod(
+        ROLE_WORKER,
+        "flotilla-chat-g3-0-0-1",
+        ready_status("10.0.0.2"),
+    )
+}
+
+/// The leader of the group.
+fn leader(status: Value) -> Value {
+    group_pod(ROLE_LEADER, "flotilla-chat-g3-0-0", status)
+}
+
+/// Starts `multi_node()` on `backend`; the start under way.
+fn start_group(
+    backend: &Arc<KubernetesBackend>,
+) -> tokio::task::JoinHandle<Result<String, crate::backends::BackendError>> {
+    let backend = backend.clone();
+    tokio::spawn(async move { backend.start(&multi_node()).await })
 }
 
 fn stored_lws(spec: &ReplicaSpec) -> Value {
@@ -40,28 +52,11 @@ async fn started_group() -> (
 ) {
     let (backend, api, mut mutations) = backend();
     let backend = Arc::new(backend);
-    let starting = {
-        let backend = backend.clone();
-        tokio::spawn(async move { backend.start(&multi_node()).await })
-    };
+    let starting = start_group(&backend);
     let (method, path, _) = next_mutation(&mut mutations).await;
     assert_eq!((method, path.as_str()), (http::Method::POST, LWS_PATH));
-    api.apply(
-        "pods",
-        group_pod(
-            ROLE_WORKER,
-            "flotilla-chat-g3-0-0-1",
-            ready_status("10.0.0.2"),
-        ),
-    );
-    api.apply(
-        "pods",
-        group_pod(
-            ROLE_LEADER,
-            "flotilla-chat-g3-0-0",
-            ready_status("10.0.0.1"),
-        ),
-    );
+    api.apply("pods", ready_worker());
+    api.apply("pods", leader(ready_status("10.0.0.1")));
     assert_eq!(starting.await.unwrap().unwrap(), "http://10.0.0.1:8000");
     (backend, api, mutations)
 }
@@ -70,10 +65,7 @@ async fn started_group() -> (
 async fn a_replica_larger_than_a_node_is_one_leader_worker_set_served_by_its_leader() {
     let (backend, api, mut mutations) = backend();
     let backend = Arc::new(backend);
-    let starting = {
-        let backend = backend.clone();
-        tokio::spawn(async move { backend.start(&multi_node()).await })
-    };
+    let starting = start_group(&backend);
     let (method, path, body) = next_mutation(&mut mutations).await;
     assert_eq!((method, path.as_str()), (http::Method::POST, LWS_PATH));
     assert_eq!(
@@ -99,28 +91,11 @@ async fn a_replica_larger_than_a_node_is_one_leader_worker_set_served_by_its_lea
         );
     }
     // The worker joins first: ready, it serves nothing.
-    api.apply(
-        "pods",
-        group_pod(
-            ROLE_WORKER,
-            "flotilla-chat-g3-0-0-1",
-            ready_status("10.0.0.2"),
-        ),
-    );
-    api.apply(
-        "pods",
-        group_pod(ROLE_LEADER, "flotilla-chat-g3-0-0", unschedulable()),
-    );
+    api.apply("pods", ready_worker());
+    api.apply("pods", leader(unschedulable()));
     let seen = observe_until(&backend, |o| !o.progress.is_empty()).await;
     assert_eq!(seen.progress[0].reason, "Unschedulable", "{seen:?}");
-    api.apply(
-        "pods",
-        group_pod(
-            ROLE_LEADER,
-            "flotilla-chat-g3-0-0",
-            ready_status("10.0.0.1"),
-        ),
-    );
+    api.apply("pods", leader(ready_status("10.0.0.1")));
     assert_eq!(starting.await.unwrap().unwrap(), "http://10.0.0.1:8000");
     assert!(backend.runs("chat-g3-0"));
 
@@ -232,14 +207,7 @@ async fn a_restarted_executor_adopts_a_group_and_deletes_a_stray_one() {
     let mut stray = multi_node();
     stray.replica_id = "stray-0".into();
     api.apply("leaderworkersets", stored_lws(&stray));
-    api.apply(
-        "pods",
-        group_pod(
-            ROLE_LEADER,
-            "flotilla-chat-g3-0-0",
-            ready_status("10.0.0.1"),
-        ),
-    );
+    api.apply("pods", leader(ready_status("10.0.0.1")));
     let mut recorded = recorded(3);
     recorded.model = multi_node().model_name;
     assert_eq!(
