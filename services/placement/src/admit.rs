@@ -41,6 +41,7 @@ pub fn validate_against_fleet(
                 c.taints.clear();
                 for g in &mut c.gpus {
                     g.largest_free_bytes = g.memory_bytes;
+                    g.allocated = 0;
                 }
                 c
             })

@@ -399,6 +399,21 @@ fn gpus_other_workloads_hold_are_not_offered_and_own_ones_are_not_counted_twice(
 }
 
 #[test]
+fn a_cluster_whose_gpus_are_all_in_use_could_still_hold_a_deployment_one_day() {
+    // Admission asks about an empty fleet: GPUs in use now (by this
+    // deployment's own replicas during an undo, or by others) do not make
+    // a deployment impossible.
+    let mut busy = cluster("k8s", "eu", 2, "H100-80GB", 80, 1.0);
+    busy.gpus[0].allocated = 2;
+    let fleet = Fleet::new(vec![busy]);
+    let req = simple(1, r#"{"policy": "PickAll"}"#);
+    assert_eq!(
+        crate::admit::validate_against_fleet(&req, &fleet, &crate::scheduler::Settings::default()),
+        Ok(())
+    );
+}
+
+#[test]
 fn autoscaled_replicas_pack_onto_the_best_cluster_first() {
     let fleet = Fleet::new(vec![
         cluster("cheap", "eu", 2, "H100-80GB", 80, 1.0),
