@@ -54,7 +54,7 @@ use crate::backends::ReplicaSpec;
 /// What the backend module re-exports of the objects beyond the names it
 /// lists itself.
 pub mod reexports {
-    pub use super::drift::{drift, drift_json, quantity_value};
+    pub use super::drift::{adopted_baseline, drift, drift_json, quantity_value};
     pub use super::multinode::{
         LABEL_ROLE, LWS_API_VERSION, LWS_KIND, ObjectKind, ROLE_LEADER, ROLE_WORKER, lws_object,
         lws_resource, object_kind,

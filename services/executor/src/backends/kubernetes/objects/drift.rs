@@ -30,6 +30,33 @@ pub fn drift(desired: &Deployment, live: &Deployment) -> Vec<String> {
     )
 }
 
+/// What an adopted object holds that is the executor's to keep: its
+/// identity, labels, its own annotations, owners and spec (server-set
+/// metadata and status aside, and controllers' annotations such as the
+/// Deployment revision, which change by themselves).
+pub fn adopted_baseline(live: &Value) -> Value {
+    let mut metadata = serde_json::Map::new();
+    for key in ["name", "namespace", "labels", "ownerReferences"] {
+        if let Some(value) = live["metadata"].get(key) {
+            metadata.insert(key.to_string(), value.clone());
+        }
+    }
+    if let Some(annotations) = live["metadata"]["annotations"].as_object() {
+        let own: serde_json::Map<String, Value> = annotations
+            .iter()
+            .filter(|(key, _)| key.starts_with("flotilla.dev/"))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        metadata.insert("annotations".into(), own.into());
+    }
+    serde_json::json!({
+        "apiVersion": live["apiVersion"],
+        "kind": live["kind"],
+        "metadata": metadata,
+        "spec": live["spec"],
+    })
+}
+
 /// [`drift`] of any object as JSON (a LeaderWorkerSet, say).
 pub fn drift_json(desired: &Value, live: &Value) -> Vec<String> {
     let mut out = Vec::new();

@@ -173,7 +173,7 @@ pub fn lws_object(
 pub(in crate::backends::kubernetes) mod tests {
     use serde_json::{Value, json};
 
-    use super::super::tests::{config, engine_spec, node_cache, spec};
+    use super::super::tests::{config, engine_spec, labels_json, node_cache, spec};
     use super::*;
 
     /// 16 GPUs as two pipeline stages of eight.
@@ -187,15 +187,9 @@ pub(in crate::backends::kubernetes) mod tests {
     }
 
     fn labels_with(role: &str) -> Value {
-        json!({
-            "app.kubernetes.io/managed-by": "flotilla-executor",
-            "flotilla.dev/cluster": "eu-1",
-            "flotilla.dev/deployment": "chat",
-            "flotilla.dev/generation": "3",
-            "flotilla.dev/replica": "chat-g3-0",
-            "flotilla.dev/runtime": "vllm",
-            "flotilla.dev/role": role,
-        })
+        let mut labels = labels_json("vllm");
+        labels["flotilla.dev/role"] = json!(role);
+        labels
     }
 
     #[test]
@@ -301,8 +295,7 @@ exec vllm serve /models/sha256-ab/model.gguf --served-model-name smollm2 --host 
                 .unwrap()
                 .remove(role);
         }
-        let mut labels = labels_with("");
-        labels.as_object_mut().unwrap().remove("flotilla.dev/role");
+        let labels = labels_json("vllm");
         assert_eq!(
             rest,
             json!({

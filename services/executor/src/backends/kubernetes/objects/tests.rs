@@ -135,7 +135,7 @@ pub(in crate::backends::kubernetes) fn node_cache() -> ModelDelivery {
     }
 }
 
-fn labels_json(runtime: &str) -> Value {
+pub(in crate::backends::kubernetes) fn labels_json(runtime: &str) -> Value {
     json!({
         "app.kubernetes.io/managed-by": "flotilla-executor",
         "flotilla.dev/cluster": "eu-1",
