@@ -24,11 +24,14 @@ pub fn config(server: &NatsServer) -> BusConfig {
     BusConfig::for_url(server.url()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A binary of this workspace, next to the running test.
+/// A binary of this workspace, next to the running test (in `deps/`) or
+/// bench binary.
 pub fn target_bin(name: &str) -> PathBuf {
-    let bin = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent().map(|d| d.join(name)))
+    let exe = std::env::current_exe().ok();
+    let beside = |dir: Option<&Path>| dir.map(|d| d.join(name)).filter(|b| b.is_file());
+    let dir = exe.as_deref().and_then(Path::parent);
+    let bin = beside(dir)
+        .or_else(|| beside(dir.and_then(Path::parent)))
         .unwrap_or_else(|| PathBuf::from(name));
     assert!(
         bin.is_file(),

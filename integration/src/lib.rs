@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod fleet;
+pub mod fleet_scale;
 pub mod isolated;
 pub mod nats_cluster;
 

@@ -204,6 +204,17 @@ impl<M: Contract + Clone> RecordStore<M> {
 
     /// Reads every record from the server (for clients that do not watch).
     pub async fn list(&self) -> Result<Vec<M>, KitError> {
+        self.list_matching(">").await
+    }
+
+    /// Reads the records whose keys start with `first_token.` from the
+    /// server: one cluster's replicas out of the whole fleet's, selected
+    /// by the server rather than read and thrown away here.
+    pub async fn list_under(&self, first_token: &str) -> Result<Vec<M>, KitError> {
+        self.list_matching(&format!("{first_token}.>")).await
+    }
+
+    async fn list_matching(&self, keys: &str) -> Result<Vec<M>, KitError> {
         // The subjects the stream holds, in one answer from the server: a
         // KV key listing (an ordered consumer) can miss a key or name it
         // twice while the key is being rewritten. Deleted keys still hold
@@ -212,7 +223,7 @@ impl<M: Contract + Clone> RecordStore<M> {
         let mut subjects = self
             .kv
             .stream
-            .info_with_subjects(format!("{prefix}>"))
+            .info_with_subjects(format!("{prefix}{keys}"))
             .await
             .map_err(|e| store_error(&self.bucket, "", e))?;
         let mut names = Vec::new();

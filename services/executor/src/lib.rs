@@ -21,6 +21,7 @@ pub mod load;
 pub mod models;
 pub mod replica_client;
 pub mod replicas;
+pub mod simulate;
 
 use std::time::Duration;
 

@@ -141,7 +141,25 @@ impl<B: ReplicaBackend> Replicas<B> {
     ) -> Result<Self, KitError> {
         let models = RecordStore::open(&bus, &bus.topology.models.name).await?;
         let replicas = RecordStore::open(&bus, &bus.topology.replicas.name).await?;
-        Ok(Self {
+        Ok(Self::over_stores(
+            bus, cluster, region, backend, cache, store, models, replicas,
+        ))
+    }
+
+    /// The replica half of `cluster` over stores already open: simulated
+    /// clusters in one process share them (each writes its own keys).
+    #[allow(clippy::too_many_arguments)]
+    pub fn over_stores(
+        bus: Bus,
+        cluster: String,
+        region: String,
+        backend: B,
+        cache: Arc<ModelCache>,
+        store: ObjectStore,
+        models: RecordStore<ModelRecord>,
+        replicas: RecordStore<ReplicaStatus>,
+    ) -> Self {
+        Self {
             bus,
             cluster,
             region,
@@ -157,7 +175,7 @@ impl<B: ReplicaBackend> Replicas<B> {
             holds: Arc::default(),
             probe_failures: Mutex::default(),
             client: ReplicaClient::default(),
-        })
+        }
     }
 
     /// Shares `holds` with the heartbeats.
@@ -199,9 +217,10 @@ impl<B: ReplicaBackend> Replicas<B> {
 
     /// This cluster's records in KV `replicas`.
     async fn own_records(&self) -> Result<Vec<ReplicaStatus>, KitError> {
+        // Keys are `<cluster>.<replica>`: the server picks this cluster's.
         Ok(self
             .replicas
-            .list()
+            .list_under(&self.cluster)
             .await?
             .into_iter()
             .filter(|r| r.cluster == self.cluster)

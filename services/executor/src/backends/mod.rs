@@ -1,6 +1,7 @@
 //! Where replicas run. [`ReplicaBackend`] is the one interface the replica
 //! half talks to; [`local::LocalBackend`] runs processes on this machine and
-//! [`kubernetes::KubernetesBackend`] runs one Deployment per replica.
+//! [`kubernetes::KubernetesBackend`] runs one Deployment per replica;
+//! [`simulated::SimulatedBackend`] runs nothing, for fleet-scale benches.
 //!
 //! A backend never touches the bus: it starts, stops, observes and adopts
 //! replicas, and the replica half turns what it says into KV records and
@@ -15,6 +16,7 @@ use flotilla_proto::v1::{self, ReplicaStatus};
 
 pub mod kubernetes;
 pub mod local;
+pub mod simulated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -168,6 +170,12 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// node cache), so the executor need not hold a copy of it.
     fn fetches_models(&self) -> bool {
         false
+    }
+
+    /// Whether its replicas answer HTTP (`/health`, `/metrics`) at their
+    /// endpoints, to be probed and sampled.
+    fn serves_http(&self) -> bool {
+        true
     }
 
     /// Whether this backend runs the replica now (started or adopted).

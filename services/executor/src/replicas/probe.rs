@@ -15,6 +15,9 @@ impl<B: ReplicaBackend> Replicas<B> {
     /// that fails [`PROBE_FAILURES_ALLOWED`] probes in a row is stopped and
     /// reported failed, so the rollout replaces it.
     pub async fn probe_ready(&self) {
+        if !self.backend.serves_http() {
+            return;
+        }
         let Ok(records) = self.own_records().await else {
             return;
         };
