@@ -66,6 +66,9 @@ pub struct Scenario {
     pub phase_deadline: Duration,
     /// Hub service processes' log level (`RUST_LOG`).
     pub service_log: String,
+    /// Where the hub services' logs go (`<service>-<instance>.log`,
+    /// appended across restarts); none: discarded.
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Default for Scenario {
@@ -85,6 +88,7 @@ impl Default for Scenario {
             kill_after: Duration::from_secs(3),
             phase_deadline: Duration::from_secs(900),
             service_log: "warn".into(),
+            log_dir: None,
         }
     }
 }
@@ -160,6 +164,7 @@ pub struct Hub {
     nats_url: String,
     stream_replicas: usize,
     log: String,
+    log_dir: Option<PathBuf>,
     unhealthy_after: Duration,
 }
 
@@ -187,6 +192,7 @@ impl Hub {
             nats_url,
             stream_replicas,
             log: scenario.service_log.clone(),
+            log_dir: scenario.log_dir.clone(),
             // Heartbeats may queue behind a burst of work on a small
             // machine; three intervals and at least 3 s, as the default.
             unhealthy_after: (scenario.heartbeat_interval * 3).max(Duration::from_secs(3)),
@@ -196,7 +202,7 @@ impl Hub {
         flotilla_kit::provision(&bus).await?;
         for service in HUB_SERVICES {
             for instance in 0..scenario.instances.max(1) {
-                let child = hub.spawn(service)?;
+                let child = hub.spawn(service, instance)?;
                 hub.services.push(ServiceProcess {
                     service,
                     instance,
@@ -223,7 +229,7 @@ impl Hub {
         Ok(Bus::connect(&self.bus_config()?, name, &CancellationToken::new()).await?)
     }
 
-    fn spawn(&self, service: &str) -> anyhow::Result<tokio::process::Child> {
+    fn spawn(&self, service: &str, instance: usize) -> anyhow::Result<tokio::process::Child> {
         let bin = target_bin(&format!("flotilla-{service}"));
         let mut command = tokio::process::Command::new(&bin);
         command
@@ -234,6 +240,19 @@ impl Hub {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
+        match &self.log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("{service}-{instance}.log")))?;
+                command.stderr(file);
+            }
+            None => {
+                command.stderr(std::process::Stdio::null());
+            }
+        }
         match service {
             "inventory" => {
                 command.args([
@@ -259,7 +278,7 @@ impl Hub {
             p.kill().await;
         }
         for i in 0..self.services.len() {
-            let child = self.spawn(self.services[i].service)?;
+            let child = self.spawn(self.services[i].service, self.services[i].instance)?;
             self.services[i].child = Some(child);
         }
         Ok(())

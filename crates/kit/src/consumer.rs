@@ -45,6 +45,12 @@ mod message;
 /// Waits before opening a consumer again after the server refused or lost it.
 const REOPEN_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
+/// How long a message handed to a consumer that died stays with it before
+/// the server redelivers it (to a restarted or a second instance). A
+/// handler that runs longer keeps its message with progress acks, so this
+/// bounds recovery from a crash, not how long work may take.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Where a consumer reads and how it retries.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -85,7 +91,7 @@ impl ConsumerSpec {
             max_deliveries: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: DEFAULT_ACK_WAIT,
             remember_handled: true,
             max_in_flight: 1,
             confirm_acks: true,
@@ -343,6 +349,10 @@ async fn open(
         .map_err(|e| consumer_error(spec, e))?;
     let messages = consumer
         .stream()
+        // Only what the loop will handle now: a message waiting here gets
+        // no progress acks, and would be redelivered to another instance
+        // after the ack wait while still queued in this one.
+        .max_messages_per_batch(spec.max_in_flight.max(1))
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()

@@ -46,6 +46,12 @@ struct Args {
     /// Skip the round that kills every hub service.
     #[arg(long)]
     no_hub_restart: bool,
+    /// Keep the hub services' logs here (`<service>-<instance>.log`).
+    #[arg(long)]
+    log_dir: Option<std::path::PathBuf>,
+    /// The hub services' `RUST_LOG`.
+    #[arg(long, default_value = "warn")]
+    service_log: String,
     /// The longest a phase may take.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     phase_deadline: Duration,
@@ -67,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
         nats_servers: args.nats_servers,
         hub_restart: !args.no_hub_restart,
         phase_deadline: args.phase_deadline,
+        log_dir: args.log_dir,
+        service_log: args.service_log,
         ..Scenario::default()
     };
     println!("machine: {}", flotilla_integration::bench::cpu_line());

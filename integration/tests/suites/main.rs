@@ -20,6 +20,7 @@ mod deploy_files;
 mod end_to_end;
 mod executor_restart;
 mod failure_detection;
+mod fleet_scale;
 mod fleet_up;
 mod gateway;
 mod hub_cluster;

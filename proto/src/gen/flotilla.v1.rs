@@ -1674,6 +1674,7 @@ pub struct ClusterAssignment {
 #[serde(default, deny_unknown_fields)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClusterExclusion {
+    /// Empty in a summary of several clusters (`count`).
     #[prost(string, tag = "1")]
     #[serde(rename = "cluster")]
     pub cluster: ::prost::alloc::string::String,
@@ -1684,6 +1685,12 @@ pub struct ClusterExclusion {
     #[prost(string, tag = "3")]
     #[serde(rename = "reason")]
     pub reason: ::prost::alloc::string::String,
+    /// A summary: this many clusters, not named, left out for `reason`.
+    /// Clusters that qualified but scored below those chosen are summed up
+    /// so: at fleet scale they are most of the fleet in every decision.
+    #[prost(uint32, tag = "4")]
+    #[serde(rename = "count")]
+    pub count: u32,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

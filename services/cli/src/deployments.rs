@@ -359,7 +359,14 @@ pub async fn describe(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Re
                 let rows: Vec<_> = p
                     .exclusions
                     .iter()
-                    .map(|e| vec![e.cluster.clone(), e.plugin.clone(), e.reason.clone()])
+                    .map(|e| {
+                        let cluster = if e.count > 0 {
+                            format!("({} clusters)", e.count)
+                        } else {
+                            e.cluster.clone()
+                        };
+                        vec![cluster, e.plugin.clone(), e.reason.clone()]
+                    })
                     .collect();
                 write!(
                     out,

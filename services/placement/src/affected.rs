@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_proto::v1::{ModelDeployment, PlacementDecision, PlacementOutcome};
 
-use crate::fleet::{Availability, ClusterView, Fleet};
+use crate::fleet::{Availability, ClusterView, Commitments, Fleet};
 
 /// What a fleet change asks of the planner.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -23,43 +23,57 @@ pub struct FleetChange {
 }
 
 /// A cluster view without the parts that change on every heartbeat, to
-/// tell a change that matters to placement from one that does not.
-pub fn relevant(view: &ClusterView) -> ClusterView {
+/// tell a change that matters to placement from one that does not. GPUs
+/// in use count only beyond what Flotilla's own placements hold there
+/// (`committed`): replicas starting and stopping as planned change
+/// nothing a plan depends on, and at fleet scale they would otherwise
+/// re-plan every deployment on every cluster they touch.
+pub fn relevant(view: &ClusterView, committed: &Commitments) -> ClusterView {
     let mut v = view.clone();
     if let Availability::Probation { .. } = v.availability {
         v.availability = Availability::Probation { remaining_ms: 0 };
     }
     for g in &mut v.gpus {
         g.largest_free_bytes >>= 30;
+        g.allocated = g
+            .allocated
+            .saturating_sub(committed.held(&view.name, &g.model));
     }
     v
 }
 
-/// The deployments to re-plan after the fleet went from `last` (views as
-/// [`relevant`] made them) to `fleet`: those with replicas on a changed
-/// cluster; when capacity may have grown (a cluster joined, recovered,
-/// was uncordoned, or its GPUs, labels or taints changed), those not fully
-/// placed; and those whose spec generation has no placement yet.
-/// `everything`: there is no trustworthy `last` (start, or missed
-/// notifications), so every placement is re-planned.
-///
-/// `None` when nothing placement cares about changed and `everything` is
-/// false: nothing to do, and `last` stays the fleet to compare against.
-pub fn affected_by_fleet_change(
+/// Which clusters changed, before anything is read about deployments.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChangedClusters {
+    pub changed: BTreeSet<String>,
+    /// Whether capacity may have grown (a cluster joined, recovered, was
+    /// uncordoned, or its GPUs, labels or taints changed).
+    pub more_room: bool,
+    pub views: BTreeMap<String, ClusterView>,
+}
+
+/// The clusters whose [`relevant`] view differs from `last`, joined or
+/// left; `None` when none did and `everything` is false. Cheap: the shell
+/// asks this on every burst of heartbeats, and reads the placements and
+/// deployments only when it is `Some`.
+pub fn changed_clusters(
     last: &BTreeMap<String, ClusterView>,
     fleet: &Fleet,
-    placements: &[(String, PlacementDecision)],
-    deployments: &[(String, ModelDeployment)],
+    committed: &Commitments,
     everything: bool,
-) -> Option<FleetChange> {
+) -> Option<ChangedClusters> {
     let mut changed: BTreeSet<String> = BTreeSet::new();
     let mut more_room = everything;
-    for view in &fleet.clusters {
-        let now = relevant(view);
-        match last.get(&view.name) {
-            Some(before) if *before == now => {}
+    let views: BTreeMap<String, ClusterView> = fleet
+        .clusters
+        .iter()
+        .map(|v| (v.name.clone(), relevant(v, committed)))
+        .collect();
+    for (name, now) in &views {
+        match last.get(name) {
+            Some(before) if before == now => {}
             before => {
-                changed.insert(view.name.clone());
+                changed.insert(name.clone());
                 more_room |= before.is_none_or(|b| {
                     (b.availability != Availability::Available
                         && now.availability == Availability::Available)
@@ -79,7 +93,48 @@ pub fn affected_by_fleet_change(
     if !everything && changed.is_empty() {
         return None;
     }
+    Some(ChangedClusters {
+        changed,
+        more_room,
+        views,
+    })
+}
 
+/// The deployments to re-plan after the fleet went from `last` (views as
+/// [`relevant`] made them) to `fleet`: those with replicas on a changed
+/// cluster; when capacity may have grown (a cluster joined, recovered,
+/// was uncordoned, or its GPUs, labels or taints changed), those not fully
+/// placed; and those whose spec generation has no placement yet.
+/// `everything`: there is no trustworthy `last` (start, or missed
+/// notifications), so every placement is re-planned.
+///
+/// `None` when nothing placement cares about changed and `everything` is
+/// false: nothing to do, and `last` stays the fleet to compare against.
+pub fn affected_by_fleet_change(
+    last: &BTreeMap<String, ClusterView>,
+    fleet: &Fleet,
+    committed: &Commitments,
+    placements: &[(String, PlacementDecision)],
+    deployments: &[(String, ModelDeployment)],
+    everything: bool,
+) -> Option<FleetChange> {
+    let clusters = changed_clusters(last, fleet, committed, everything)?;
+    Some(affected(clusters, placements, deployments, everything))
+}
+
+/// The second half of [`affected_by_fleet_change`], once
+/// [`changed_clusters`] found a change.
+pub fn affected(
+    clusters: ChangedClusters,
+    placements: &[(String, PlacementDecision)],
+    deployments: &[(String, ModelDeployment)],
+    everything: bool,
+) -> FleetChange {
+    let ChangedClusters {
+        changed,
+        more_room,
+        views,
+    } = clusters;
     let mut affected: BTreeSet<String> = BTreeSet::new();
     for (name, p) in placements {
         let touches = p.assignments.iter().any(|a| changed.contains(&a.cluster));
@@ -100,16 +155,11 @@ pub fn affected_by_fleet_change(
             affected.insert(name.clone());
         }
     }
-    let views = fleet
-        .clusters
-        .iter()
-        .map(|v| (v.name.clone(), relevant(v)))
-        .collect();
-    Some(FleetChange {
+    FleetChange {
         changed,
         affected,
         views,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -201,7 +251,7 @@ mod tests {
     fn views(clusters: &[ClusterView]) -> BTreeMap<String, ClusterView> {
         clusters
             .iter()
-            .map(|v| (v.name.clone(), relevant(v)))
+            .map(|v| (v.name.clone(), relevant(v, &Commitments::default())))
             .collect()
     }
 
@@ -369,6 +419,7 @@ mod tests {
             let got = affected_by_fleet_change(
                 &views(&before),
                 &Fleet::new(now.clone()),
+                &Commitments::default(),
                 &placements,
                 &deployments,
                 false,
@@ -391,8 +442,15 @@ mod tests {
         let (placements, deployments) = state();
         let fleet = Fleet::new(vec![view("a"), view("b")]);
         for last in [BTreeMap::new(), views(&fleet.clusters)] {
-            let got = affected_by_fleet_change(&last, &fleet, &placements, &deployments, true)
-                .unwrap_or_default();
+            let got = affected_by_fleet_change(
+                &last,
+                &fleet,
+                &Commitments::default(),
+                &placements,
+                &deployments,
+                true,
+            )
+            .unwrap_or_default();
             let affected: Vec<&str> = got.affected.iter().map(String::as_str).collect();
             assert_eq!(affected, ["on-a", "on-b", "partial", "waiting"]);
             assert_eq!(got.views, views(&fleet.clusters));
@@ -416,6 +474,7 @@ mod tests {
         let got = affected_by_fleet_change(
             &views(&before),
             &Fleet::new(now),
+            &Commitments::default(),
             &placements,
             &deployments,
             false,
@@ -428,10 +487,43 @@ mod tests {
         let unchanged = affected_by_fleet_change(
             &views(&before),
             &Fleet::new(before.clone()),
+            &Commitments::default(),
             &placements,
             &deployments,
             false,
         );
         assert_eq!(unchanged, None);
+    }
+
+    #[test]
+    fn gpus_in_use_by_the_fleets_own_placements_change_nothing() {
+        let mut committed = Commitments::default();
+        committed.add(&PlacementDecision {
+            assignments: vec![ClusterAssignment {
+                cluster: "a".into(),
+                replicas: 2,
+                gpus_per_replica: 1,
+                gpu_model: "H100-80GB".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let last: BTreeMap<String, ClusterView> = [view("a")]
+            .iter()
+            .map(|v| (v.name.clone(), relevant(v, &committed)))
+            .collect();
+        let with_allocated = |n: u32| {
+            let mut v = view("a");
+            v.gpus[0].allocated = n;
+            Fleet::new(vec![v])
+        };
+        // Its own two replicas started: what placement committed.
+        assert_eq!(
+            changed_clusters(&last, &with_allocated(2), &committed, false),
+            None
+        );
+        // A third GPU taken by something else is a change.
+        let got = changed_clusters(&last, &with_allocated(3), &committed, false).expect("a change");
+        assert_eq!(got.changed, BTreeSet::from(["a".to_string()]));
     }
 }

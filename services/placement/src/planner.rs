@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::affected::affected_by_fleet_change;
+use crate::affected::{affected, changed_clusters};
 use crate::fleet::{ClusterView, Commitments, Fleet};
 use crate::scheduler::{Settings, place, same_assignments};
 use crate::spec::{self, DeploymentRequest, FieldError};
@@ -124,22 +124,21 @@ impl Planner {
 
     fn fleet(&self) -> Fleet {
         let now = now_unix_ms();
-        Fleet::new(
-            self.clusters
-                .cached_all()
-                .iter()
-                .map(|(_, r)| ClusterView::from_record(r, now, self.probation_ms))
-                .collect(),
-        )
+        Fleet::new(self.clusters.scan(|all| {
+            all.map(|(_, r)| ClusterView::from_record(r, now, self.probation_ms))
+                .collect()
+        }))
     }
 
     /// The GPUs every placement holds; kept up to date by [`Self::plan`]
     /// across a batch of re-plans instead of being summed again for each.
     fn commitments(&self) -> Commitments {
         let mut held = Commitments::default();
-        for (_, p) in self.placements.cached_all() {
-            held.add(&p);
-        }
+        self.placements.scan(|all| {
+            for (_, p) in all {
+                held.add(p);
+            }
+        });
         held
     }
 
@@ -449,15 +448,19 @@ impl Planner {
     /// fleet (start, or missed notifications), so compare against nothing.
     async fn replan_for_fleet_change(&mut self, everything: bool) {
         let fleet = self.fleet();
-        let Some(change) = affected_by_fleet_change(
-            &self.last_views,
-            &fleet,
+        // Placements and deployments are read only once a cluster changed:
+        // heartbeats come from every cluster every second.
+        let Some(clusters) =
+            changed_clusters(&self.last_views, &fleet, &self.commitments(), everything)
+        else {
+            return;
+        };
+        let change = affected(
+            clusters,
             &self.placements.cached_all(),
             &self.deployments.cached_all(),
             everything,
-        ) else {
-            return;
-        };
+        );
         self.last_views = change.views;
         if !change.changed.is_empty() {
             tracing::debug!(clusters = ?change.changed, deployments = change.affected.len(), "fleet changed");

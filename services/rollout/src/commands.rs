@@ -5,8 +5,12 @@ use flotilla_proto::CommandAction;
 use flotilla_proto::v1::{self, ModelDeploymentSpec, PlacementDecision, executor_command::Action};
 use tracing::Instrument;
 
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
 use crate::plan::Step;
-use crate::{Rollouts, StepError};
+use crate::{RESEND_AFTER, Rollouts, StepError};
 
 impl Rollouts {
     /// Publishes the commands of `steps`, in order, each in its own span.
@@ -18,11 +22,20 @@ impl Rollouts {
         generation: u64,
         desired: Option<(&ModelDeploymentSpec, &PlacementDecision)>,
         steps: Vec<Step>,
+        sent: &mut HashMap<String, Instant>,
     ) -> Result<(), StepError> {
         for step in steps {
             let Some((kind, command)) = executor_command(name, generation, step, desired) else {
                 continue;
             };
+            // A step plans every command its state still needs, round
+            // after round; each goes once (again after RESEND_AFTER).
+            if sent
+                .get(&command.command_id)
+                .is_some_and(|at| at.elapsed() < RESEND_AFTER)
+            {
+                continue;
+            }
             let (cluster, replica) = (command.cluster.clone(), replica_of(&command).to_string());
             let span = tracing::info_span!(
                 "rollout_command",
@@ -53,6 +66,7 @@ impl Rollouts {
             }
             .instrument(span)
             .await?;
+            sent.insert(command.command_id.clone(), Instant::now());
         }
         Ok(())
     }

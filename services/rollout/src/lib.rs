@@ -53,6 +53,7 @@ use flotilla_proto::v1::{
     RolloutPhase, RolloutState,
 };
 use flotilla_proto::{ControlSubject, EventType};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -217,6 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
     );
 
     let mut placement_changes = r.placements.changes();
+    let mut deployment_changes = r.deployments.changes();
     let mut replica_changes = r.replicas.changes();
     let mut rollout_changes = r.rollouts.changes();
     let mut cluster_changes = r.clusters.changes();
@@ -228,18 +230,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Roll
         halt_after_failures = config.halt_after_failures,
         "rollout running"
     );
+    let mut due = Due::All;
+    let mut last_full_pass = Instant::now();
     loop {
-        r.reconcile(&mut memory).await;
+        if last_full_pass.elapsed() >= FULL_PASS_EVERY {
+            due = Due::All;
+        }
+        if due == Due::All {
+            last_full_pass = Instant::now();
+        }
+        r.reconcile(&mut memory, std::mem::replace(&mut due, Due::none()))
+            .await;
         let retry = memory.next_retry();
+        // What woke the loop, then everything else already queued, so a
+        // burst of changes costs one round.
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = placement_changes.recv() => {}
-            _ = replica_changes.recv() => {}
-            _ = rollout_changes.recv() => {}
+            key = placement_changes.recv() => due.by_name(key),
+            key = deployment_changes.recv() => due.by_name(key),
+            key = rollout_changes.recv() => due.by_name(key),
+            key = replica_changes.recv() => r.replica_changed(&mut due, key),
+            // A round compares the fleet with the last one it saw.
             _ = cluster_changes.recv() => {}
-            _ = tick.tick() => {}
+            _ = tick.tick() => r.timed(&mut due),
             _ = sleep_until(retry) => {}
         }
+        while let Ok(key) = placement_changes.try_recv() {
+            due.by_name(Ok(key));
+        }
+        while let Ok(key) = deployment_changes.try_recv() {
+            due.by_name(Ok(key));
+        }
+        while let Ok(key) = rollout_changes.try_recv() {
+            due.by_name(Ok(key));
+        }
+        loop {
+            match replica_changes.try_recv() {
+                Ok(key) => r.replica_changed(&mut due, Ok(key)),
+                Err(TryRecvError::Lagged(n)) => {
+                    r.replica_changed(&mut due, Err(RecvError::Lagged(n)));
+                }
+                Err(_) => break,
+            }
+        }
+        while cluster_changes.try_recv().is_ok() {}
+        memory.retries_due(&mut due, Instant::now());
     }
     health.set_ready(false);
     for task in [approve, undo] {
@@ -260,6 +295,51 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
+/// Every deployment is stepped at least this often, whether or not
+/// anything about it changed.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(30);
+
+/// A command this instance published is not published again for this
+/// long. Within the streams' two-minute dedup window, so a resend is
+/// dropped by the server unless the first copy was lost with it.
+const RESEND_AFTER: Duration = Duration::from_secs(60);
+
+/// The deployments a round steps: those something happened to since the
+/// last, not the whole fleet on every replica change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Due {
+    All,
+    Some(BTreeSet<String>),
+}
+
+impl Due {
+    fn none() -> Self {
+        Self::Some(BTreeSet::new())
+    }
+
+    fn add(&mut self, name: String) {
+        if let Self::Some(names) = self {
+            names.insert(name);
+        }
+    }
+
+    /// A change of the record named after its deployment; one the
+    /// listener missed (it lagged) makes every deployment due.
+    fn by_name(&mut self, key: Result<String, RecvError>) {
+        match key {
+            Ok(name) => self.add(name),
+            Err(_) => *self = Self::All,
+        }
+    }
+
+    fn includes(&self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Some(names) => names.contains(name),
+        }
+    }
+}
+
 /// What the reconcile loop carries from one round to the next.
 #[derive(Default)]
 struct Memory {
@@ -269,9 +349,23 @@ struct Memory {
     announced: HashMap<String, Option<RolloutState>>,
     /// Deployments whose last step failed: how often, and when to try again.
     retries: HashMap<String, (u32, Instant)>,
+    /// Command ids this instance published, and when.
+    sent: HashMap<String, Instant>,
+    /// The live clusters and their labels the last round planned with: a
+    /// change makes every deployment due.
+    fleet: Option<(BTreeSet<String>, Vec<(String, BTreeMap<String, String>)>)>,
 }
 
 impl Memory {
+    /// Makes the deployments whose backoff is over due.
+    fn retries_due(&self, due: &mut Due, now: Instant) {
+        for (name, (_, at)) in &self.retries {
+            if *at <= now {
+                due.add(name.clone());
+            }
+        }
+    }
+
     fn due(&self, name: &str, now: Instant) -> bool {
         self.retries.get(name).is_none_or(|(_, at)| *at <= now)
     }
@@ -322,7 +416,28 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Rollouts {
-    fn view(&self) -> View {
+    /// A replica record changed: its deployment is due.
+    fn replica_changed(&self, due: &mut Due, key: Result<String, RecvError>) {
+        match key.map(|k| self.replicas.cached(&k)) {
+            Ok(Some(replica)) => due.add(replica.deployment),
+            // Deleted, or missed: whose it was is not known here.
+            Ok(None) | Err(_) => *due = Due::All,
+        }
+    }
+
+    /// Deployments whose rollout is under way: a wait between stages ends
+    /// with time alone.
+    fn timed(&self, due: &mut Due) {
+        self.rollouts.scan(|all| {
+            for (name, state) in all {
+                if !matches!(state.phase(), RolloutPhase::Complete | RolloutPhase::Halted) {
+                    due.add(name.to_string());
+                }
+            }
+        });
+    }
+
+    fn view(&self, due: &Due) -> View {
         let all_clusters = self.clusters.cached_all();
         let live = all_clusters
             .iter()
@@ -340,7 +455,7 @@ impl Rollouts {
             })
             .collect();
         let mut replicas: BTreeMap<String, Vec<ReplicaStatus>> = BTreeMap::new();
-        for (_, r) in self.replicas.cached_all() {
+        for (_, r) in self.replicas.select(|_, r| due.includes(&r.deployment)) {
             replicas.entry(r.deployment.clone()).or_default().push(r);
         }
         View {
@@ -350,17 +465,38 @@ impl Rollouts {
         }
     }
 
-    async fn reconcile(&self, memory: &mut Memory) {
-        let view = self.view();
-        let mut names: BTreeSet<String> = self
-            .placements
-            .cached_all()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        names.extend(view.replicas.keys().cloned());
-        // A stored state may still owe its events after its deployment is gone.
-        names.extend(self.rollouts.cached_all().into_iter().map(|(n, _)| n));
+    async fn reconcile(&self, memory: &mut Memory, mut due: Due) {
+        let mut view = self.view(&due);
+        let fleet = (view.live.clone(), view.clusters.clone());
+        if memory.fleet.as_ref() != Some(&fleet) {
+            // Live clusters or labels changed: stages and lost capacity
+            // may differ for anyone.
+            if due != Due::All {
+                due = Due::All;
+                view = self.view(&due);
+            }
+            memory.fleet = Some(fleet);
+        }
+        let names: BTreeSet<String> = match &due {
+            Due::All => {
+                let mut names: BTreeSet<String> = self
+                    .placements
+                    .cached_all()
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect();
+                names.extend(view.replicas.keys().cloned());
+                // A stored state may still owe its events after its
+                // deployment is gone.
+                names.extend(self.rollouts.cached_all().into_iter().map(|(n, _)| n));
+                let now = Instant::now();
+                memory
+                    .sent
+                    .retain(|_, at| now.duration_since(*at) < RESEND_AFTER);
+                names
+            }
+            Due::Some(names) => names.clone(),
+        };
         let now = Instant::now();
         for name in names {
             if !memory.due(&name, now) {
@@ -373,7 +509,7 @@ impl Rollouts {
                 spec_generation = tracing::field::Empty,
             );
             let result = self
-                .step(&name, &view, &mut memory.announced)
+                .step(&name, &view, &mut memory.announced, &mut memory.sent)
                 .instrument(span.clone())
                 .await;
             match result {
@@ -397,6 +533,7 @@ impl Rollouts {
         name: &str,
         view: &View,
         announced: &mut HashMap<String, Option<RolloutState>>,
+        sent: &mut HashMap<String, Instant>,
     ) -> Result<(), StepError> {
         let stored = self.rollouts.cached(name);
         self.announce(name, stored.as_ref(), announced).await?;
@@ -411,7 +548,9 @@ impl Rollouts {
         let Some(spec) = deployment.and_then(|d| d.spec) else {
             let retire = advance::retire(name, replicas, &view.live);
             span.record("generation", retire.generation);
-            return self.send(name, retire.generation, None, retire.steps).await;
+            return self
+                .send(name, retire.generation, None, retire.steps, sent)
+                .await;
         };
         let Some(placement) = self.placements.cached(name) else {
             return Ok(());
@@ -454,6 +593,7 @@ impl Rollouts {
             placement.generation,
             Some((&spec, &placement)),
             next.steps,
+            sent,
         )
         .await
     }

@@ -297,20 +297,55 @@ impl Decision {
             .collect()
     }
 
+    /// Every cluster left out with its reason, except those that qualified
+    /// and scored below the chosen: one summary for all of them.
+    fn exclusion_list(
+        &self,
+        request: &DeploymentRequest,
+        fleet: &Fleet,
+    ) -> Vec<v1::ClusterExclusion> {
+        let mut list = Vec::new();
+        let mut not_chosen = 0u32;
+        let mut best_left = f64::NEG_INFINITY;
+        let mut lowest_chosen = f64::INFINITY;
+        for e in &self.exclusions {
+            if let Why::NotChosen { score, cutoff } = e.why {
+                not_chosen += 1;
+                best_left = best_left.max(score);
+                lowest_chosen = lowest_chosen.min(cutoff);
+                continue;
+            }
+            list.push(v1::ClusterExclusion {
+                cluster: fleet.get(e.cluster).name.clone(),
+                plugin: e.why.plugin().to_string(),
+                reason: self.reason(e, request, fleet),
+                count: 0,
+            });
+        }
+        if not_chosen > 0 {
+            let plugin = Why::NotChosen {
+                score: 0.0,
+                cutoff: 0.0,
+            }
+            .plugin();
+            list.push(v1::ClusterExclusion {
+                cluster: String::new(),
+                plugin: plugin.to_string(),
+                reason: format!(
+                    "{not_chosen} more cluster(s) qualify but scored at most {best_left:.1}, below the {lowest_chosen:.1} of the clusters chosen"
+                ),
+                count: not_chosen,
+            });
+        }
+        list
+    }
+
     /// The decision as stored in KV `placements`.
     pub fn to_record(&self, request: &DeploymentRequest, fleet: &Fleet) -> v1::PlacementDecision {
         v1::PlacementDecision {
             deployment: request.name.clone(),
             assignments: self.assignment_list(fleet),
-            exclusions: self
-                .exclusions
-                .iter()
-                .map(|e| v1::ClusterExclusion {
-                    cluster: fleet.get(e.cluster).name.clone(),
-                    plugin: e.why.plugin().to_string(),
-                    reason: self.reason(e, request, fleet),
-                })
-                .collect(),
+            exclusions: self.exclusion_list(request, fleet),
             outcome: self.outcome(request).into(),
             message: self.summary(request, fleet),
             ..Default::default()
