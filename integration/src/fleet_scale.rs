@@ -93,6 +93,10 @@ impl Default for Scenario {
     }
 }
 
+/// How long after a kill the pause in progress is looked for (at most
+/// until the round's rollouts are all complete).
+const PAUSE_WINDOW: Duration = Duration::from_secs(10);
+
 /// New deployments applied while the concurrent rollouts run.
 const NEW_DURING_ROLLOUTS: usize = 10;
 
@@ -182,7 +186,7 @@ impl Hub {
             let url = cluster.urls();
             (HubNats::Cluster(cluster), url, scenario.nats_servers.min(3))
         } else {
-            let server = NatsServer::start().await?;
+            let server = NatsServer::start_monitored().await?;
             let url = server.url();
             (HubNats::Single(server), url, 1)
         };
@@ -331,13 +335,16 @@ impl Hub {
     /// Messages and bytes into and out of the nats-server(s) so far, from
     /// the servers' own counters (`varz`), summed over servers.
     pub async fn traffic(&self) -> Option<Traffic> {
-        let HubNats::Cluster(cluster) = &self.nats else {
-            return None;
+        let monitors: Vec<String> = match &self.nats {
+            HubNats::Single(server) => server.monitor_url().into_iter().collect(),
+            HubNats::Cluster(cluster) => {
+                (0..cluster.len()).map(|i| cluster.monitor_url(i)).collect()
+            }
         };
         let http = reqwest::Client::new();
         let mut total = Traffic::default();
-        for i in 0..cluster.len() {
-            let url = format!("{}/varz", cluster.monitor_url(i));
+        for monitor in monitors {
+            let url = format!("{monitor}/varz");
             let varz: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
             total.messages += varz["in_msgs"].as_u64()? + varz["out_msgs"].as_u64()?;
             total.bytes += varz["in_bytes"].as_u64()? + varz["out_bytes"].as_u64()?;
@@ -378,38 +385,62 @@ impl EventLog {
             .get_stream(&bus.topology.events.name)
             .await
             .context("the events stream")?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
+        let first = stream
+            .clone()
+            .info()
             .await
-            .context("an ordered consumer of the events stream")?;
-        let mut messages = consumer.messages().await?;
+            .context("the events stream")?
+            .state
+            .last_sequence
+            + 1;
         let seen = log.seen.clone();
         tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = messages.next() => next,
+            // Across a server lost under it: consumed again from the
+            // sequence after the last one seen.
+            let mut next_sequence = first;
+            while !shutdown.is_cancelled() {
+                let consumer = stream
+                    .create_consumer(pull::OrderedConfig {
+                        deliver_policy: DeliverPolicy::ByStartSequence {
+                            start_sequence: next_sequence,
+                        },
+                        ..Default::default()
+                    })
+                    .await;
+                let messages = match consumer {
+                    Ok(c) => c.messages().await.ok(),
+                    Err(_) => None,
                 };
-                let Some(Ok(msg)) = next else {
-                    tracing::warn!("the events consumer ended");
-                    return;
-                };
-                let Ok(event) = v1::Event::decode(msg.payload.clone()) else {
+                let Some(mut messages) = messages else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
-                let deployment = match &event.payload {
-                    Some(Payload::Replica(r)) => r.deployment.clone(),
-                    _ => String::new(),
-                };
-                sync::lock(&seen).push(Seen {
-                    at: Instant::now(),
-                    ty: event.r#type,
-                    name: event.name,
-                    deployment,
-                });
+                loop {
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = messages.next() => next,
+                    };
+                    let Some(Ok(msg)) = next else {
+                        break;
+                    };
+                    if let Ok(info) = msg.info() {
+                        next_sequence = info.stream_sequence + 1;
+                    }
+                    let Ok(event) = v1::Event::decode(msg.payload.clone()) else {
+                        continue;
+                    };
+                    let deployment = match &event.payload {
+                        Some(Payload::Replica(r)) => r.deployment.clone(),
+                        _ => String::new(),
+                    };
+                    sync::lock(&seen).push(Seen {
+                        at: Instant::now(),
+                        ty: event.r#type,
+                        name: event.name,
+                        deployment,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         Ok(log)
@@ -786,6 +817,7 @@ impl Scenario {
             let extra = deployment_name(self.deployments);
             let restarted = Arc::new(Mutex::new(None));
             let kill_after = self.kill_after;
+            let round = Instant::now();
             let (_, spread) = {
                 let restarted = restarted.clone();
                 let extra = extra.clone();
@@ -801,10 +833,11 @@ impl Scenario {
             };
             report.restart_rollout = spread;
             let at = sync::lock(&restarted).ok_or_else(|| anyhow::anyhow!("no restart"))?;
-            let done = log.first(at, EventType::RolloutCompleted);
+            // A rollout done before the kill counts as consistent at once.
+            let done = log.first(round, EventType::RolloutCompleted);
             report.restart_consistent = batch
                 .iter()
-                .map(|d| done.get(d).map(|t| *t - at))
+                .map(|d| done.get(d).map(|t| t.saturating_duration_since(at)))
                 .collect::<Option<Vec<_>>>()
                 .and_then(|v| v.into_iter().max());
             report.restart_first_progress = log.first_progress_after(at).map(|t| t - at);
@@ -830,7 +863,8 @@ impl Scenario {
         if self.instances > 1 {
             let killed = Arc::new(Mutex::new(None));
             let kill_after = self.kill_after;
-            {
+            let round = Instant::now();
+            let (wall, _) = {
                 let killed = killed.clone();
                 let hub = &mut hub;
                 self.rollout_round(&bus, &log, &batch, &mut version, move |_| async move {
@@ -839,12 +873,12 @@ impl Scenario {
                     hub.kill_first_instances().await;
                     Ok(())
                 })
-                .await?;
-            }
+                .await?
+            };
             if let Some(at) = *sync::lock(&killed) {
-                let window = Duration::from_secs(10);
+                let end = (at + PAUSE_WINDOW).min(round + wall).max(at);
                 report.instance_loss_pause = Some((
-                    log.longest_pause(at, at + window),
+                    log.longest_pause(at, end),
                     log.longest_pause(at.checked_sub(kill_after).unwrap_or(at), at),
                 ));
             }
@@ -855,7 +889,8 @@ impl Scenario {
         if self.nats_servers > 1 {
             let killed = Arc::new(Mutex::new(None));
             let kill_after = self.kill_after;
-            {
+            let round = Instant::now();
+            let (wall, _) = {
                 let killed = killed.clone();
                 let hub = &mut hub;
                 self.rollout_round(&bus, &log, &batch, &mut version, move |_| async move {
@@ -865,12 +900,12 @@ impl Scenario {
                     *sync::lock(&killed) = Some((at, name));
                     Ok(())
                 })
-                .await?;
-            }
+                .await?
+            };
             if let Some((at, name)) = sync::lock(&killed).clone() {
-                let window = Duration::from_secs(10);
+                let end = (at + PAUSE_WINDOW).min(round + wall).max(at);
                 report.nats_loss_pause = Some((
-                    log.longest_pause(at, at + window),
+                    log.longest_pause(at, end),
                     log.longest_pause(at.checked_sub(kill_after).unwrap_or(at), at),
                     name,
                 ));

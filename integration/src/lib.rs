@@ -38,6 +38,8 @@ pub enum HarnessError {
     BinaryMissing(String),
     #[error("could not create the store folder: {0}")]
     StoreDir(#[source] std::io::Error),
+    #[error("no free port for the monitoring endpoint: {0}")]
+    NoMonitorPort(#[source] std::io::Error),
     #[error("could not start {binary}: {source}")]
     Spawn {
         binary: String,
@@ -62,6 +64,8 @@ pub struct NatsServer {
     /// A nats-server configuration file (users, TLS) under the harness's
     /// own flags.
     config: Option<PathBuf>,
+    /// The HTTP monitoring port (`/varz`), when asked for.
+    monitor_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -70,6 +74,36 @@ impl NatsServer {
     /// temporary store.
     pub async fn start() -> Result<Self, HarnessError> {
         Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), with HTTP monitoring on a free
+    /// loopback port ([`monitor_url`](Self::monitor_url)).
+    pub async fn start_monitored() -> Result<Self, HarnessError> {
+        let binary = find_binary()?;
+        let store = tempfile::Builder::new()
+            .prefix("flotilla-nats-")
+            .tempdir()
+            .map_err(HarnessError::StoreDir)?;
+        let monitor = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(HarnessError::NoMonitorPort)?
+            .port();
+        let mut server = Self {
+            binary,
+            store,
+            port: 0,
+            config: None,
+            monitor_port: Some(monitor),
+            child: None,
+        };
+        server.spawn(None).await?;
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:PORT` of the monitoring endpoints, when started
+    /// with them.
+    pub fn monitor_url(&self) -> Option<String> {
+        self.monitor_port.map(|p| format!("http://127.0.0.1:{p}"))
     }
 
     /// Like [`start`](Self::start), with a configuration file (users and
@@ -92,6 +126,7 @@ impl NatsServer {
             store,
             port: 0,
             config,
+            monitor_port: None,
             child: None,
         };
         server.spawn(None).await?;
@@ -177,6 +212,11 @@ impl NatsServer {
         };
         let mut child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
+            .args(
+                self.monitor_port
+                    .map(|p| vec!["-m".to_string(), p.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

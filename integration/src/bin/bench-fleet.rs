@@ -43,6 +43,9 @@ struct Args {
     /// one server killed in a rollout round).
     #[arg(long, default_value_t = 1)]
     nats_servers: usize,
+    /// How long into a rollout round the kills come.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    kill_after: Duration,
     /// Skip the round that kills every hub service.
     #[arg(long)]
     no_hub_restart: bool,
@@ -72,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         instances: args.instances,
         nats_servers: args.nats_servers,
         hub_restart: !args.no_hub_restart,
+        kill_after: args.kill_after,
         phase_deadline: args.phase_deadline,
         log_dir: args.log_dir,
         service_log: args.service_log,
@@ -212,7 +216,7 @@ fn print_report(scenario: &Scenario, r: &Report) {
     );
     if let Some((messages, bytes)) = r.traffic_per_placement {
         println!(
-            "bus traffic per placement (all servers, in + out): {messages:.0} messages, {:.1} KiB",
+            "bus traffic of the placement phase per deployment placed (all servers, in + out, heartbeats and replica records included): {messages:.0} messages, {:.1} KiB",
             bytes / 1024.0
         );
     }

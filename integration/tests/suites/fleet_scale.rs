@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use flotilla_integration::fleet_scale::{Report, Scenario};
 
-/// A kill point between 1 and 3 s into a rollout round, drawn from the
-/// clock; printed, so a failing run can be repeated with it.
+/// A kill point between 0.3 and 1.5 s into a rollout round (which takes
+/// about 2 s here), drawn from the clock; in the failure message, so a
+/// failing run can be repeated with it (`bench-fleet --kill-after`).
 fn random_kill_point() -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    Duration::from_millis(1000 + u64::from(nanos % 2000))
+    Duration::from_millis(300 + u64::from(nanos % 1200))
 }
 
 fn small(kill_after: Duration) -> Scenario {

@@ -1686,8 +1686,9 @@ pub struct ClusterExclusion {
     #[serde(rename = "reason")]
     pub reason: ::prost::alloc::string::String,
     /// A summary: this many clusters, not named, left out for `reason`.
-    /// Clusters that qualified but scored below those chosen are summed up
-    /// so: at fleet scale they are most of the fleet in every decision.
+    /// More than 16 clusters that qualified but scored below those chosen
+    /// are summed up so: at fleet scale they are most of the fleet in every
+    /// decision.
     #[prost(uint32, tag = "4")]
     #[serde(rename = "count")]
     pub count: u32,

@@ -10,6 +10,11 @@ use crate::spec::{DeploymentRequest, ModelChoice, Policy};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// Clusters that qualified and scored below the chosen are named one by
+/// one up to this many; beyond, one summary says how many (at fleet scale
+/// they are most of the fleet in every decision).
+pub const NOT_CHOSEN_LISTED: usize = 16;
+
 impl Decision {
     pub fn placed_replicas(&self) -> u32 {
         self.assignments.iter().map(|a| a.replicas).sum()
@@ -297,8 +302,9 @@ impl Decision {
             .collect()
     }
 
-    /// Every cluster left out with its reason, except those that qualified
-    /// and scored below the chosen: one summary for all of them.
+    /// Every cluster left out with its reason; when more than
+    /// [`NOT_CHOSEN_LISTED`] qualified and scored below the chosen, one
+    /// summary for all of those.
     fn exclusion_list(
         &self,
         request: &DeploymentRequest,
@@ -308,8 +314,16 @@ impl Decision {
         let mut not_chosen = 0u32;
         let mut best_left = f64::NEG_INFINITY;
         let mut lowest_chosen = f64::INFINITY;
+        let summarise = self
+            .exclusions
+            .iter()
+            .filter(|e| matches!(e.why, Why::NotChosen { .. }))
+            .count()
+            > NOT_CHOSEN_LISTED;
         for e in &self.exclusions {
-            if let Why::NotChosen { score, cutoff } = e.why {
+            if let Why::NotChosen { score, cutoff } = e.why
+                && summarise
+            {
                 not_chosen += 1;
                 best_left = best_left.max(score);
                 lowest_chosen = lowest_chosen.min(cutoff);

@@ -26,6 +26,7 @@
 //! into words and records.
 
 mod explain;
+pub use explain::NOT_CHOSEN_LISTED;
 mod filter;
 mod score;
 mod select;

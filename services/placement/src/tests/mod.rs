@@ -235,3 +235,29 @@ impl Checked<'_> {
         }
     }
 }
+
+#[test]
+fn clusters_not_chosen_are_named_in_a_small_fleet_and_summed_up_in_a_large_one() {
+    let request = simple(1, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
+    let exclusions = |n: usize| {
+        let fleet = Fleet::new(
+            (0..n)
+                .map(|i| cluster(&format!("c{i:02}"), "eu", 8, "H100-80GB", 80, 2.0))
+                .collect(),
+        );
+        let checked = check(&fleet, &request);
+        checked.decision.to_record(&request, &fleet).exclusions
+    };
+    let small = exclusions(crate::scheduler::NOT_CHOSEN_LISTED + 1);
+    assert_eq!(small.len(), crate::scheduler::NOT_CHOSEN_LISTED);
+    assert!(small.iter().all(|e| !e.cluster.is_empty() && e.count == 0));
+    let large = exclusions(100);
+    assert_eq!(large.len(), 1, "{large:?}");
+    assert_eq!(large[0].count, 99);
+    assert!(large[0].cluster.is_empty());
+    assert!(
+        large[0].reason.starts_with("99 more cluster(s) qualify"),
+        "{}",
+        large[0].reason
+    );
+}
