@@ -755,7 +755,7 @@ impl Scenario {
         report.place_ready = Spread::of(
             names
                 .iter()
-                .filter_map(|n| Some(ready[n] - applied[n]))
+                .filter_map(|n| Some(*ready.get(n)? - *applied.get(n)?))
                 .collect(),
         );
         if let (Some(before), Some(after)) = (traffic_before, hub.traffic().await) {

@@ -79,7 +79,6 @@ async fn main() -> anyhow::Result<()> {
         phase_deadline: args.phase_deadline,
         log_dir: args.log_dir,
         service_log: args.service_log,
-        ..Scenario::default()
     };
     println!("machine: {}", flotilla_integration::bench::cpu_line());
     println!(

@@ -38,7 +38,7 @@ enum Command {
     /// measuring the control plane at fleet scale: each with its own
     /// heartbeats, command consumer, KV records and events, and replicas
     /// that are "ready" after a delay without starting anything.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
 }
 
 #[derive(Debug, clap::Args)]

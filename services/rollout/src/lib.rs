@@ -353,7 +353,7 @@ struct Memory {
     sent: HashMap<String, Instant>,
     /// The live clusters and their labels the last round planned with: a
     /// change makes every deployment due.
-    fleet: Option<(BTreeSet<String>, Vec<(String, BTreeMap<String, String>)>)>,
+    fleet: Option<(BTreeSet<String>, ClusterLabels)>,
 }
 
 impl Memory {
@@ -387,10 +387,13 @@ impl Memory {
     }
 }
 
+/// Every cluster's name and labels.
+type ClusterLabels = Vec<(String, BTreeMap<String, String>)>;
+
 /// One round's reading of the caches every deployment's step shares.
 struct View {
     live: BTreeSet<String>,
-    clusters: Vec<(String, BTreeMap<String, String>)>,
+    clusters: ClusterLabels,
     replicas: BTreeMap<String, Vec<ReplicaStatus>>,
 }
 
