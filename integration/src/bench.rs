@@ -1,6 +1,7 @@
 //! What the benchmark binaries (`src/bin/bench-*.rs`) share: ports for
-//! the processes they start, waiting for those to answer, and the line
-//! that says which CPU a figure was measured on.
+//! the processes they start, waiting for those to answer, the line that
+//! says which CPU a figure was measured on, and what a process used (CPU
+//! seconds, peak memory).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -59,4 +60,27 @@ pub fn cpu_line() -> String {
         .collect();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{model_name}; {cpus} CPUs; {}", isa.join(" "))
+}
+
+/// CPU seconds (user + system) a live process has used.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // Linux's USER_HZ is 100 on every architecture it runs on.
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of a live process, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }

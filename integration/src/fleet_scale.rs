@@ -34,6 +34,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::{cpu_seconds, peak_rss};
 use crate::fleet::target_bin;
 use crate::nats_cluster::NatsCluster;
 use crate::{NatsServer, workspace_root};
@@ -111,29 +112,6 @@ struct ServiceProcess {
     /// CPU seconds and peak RSS of earlier lives of this instance (killed).
     cpu_before: f64,
     peak_rss: u64,
-}
-
-/// CPU seconds (user + system) a live process has used.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // Linux's USER_HZ is 100 on every architecture it runs on.
-    Some(ticks / 100.0)
-}
-
-/// Peak resident memory of a live process, in bytes (`VmHWM`).
-pub fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
 }
 
 impl ServiceProcess {
@@ -861,55 +839,25 @@ impl Scenario {
 
         // 4. one instance of every service killed (active-active)
         if self.instances > 1 {
-            let killed = Arc::new(Mutex::new(None));
-            let kill_after = self.kill_after;
-            let round = Instant::now();
-            let (wall, _) = {
-                let killed = killed.clone();
-                let hub = &mut hub;
-                self.rollout_round(&bus, &log, &batch, &mut version, move |_| async move {
-                    tokio::time::sleep(kill_after).await;
-                    *sync::lock(&killed) = Some(Instant::now());
+            let hub = &mut hub;
+            report.instance_loss_pause = self
+                .round_with_kill(&bus, &log, &batch, &mut version, || async move {
                     hub.kill_first_instances().await;
                     Ok(())
                 })
                 .await?
-            };
-            if let Some(at) = *sync::lock(&killed) {
-                let end = (at + PAUSE_WINDOW).min(round + wall).max(at);
-                report.instance_loss_pause = Some((
-                    log.longest_pause(at, end),
-                    log.longest_pause(at.checked_sub(kill_after).unwrap_or(at), at),
-                ));
-            }
+                .map(|(after, before, ())| (after, before));
             progress("one instance of each service killed: done");
         }
 
         // 5. one nats-server killed
         if self.nats_servers > 1 {
-            let killed = Arc::new(Mutex::new(None));
-            let kill_after = self.kill_after;
-            let round = Instant::now();
-            let (wall, _) = {
-                let killed = killed.clone();
-                let hub = &mut hub;
-                self.rollout_round(&bus, &log, &batch, &mut version, move |_| async move {
-                    tokio::time::sleep(kill_after).await;
-                    let at = Instant::now();
-                    let name = hub.kill_one_nats_server().await?.unwrap_or_default();
-                    *sync::lock(&killed) = Some((at, name));
-                    Ok(())
+            let hub = &mut hub;
+            report.nats_loss_pause = self
+                .round_with_kill(&bus, &log, &batch, &mut version, || async move {
+                    Ok(hub.kill_one_nats_server().await?.unwrap_or_default())
                 })
-                .await?
-            };
-            if let Some((at, name)) = sync::lock(&killed).clone() {
-                let end = (at + PAUSE_WINDOW).min(round + wall).max(at);
-                report.nats_loss_pause = Some((
-                    log.longest_pause(at, end),
-                    log.longest_pause(at.checked_sub(kill_after).unwrap_or(at), at),
-                    name,
-                ));
-            }
+                .await?;
             progress("one nats-server killed: done");
         }
 
@@ -925,6 +873,48 @@ impl Scenario {
         shutdown.cancel();
         fleet.wait().await;
         Ok(report)
+    }
+
+    /// A rollout round with `kill` `kill_after` into it: the longest pause
+    /// in replica progress after the kill (while the round's rollouts run,
+    /// at most [`PAUSE_WINDOW`]) and in as long before it, and what `kill`
+    /// said.
+    async fn round_with_kill<K, Fut, T>(
+        &self,
+        bus: &Bus,
+        log: &EventLog,
+        batch: &[String],
+        version: &mut HashMap<String, u32>,
+        kill: K,
+    ) -> anyhow::Result<Option<(Duration, Duration, T)>>
+    where
+        K: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let killed = Arc::new(Mutex::new(None));
+        let kill_after = self.kill_after;
+        let round = Instant::now();
+        let (wall, _) = {
+            let killed = killed.clone();
+            self.rollout_round(bus, log, batch, version, move |_| async move {
+                tokio::time::sleep(kill_after).await;
+                let at = Instant::now();
+                let said = kill().await?;
+                *sync::lock(&killed) = Some((at, said));
+                Ok(())
+            })
+            .await?
+        };
+        let Some((at, said)) = sync::lock(&killed).take() else {
+            return Ok(None);
+        };
+        let end = (at + PAUSE_WINDOW).min(round + wall).max(at);
+        let before = at.checked_sub(kill_after).unwrap_or(at);
+        Ok(Some((
+            log.longest_pause(at, end),
+            log.longest_pause(before, at),
+            said,
+        )))
     }
 
     /// Gives `batch` the next template at once, runs `meanwhile` beside

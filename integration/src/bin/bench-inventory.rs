@@ -75,15 +75,8 @@ fn heartbeat(cluster: &str, seq: u64, gpus: usize) -> v1::ClusterHeartbeat {
 
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; 12 and 13 after ')'.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+    flotilla_integration::bench::cpu_seconds(pid)
+        .with_context(|| format!("reading /proc/{pid}/stat"))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

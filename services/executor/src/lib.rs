@@ -257,6 +257,20 @@ impl ReplicaHalf {
     }
 }
 
+/// The object store of model artifacts the replicas' models come from.
+async fn open_model_artifacts(
+    bus: &Bus,
+) -> Result<async_nats::jetstream::object_store::ObjectStore, ExecutorError> {
+    let bucket = &bus.topology.model_artifacts.name;
+    bus.jetstream
+        .get_object_store(bucket)
+        .await
+        .map_err(|source| ExecutorError::ObjectStore {
+            bucket: bucket.clone(),
+            source,
+        })
+}
+
 /// Runs the executor until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ExecutorError> {
     let kube = match &config.backend {
@@ -282,15 +296,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         &config.model_cache_dir,
         config.model_cache_budget_bytes,
     )?);
-    let bucket = bus.topology.model_artifacts.name.clone();
-    let store = bus
-        .jetstream
-        .get_object_store(&bucket)
-        .await
-        .map_err(|source| ExecutorError::ObjectStore {
-            bucket: bucket.clone(),
-            source,
-        })?;
+    let store = open_model_artifacts(&bus).await?;
     let prefetch = models::spawn_prefetch(
         bus.clone(),
         cluster.clone(),

@@ -89,15 +89,7 @@ impl SimulatedFleet {
         )?);
         let mut shared = Vec::new();
         for bus in &buses {
-            let bucket = bus.topology.model_artifacts.name.clone();
-            let store = bus
-                .jetstream
-                .get_object_store(&bucket)
-                .await
-                .map_err(|source| ExecutorError::ObjectStore {
-                    bucket: bucket.clone(),
-                    source,
-                })?;
+            let store = crate::open_model_artifacts(bus).await?;
             let models = RecordStore::open(bus, &bus.topology.models.name).await?;
             let records = RecordStore::open(bus, &bus.topology.replicas.name).await?;
             shared.push((store, models, records));
