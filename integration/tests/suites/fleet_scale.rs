@@ -60,17 +60,3 @@ async fn every_hub_service_killed_mid_rollout_leaves_each_deployment_rolled_out_
     assert!(report.restart_consistent.is_some());
     assert!(report.restart_new_placed.is_some());
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_of_three_nats_servers_and_one_instance_of_each_service_killed_mid_rollout() {
-    let scenario = Scenario {
-        hub_restart: false,
-        instances: 2,
-        nats_servers: 3,
-        ..small(random_kill_point())
-    };
-    let report = run(scenario).await;
-    assert!(report.halted.is_empty(), "halted: {:?}", report.halted);
-    assert!(report.instance_loss_pause.is_some());
-    assert!(report.nats_loss_pause.is_some());
-}
