@@ -470,15 +470,19 @@ impl Rollouts {
 
     async fn reconcile(&self, memory: &mut Memory, mut due: Due) {
         let mut view = self.view(&due);
-        let fleet = (view.live.clone(), view.clusters.clone());
-        if memory.fleet.as_ref() != Some(&fleet) {
+        // Compared in place: copied only when it changed, not every round.
+        let same_fleet = memory
+            .fleet
+            .as_ref()
+            .is_some_and(|(live, clusters)| *live == view.live && *clusters == view.clusters);
+        if !same_fleet {
             // Live clusters or labels changed: stages and lost capacity
             // may differ for anyone.
+            memory.fleet = Some((view.live.clone(), view.clusters.clone()));
             if due != Due::All {
                 due = Due::All;
                 view = self.view(&due);
             }
-            memory.fleet = Some(fleet);
         }
         let names: BTreeSet<String> = match &due {
             Due::All => {
