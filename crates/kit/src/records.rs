@@ -23,10 +23,59 @@ const MAX_CONFLICTS: usize = 16;
 /// Waits before watching again after a watch broke or could not start.
 const WATCH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
 
+/// The local copy of a bucket. A key's deletion is remembered with its
+/// revision, so an older write the watch delivers late does not bring the
+/// record back, and a late tombstone does not remove a newer record.
+struct Local<M> {
+    live: HashMap<String, (M, u64)>,
+    /// Deleted keys and the revision of their deletion.
+    gone: HashMap<String, u64>,
+}
+
+impl<M> Default for Local<M> {
+    fn default() -> Self {
+        Self {
+            live: HashMap::new(),
+            gone: HashMap::new(),
+        }
+    }
+}
+
+impl<M> Local<M> {
+    fn revision(&self, key: &str) -> u64 {
+        self.live
+            .get(key)
+            .map(|(_, rev)| *rev)
+            .or_else(|| self.gone.get(key).copied())
+            .unwrap_or(0)
+    }
+
+    /// Keeps `record` at `revision` unless something newer is known;
+    /// returns whether the copy changed.
+    fn put(&mut self, key: &str, record: M, revision: u64) -> bool {
+        if revision <= self.revision(key) {
+            return false;
+        }
+        self.gone.remove(key);
+        self.live.insert(key.to_string(), (record, revision));
+        true
+    }
+
+    /// Forgets `key` as deleted at `revision` unless it was written since;
+    /// returns whether a record went.
+    fn remove(&mut self, key: &str, revision: u64) -> bool {
+        if revision < self.revision(key) {
+            return false;
+        }
+        self.gone.insert(key.to_string(), revision);
+        self.live.remove(key).is_some()
+    }
+}
+
 pub struct RecordStore<M> {
     kv: kv::Store,
     bucket: String,
-    cache: Arc<RwLock<HashMap<String, (M, u64)>>>,
+    cache: Arc<RwLock<Local<M>>>,
     changes: tokio::sync::broadcast::Sender<String>,
     _type: PhantomData<M>,
 }
@@ -129,40 +178,39 @@ impl<M: Contract + Clone> RecordStore<M> {
 
     /// Returns whether the local copy changed.
     fn absorb_entry(&self, entry: kv::Entry) -> bool {
-        let mut cache = sync::write(&self.cache);
         match entry.operation {
             Operation::Put => {
                 // Our own writes come back through the watch: already known.
-                let newer = cache
-                    .get(&entry.key)
-                    .is_none_or(|(_, rev)| *rev < entry.revision);
-                if !newer {
+                if entry.revision <= sync::read(&self.cache).revision(&entry.key) {
                     return false;
                 }
                 match M::decode(entry.value.clone()) {
-                    Ok(record) => {
-                        cache.insert(entry.key, (record, entry.revision));
-                        true
-                    }
+                    Ok(record) => sync::write(&self.cache).put(&entry.key, record, entry.revision),
                     Err(e) => {
                         tracing::warn!(bucket = %self.bucket, key = %entry.key, "undecodable record ignored: {e}");
                         false
                     }
                 }
             }
-            Operation::Delete | Operation::Purge => cache.remove(&entry.key).is_some(),
+            Operation::Delete | Operation::Purge => {
+                sync::write(&self.cache).remove(&entry.key, entry.revision)
+            }
         }
     }
 
     /// The local copy of one record.
     pub fn cached(&self, key: &str) -> Option<M> {
-        sync::read(&self.cache).get(key).map(|(m, _)| m.clone())
+        sync::read(&self.cache)
+            .live
+            .get(key)
+            .map(|(m, _)| m.clone())
     }
 
     /// The local copies of the records `wanted` picks, by key. Only those
     /// are cloned: scans over large buckets stay cheap.
     pub fn select(&self, mut wanted: impl FnMut(&str, &M) -> bool) -> Vec<(String, M)> {
         sync::read(&self.cache)
+            .live
             .iter()
             .filter(|(k, (m, _))| wanted(k, m))
             .map(|(k, (m, _))| (k.clone(), m.clone()))
@@ -173,13 +221,14 @@ impl<M: Contract + Clone> RecordStore<M> {
     /// decision that needs the whole bucket (counts, ratios) on every tick.
     pub fn scan<R>(&self, look: impl FnOnce(&mut dyn Iterator<Item = (&str, &M)>) -> R) -> R {
         let cache = sync::read(&self.cache);
-        let mut all = cache.iter().map(|(k, (m, _))| (k.as_str(), m));
+        let mut all = cache.live.iter().map(|(k, (m, _))| (k.as_str(), m));
         look(&mut all)
     }
 
     /// The local copy of every record, by key.
     pub fn cached_all(&self) -> Vec<(String, M)> {
         sync::read(&self.cache)
+            .live
             .iter()
             .map(|(k, (m, _))| (k.clone(), m.clone()))
             .collect()
@@ -252,6 +301,7 @@ impl<M: Contract + Clone> RecordStore<M> {
         F: FnMut(Option<&M>) -> Option<M>,
     {
         let mut current = sync::read(&self.cache)
+            .live
             .get(key)
             .map(|(m, rev)| (m.clone(), *rev));
         if current.is_none() {
@@ -283,14 +333,7 @@ impl<M: Contract + Clone> RecordStore<M> {
             };
             match written {
                 Ok(revision) => {
-                    let changed = {
-                        let mut cache = sync::write(&self.cache);
-                        let newer = cache.get(key).is_none_or(|(_, rev)| *rev < revision);
-                        if newer {
-                            cache.insert(key.to_string(), (next.clone(), revision));
-                        }
-                        newer
-                    };
+                    let changed = sync::write(&self.cache).put(key, next.clone(), revision);
                     if changed {
                         let _ = self.changes.send(key.to_string());
                     }
@@ -316,11 +359,42 @@ impl<M: Contract + Clone> RecordStore<M> {
             .delete(key)
             .await
             .map_err(|e| store_error(&self.bucket, key, e))?;
-        let removed = sync::write(&self.cache).remove(key).is_some();
+        self.forget(key).await;
+        Ok(())
+    }
+
+    /// Deletes the record if it is still the one the local copy holds and
+    /// `still` accepts it: nobody wrote it since. Returns whether it went.
+    pub async fn delete_if(&self, key: &str, still: impl Fn(&M) -> bool) -> Result<bool, KitError> {
+        let revision = match sync::read(&self.cache).live.get(key) {
+            Some((record, revision)) if still(record) => *revision,
+            _ => return Ok(false),
+        };
+        match self.kv.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => {
+                self.forget(key).await;
+                Ok(true)
+            }
+            // Written since: the watch brings the newer record.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(store_error(&self.bucket, key, e)),
+        }
+    }
+
+    async fn forget(&self, key: &str) {
+        // The tombstone's revision orders it against what the watch has
+        // not delivered yet; if it cannot be read, the last known one does.
+        let removed = match self.kv.entry(key).await {
+            Ok(Some(entry)) => self.absorb_entry(entry),
+            _ => {
+                let mut cache = sync::write(&self.cache);
+                let known = cache.revision(key);
+                cache.remove(key, known)
+            }
+        };
         if removed {
             let _ = self.changes.send(key.to_string());
         }
-        Ok(())
     }
 }
 
@@ -329,5 +403,44 @@ fn store_error(bucket: &str, key: &str, e: impl Into<BoxError>) -> KitError {
         bucket: bucket.to_string(),
         key: key.to_string(),
         source: e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Local;
+
+    #[test]
+    fn a_put_older_than_the_deletion_does_not_bring_a_record_back() {
+        let mut local = Local::default();
+        assert!(local.put("a", "v1", 3));
+        assert!(local.remove("a", 5));
+        assert!(!local.put("a", "v1", 3));
+        assert!(!local.put("a", "v0", 4));
+        assert!(local.live.is_empty());
+        assert!(local.put("a", "v2", 6));
+        assert_eq!(local.live.get("a"), Some(&("v2", 6)));
+    }
+
+    #[test]
+    fn a_late_tombstone_does_not_remove_a_newer_record() {
+        let mut local = Local::default();
+        // Written again here before the watch delivered the deletion.
+        assert!(local.put("a", "v2", 8));
+        assert!(!local.remove("a", 5));
+        assert_eq!(local.live.get("a"), Some(&("v2", 8)));
+        // An old write arriving after that is older still.
+        assert!(!local.put("a", "v1", 3));
+        assert_eq!(local.live.get("a"), Some(&("v2", 8)));
+    }
+
+    #[test]
+    fn writes_are_kept_in_revision_order() {
+        let mut local = Local::default();
+        assert!(local.put("a", "v2", 7));
+        assert!(!local.put("a", "v1", 7));
+        assert!(!local.put("a", "v1", 6));
+        assert!(local.put("a", "v3", 9));
+        assert_eq!(local.live.get("a"), Some(&("v3", 9)));
     }
 }

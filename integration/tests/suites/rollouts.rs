@@ -289,8 +289,8 @@ spec:
     assert_eq!(model.preset, "smollm2-135m-instruct");
     assert!(model.artifact.is_none());
 
-    // Deleted and applied again under the same name: placement starts over
-    // at generation 1, and the executor serves it (not fenced off by the
+    // Deleted and applied again under the same name: a new deployment at
+    // generation 1, and the executor serves it (not fenced off by the
     // generations it saw before).
     flotilla_cli::deployments::delete(&bus, "chat", &mut Vec::new())
         .await
@@ -303,6 +303,26 @@ spec:
     )
     .await;
     apply(&bus, v1_doc).await;
+    // Told anew, though the first life's events with the same generations
+    // are still within the stream's dedup window.
+    let accepted = next(&mut events, EventType::DeploymentAccepted).await;
+    assert_eq!(accepted.generation, 1, "{accepted:?}");
+    let started = next(&mut events, EventType::RolloutStarted).await;
+    assert_eq!(started.generation, 1, "{started:?}");
     let again = wait_for_event(&mut events, EventType::ReplicaReady, None, DEADLINE).await;
-    assert_eq!(again.generation, 1, "{again:?}");
+    next(&mut events, EventType::RolloutCompleted).await;
+    // The first decision may find the deleted replicas' GPUs still held
+    // (the executor's next heartbeat frees them): the replica serves the
+    // decision that placed it.
+    let placement: v1::PlacementDecision =
+        support::record(&bus, &bus.topology.placements.name, "chat").await;
+    assert_eq!(placement.deployment_generation, 1, "{placement:?}");
+    assert_eq!(again.generation, placement.generation, "{again:?}");
+    // A new history: nothing of the first life to undo to.
+    let state = rollout_state(&bus).await;
+    assert_eq!(
+        (state.deployment_generation, state.previous_generation),
+        (1, 0),
+        "{state:?}"
+    );
 }

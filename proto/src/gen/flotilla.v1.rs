@@ -1899,6 +1899,11 @@ pub struct RolloutState {
     #[prost(bool, tag = "17")]
     #[serde(rename = "undoRequested")]
     pub undo_requested: bool,
+    /// When this rollout began; with the generation it names the rollout's
+    /// events, so a deployment deleted and applied again is told anew.
+    #[prost(int64, tag = "18")]
+    #[serde(rename = "startedAtUnixMs")]
+    pub started_at_unix_ms: i64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -247,7 +247,12 @@ impl Planner {
         )
         .generation(generation)
         .correlation_id(correlation)
-        .id(format!("deployment-{name}-g{generation}-accepted"));
+        // The acceptance time tells a deployment applied again after a
+        // delete from the one before, within the stream's dedup window.
+        .id(format!(
+            "deployment-{name}-g{generation}-accepted-{}",
+            stored.status.as_ref().map_or(now, |s| s.updated_at_unix_ms)
+        ));
         self.bus
             .publish_event(draft)
             .await
@@ -406,7 +411,10 @@ impl Planner {
         let draft = EventDraft::new(ty, name, written.message.clone())
             .generation(written.generation)
             .correlation_id(correlation)
-            .id(format!("placement-{name}-g{}", written.generation))
+            .id(format!(
+                "placement-{name}-g{}-{}",
+                written.generation, written.decided_at_unix_ms
+            ))
             .payload(Payload::Placement(written.clone()));
         self.bus
             .publish_event(draft)

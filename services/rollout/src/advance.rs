@@ -277,7 +277,7 @@ pub fn advance(
     let template = template_of_spec(seen.spec);
     let mut state = match before {
         Some(b) if b.template == template => b.clone(),
-        _ => begin(before, seen, &template),
+        _ => begin(before, seen, &template, now_ms),
     };
     state.target_generation = seen.placement.generation;
 
@@ -382,7 +382,12 @@ pub fn advance(
 
 /// The state of a new rollout: a new template replaces the one `before`
 /// rolled out.
-fn begin(before: Option<&RolloutState>, seen: &Observed<'_>, template: &str) -> RolloutState {
+fn begin(
+    before: Option<&RolloutState>,
+    seen: &Observed<'_>,
+    template: &str,
+    now_ms: i64,
+) -> RolloutState {
     let before = before.cloned().unwrap_or_default();
     let others_alive = seen
         .replicas
@@ -406,6 +411,7 @@ fn begin(before: Option<&RolloutState>, seen: &Observed<'_>, template: &str) -> 
         } else {
             format!("rolling out spec generation {generation}")
         },
+        started_at_unix_ms: now_ms,
         ..Default::default()
     }
 }

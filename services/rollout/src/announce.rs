@@ -44,8 +44,8 @@ pub fn announcements(before: Option<&RolloutState>, after: &RolloutState) -> Vec
     let same = before.filter(|b| b.template == after.template);
     let id = |what: &str| {
         format!(
-            "rollout-{}-{}-g{}-{what}",
-            after.deployment, after.template, after.deployment_generation
+            "rollout-{}-{}-g{}-{}-{what}",
+            after.deployment, after.template, after.deployment_generation, after.started_at_unix_ms
         )
     };
     let mut out = Vec::new();
@@ -158,6 +158,7 @@ mod tests {
             phase: phase.into(),
             message: format!("{phase:?}"),
             stages,
+            started_at_unix_ms: 1_000,
             ..Default::default()
         }
     }
@@ -165,8 +166,20 @@ mod tests {
     fn ids(events: &[Announcement]) -> Vec<&str> {
         events
             .iter()
-            .map(|e| e.id.trim_start_matches("rollout-chat-bbbbbbbb-g2-"))
+            .map(|e| e.id.trim_start_matches("rollout-chat-bbbbbbbb-g2-1000-"))
             .collect()
+    }
+
+    #[test]
+    fn a_rollout_begun_again_is_named_apart_from_the_one_before() {
+        let first = state("bbbbbbbb", RolloutPhase::Progressing, Vec::new());
+        let again = RolloutState {
+            started_at_unix_ms: 5_000,
+            ..first.clone()
+        };
+        let started = |s: &RolloutState| announcements(None, s)[0].id.clone();
+        assert_ne!(started(&first), started(&again));
+        assert_eq!(started(&first), started(&first.clone()));
     }
 
     #[test]

@@ -49,8 +49,8 @@ use flotilla_kit::{
     KitError, RecordStore, now_unix_ms, spawn_consumer,
 };
 use flotilla_proto::v1::{
-    self, ClusterHealth, ClusterRecord, ModelDeployment, PlacementDecision, ReplicaStatus,
-    RolloutPhase, RolloutState,
+    self, ClusterHealth, ClusterRecord, ModelDeployment, PlacementDecision, ReplicaPhase,
+    ReplicaStatus, RolloutPhase, RolloutState,
 };
 use flotilla_proto::{ControlSubject, EventType};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -555,9 +555,27 @@ impl Rollouts {
         let Some(spec) = deployment.and_then(|d| d.spec) else {
             let retire = advance::retire(name, replicas, &view.live);
             span.record("generation", retire.generation);
-            return self
-                .send(name, retire.generation, None, retire.steps, sent)
-                .await;
+            let retired = retire.steps.is_empty()
+                && replicas.iter().all(|r| r.phase() == ReplicaPhase::Stopped);
+            self.send(name, retire.generation, None, retire.steps, sent)
+                .await?;
+            // Its rollout history ends with it: applied again under the
+            // same name, it is a new deployment whose undo cannot reach
+            // into the old one's specs.
+            if let Some(stored) = stored.filter(|_| retired) {
+                let gone = self
+                    .rollouts
+                    .delete_if(name, |s| *s == stored)
+                    .await
+                    .map_err(|source| StepError::Store {
+                        deployment: name.to_string(),
+                        source,
+                    })?;
+                if gone {
+                    announced.remove(name);
+                }
+            }
+            return Ok(());
         };
         let Some(placement) = self.placements.cached(name) else {
             return Ok(());
