@@ -80,6 +80,21 @@ pub struct ConsumerSpec {
     /// redeliveries. Off only for messages whose handling is idempotent and
     /// frequent (heartbeats), to save two KV round trips each.
     pub remember_handled: bool,
+    /// A consumer of this process's own (`<durable>-<process id>` on the
+    /// server; events still say `<durable>`) rather than one shared by
+    /// every instance. For state every instance keeps in memory (who was
+    /// heard from when).
+    pub own_instance: Option<OwnConsumer>,
+}
+
+/// How a consumer of one process's own starts and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnConsumer {
+    /// It first delivers what was published this long before it was
+    /// created, not the whole stream.
+    pub replay: Duration,
+    /// The server removes it this long after the process stopped asking.
+    pub idle: Duration,
 }
 
 impl ConsumerSpec {
@@ -95,6 +110,7 @@ impl ConsumerSpec {
             remember_handled: true,
             max_in_flight: 1,
             confirm_acks: true,
+            own_instance: None,
         }
     }
 
@@ -300,6 +316,12 @@ where
     Ok(())
 }
 
+/// This process's id among the instances of its service.
+fn process_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string())
+}
+
 fn consumer_error(spec: &ConsumerSpec, e: impl Into<crate::BoxError>) -> KitError {
     KitError::Consumer {
         stream: spec.stream.clone(),
@@ -332,8 +354,12 @@ async fn open(
         .get_stream(&spec.stream)
         .await
         .map_err(|e| consumer_error(spec, e))?;
+    let name = match spec.own_instance {
+        Some(_) => format!("{}-{}", spec.durable, process_id()),
+        None => spec.durable.clone(),
+    };
     let config = pull::Config {
-        durable_name: Some(spec.durable.clone()),
+        durable_name: Some(name.clone()),
         filter_subjects: spec.filter_subjects.clone(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
@@ -343,8 +369,18 @@ async fn open(
         max_deliver: -1,
         ..Default::default()
     };
+    let config = match spec.own_instance {
+        Some(own) => pull::Config {
+            inactive_threshold: own.idle,
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::now_utc() - own.replay,
+            },
+            ..config
+        },
+        None => config,
+    };
     let consumer = stream
-        .get_or_create_consumer(&spec.durable, config)
+        .get_or_create_consumer(&name, config)
         .await
         .map_err(|e| consumer_error(spec, e))?;
     let messages = consumer

@@ -47,7 +47,7 @@ pub mod trace;
 pub use backoff::Backoff;
 pub use bus::{Bus, EventDraft};
 pub use config::{BusArgs, BusConfig, ConfigError};
-pub use consumer::{ConsumerSpec, Delivery, Handler, HandlerError, spawn_consumer};
+pub use consumer::{ConsumerSpec, Delivery, Handler, HandlerError, OwnConsumer, spawn_consumer};
 pub use flotilla_process::shutdown::{Shutdown, shutdown_on_signals};
 pub use flotilla_process::{logging, shutdown};
 pub use health::{Health, Metrics};

@@ -319,3 +319,70 @@ async fn a_bad_heartbeat_gets_an_error_event_and_leaves_kv_alone() {
     assert!(store.list().await.unwrap().is_empty());
     let _ = ControlSubject::ClusterCordon;
 }
+
+#[tokio::test]
+async fn heartbeats_that_change_only_gauges_are_not_written_each_time() {
+    let (_server, bus, mut events) = inventory_running("flotilla.events.>").await;
+    let store = RecordStore::<ClusterRecord>::open(&bus, &bus.topology.clusters.name)
+        .await
+        .unwrap();
+    let beat = |sequence: u64, utilization: u32, env: &str| v1::ClusterHeartbeat {
+        cluster: "eu-3".into(),
+        sequence,
+        sent_at_unix_ms: now_unix_ms(),
+        executor_instance: "x".into(),
+        inventory: Some(v1::ClusterInventory {
+            labels: [("env".to_string(), env.to_string())].into(),
+            gpus: vec![v1::GpuDevice {
+                uuid: "GPU-0".into(),
+                model: "H100-80GB".into(),
+                memory_total_bytes: 80 << 30,
+                memory_free_bytes: 80 << 30,
+                utilization_percent: utilization,
+                ..Default::default()
+            }],
+            source: v1::InventorySource::Declared.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let subject = bus.subjects.telemetry("eu-3").unwrap();
+    bus.publish(subject.clone(), &beat(1, 0, "prod"), None)
+        .await
+        .unwrap();
+    expect_event(&mut events, EventType::ClusterJoined, "eu-3").await;
+    // The joined record, once its event is marked published.
+    let (joined, joined_at) =
+        support::poll_until(DEADLINE, "the join recorded as announced", || async {
+            let (record, revision) = store.get("eu-3").await.ok()??;
+            (record.announced_generation == record.generation)
+                .then_some((revision, record.last_seen_unix_ms))
+        })
+        .await;
+    for sequence in 2..=6 {
+        bus.publish(
+            subject.clone(),
+            &beat(sequence, sequence as u32 * 10, "prod"),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    // A label change is written at once, and it is the only write since
+    // the join: the gauges' changes before it were not.
+    bus.publish(subject.clone(), &beat(7, 70, "staging"), None)
+        .await
+        .unwrap();
+    let (record, revision) = support::poll_until(DEADLINE, "the label change", || async {
+        let (record, revision) = store.get("eu-3").await.ok()??;
+        (record.last_heartbeat_sequence == 7).then_some((record, revision))
+    })
+    .await;
+    // Inside one refresh period of the join (a machine slow enough to
+    // take longer legitimately refreshes the record on the way).
+    let refresh_ms = flotilla_inventory::RECORD_REFRESH.as_millis() as i64;
+    if record.last_seen_unix_ms - joined_at < refresh_ms {
+        assert_eq!(revision, joined + 1, "{record:?}");
+    }
+    assert_eq!(record.inventory.unwrap().labels["env"], "staging");
+}

@@ -23,6 +23,8 @@
 //! marked unhealthy (there is nowhere to fail over to anyway, and the
 //! gateway stops routing to replicas that do not answer).
 
+use std::collections::HashMap;
+
 use flotilla_proto::v1::{ClusterHealth, ClusterRecord};
 
 use crate::lifecycle::{HealthPolicy, on_tick};
@@ -121,9 +123,11 @@ pub struct Judgement {
 }
 
 /// Judges every record's silence at `now_ms`, given since when the hub has
-/// watched (`None`: it is not watching now).
+/// watched (`None`: it is not watching now) and when this instance last
+/// heard each cluster (newer than its record when the write was coalesced).
 pub fn judge(
     records: &mut dyn Iterator<Item = (&str, &ClusterRecord)>,
+    heard: &HashMap<String, i64>,
     watching_since_ms: Option<i64>,
     now_ms: i64,
     policy: &HealthPolicy,
@@ -143,6 +147,8 @@ pub fn judge(
             ClusterHealth::Healthy | ClusterHealth::Degraded
         );
         live += usize::from(is_live);
+        // Heard since the record was last written: silent only since then.
+        let since = heard.get(name).map_or(since, |at| since.max(*at));
         if on_tick(record, now_ms, since, policy).is_some() {
             if is_live {
                 failing.push(name.to_string());

@@ -7,22 +7,28 @@
 //! degraded, unhealthy, left, cordoned, uncordoned.
 //!
 //! The decisions are pure functions in [`lifecycle`]; this module feeds them
-//! from the bus and writes their results. Several instances may run:
-//! heartbeats are shared through one durable consumer, records are written
-//! with compare-and-set so only one write makes a transition, and the event
-//! of a transition has a fixed id so it is stored once whoever publishes it.
+//! from the bus and writes their results. Several instances may run: each
+//! hears every heartbeat (a consumer of its own) and remembers when it last
+//! heard each cluster, records are written with compare-and-set so only
+//! one write makes a transition, and the event of a transition has a fixed
+//! id so it is stored once whoever publishes it. A heartbeat that changes
+//! nothing but liveness and gauges is not written until the record is
+//! [`RECORD_REFRESH`] old: at a thousand clusters that is most of the
+//! bucket's writes.
 //!
 //! Start reading at [`run`].
 
 pub mod detector;
 pub mod lifecycle;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_kit::{
     Bus, BusArgs, BusConfig, ConfigError, ConsumerSpec, Delivery, EventDraft, HandlerError, Health,
-    KitError, RecordStore, now_unix_ms, spawn_consumer,
+    KitError, OwnConsumer, RecordStore, now_unix_ms, spawn_consumer,
 };
 use flotilla_proto::v1::{self, ClusterRecord, event::Payload};
 use flotilla_proto::{ControlSubject, EventType, check_name};
@@ -31,6 +37,12 @@ use tokio_util::sync::CancellationToken;
 pub use lifecycle::HealthPolicy;
 
 pub const SERVICE: &str = "inventory";
+/// A cluster's record is rewritten at least this often while it sends
+/// heartbeats, for readers of `last_seen` (`flotilla get clusters`); what
+/// else a heartbeat changes is written at once.
+pub const RECORD_REFRESH: Duration = Duration::from_secs(5);
+/// An instance's heartbeat consumer outlives it by this long on the server.
+const OWN_CONSUMER_IDLE: Duration = Duration::from_secs(60);
 const TELEMETRY_CONSUMER: &str = "inventory-telemetry";
 const CORDON_CONSUMER: &str = "inventory-cordon";
 
@@ -119,6 +131,15 @@ struct Inventory {
     bus: Bus,
     clusters: RecordStore<ClusterRecord>,
     policy: HealthPolicy,
+    /// The newest heartbeat this instance received from each cluster.
+    heard: Arc<Mutex<HashMap<String, Heard>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Heard {
+    at_ms: i64,
+    executor_instance: String,
+    sequence: u64,
 }
 
 /// Runs the service until `shutdown`.
@@ -134,6 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
         bus: bus.clone(),
         clusters,
         policy: config.policy,
+        heard: Arc::default(),
     };
 
     let mut telemetry = ConsumerSpec::new(
@@ -141,6 +163,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
         TELEMETRY_CONSUMER,
         vec![bus.subjects.telemetry_all()],
     );
+    // Every instance hears every heartbeat: liveness is kept in memory.
+    // Those sent while it started count; older ones would be refused as
+    // skewed.
+    let skew =
+        Duration::from_millis(u64::try_from(config.policy.max_clock_skew_ms / 2).unwrap_or(0));
+    telemetry.own_instance = Some(OwnConsumer {
+        replay: RECORD_REFRESH.min(skew),
+        idle: OWN_CONSUMER_IDLE,
+    });
     // Heartbeats are idempotent (sequence-checked) and frequent: skip the
     // handled ledger, and don't retry one for long, a newer one follows.
     telemetry.remember_handled = false;
@@ -232,10 +263,14 @@ impl Inventory {
                 .await
                 .map_err(HandlerError::retry);
         }
+        if !self.hear(&hb, now) {
+            return Ok(());
+        }
+        let refresh_ms = RECORD_REFRESH.as_millis() as i64;
         let written = self
             .clusters
             .update(&hb.cluster, |current| {
-                lifecycle::on_heartbeat(current, &hb, now)
+                lifecycle::on_heartbeat_coalesced(current, &hb, now, refresh_ms)
             })
             .await
             .map_err(HandlerError::retry)?;
@@ -243,6 +278,35 @@ impl Inventory {
             self.announce(record).await.map_err(HandlerError::retry)?;
         }
         Ok(())
+    }
+
+    /// Remembers a heartbeat as heard; `false` for one of the same
+    /// executor instance no newer than the last (a redelivery).
+    fn hear(&self, hb: &v1::ClusterHeartbeat, now_ms: i64) -> bool {
+        let mut heard = flotilla_kit::sync::lock(&self.heard);
+        if let Some(h) = heard.get(&hb.cluster)
+            && h.executor_instance == hb.executor_instance
+            && hb.sequence <= h.sequence
+        {
+            return false;
+        }
+        heard.insert(
+            hb.cluster.clone(),
+            Heard {
+                at_ms: now_ms,
+                executor_instance: hb.executor_instance.clone(),
+                sequence: hb.sequence,
+            },
+        );
+        true
+    }
+
+    /// When this instance last heard from each cluster.
+    fn last_heard(&self) -> HashMap<String, i64> {
+        flotilla_kit::sync::lock(&self.heard)
+            .iter()
+            .map(|(name, h)| (name.clone(), h.at_ms))
+            .collect()
     }
 
     async fn on_cordon(&self, d: Delivery<v1::CordonCluster>) -> Result<(), HandlerError> {
@@ -336,9 +400,10 @@ impl Inventory {
             let now = now_unix_ms();
             watch.observe(answered.is_ok(), sent, now);
             let since = watch.watching_since(now);
+            let heard = self.last_heard();
             let judgement = self
                 .clusters
-                .scan(|all| detector::judge(all, since, now, &self.policy));
+                .scan(|all| detector::judge(all, &heard, since, now, &self.policy));
             if judgement.held != holding {
                 match (&judgement.held, &answered) {
                     (Some(hold), Err(e)) => tracing::warn!("{hold} ({e})"),
@@ -352,6 +417,7 @@ impl Inventory {
                 let result = match self
                     .clusters
                     .update(&name, |c| {
+                        let since = heard.get(&name).map_or(since, |at| since.max(*at));
                         c.and_then(|c| lifecycle::on_tick(c, now, since, &self.policy))
                     })
                     .await

@@ -198,6 +198,45 @@ fn transition(record: &mut ClusterRecord, ty: EventType, message: String) {
     record.last_transition_message = message;
 }
 
+/// [`on_heartbeat`], written only when it says something new: a
+/// heartbeat that changes nothing but when the cluster was last heard from
+/// and its GPUs' gauges (free memory, utilization, temperature) is `None`
+/// until the stored record is `refresh_ms` old. Liveness between writes
+/// lives in each inventory instance's memory (every instance hears every
+/// heartbeat), as a Kubernetes node's lease does beside its status.
+pub fn on_heartbeat_coalesced(
+    prev: Option<&ClusterRecord>,
+    hb: &ClusterHeartbeat,
+    now_ms: i64,
+    refresh_ms: i64,
+) -> Option<ClusterRecord> {
+    let next = on_heartbeat(prev, hb, now_ms)?;
+    match prev {
+        Some(p)
+            if now_ms - p.last_seen_unix_ms < refresh_ms
+                && without_gauges(p) == without_gauges(&next) =>
+        {
+            None
+        }
+        _ => Some(next),
+    }
+}
+
+/// A record without what every heartbeat changes.
+fn without_gauges(record: &ClusterRecord) -> ClusterRecord {
+    let mut r = record.clone();
+    r.last_seen_unix_ms = 0;
+    r.last_heartbeat_sequence = 0;
+    if let Some(inventory) = r.inventory.as_mut() {
+        for gpu in &mut inventory.gpus {
+            gpu.memory_free_bytes = 0;
+            gpu.utilization_percent = 0;
+            gpu.temperature_celsius = 0;
+        }
+    }
+    r
+}
+
 /// Applies a validated heartbeat. `None`: a stale heartbeat of the same
 /// executor instance, ignored.
 pub fn on_heartbeat(
@@ -494,6 +533,31 @@ mod tests {
             assert_eq!(e.field, field, "{e}");
             assert!(e.reason.contains(reason), "{e}");
         }
+    }
+
+    #[test]
+    fn a_heartbeat_that_changes_only_gauges_is_written_once_per_refresh() {
+        let mut r = on_heartbeat(None, &hb(1, vec![gpu(0)]), 5).unwrap();
+        r.announced_generation = r.generation;
+        let busier = |seq, utilization| {
+            let mut g = gpu(0);
+            g.utilization_percent = utilization;
+            g.memory_free_bytes = 1 << 30;
+            hb(seq, vec![g])
+        };
+        assert!(on_heartbeat_coalesced(Some(&r), &busier(2, 40), 1_005, 5_000).is_none());
+        assert!(on_heartbeat_coalesced(Some(&r), &busier(3, 90), 5_004, 5_000).is_none());
+        let refreshed = on_heartbeat_coalesced(Some(&r), &busier(4, 90), 5_005, 5_000).unwrap();
+        assert_eq!(refreshed.last_seen_unix_ms, 5_005);
+        assert_eq!(refreshed.last_heartbeat_sequence, 4);
+        // Anything else is written at once: one more GPU, a lost one.
+        let more = on_heartbeat_coalesced(Some(&r), &hb(5, vec![gpu(0), gpu(1)]), 1_010, 5_000);
+        assert_eq!(more.unwrap().inventory.unwrap().gpus.len(), 2);
+        let r2 = on_heartbeat(Some(&r), &hb(6, vec![gpu(0), gpu(1)]), 1_020).unwrap();
+        let lost = on_heartbeat_coalesced(Some(&r2), &hb(7, vec![gpu(0)]), 1_030, 5_000).unwrap();
+        assert_eq!(lost.health(), ClusterHealth::Degraded);
+        // A stale one is still ignored.
+        assert!(on_heartbeat_coalesced(Some(&r2), &hb(6, vec![gpu(0)]), 9_000, 5_000).is_none());
     }
 
     #[test]

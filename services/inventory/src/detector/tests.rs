@@ -54,7 +54,13 @@ fn run(row: &Row) -> Judgement {
         watched(&mut watch, from, to, ok);
     }
     let mut records = row.clusters.iter().map(|r| (r.name.as_str(), r));
-    judge(&mut records, watch.watching_since(row.now), row.now, &p)
+    judge(
+        &mut records,
+        &HashMap::new(),
+        watch.watching_since(row.now),
+        row.now,
+        &p,
+    )
 }
 
 #[test]
@@ -251,7 +257,7 @@ fn checked(
             .iter()
             .chain(std::iter::once(&record))
             .map(|r| (r.name.as_str(), r));
-        let judgement = judge(&mut all, Some(0), at, &p);
+        let judgement = judge(&mut all, &HashMap::new(), Some(0), at, &p);
         if judgement.due.iter().any(|n| n == "flappy") {
             record = on_tick(&record, at, 0, &p).unwrap_or(record);
         }
@@ -355,4 +361,17 @@ fn slow_answers_on_a_busy_hub_do_not_break_the_watch_but_a_pause_in_asking_does(
     let sent = answered + 2_000;
     watch.observe(true, sent, sent + 10);
     assert_eq!(watch.watching_since(sent + 10), Some(sent + 10));
+}
+
+#[test]
+fn a_cluster_heard_since_its_record_was_written_is_not_silent() {
+    let p = policy();
+    // Records last written at 1 s (their heartbeats since were coalesced);
+    // "a" was heard at 4.5 s, "b" last at 1 s.
+    let records = [healthy("a", S), healthy("b", S), healthy("c", 5 * S)];
+    let heard = HashMap::from([("a".to_string(), 4_500), ("b".to_string(), S)]);
+    let mut all = records.iter().map(|r| (r.name.as_str(), r));
+    let judgement = judge(&mut all, &heard, Some(0), 5 * S, &p);
+    assert_eq!(judgement.due, vec!["b".to_string()]);
+    assert_eq!(judgement.held, None);
 }
