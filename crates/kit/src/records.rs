@@ -319,6 +319,7 @@ impl<M: Contract + Clone> RecordStore<M> {
                         .await
                         .map_err(|e| match e.kind() {
                             kv::UpdateErrorKind::WrongLastRevision => None,
+                            _ if wrong_last_revision(&e) => None,
                             _ => Some(store_error(&self.bucket, key, e)),
                         })
                 }
@@ -328,6 +329,7 @@ impl<M: Contract + Clone> RecordStore<M> {
                     .await
                     .map_err(|e| match e.kind() {
                         kv::CreateErrorKind::AlreadyExists => None,
+                        _ if wrong_last_revision(&e) => None,
                         _ => Some(store_error(&self.bucket, key, e)),
                     }),
             };
@@ -376,7 +378,12 @@ impl<M: Contract + Clone> RecordStore<M> {
                 Ok(true)
             }
             // Written since: the watch brings the newer record.
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e)
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    || wrong_last_revision(&e) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(store_error(&self.bucket, key, e)),
         }
     }
@@ -396,6 +403,26 @@ impl<M: Contract + Clone> RecordStore<M> {
             let _ = self.changes.send(key.to_string());
         }
     }
+}
+
+/// Whether the server refused a write because the key's last revision
+/// was not the one expected: a conflict to recompute, however the client
+/// library classified it. A clustered nats-server answers some of these
+/// with code 10164, which async-nats reports as an unknown error.
+fn wrong_last_revision(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(answer) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            return matches!(
+                answer.error_code(),
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            );
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn store_error(bucket: &str, key: &str, e: impl Into<BoxError>) -> KitError {
@@ -442,5 +469,31 @@ mod tests {
         assert!(!local.put("a", "v1", 6));
         assert!(local.put("a", "v3", 9));
         assert_eq!(local.live.get("a"), Some(&("v3", 9)));
+    }
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    use async_nats::jetstream::kv::{UpdateError, UpdateErrorKind};
+
+    use super::wrong_last_revision;
+
+    fn answer(code: u32) -> async_nats::jetstream::Error {
+        serde_json::from_str(&format!(
+            r#"{{"code": 400, "err_code": {code}, "description": "wrong last sequence"}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_answers_are_conflicts_and_others_are_not() {
+        for (code, conflict) in [(10071, true), (10164, true), (10158, false)] {
+            let publish = PublishError::with_source(PublishErrorKind::Other, answer(code));
+            let update = UpdateError::with_source(UpdateErrorKind::Other, publish);
+            assert_eq!(wrong_last_revision(&update), conflict, "{code}");
+        }
+        let timeout = UpdateError::new(UpdateErrorKind::TimedOut);
+        assert!(!wrong_last_revision(&timeout));
     }
 }
