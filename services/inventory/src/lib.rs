@@ -164,12 +164,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
         vec![bus.subjects.telemetry_all()],
     );
     // Every instance hears every heartbeat: liveness is kept in memory.
-    // Those sent while it started count; older ones would be refused as
-    // skewed.
-    let skew =
+    // Those sent while it started count (a slow start on a busy machine
+    // included), up to half the clock skew: older ones would be refused.
+    let replay =
         Duration::from_millis(u64::try_from(config.policy.max_clock_skew_ms / 2).unwrap_or(0));
     telemetry.own_instance = Some(OwnConsumer {
-        replay: RECORD_REFRESH.min(skew),
+        replay,
         idle: OWN_CONSUMER_IDLE,
     });
     // Heartbeats are idempotent (sequence-checked) and frequent: skip the
