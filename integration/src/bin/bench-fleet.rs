@@ -63,6 +63,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The simulated members run in this process: `RUST_LOG` shows their
+    // logs (errors only by default, so the table stays readable).
+    flotilla_process::logging::init(flotilla_process::logging::LogFormat::Text, "error");
     let scenario = Scenario {
         clusters: args.clusters,
         deployments: args.deployments,

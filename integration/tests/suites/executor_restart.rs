@@ -80,12 +80,17 @@ impl Events {
         })
     }
 
+    /// Distinct events (by id, as the events stream keeps them: a start
+    /// delivered again for a running replica announces its ready record
+    /// again under the same id, in case that event was lost).
     fn count(&self, ty: EventType, name: &str) -> usize {
         let want = ty.to_string();
         self.seen
             .iter()
             .filter(|e| e.r#type == want && e.name == name)
-            .count()
+            .map(|e| e.id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 }
 

@@ -60,3 +60,20 @@ async fn every_hub_service_killed_mid_rollout_leaves_each_deployment_rolled_out_
     assert!(report.restart_consistent.is_some());
     assert!(report.restart_new_placed.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_of_three_nats_servers_and_one_instance_of_each_service_killed_mid_rollout() {
+    let scenario = Scenario {
+        hub_restart: false,
+        instances: 2,
+        nats_servers: 3,
+        ..small(random_kill_point())
+    };
+    let want = (scenario.deployments + 10) * scenario.clusters_per_deployment;
+    let report = run(scenario).await;
+    // 20 deployments and 10 applied during the first rollout round.
+    assert_eq!(report.replicas_ready, want);
+    assert!(report.halted.is_empty(), "halted: {:?}", report.halted);
+    assert!(report.instance_loss_pause.is_some());
+    assert!(report.nats_loss_pause.is_some());
+}

@@ -166,12 +166,15 @@ async fn a_start_command_serves_the_model_and_a_stop_command_ends_it() {
     .await;
 }
 
-/// A second start command for a replica whose start is still under way
-/// (what the rollout sends the moment a failed start is recorded) waits
-/// for that start to end and then tries again; it is not taken for the
-/// first one delivered again and dropped.
+/// A start that fails is tried again by a new start command naming the
+/// failed record it replaces (what the rollout sends the moment the
+/// failure is recorded, often while the first start has not let go yet);
+/// it is not taken for the first one delivered again. A start that
+/// names another life than the one recorded (a redelivery after its
+/// replica ended, as when a server lost its acknowledgement) starts
+/// nothing.
 #[tokio::test]
-async fn a_retry_that_arrives_while_the_start_fails_starts_it_again() {
+async fn a_retry_of_a_failed_start_starts_it_again_and_a_stale_start_does_not() {
     let (server, bus, mut events) = support::bus_with_events().await;
     fleet::model_provisioner(&support::config(&server));
     let caches = tempfile::tempdir().unwrap();
@@ -192,25 +195,68 @@ async fn a_retry_that_arrives_while_the_start_fails_starts_it_again() {
         ..Default::default()
     });
     let subject = bus.subjects.command("eu-1", CommandAction::Start).unwrap();
-    for attempt in ["-a", "-b"] {
-        let c = support::command("eu-1", 1, attempt, Action::Start(first.clone()));
+    let wanted = [EventType::ReplicaStarting, EventType::ReplicaFailed].map(|t| t.to_string());
+    // Each attempt: its starting, then its failure, both carrying its
+    // command id; the failed record's time is what the next one replaces.
+    let mut replaces = 0;
+    let mut sent = Vec::new();
+    for attempt in ["-a", "-b", "-c"] {
+        let mut start = first.clone();
+        start.replaces_updated_at_unix_ms = replaces;
+        sent.push((attempt, replaces));
+        let c = support::command("eu-1", 1, attempt, Action::Start(start));
+        bus.publish(subject.clone(), &c, None).await.unwrap();
+        for ty in &wanted {
+            let event = next_event(&mut events, DEADLINE, |e| {
+                e.name == "chat-g1-0" && wanted.contains(&e.r#type)
+            })
+            .await
+            .unwrap_or_else(|| panic!("no {ty} of start {attempt} within {DEADLINE:?}"));
+            assert_eq!(
+                (&event.r#type, &event.correlation_id),
+                (ty, &c.command_id),
+                "each attempt starts once and fails once, in turn"
+            );
+            if let Some(Payload::Replica(status)) = event.payload {
+                replaces = status.updated_at_unix_ms;
+            }
+        }
+    }
+
+    // The first two again, as redeliveries after their replica's life
+    // ended: neither starts it.
+    for &(attempt, replaces) in &sent[..2] {
+        let mut start = first.clone();
+        start.replaces_updated_at_unix_ms = replaces;
+        let c = support::command("eu-1", 1, attempt, Action::Start(start));
         bus.publish(subject.clone(), &c, None).await.unwrap();
     }
-    let (mut starting, mut failed) = (0, 0);
-    let wanted = [EventType::ReplicaStarting, EventType::ReplicaFailed].map(|t| t.to_string());
-    while failed < 2 {
-        let event = next_event(&mut events, DEADLINE, |e| {
-            e.name == "chat-g1-0" && wanted.contains(&e.r#type)
-        })
+    let stream = bus
+        .jetstream
+        .get_stream(&bus.topology.commands.name)
         .await
-        .unwrap_or_else(|| {
-            panic!("{failed} failed start(s) of 2 within {DEADLINE:?}; the retry was dropped")
-        });
-        if event.r#type == wanted[0] {
-            starting += 1;
-        } else {
-            failed += 1;
-            assert_eq!(starting, failed, "each failure follows its own start");
-        }
+        .unwrap();
+    support::poll_until(DEADLINE, "the stale starts acknowledged", || async {
+        let info = stream
+            .consumer_info("executor-eu-1-replicas")
+            .await
+            .unwrap();
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+        .await
+        .unwrap();
+    let (record, _) = replicas.get("eu-1.chat-g1-0").await.unwrap().unwrap();
+    assert_eq!(
+        (record.phase(), record.updated_at_unix_ms),
+        (ReplicaPhase::Failed, replaces),
+        "a stale start changed the record"
+    );
+    if let Some(event) = next_event(&mut events, Duration::ZERO, |e| e.name == "chat-g1-0").await {
+        panic!(
+            "a stale start did something: {} {}",
+            event.r#type, event.message
+        );
     }
 }

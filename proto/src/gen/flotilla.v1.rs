@@ -2299,6 +2299,14 @@ pub struct StartReplica {
         skip_serializing_if = "crate::json::is_unset"
     )]
     pub drift_policy: i32,
+    /// The ended life of this replica the start replaces: the
+    /// `updated_at_unix_ms` of its stopped or failed record, 0 when it has
+    /// none. A start that finds the replica recorded as ended at another time
+    /// is stale (delivered again after a later life ended, as after a lost
+    /// acknowledgement) and starts nothing.
+    #[prost(int64, tag = "12")]
+    #[serde(rename = "replacesUpdatedAtUnixMs")]
+    pub replaces_updated_at_unix_ms: i64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -23,7 +23,10 @@
 //! as starting or ready; what it cannot vouch for is stopped and a ready
 //! one reported failed, and replicas nobody recorded are stopped. A start
 //! for a replica the backend already runs does nothing, so a redelivered
-//! command never makes a second one.
+//! command never makes a second one; nor does one delivered again after its
+//! replica was stopped (its acknowledgement lost with a server): a start
+//! names the ended record it replaces, and finding another ended record
+//! it starts nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -59,8 +62,18 @@ const RECONCILE_BACKOFF: Backoff =
 /// handled after it, is due within moments (the two were consumed
 /// together).
 const STOPPED_EARLY_FOR: Duration = Duration::from_secs(600);
+/// The longest wait before a failed command is tried again.
+const COMMAND_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Commands handled at once, by default.
 pub const DEFAULT_MAX_CONCURRENT_STARTS: usize = 8;
+
+/// Whether a record is of a replica's life that ended.
+fn ended(phase: ReplicaPhase) -> bool {
+    matches!(
+        phase,
+        ReplicaPhase::Stopped | ReplicaPhase::Stopping | ReplicaPhase::Failed
+    )
+}
 
 /// A start in progress: cancelled by a stop of the same replica, `done`
 /// once the start let go of it.
@@ -197,11 +210,110 @@ impl<B: ReplicaBackend> Replicas<B> {
     ) -> Result<(), KitError> {
         let key = self.key(&status.replica_id);
         self.replicas.update(&key, |_| Some(status.clone())).await?;
+        self.announce(status, ty, message, correlation).await
+    }
+
+    /// Records a replica starting, unless its record says a life of it
+    /// ended that this start does not replace (`replaces`: when the ended
+    /// record it replaces was written, 0 for none). Such a start is stale:
+    /// a command delivered again after its replica was stopped, as when
+    /// the server lost its acknowledgement. Whether it was recorded.
+    async fn record_starting(
+        &self,
+        status: &ReplicaStatus,
+        replaces: i64,
+        message: String,
+        correlation: &str,
+    ) -> Result<bool, KitError> {
+        let key = self.key(&status.replica_id);
+        let mut stale = false;
+        self.replicas
+            .update(&key, |current| {
+                stale =
+                    current.is_some_and(|r| ended(r.phase()) && r.updated_at_unix_ms != replaces);
+                (!stale).then(|| status.clone())
+            })
+            .await?;
+        if stale {
+            return Ok(false);
+        }
+        self.announce(
+            status.clone(),
+            EventType::ReplicaStarting,
+            message,
+            correlation,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn announce(
+        &self,
+        status: ReplicaStatus,
+        ty: EventType,
+        message: String,
+        correlation: &str,
+    ) -> Result<(), KitError> {
+        // One id per record written: announced again after a failure, the
+        // stream keeps it once.
+        let id = format!(
+            "replica-{}-{ty}-{}",
+            self.key(&status.replica_id),
+            status.updated_at_unix_ms
+        );
         let draft = EventDraft::new(ty, &status.replica_id, message)
+            .id(id)
             .generation(status.generation)
             .correlation_id(correlation)
             .payload(Payload::Replica(status));
         self.bus.publish_event(draft).await
+    }
+
+    /// A start for a replica the backend runs already: delivered again, or
+    /// tried again because its ready record or event could not be written
+    /// (the bus was away). The record is made to say so, and its event
+    /// announced again (the stream keeps one), or the replica would stay
+    /// starting for everyone else.
+    async fn confirm_running(
+        &self,
+        replica_id: &str,
+        correlation: &str,
+    ) -> Result<(), HandlerError> {
+        let _transition = self.transitions.lock().await;
+        let Some((mut status, _)) = self
+            .replicas
+            .get(&self.key(replica_id))
+            .await
+            .map_err(HandlerError::retry)?
+        else {
+            return Ok(());
+        };
+        match status.phase() {
+            ReplicaPhase::Ready => {}
+            ReplicaPhase::Starting => {
+                let Adoption::Adopted(endpoint) = self.backend.adopt(&status).await else {
+                    // Its watch of what runs reports what became of it.
+                    return Ok(());
+                };
+                status.phase = ReplicaPhase::Ready.into();
+                status.endpoint = endpoint;
+                status.message = "serving".into();
+                status.updated_at_unix_ms = now_unix_ms();
+                let key = self.key(replica_id);
+                self.replicas
+                    .update(&key, |_| Some(status.clone()))
+                    .await
+                    .map_err(HandlerError::retry)?;
+            }
+            _ => return Ok(()),
+        }
+        let message = format!(
+            "replica {replica_id} of {} ready at {}",
+            status.deployment, status.endpoint
+        );
+        self.announce(status, EventType::ReplicaReady, message, correlation)
+            .await
+            .map_err(HandlerError::retry)
     }
 
     /// Whether a command of `generation` for `deployment` is current.
@@ -356,8 +468,7 @@ impl<B: ReplicaBackend> Replicas<B> {
         flotilla_proto::check_name("replica", &start.replica_id)
             .map_err(|e| HandlerError::invalid("action.start.replica_id", e.to_string()))?;
         if self.backend.runs(&start.replica_id) {
-            // A redelivered start: the replica runs.
-            return Ok(());
+            return self.confirm_running(&start.replica_id, correlation).await;
         }
         let starting = loop {
             match self.claim_start(&start.replica_id, deployment, correlation) {
@@ -374,7 +485,7 @@ impl<B: ReplicaBackend> Replicas<B> {
                         }
                     }
                     if self.backend.runs(&start.replica_id) {
-                        return Ok(());
+                        return self.confirm_running(&start.replica_id, correlation).await;
                     }
                 }
             }
@@ -439,19 +550,27 @@ impl<B: ReplicaBackend> Replicas<B> {
                 tracing::info!("stopped before it started; not started");
                 return Ok(());
             }
-            self.record(
-                status.clone(),
-                EventType::ReplicaStarting,
-                format!(
-                    "replica {} of {deployment} starting on {} ({})",
-                    start.replica_id,
-                    self.cluster,
-                    self.backend.name()
-                ),
-                correlation,
-            )
-            .await
-            .map_err(HandlerError::retry)?;
+            let recorded = self
+                .record_starting(
+                    &status,
+                    start.replaces_updated_at_unix_ms,
+                    format!(
+                        "replica {} of {deployment} starting on {} ({})",
+                        start.replica_id,
+                        self.cluster,
+                        self.backend.name()
+                    ),
+                    correlation,
+                )
+                .await
+                .map_err(HandlerError::retry)?;
+            if !recorded {
+                tracing::info!(
+                    replaces = start.replaces_updated_at_unix_ms,
+                    "the replica ended since this start was sent; not started again"
+                );
+                return Ok(());
+            }
         }
         let gpu = start.gpu.clone().unwrap_or_default();
         self.holds.hold(&start.replica_id, gpu.count);
@@ -879,8 +998,13 @@ pub fn spawn<B: ReplicaBackend>(
             bus.subjects.command(&cluster, CommandAction::Stop)?,
         ],
     );
-    spec.max_deliveries = 25;
-    spec.max_backoff = Duration::from_secs(30);
+    // A bus that is briefly away (a server of three lost, a stream leader
+    // elected) fails a start fast several times in a row; with a long cap
+    // the start then waited up to half a minute after the bus was back.
+    // Retries stay short and keep trying for about as long as before
+    // (ten minutes: a model still being pushed).
+    spec.max_backoff = COMMAND_MAX_BACKOFF;
+    spec.max_deliveries = 120;
     // A long start or fetch stays claimed by progress acks (every third of
     // this); the command of a killed executor goes to its successor after
     // at most this long.

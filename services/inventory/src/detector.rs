@@ -13,6 +13,15 @@
 //!   start of the hub's current unbroken watch ([`HubWatch`]). While the
 //!   hub is not watching (a round trip failed or is overdue) nothing is
 //!   judged at all.
+//! - **The hub's own pulse.** With two or more live clusters, the hub
+//!   hears someone all the time; a stretch in which it heard nobody for
+//!   half the unhealthy window (the heartbeat stream stalled while the
+//!   server still answers round trips, as in a stream leader election
+//!   after a server of three is lost) is the hub's gap, not theirs. The
+//!   pulse is a second watch fed by heartbeat arrivals: silences count
+//!   only from the start of its current unbroken stretch, so clusters
+//!   whose next heartbeat is still on its way when the stream resumes are
+//!   not blamed for the stall; while it is broken nothing live is judged.
 //! - **Mass silence is the hub's.** When every live cluster (two or more)
 //!   would turn unhealthy at the same moment, the likelier story is one
 //!   failure on the hub's side, not many on theirs: like Kubernetes' node
@@ -96,6 +105,9 @@ pub enum Hold {
     NotWatching,
     /// Every one of this many live clusters fell silent together.
     AllSilent { clusters: usize },
+    /// No heartbeat from any of this many live clusters for half the
+    /// window, while the server answers.
+    NoPulse { clusters: usize },
 }
 
 impl std::fmt::Display for Hold {
@@ -109,6 +121,10 @@ impl std::fmt::Display for Hold {
                 f,
                 "all {clusters} live clusters fell silent at once: taken as the hub's trouble, not theirs; nothing is marked unhealthy until heartbeats resume"
             ),
+            Hold::NoPulse { clusters } => write!(
+                f,
+                "no heartbeat from any of {clusters} live clusters for half the unhealthy window while the server answers (the heartbeat stream stalled): nothing live is marked unhealthy until heartbeats flow again"
+            ),
         }
     }
 }
@@ -120,33 +136,51 @@ pub struct Judgement {
     pub due: Vec<String>,
     /// Set when silences that would turn clusters unhealthy are held.
     pub held: Option<Hold>,
+    /// Since when silences were counted (the later of the two watches;
+    /// the round trips' alone for a fleet of one).
+    pub since_ms: Option<i64>,
 }
 
 /// Judges every record's silence at `now_ms`, given since when the hub has
-/// watched (`None`: it is not watching now) and when this instance last
+/// watched by round trips (`None`: it is not watching now) and by the
+/// pulse of heartbeats (`None`: broken now), and when this instance last
 /// heard each cluster (newer than its record when the write was coalesced).
 pub fn judge(
     records: &mut dyn Iterator<Item = (&str, &ClusterRecord)>,
     heard: &HashMap<String, i64>,
     watching_since_ms: Option<i64>,
+    pulse_since_ms: Option<i64>,
     now_ms: i64,
     policy: &HealthPolicy,
 ) -> Judgement {
-    let Some(since) = watching_since_ms else {
+    let Some(watching_since) = watching_since_ms else {
         return Judgement {
             due: Vec::new(),
             held: Some(Hold::NotWatching),
+            since_ms: None,
         };
     };
-    let mut live = 0usize;
+    let records: Vec<(&str, &ClusterRecord)> = records.collect();
+    let is_live = |record: &ClusterRecord| {
+        matches!(
+            record.health(),
+            ClusterHealth::Healthy | ClusterHealth::Degraded
+        )
+    };
+    let live = records.iter().filter(|(_, r)| is_live(r)).count();
+    // A fleet of one has no pulse but its own heartbeats.
+    let (since, no_pulse) = if live >= MASS_SILENCE_MIN_CLUSTERS {
+        match pulse_since_ms {
+            Some(pulse) => (watching_since.max(pulse), false),
+            None => (watching_since, true),
+        }
+    } else {
+        (watching_since, false)
+    };
     let mut failing = Vec::new();
     let mut leaving = Vec::new();
     for (name, record) in records {
-        let is_live = matches!(
-            record.health(),
-            ClusterHealth::Healthy | ClusterHealth::Degraded
-        );
-        live += usize::from(is_live);
+        let is_live = is_live(record);
         // Heard since the record was last written: silent only since then.
         let since = heard.get(name).map_or(since, |at| since.max(*at));
         if on_tick(record, now_ms, since, policy).is_some() {
@@ -160,8 +194,11 @@ pub fn judge(
     let mut judgement = Judgement {
         due: leaving,
         held: None,
+        since_ms: Some(since),
     };
-    if !failing.is_empty() && live >= MASS_SILENCE_MIN_CLUSTERS && failing.len() == live {
+    if no_pulse {
+        judgement.held = Some(Hold::NoPulse { clusters: live });
+    } else if !failing.is_empty() && live >= MASS_SILENCE_MIN_CLUSTERS && failing.len() == live {
         judgement.held = Some(Hold::AllSilent { clusters: live });
     } else {
         judgement.due.extend(failing);

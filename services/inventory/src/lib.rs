@@ -133,6 +133,8 @@ struct Inventory {
     policy: HealthPolicy,
     /// The newest heartbeat this instance received from each cluster.
     heard: Arc<Mutex<HashMap<String, Heard>>>,
+    /// The hub's pulse: a watch fed by every heartbeat received.
+    pulse: Arc<Mutex<detector::HubWatch>>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +158,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Inve
         clusters,
         policy: config.policy,
         heard: Arc::default(),
+        pulse: Arc::new(Mutex::new(detector::HubWatch::new(
+            detector::HubWatch::gap_for(&config.policy),
+        ))),
     };
 
     let mut telemetry = ConsumerSpec::new(
@@ -298,6 +303,7 @@ impl Inventory {
                 sequence: hb.sequence,
             },
         );
+        flotilla_kit::sync::lock(&self.pulse).observe(true, now_ms, now_ms);
         true
     }
 
@@ -399,11 +405,19 @@ impl Inventory {
             };
             let now = now_unix_ms();
             watch.observe(answered.is_ok(), sent, now);
-            let since = watch.watching_since(now);
             let heard = self.last_heard();
-            let judgement = self
-                .clusters
-                .scan(|all| detector::judge(all, &heard, since, now, &self.policy));
+            let pulse = flotilla_kit::sync::lock(&self.pulse).watching_since(now);
+            let judgement = self.clusters.scan(|all| {
+                detector::judge(
+                    all,
+                    &heard,
+                    watch.watching_since(now),
+                    pulse,
+                    now,
+                    &self.policy,
+                )
+            });
+            let since = judgement.since_ms;
             if judgement.held != holding {
                 match (&judgement.held, &answered) {
                     (Some(hold), Err(e)) => tracing::warn!("{hold} ({e})"),

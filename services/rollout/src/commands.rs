@@ -92,6 +92,7 @@ fn executor_command(
             cluster,
             replica_id,
             command_id,
+            replaces_updated_at_unix_ms,
         } => {
             let (spec, placement) = desired?;
             let model = spec.model.as_ref()?;
@@ -116,6 +117,7 @@ fn executor_command(
                 tolerations: placement_spec.tolerations,
                 engine: spec.engine.clone(),
                 drift_policy: spec.drift_policy,
+                replaces_updated_at_unix_ms,
                 ..Default::default()
             };
             if let Some(a) = assignment {
@@ -211,6 +213,7 @@ mod tests {
             cluster: cluster.into(),
             replica_id: "llama-0".into(),
             command_id: "llama-0-start-1".into(),
+            replaces_updated_at_unix_ms: 5,
         };
         let (kind, command) =
             executor_command("llama", 3, step, Some((spec, &placement()))).unwrap();
@@ -233,6 +236,7 @@ mod tests {
         assert_eq!(gpu.types, ["L4"]);
         assert_eq!((start.tensor_parallel, start.pipeline_parallel), (4, 2));
         assert_eq!(start.gpu_model, "L4-24GB");
+        assert_eq!(start.replaces_updated_at_unix_ms, 5, "the life it replaces");
 
         let start = start_on("h100", &spec);
         assert_eq!(start.gpu.as_ref().unwrap().count, 4);
@@ -276,6 +280,7 @@ mod tests {
             cluster: "gke-l4".into(),
             replica_id: "llama-0".into(),
             command_id: "c".into(),
+            replaces_updated_at_unix_ms: 0,
         };
         assert_eq!(executor_command("llama", 4, start, None), None);
         let stop = Step::Stop {

@@ -441,22 +441,32 @@ impl Rollouts {
     }
 
     fn view(&self, due: &Due) -> View {
-        let all_clusters = self.clusters.cached_all();
-        let live = all_clusters
-            .iter()
-            .filter(|(_, c)| matches!(c.health(), ClusterHealth::Healthy | ClusterHealth::Degraded))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let clusters = all_clusters
-            .into_iter()
-            .map(|(n, c)| {
+        // Scanned, not cloned: a cluster record carries every GPU, and a
+        // round runs on every replica change.
+        let (live, clusters) = self.clusters.scan(|all| {
+            let mut live = BTreeSet::new();
+            let mut clusters = ClusterLabels::new();
+            for (n, c) in all {
+                if matches!(c.health(), ClusterHealth::Healthy | ClusterHealth::Degraded) {
+                    live.insert(n.to_string());
+                }
                 let labels = c
                     .inventory
-                    .map(|i| i.labels.into_iter().collect())
+                    .as_ref()
+                    .map(|i| {
+                        i.labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                (n, labels)
-            })
-            .collect();
+                clusters.push((n.to_string(), labels));
+            }
+            // By name: the store's order is a hash map's, and rounds are
+            // compared to tell whether the fleet changed.
+            clusters.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            (live, clusters)
+        });
         let mut replicas: BTreeMap<String, Vec<ReplicaStatus>> = BTreeMap::new();
         for (_, r) in self.replicas.select(|_, r| due.includes(&r.deployment)) {
             replicas.entry(r.deployment.clone()).or_default().push(r);

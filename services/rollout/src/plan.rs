@@ -25,6 +25,9 @@ pub enum Step {
         replica_id: String,
         /// Fixed per attempt, so repeated reconciles send it once.
         command_id: String,
+        /// When the ended record this start replaces was written (0: none);
+        /// the executor refuses the start once the replica has ended since.
+        replaces_updated_at_unix_ms: i64,
     },
     Stop {
         cluster: String,
@@ -156,12 +159,12 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
         ..Plan::default()
     };
     let (mut new_alive, mut new_ready) = (0u32, 0u32);
-    let mut to_start: Vec<(&str, &str, String)> = Vec::new();
+    let mut to_start: Vec<(&str, &str, String, i64)> = Vec::new();
     for (cluster, id) in &wanted {
         match by_id.get(id.as_str()) {
             None => {
                 if input.live.contains(cluster) {
-                    to_start.push((cluster, id, format!("{id}-start-p{}", p.generation)));
+                    to_start.push((cluster, id, format!("{id}-start-p{}", p.generation), 0));
                 }
             }
             Some(r) => {
@@ -173,7 +176,12 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
                     new_alive += 1;
                     new_ready += u32::from(phase == ReplicaPhase::Ready);
                 } else if input.live.contains(cluster) {
-                    to_start.push((cluster, id, format!("{id}-start-{}", r.updated_at_unix_ms)));
+                    to_start.push((
+                        cluster,
+                        id,
+                        format!("{id}-start-{}", r.updated_at_unix_ms),
+                        r.updated_at_unix_ms,
+                    ));
                 }
             }
         }
@@ -208,7 +216,7 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
         let limit = desired + input.limits.max_surge;
         let mut surge = limit.saturating_sub(new_alive + old_alive);
         let mut deficit = desired.saturating_sub(new_alive + old_alive);
-        for (cluster, id, command_id) in to_start {
+        for (cluster, id, command_id, replaces) in to_start {
             let now = if is_active(cluster) {
                 surge > 0
             } else {
@@ -221,6 +229,7 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
                     cluster: cluster.to_string(),
                     replica_id: id.to_string(),
                     command_id,
+                    replaces_updated_at_unix_ms: replaces,
                 });
             }
         }
@@ -436,7 +445,8 @@ mod tests {
         assert_eq!(plan.failures, vec![format!("{}@7", failed[0].replica_id)]);
         assert!(matches!(
             &plan.steps[..],
-            [Step::Start { command_id, .. }] if command_id.ends_with("-start-7")
+            [Step::Start { command_id, replaces_updated_at_unix_ms: 7, .. }]
+                if command_id.ends_with("-start-7")
         ));
         let halted = plan_halted(&p, &failed);
         assert!(halted.steps.is_empty());

@@ -54,13 +54,9 @@ fn run(row: &Row) -> Judgement {
         watched(&mut watch, from, to, ok);
     }
     let mut records = row.clusters.iter().map(|r| (r.name.as_str(), r));
-    judge(
-        &mut records,
-        &HashMap::new(),
-        watch.watching_since(row.now),
-        row.now,
-        &p,
-    )
+    // Heartbeats arrived all along: the pulse is no later than the watch.
+    let since = watch.watching_since(row.now);
+    judge(&mut records, &HashMap::new(), since, since, row.now, &p)
 }
 
 #[test]
@@ -257,7 +253,7 @@ fn checked(
             .iter()
             .chain(std::iter::once(&record))
             .map(|r| (r.name.as_str(), r));
-        let judgement = judge(&mut all, &HashMap::new(), Some(0), at, &p);
+        let judgement = judge(&mut all, &HashMap::new(), Some(0), Some(0), at, &p);
         if judgement.due.iter().any(|n| n == "flappy") {
             record = on_tick(&record, at, 0, &p).unwrap_or(record);
         }
@@ -371,7 +367,70 @@ fn a_cluster_heard_since_its_record_was_written_is_not_silent() {
     let records = [healthy("a", S), healthy("b", S), healthy("c", 5 * S)];
     let heard = HashMap::from([("a".to_string(), 4_500), ("b".to_string(), S)]);
     let mut all = records.iter().map(|r| (r.name.as_str(), r));
-    let judgement = judge(&mut all, &heard, Some(0), 5 * S, &p);
+    let judgement = judge(&mut all, &heard, Some(0), Some(0), 5 * S, &p);
     assert_eq!(judgement.due, vec!["b".to_string()]);
     assert_eq!(judgement.held, None);
+}
+
+/// A server of three lost: the heartbeat stream stalls for its leader
+/// election while round trips still answer. Heartbeats were spread over
+/// the interval, so at no moment were all clusters past the window
+/// together; the pulse, not the mass-silence rule, keeps them healthy.
+#[test]
+fn a_stalled_heartbeat_stream_is_the_hubs_gap_and_no_cluster_is_blamed_for_it() {
+    let p = policy();
+    let mut pulse = HubWatch::new(HubWatch::gap_for(&p));
+    // Four clusters heard every 500 ms, spread, until 10 s; the stream
+    // stalls 10 s to 14 s; from then on only "a" and "b" are heard again
+    // before the check ("c" and "d" are on their way); "d" died at 10 s.
+    let mut last = HashMap::new();
+    for at in (0..10 * S).step_by(125) {
+        let name = ["a", "b", "c", "d"][(at / 125 % 4) as usize];
+        pulse.observe(true, at, at);
+        last.insert(name.to_string(), at);
+    }
+    assert_eq!(pulse.watching_since(13 * S), None, "the stall broke it");
+    for (name, at) in [("a", 14 * S), ("b", 14_100)] {
+        pulse.observe(true, at, at);
+        last.insert(name.to_string(), at);
+    }
+    let records: Vec<ClusterRecord> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| healthy(n, last[*n]))
+        .collect();
+    let check = |heard: &HashMap<String, i64>, now: i64, pulse_since: Option<i64>| {
+        let mut all = records.iter().map(|r| (r.name.as_str(), r));
+        judge(&mut all, heard, Some(0), pulse_since, now, &p)
+    };
+
+    // During the stall: nobody heard for 2 s, which breaks the pulse.
+    let during = check(&last, 13 * S, None);
+    assert_eq!(during.due, Vec::<String>::new());
+    assert_eq!(during.held, Some(Hold::NoPulse { clusters: 4 }));
+
+    // Just after it: "c" and "d" were silent 4 s by the wall clock, but
+    // the pulse started again at 14 s, so neither is due yet.
+    let since = pulse.watching_since(14_200);
+    assert_eq!(since, Some(14 * S));
+    let after = check(&last, 14_200, since);
+    assert_eq!(after.due, Vec::<String>::new());
+    assert_eq!(after.held, None);
+    assert_eq!(after.since_ms, Some(14 * S));
+
+    // A full window after the pulse resumed, the one still silent is due.
+    let mut pulse_later = pulse;
+    let mut heard_later = last.clone();
+    for (i, at) in (14_200..17_200).step_by(250).enumerate() {
+        pulse_later.observe(true, at, at);
+        heard_later.insert(["a", "b"][i % 2].to_string(), at);
+    }
+    let later = check(&heard_later, 17_200, pulse_later.watching_since(17_200));
+    assert_eq!(later.due, vec!["c".to_string(), "d".to_string()]);
+
+    // A fleet of one has no pulse but its own: its silence is judged by
+    // the round trips alone.
+    let one = [healthy("only", 10 * S)];
+    let mut all = one.iter().map(|r| (r.name.as_str(), r));
+    let alone = judge(&mut all, &HashMap::new(), Some(0), None, 14 * S, &p);
+    assert_eq!(alone.due, vec!["only".to_string()]);
 }
