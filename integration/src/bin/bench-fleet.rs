@@ -55,6 +55,11 @@ struct Args {
     /// The hub services' `RUST_LOG`.
     #[arg(long, default_value = "warn")]
     service_log: String,
+    /// Inventory's `--unhealthy-after` (at least three heartbeats). The
+    /// simulated members share the hub's CPUs, so their heartbeats can
+    /// queue for seconds at a thousand clusters on two cores.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    unhealthy_after: Duration,
     /// The longest a phase may take.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     phase_deadline: Duration,
@@ -82,12 +87,14 @@ async fn main() -> anyhow::Result<()> {
         phase_deadline: args.phase_deadline,
         log_dir: args.log_dir,
         service_log: args.service_log,
+        unhealthy_after: args.unhealthy_after,
     };
     println!("machine: {}", flotilla_integration::bench::cpu_line());
     println!(
-        "scenario: {} clusters (heartbeat every {:?}), {} deployments x PickN {} (one replica per cluster, ready {:?} after its start), applied at {}/s; rounds of {} concurrent 3-stage rollouts (20/30/50 %); {} instance(s) of each hub service; {} nats-server(s)",
+        "scenario: {} clusters (heartbeat every {:?}, unhealthy after {:?} of silence), {} deployments x PickN {} (one replica per cluster, ready {:?} after its start), applied at {}/s; rounds of {} concurrent 3-stage rollouts (20/30/50 %); {} instance(s) of each hub service; {} nats-server(s)",
         scenario.clusters,
         scenario.heartbeat_interval,
+        scenario.unhealthy_after,
         scenario.deployments,
         scenario.clusters_per_deployment,
         scenario.ready_after,

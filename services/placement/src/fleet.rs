@@ -73,12 +73,121 @@ impl ClusterView {
     /// The view of a cluster record at `now_ms`; a cluster that recovered
     /// less than `probation_ms` ago is on probation (flap damping).
     pub fn from_record(record: &ClusterRecord, now_ms: i64, probation_ms: i64) -> Self {
-        let inventory = record.inventory.clone().unwrap_or_default();
+        Self {
+            availability: availability(record, now_ms, probation_ms),
+            ..Self::of_record(record)
+        }
+    }
+
+    /// What [`Self::from_record`] reads from the record alone (all of it
+    /// but the availability, which moves with the clock).
+    fn of_record(record: &ClusterRecord) -> Self {
+        let empty = flotilla_proto::v1::ClusterInventory::default();
+        let inventory = record.inventory.as_ref().unwrap_or(&empty);
+        Self::grouped(record, inventory)
+    }
+}
+
+/// Cluster views kept between fleets, each rebuilt only when its record
+/// was written again: a record carries every GPU, and placement builds the
+/// fleet on every burst of heartbeats and every apply.
+#[derive(Debug, Default)]
+pub struct ViewCache {
+    views: HashMap<String, (RecordStamp, ClusterView)>,
+}
+
+/// What changes whenever inventory writes a cluster's record: a heartbeat
+/// write sets `last_seen`, a transition bumps `generation`, a cordon sets
+/// `cordoned`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordStamp {
+    last_seen_unix_ms: i64,
+    generation: u64,
+    cordoned: bool,
+    health: i32,
+    recovered_at_unix_ms: i64,
+}
+
+impl RecordStamp {
+    fn of(record: &ClusterRecord) -> Self {
+        Self {
+            last_seen_unix_ms: record.last_seen_unix_ms,
+            generation: record.generation,
+            cordoned: record.cordoned,
+            health: record.health,
+            recovered_at_unix_ms: record.recovered_at_unix_ms,
+        }
+    }
+}
+
+impl ViewCache {
+    /// The fleet of `records` at `now_ms`, as [`ClusterView::from_record`]
+    /// would make it; clusters no longer recorded are forgotten.
+    pub fn fleet<'k, 'r>(
+        &mut self,
+        records: &mut dyn Iterator<Item = (&'k str, &'r ClusterRecord)>,
+        now_ms: i64,
+        probation_ms: i64,
+    ) -> Fleet {
+        let mut seen = std::collections::HashSet::new();
+        let mut views = Vec::new();
+        for (name, record) in records {
+            let stamp = RecordStamp::of(record);
+            let entry = self
+                .views
+                .entry(name.to_string())
+                .and_modify(|(at, view)| {
+                    if *at != stamp {
+                        *at = stamp;
+                        *view = ClusterView::of_record(record);
+                    }
+                })
+                .or_insert_with(|| (stamp, ClusterView::of_record(record)));
+            let mut view = entry.1.clone();
+            view.availability = availability(record, now_ms, probation_ms);
+            seen.insert(name);
+            views.push(view);
+        }
+        self.views.retain(|name, _| seen.contains(name.as_str()));
+        Fleet::new(views)
+    }
+}
+
+/// Whether new replicas may go to the cluster at `now_ms`; one that
+/// recovered less than `probation_ms` ago is on probation (flap damping).
+fn availability(record: &ClusterRecord, now_ms: i64, probation_ms: i64) -> Availability {
+    match record.health() {
+        ClusterHealth::Healthy
+            if now_ms - record.recovered_at_unix_ms < probation_ms
+                && record.recovered_at_unix_ms > 0 =>
+        {
+            Availability::Probation {
+                remaining_ms: probation_ms - (now_ms - record.recovered_at_unix_ms),
+            }
+        }
+        ClusterHealth::Healthy => Availability::Available,
+        ClusterHealth::Degraded => Availability::Degraded(record.health_reason.clone()),
+        ClusterHealth::Unhealthy | ClusterHealth::Unspecified => {
+            Availability::Unhealthy(record.health_reason.clone())
+        }
+        ClusterHealth::Left => Availability::Left,
+    }
+}
+
+impl ClusterView {
+    fn grouped(record: &ClusterRecord, inventory: &flotilla_proto::v1::ClusterInventory) -> Self {
         let mut gpus: Vec<GpuGroup> = Vec::new();
         // (model, node) -> GPUs, in the order first seen.
         let mut nodes: Vec<(&str, &str, u32)> = Vec::new();
+        // A node's GPUs come together in a heartbeat: the last group and
+        // node are tried first, so a cluster of N GPUs costs about N
+        // comparisons, not N times its nodes.
         for gpu in &inventory.gpus {
-            match gpus.iter_mut().find(|g| g.model == gpu.model) {
+            let group = match gpus.last_mut() {
+                Some(last) if last.model == gpu.model => Some(last),
+                _ => gpus.iter_mut().find(|g| g.model == gpu.model),
+            };
+            match group {
                 Some(g) => {
                     g.count += 1;
                     g.allocated += u32::from(gpu.allocated);
@@ -93,10 +202,12 @@ impl ClusterView {
                     per_node: Vec::new(),
                 }),
             }
-            match nodes
-                .iter_mut()
-                .find(|(m, n, _)| *m == gpu.model && *n == gpu.node)
-            {
+            let same = |(m, n, _): &&mut (&str, &str, u32)| *m == gpu.model && *n == gpu.node;
+            let node = match nodes.last_mut() {
+                Some(last) if same(&last) => Some(last),
+                _ => nodes.iter_mut().find(|e| same(e)),
+            };
+            match node {
                 Some((_, _, count)) => *count += 1,
                 None => nodes.push((&gpu.model, &gpu.node, 1)),
             }
@@ -109,27 +220,11 @@ impl ClusterView {
                 .collect();
             g.per_node.sort_unstable_by(|a, b| b.cmp(a));
         }
-        let availability = match record.health() {
-            ClusterHealth::Healthy
-                if now_ms - record.recovered_at_unix_ms < probation_ms
-                    && record.recovered_at_unix_ms > 0 =>
-            {
-                Availability::Probation {
-                    remaining_ms: probation_ms - (now_ms - record.recovered_at_unix_ms),
-                }
-            }
-            ClusterHealth::Healthy => Availability::Available,
-            ClusterHealth::Degraded => Availability::Degraded(record.health_reason.clone()),
-            ClusterHealth::Unhealthy | ClusterHealth::Unspecified => {
-                Availability::Unhealthy(record.health_reason.clone())
-            }
-            ClusterHealth::Left => Availability::Left,
-        };
         Self {
+            availability: Availability::Available,
             name: record.name.clone(),
             labels: inventory.labels.clone(),
             taints: inventory.taints.clone(),
-            availability,
             cordoned: record.cordoned.then(|| record.cordon_reason.clone()),
             gpus,
             cost_per_gpu_hour: inventory.cost_per_gpu_hour,
@@ -210,5 +305,72 @@ impl Commitments {
 
     pub fn remove(&mut self, decision: &v1::PlacementDecision) {
         self.adjust(decision, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, allocated: usize, last_seen: i64) -> ClusterRecord {
+        let gpus = (0..4)
+            .map(|i| v1::GpuDevice {
+                model: "H100-80GB".into(),
+                allocated: i < allocated,
+                ..Default::default()
+            })
+            .collect();
+        ClusterRecord {
+            name: name.into(),
+            health: ClusterHealth::Healthy.into(),
+            last_seen_unix_ms: last_seen,
+            recovered_at_unix_ms: 1_000,
+            inventory: Some(v1::ClusterInventory {
+                gpus,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn uncached(records: &[ClusterRecord], now: i64) -> Vec<ClusterView> {
+        records
+            .iter()
+            .map(|r| ClusterView::from_record(r, now, 5_000))
+            .collect()
+    }
+
+    #[test]
+    fn cached_views_follow_rewritten_records_and_the_clock() {
+        let mut cache = ViewCache::default();
+        let mut records = vec![record("a", 0, 10), record("b", 1, 10)];
+        let build = |cache: &mut ViewCache, records: &[ClusterRecord], now| {
+            let mut all = records.iter().map(|r| (r.name.as_str(), r));
+            cache.fleet(&mut all, now, 5_000).clusters
+        };
+        // On probation at first (recovered at 1 s), available later.
+        assert_eq!(
+            build(&mut cache, &records, 2_000),
+            uncached(&records, 2_000)
+        );
+        assert!(matches!(
+            build(&mut cache, &records, 2_000)[0].availability,
+            Availability::Probation { .. }
+        ));
+        assert_eq!(
+            build(&mut cache, &records, 9_000),
+            uncached(&records, 9_000)
+        );
+
+        // Rewritten by a heartbeat: its new GPUs show.
+        records[0] = record("a", 3, 11);
+        let fleet = build(&mut cache, &records, 9_000);
+        assert_eq!(fleet, uncached(&records, 9_000));
+        assert_eq!(fleet[0].gpus[0].allocated, 3);
+
+        // Gone from the bucket: gone from the fleet and the cache.
+        records.pop();
+        assert_eq!(build(&mut cache, &records, 9_000).len(), 1);
+        assert_eq!(cache.views.len(), 1);
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Planner {
     probation_ms: i64,
     /// The fleet as last planned against, to tell what changed.
     last_views: BTreeMap<String, ClusterView>,
+    /// Cluster views, rebuilt only for records written since.
+    views: std::sync::Mutex<crate::fleet::ViewCache>,
     /// Autoscaled deployments' recent recommendations `(at, count)`.
     scale_history: BTreeMap<String, Vec<(i64, u32)>>,
 }
@@ -79,6 +81,7 @@ impl Planner {
             settings,
             probation_ms,
             last_views: BTreeMap::new(),
+            views: std::sync::Mutex::default(),
             scale_history: BTreeMap::new(),
         }
     }
@@ -124,10 +127,9 @@ impl Planner {
 
     fn fleet(&self) -> Fleet {
         let now = now_unix_ms();
-        Fleet::new(self.clusters.scan(|all| {
-            all.map(|(_, r)| ClusterView::from_record(r, now, self.probation_ms))
-                .collect()
-        }))
+        let mut views = flotilla_kit::sync::lock(&self.views);
+        self.clusters
+            .scan(|all| views.fleet(all, now, self.probation_ms))
     }
 
     /// The GPUs every placement holds; kept up to date by [`Self::plan`]
