@@ -123,9 +123,9 @@ impl RecordStamp {
 impl ViewCache {
     /// The fleet of `records` at `now_ms`, as [`ClusterView::from_record`]
     /// would make it; clusters no longer recorded are forgotten.
-    pub fn fleet<'k, 'r>(
+    pub fn fleet(
         &mut self,
-        records: &mut dyn Iterator<Item = (&'k str, &'r ClusterRecord)>,
+        records: &mut dyn Iterator<Item = (&str, &ClusterRecord)>,
         now_ms: i64,
         probation_ms: i64,
     ) -> Fleet {
