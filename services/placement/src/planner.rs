@@ -521,16 +521,26 @@ impl Planner {
     /// numbers and placed at once (rollout applies it without gates).
     async fn autoscale(&mut self) {
         let now = now_unix_ms();
-        let usage: Vec<v1::ReplicaUsage> = self
-            .clusters
-            .cached_all()
-            .into_iter()
-            .filter(|(_, c)| c.health() != v1::ClusterHealth::Unhealthy)
-            .flat_map(|(_, c)| c.replicas)
-            .filter(|u| u.ready && now - u.sampled_at_unix_ms <= LOAD_FRESH_MS)
-            .collect();
+        // Runs every second: only autoscaled deployments are copied, and
+        // the cluster records (every GPU, every replica) are scanned for
+        // fresh load alone.
+        let autoscaled: Vec<(String, ModelDeployment)> = self
+            .deployments
+            .select(|_, d| d.spec.as_ref().is_some_and(|s| s.autoscaling.is_some()));
+        self.scale_history
+            .retain(|name, _| autoscaled.iter().any(|(n, _)| n == name));
+        if autoscaled.is_empty() {
+            return;
+        }
+        let usage: Vec<v1::ReplicaUsage> = self.clusters.scan(|all| {
+            all.filter(|(_, c)| c.health() != v1::ClusterHealth::Unhealthy)
+                .flat_map(|(_, c)| c.replicas.iter())
+                .filter(|u| u.ready && now - u.sampled_at_unix_ms <= LOAD_FRESH_MS)
+                .cloned()
+                .collect()
+        });
         let mut scaled = BTreeSet::new();
-        for (name, doc) in self.deployments.cached_all() {
+        for (name, doc) in autoscaled {
             let Ok(request) = spec::validate(&doc) else {
                 continue;
             };
