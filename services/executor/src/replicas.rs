@@ -288,8 +288,8 @@ impl<B: ReplicaBackend> Replicas<B> {
         else {
             return Ok(());
         };
-        match status.phase() {
-            ReplicaPhase::Ready => {}
+        let written = match status.phase() {
+            ReplicaPhase::Ready => true,
             ReplicaPhase::Starting => {
                 let Adoption::Adopted(endpoint) = self.backend.adopt(&status).await else {
                     // Its watch of what runs reports what became of it.
@@ -299,21 +299,22 @@ impl<B: ReplicaBackend> Replicas<B> {
                 status.endpoint = endpoint;
                 status.message = "serving".into();
                 status.updated_at_unix_ms = now_unix_ms();
-                let key = self.key(replica_id);
-                self.replicas
-                    .update(&key, |_| Some(status.clone()))
-                    .await
-                    .map_err(HandlerError::retry)?;
+                false
             }
             _ => return Ok(()),
-        }
+        };
         let message = format!(
             "replica {replica_id} of {} ready at {}",
             status.deployment, status.endpoint
         );
-        self.announce(status, EventType::ReplicaReady, message, correlation)
-            .await
-            .map_err(HandlerError::retry)
+        let announced = if written {
+            self.announce(status, EventType::ReplicaReady, message, correlation)
+                .await
+        } else {
+            self.record(status, EventType::ReplicaReady, message, correlation)
+                .await
+        };
+        announced.map_err(HandlerError::retry)
     }
 
     /// Whether a command of `generation` for `deployment` is current.
