@@ -80,6 +80,11 @@ pub struct ConsumerSpec {
     /// redeliveries. Off only for messages whose handling is idempotent and
     /// frequent (heartbeats), to save two KV round trips each.
     pub remember_handled: bool,
+    /// Subjects among `filter_subjects` whose messages the ledger leaves
+    /// out although `remember_handled`: their handler makes a repeat
+    /// harmless itself (a compare-and-set on what it changes), so the two
+    /// KV round trips would buy nothing. Exact subjects.
+    pub unrecorded_subjects: Vec<String>,
     /// A consumer of this process's own (`<durable>-<process id>` on the
     /// server; events still say `<durable>`) rather than one shared by
     /// every instance. For state every instance keeps in memory (who was
@@ -108,6 +113,7 @@ impl ConsumerSpec {
             max_backoff: Duration::from_secs(30),
             ack_wait: DEFAULT_ACK_WAIT,
             remember_handled: true,
+            unrecorded_subjects: Vec::new(),
             max_in_flight: 1,
             confirm_acks: true,
             own_instance: None,

@@ -296,7 +296,30 @@ impl<M: Contract + Clone> RecordStore<M> {
     /// current record (or `None`) and returns the new one, or `None` to
     /// write nothing. On a conflict it runs again on the fresh record.
     /// Returns what was written.
-    pub async fn update<F>(&self, key: &str, mut change: F) -> Result<Option<M>, KitError>
+    pub async fn update<F>(&self, key: &str, change: F) -> Result<Option<M>, KitError>
+    where
+        F: FnMut(Option<&M>) -> Option<M>,
+    {
+        self.update_from(key, true, change).await
+    }
+
+    /// [`Self::update`] for a key its writer usually creates: with no
+    /// local copy, `change` is first asked with no record and the result
+    /// created without reading the key first. A key that exists after all
+    /// costs the read then, and `change` is asked again with what it holds.
+    pub async fn update_likely_new<F>(&self, key: &str, change: F) -> Result<Option<M>, KitError>
+    where
+        F: FnMut(Option<&M>) -> Option<M>,
+    {
+        self.update_from(key, false, change).await
+    }
+
+    async fn update_from<F>(
+        &self,
+        key: &str,
+        read_first: bool,
+        mut change: F,
+    ) -> Result<Option<M>, KitError>
     where
         F: FnMut(Option<&M>) -> Option<M>,
     {
@@ -304,7 +327,7 @@ impl<M: Contract + Clone> RecordStore<M> {
             .live
             .get(key)
             .map(|(m, rev)| (m.clone(), *rev));
-        if current.is_none() {
+        if current.is_none() && read_first {
             current = self.get(key).await?;
         }
         for _ in 0..MAX_CONFLICTS {

@@ -413,6 +413,70 @@ async fn a_message_published_twice_with_one_msg_id_is_handled_once() {
     assert!(handled.try_recv().is_err());
 }
 
+/// A subject whose handler makes repeats harmless itself is left out of
+/// the ledger; every other subject of the same consumer is recorded.
+#[tokio::test]
+async fn the_ledger_records_handled_messages_except_on_unrecorded_subjects() {
+    let (_server, bus) = provisioned("placement").await;
+    let recorded = bus.subjects.control(ControlSubject::DeploymentApply);
+    let unrecorded = bus.subjects.control(ControlSubject::DeploymentDelete);
+    let (mut handled, stop, task) = spawn_apply_consumer(
+        &bus,
+        "placement-apply",
+        |spec| {
+            spec.filter_subjects.push(unrecorded.clone());
+            spec.unrecorded_subjects = vec![unrecorded.clone()];
+        },
+        |_| Ok(()),
+    );
+    for (subject, name) in [(&recorded, "recorded"), (&unrecorded, "unrecorded")] {
+        publish_raw(
+            &bus,
+            subject.clone(),
+            Bytes::from(deployment(name).encode_to_vec()),
+            None,
+            None,
+        )
+        .await;
+    }
+    let mut sequences = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let d = next(&mut handled, "a message").await;
+        sequences.insert(d.message.metadata.unwrap().name, d.stream_sequence);
+    }
+    // Both acknowledged: whatever the ledger gets, it got before the ack.
+    poll_until(DEADLINE, "both messages acknowledged", || async {
+        let info = apply_consumer(&bus).await;
+        (info.ack_floor.stream_sequence >= sequences["unrecorded"].max(sequences["recorded"]))
+            .then_some(())
+    })
+    .await;
+    let ledger = bus
+        .jetstream
+        .get_key_value(&bus.topology.handled.name)
+        .await
+        .unwrap();
+    let key = |seq: u64| format!("{}.placement-apply.{seq}", bus.topology.control.name);
+    assert!(
+        ledger
+            .get(key(sequences["recorded"]))
+            .await
+            .unwrap()
+            .is_some(),
+        "the recorded subject's message is in the ledger"
+    );
+    assert!(
+        ledger
+            .get(key(sequences["unrecorded"]))
+            .await
+            .unwrap()
+            .is_none(),
+        "the unrecorded subject's message is not"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn trace_context_continues_into_the_handler_and_onto_what_it_publishes() {
     let (_server, bus) = provisioned("placement").await;

@@ -245,6 +245,7 @@ impl ReplicaHalf {
             backend,
             self.cache,
             self.store,
+            &shutdown,
         )
         .await?
         .with_holds(self.holds);

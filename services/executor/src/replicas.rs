@@ -151,8 +151,10 @@ impl<B: ReplicaBackend> Replicas<B> {
         backend: B,
         cache: Arc<ModelCache>,
         store: ObjectStore,
+        shutdown: &CancellationToken,
     ) -> Result<Self, KitError> {
         let models = RecordStore::open(&bus, &bus.topology.models.name).await?;
+        models.start_watch(shutdown.clone()).await?;
         let replicas = RecordStore::open(&bus, &bus.topology.replicas.name).await?;
         Ok(Self::over_stores(
             bus, cluster, region, backend, cache, store, models, replicas,
@@ -227,13 +229,17 @@ impl<B: ReplicaBackend> Replicas<B> {
     ) -> Result<bool, KitError> {
         let key = self.key(&status.replica_id);
         let mut stale = false;
-        self.replicas
-            .update(&key, |current| {
-                stale =
-                    current.is_some_and(|r| ended(r.phase()) && r.updated_at_unix_ms != replaces);
-                (!stale).then(|| status.clone())
-            })
-            .await?;
+        // A first start usually finds no record: it is created without
+        // reading the key first.
+        let write = |current: Option<&ReplicaStatus>| {
+            stale = current.is_some_and(|r| ended(r.phase()) && r.updated_at_unix_ms != replaces);
+            (!stale).then(|| status.clone())
+        };
+        if replaces == 0 {
+            self.replicas.update_likely_new(&key, write).await?;
+        } else {
+            self.replicas.update(&key, write).await?;
+        }
         if stale {
             return Ok(false);
         }
@@ -315,6 +321,18 @@ impl<B: ReplicaBackend> Replicas<B> {
                 .await
         };
         announced.map_err(HandlerError::retry)
+    }
+
+    /// The model a start names. A watched copy that says it is ready
+    /// spares each start a round trip; any other answer is read from the
+    /// server, where a model pushed a moment ago is already ready.
+    async fn model(&self, name: &str) -> Result<Option<ModelRecord>, KitError> {
+        if let Some(watched) = self.models.cached(name)
+            && watched.phase() == ModelPhase::Ready
+        {
+            return Ok(Some(watched));
+        }
+        Ok(self.models.get(name).await?.map(|(record, _)| record))
     }
 
     /// Whether a command of `generation` for `deployment` is current.
@@ -493,12 +511,7 @@ impl<B: ReplicaBackend> Replicas<B> {
         };
         let cancel = starting.claim.cancel.clone();
         let model = start.model.clone().unwrap_or_default();
-        let Some((record, _)) = self
-            .models
-            .get(&model.name)
-            .await
-            .map_err(HandlerError::retry)?
-        else {
+        let Some(record) = self.model(&model.name).await.map_err(HandlerError::retry)? else {
             return Err(HandlerError::invalid(
                 "action.start.model.name",
                 format!("no model named {:?}", model.name),
@@ -1013,6 +1026,11 @@ pub fn spawn<B: ReplicaBackend>(
     // Each command in hand has its own progress acks and is acknowledged
     // when its own handler returns.
     spec.max_in_flight = max_concurrent_starts.max(1);
+    // A start delivered again is harmless by itself: one for a replica
+    // that runs confirms it, one for a replica ended since is stale (see
+    // `record_starting`). A stop is recorded: delivered again after a
+    // later start of its replica, it would stop that one.
+    spec.unrecorded_subjects = vec![bus.subjects.command(&cluster, CommandAction::Start)?];
     Ok(tokio::spawn(async move {
         // Commands wait until what runs matches KV, so none acts on a
         // replica an earlier instance left behind.

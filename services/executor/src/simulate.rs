@@ -91,6 +91,7 @@ impl SimulatedFleet {
         for bus in &buses {
             let store = crate::open_model_artifacts(bus).await?;
             let models = RecordStore::open(bus, &bus.topology.models.name).await?;
+            models.start_watch(shutdown.clone()).await?;
             let records = RecordStore::open(bus, &bus.topology.replicas.name).await?;
             shared.push((store, models, records));
         }

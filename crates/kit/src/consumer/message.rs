@@ -84,6 +84,7 @@ pub(super) async fn process<M, H>(
             .and_then(|h| h.get(name))
             .map(|v| v.as_str().to_string())
     };
+    let ledger = ledger.filter(|_| !spec.unrecorded_subjects.contains(&subject));
     let trace = TraceContext::continue_from(header(TRACEPARENT).as_deref());
     let span = message_span(spec, &subject, attempt, stream_sequence, &trace);
     let names_span = span.clone();
