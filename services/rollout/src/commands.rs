@@ -13,9 +13,11 @@ use crate::plan::Step;
 use crate::{RESEND_AFTER, Rollouts, StepError};
 
 impl Rollouts {
-    /// Publishes the commands of `steps`, in order, each in its own span.
-    /// `desired` is the spec and placement's decision for it, what a start
-    /// is made of; `None` for a deleted deployment, which only stops.
+    /// Publishes the commands of `steps`, each in its own span: sent in
+    /// order, their acknowledgements awaited together (a stage's starts
+    /// cost one round trip, not one each). `desired` is the spec and
+    /// placement's decision for it, what a start is made of; `None` for a
+    /// deleted deployment, which only stops.
     pub(crate) async fn send(
         &self,
         name: &str,
@@ -24,6 +26,7 @@ impl Rollouts {
         steps: Vec<Step>,
         sent: &mut HashMap<String, Instant>,
     ) -> Result<(), StepError> {
+        let mut publishing = Vec::new();
         for step in steps {
             let Some((kind, command)) = executor_command(name, generation, step, desired) else {
                 continue;
@@ -45,30 +48,42 @@ impl Rollouts {
                 replica = %replica,
                 action = kind.as_str(),
             );
-            let failed = |source: KitError| StepError::Send {
+            let failed = move |source: KitError| StepError::Send {
                 action: kind.as_str(),
-                replica: replica.clone(),
+                replica,
                 cluster: cluster.clone(),
                 source,
             };
-            async {
-                let subject = self
-                    .bus
-                    .subjects
-                    .command(&cluster, kind)
-                    .map_err(|e| failed(e.into()))?;
-                self.bus
-                    .publish(subject, &command, Some(&command.command_id))
-                    .await
-                    .map_err(failed)?;
-                tracing::debug!("{}", kind.as_str());
-                Ok::<(), StepError>(())
-            }
-            .instrument(span)
-            .await?;
-            sent.insert(command.command_id.clone(), Instant::now());
+            let subject = match self.bus.subjects.command(&command.cluster, kind) {
+                Ok(subject) => subject,
+                Err(e) => return Err(failed(e.into())),
+            };
+            publishing.push(
+                async move {
+                    let published = self
+                        .bus
+                        .publish(subject, &command, Some(&command.command_id))
+                        .await;
+                    if published.is_ok() {
+                        tracing::debug!("{}", kind.as_str());
+                    }
+                    (command.command_id, published.map_err(failed))
+                }
+                .instrument(span),
+            );
         }
-        Ok(())
+        let mut first_error = None;
+        for (command_id, published) in futures::future::join_all(publishing).await {
+            match published {
+                Ok(()) => {
+                    sent.insert(command_id, Instant::now());
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
