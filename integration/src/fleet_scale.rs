@@ -50,6 +50,10 @@ pub struct Scenario {
     pub rollouts: usize,
     /// Deployments applied per second in the *place* phase.
     pub apply_rate: f64,
+    /// Once every deployment is placed and ready: this many new
+    /// deployments applied one at a time, then this many rolled out one
+    /// at a time (KubeFleet's "a new placement" and "one rollout").
+    pub singles: usize,
     pub ready_after: Duration,
     pub heartbeat_interval: Duration,
     /// GPUs of each simulated cluster (`--gpus`).
@@ -85,6 +89,7 @@ impl Default for Scenario {
             clusters_per_deployment: 100,
             rollouts: 100,
             apply_rate: 20.0,
+            singles: 10,
             ready_after: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(1),
             gpus: "128xH100-80GB".into(),
@@ -460,9 +465,19 @@ impl EventLog {
 
     /// When each named thing first had an event of `ty` at or after `start`.
     fn first(&self, start: Instant, ty: EventType) -> HashMap<String, Instant> {
+        self.first_of(start, &[ty])
+    }
+
+    /// When each named thing first had an event of any of `types` at or
+    /// after `start`.
+    fn first_of(&self, start: Instant, types: &[EventType]) -> HashMap<String, Instant> {
+        let wanted: Vec<String> = types.iter().map(ToString::to_string).collect();
         let mut out = HashMap::new();
-        for s in self.since(start, ty) {
-            out.entry(s.name).or_insert(s.at);
+        for s in sync::lock(&self.seen)
+            .iter()
+            .filter(|s| s.at >= start && wanted.contains(&s.ty))
+        {
+            out.entry(s.name.clone()).or_insert(s.at);
         }
         out
     }
@@ -562,10 +577,17 @@ pub struct Report {
     pub rollout: Spread,
     pub rollout_wall: Duration,
     pub placed_during_rollouts: Spread,
+    /// One new deployment at a time into the loaded fleet: apply → placed.
+    pub single_placed: Spread,
+    /// One rollout at a time on the loaded fleet: start → complete.
+    pub single_rollout: Spread,
     /// Hub restart: SIGKILL → the first replica progress, → every rollout
     /// of the round complete, and a deployment applied at the restart
     /// placed.
     pub restart_first_progress: Option<Duration>,
+    /// SIGKILL → every rollout of the round not complete at the kill took
+    /// its next announced step (stage started or completed, or complete).
+    pub restart_progressing: Option<Duration>,
     pub restart_consistent: Option<Duration>,
     pub restart_new_placed: Option<Duration>,
     pub restart_rollout: Spread,
@@ -773,6 +795,46 @@ impl Scenario {
             self.deployments, report.place_wall
         ));
 
+        // 1b. one at a time on the loaded fleet
+        let singles: Vec<String> = (0..self.singles)
+            .map(|i| deployment_name(self.deployments + 1 + NEW_DURING_ROLLOUTS + i))
+            .collect();
+        let mut placed_alone = Vec::new();
+        for name in &singles {
+            let at = Instant::now();
+            apply(&bus, &deployment_yaml(name, self, 1)).await?;
+            let from = HashMap::from([(name.clone(), at)]);
+            wait_for("a deployment applied alone", self.phase_deadline, || {
+                missing([name].into_iter(), &log.all_ready(&from, want))
+            })
+            .await?;
+            if let Some(t) = log.first(at, EventType::DeploymentPlaced).get(name) {
+                placed_alone.push(*t - at);
+            }
+            version.insert(name.clone(), 1);
+        }
+        report.single_placed = Spread::of(placed_alone);
+        let mut rolled_alone = Vec::new();
+        for name in names.iter().rev().take(self.singles) {
+            let (_, spread) = self
+                .rollout_round(
+                    &bus,
+                    &log,
+                    std::slice::from_ref(name),
+                    &mut version,
+                    |_| async { Ok(()) },
+                )
+                .await?;
+            rolled_alone.push(spread.max);
+        }
+        report.single_rollout = Spread::of(rolled_alone);
+        if self.singles > 0 {
+            progress(&format!(
+                "{} placed and {} rolled out one at a time",
+                self.singles, self.singles
+            ));
+        }
+
         // 2. concurrent staged rollouts, and new placements meanwhile
         let batch: Vec<String> = names.iter().take(self.rollouts).cloned().collect();
         let during: Vec<String> = (0..NEW_DURING_ROLLOUTS)
@@ -844,6 +906,24 @@ impl Scenario {
                 .collect::<Option<Vec<_>>>()
                 .and_then(|v| v.into_iter().max());
             report.restart_first_progress = log.first_progress_after(at).map(|t| t - at);
+            // Progressing again: each rollout not complete at the kill
+            // took a step the restarted rollout service announced.
+            let steps = log.first_of(
+                at,
+                &[
+                    EventType::RolloutStageStarted,
+                    EventType::RolloutStageCompleted,
+                    EventType::RolloutCompleted,
+                ],
+            );
+            report.restart_progressing = batch
+                .iter()
+                .map(|d| match done.get(d) {
+                    Some(t) if *t < at => Some(Duration::ZERO),
+                    _ => steps.get(d).map(|t| t.saturating_duration_since(at)),
+                })
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().max());
             let from = HashMap::from([(extra.clone(), at)]);
             wait_for(
                 "the deployment applied at the restart",

@@ -27,6 +27,10 @@ struct Args {
     /// Deployments applied per second in the placement phase.
     #[arg(long, default_value_t = 20.0)]
     apply_rate: f64,
+    /// Then, on the loaded fleet, this many new deployments applied and
+    /// this many rolled out, one at a time.
+    #[arg(long, default_value_t = 10)]
+    singles: usize,
     /// How long a simulated replica takes to become ready.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     ready_after: Duration,
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         clusters_per_deployment: args.pick,
         rollouts: args.rollouts,
         apply_rate: args.apply_rate,
+        singles: args.singles,
         ready_after: args.ready_after,
         heartbeat_interval: args.heartbeat_interval,
         gpus: args.gpus,
@@ -133,8 +138,19 @@ fn print_report(scenario: &Scenario, r: &Report) {
     println!();
     println!("| measure | Flotilla p50 / p90 / max | KubeFleet p90 (published) | ratio (p90) |");
     println!("| --- | --- | --- | --- |");
+    if r.single_placed.count > 0 {
+        println!(
+            "| apply -> placed, one new deployment at a time into the loaded fleet (picks {} of {}) | {} | 20 s | {} |",
+            scenario.clusters_per_deployment,
+            scenario.clusters,
+            spread(&r.single_placed),
+            ratio(r.single_placed.p90, 20.0)
+        );
+    }
     println!(
-        "| apply -> placed (picks {} of {}) | {} | 20 s | {} |",
+        "| apply -> placed, {} deployments applied at {}/s (picks {} of {}) | {} | 20 s | {} |",
+        scenario.deployments,
+        scenario.apply_rate,
         scenario.clusters_per_deployment,
         scenario.clusters,
         spread(&r.place_placed),
@@ -157,6 +173,20 @@ fn print_report(scenario: &Scenario, r: &Report) {
         max: s.max.saturating_sub(ready_after * 3),
         ..*s
     };
+    if r.single_rollout.count > 0 {
+        println!(
+            "| one 3-stage rollout at a time over {} clusters, start -> complete | {} | 96 s | {} |",
+            scenario.clusters_per_deployment,
+            spread(&r.single_rollout),
+            ratio(r.single_rollout.p90, 96.0)
+        );
+        println!(
+            "| the same, less 3 x {:?} simulated starts | {} | 96 s | {} |",
+            ready_after,
+            spread(&minus(&r.single_rollout)),
+            ratio(minus(&r.single_rollout).p90, 96.0)
+        );
+    }
     println!(
         "| {} concurrent 3-stage rollouts, start -> complete | {} | 135 s | {} |",
         scenario.rollouts,
@@ -169,12 +199,19 @@ fn print_report(scenario: &Scenario, r: &Report) {
         spread(&minus(&r.rollout)),
         ratio(minus(&r.rollout).p90, 135.0)
     );
+    if let (Some(p), Some(n)) = (r.restart_progressing, r.restart_new_placed) {
+        let consistent = p.max(n);
+        println!(
+            "| hub restart (SIGKILL to every service) -> every interrupted rollout's next step and a new deployment placed, {} placements | {} | 660 s (resync) | {} |",
+            r.replicas_ready / scenario.clusters_per_deployment.max(1),
+            secs(consistent),
+            ratio(consistent, 660.0)
+        );
+    }
     if let Some(c) = r.restart_consistent {
         println!(
-            "| hub restart (SIGKILL to every service) -> every rollout complete, {} placements | {} | 660 s (resync) | {} |",
-            r.replicas_ready / scenario.clusters_per_deployment.max(1),
-            secs(c),
-            ratio(c, 660.0)
+            "| hub restart -> every rollout of the round complete | {} | - | - |",
+            secs(c)
         );
     }
     if let Some(p) = r.restart_first_progress {

@@ -26,6 +26,7 @@ fn small(kill_after: Duration) -> Scenario {
         clusters_per_deployment: 8,
         rollouts: 10,
         apply_rate: 10.0,
+        singles: 1,
         ready_after: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(500),
         gpus: "16xH100-80GB".into(),
@@ -52,12 +53,16 @@ async fn every_hub_service_killed_mid_rollout_leaves_each_deployment_rolled_out_
         hub_restart: true,
         ..small(random_kill_point())
     };
-    let want = (scenario.deployments + 10 + 1) * scenario.clusters_per_deployment;
+    let want = (scenario.deployments + 1 + 10 + 1) * scenario.clusters_per_deployment;
     let report = run(scenario).await;
-    // 20 deployments, 10 applied during the rollouts and 1 at the restart.
+    // 20 deployments, 1 applied alone, 10 during the rollouts and 1 at the
+    // restart.
     assert_eq!(report.replicas_ready, want);
     assert!(report.halted.is_empty(), "halted: {:?}", report.halted);
     assert!(report.restart_consistent.is_some());
+    assert!(report.restart_progressing.is_some());
+    assert_eq!(report.single_placed.count, 1);
+    assert_eq!(report.single_rollout.count, 1);
     assert!(report.restart_new_placed.is_some());
 }
 
@@ -69,9 +74,9 @@ async fn one_of_three_nats_servers_and_one_instance_of_each_service_killed_mid_r
         nats_servers: 3,
         ..small(random_kill_point())
     };
-    let want = (scenario.deployments + 10) * scenario.clusters_per_deployment;
+    let want = (scenario.deployments + 1 + 10) * scenario.clusters_per_deployment;
     let report = run(scenario).await;
-    // 20 deployments and 10 applied during the first rollout round.
+    // 20 deployments, 1 applied alone and 10 during the first rollout round.
     assert_eq!(report.replicas_ready, want);
     assert!(report.halted.is_empty(), "halted: {:?}", report.halted);
     assert!(report.instance_loss_pause.is_some());
