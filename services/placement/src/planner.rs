@@ -255,21 +255,16 @@ impl Planner {
             "deployment-{name}-g{generation}-accepted-{}",
             stored.status.as_ref().map_or(now, |s| s.updated_at_unix_ms)
         ));
-        self.bus
-            .publish_event(draft)
-            .await
-            .map_err(HandlerError::retry)?;
         tracing::info!(deployment = %name, generation, "accepted");
-        self.plan(
-            &name,
-            &request,
-            &fleet,
-            "apply",
-            correlation,
-            &mut self.commitments(),
-        )
-        .await
-        .map_err(HandlerError::retry)
+        // The event is sent first, so it comes first in the stream; its
+        // acknowledgement is awaited beside the placing.
+        let mut held = self.commitments();
+        let (announced, planned) = tokio::join!(
+            self.bus.publish_event(draft),
+            self.plan(&name, &request, &fleet, "apply", correlation, &mut held),
+        );
+        announced.map_err(HandlerError::retry)?;
+        planned.map_err(HandlerError::retry)
     }
 
     async fn delete(&mut self, name: &str, correlation: &str) -> Result<(), HandlerError> {
@@ -370,7 +365,13 @@ impl Planner {
         held: &Commitments,
         current: Option<PlacementDecision>,
     ) -> Result<(), PlanError> {
-        let decision = place(request, fleet, held, current.as_ref(), &self.settings);
+        let decision = place(
+            request,
+            fleet,
+            held,
+            current.as_ref(),
+            &self.settings.for_trigger(trigger),
+        );
         let mut record = decision.to_record(request, fleet);
         record.deployment_generation = spec_generation;
         record.trigger = trigger.to_string();
@@ -418,38 +419,34 @@ impl Planner {
                 written.generation, written.decided_at_unix_ms
             ))
             .payload(Payload::Placement(written.clone()));
-        self.bus
-            .publish_event(draft)
-            .await
-            .map_err(|source| PlanError::Announce {
-                deployment: name.to_string(),
-                source,
-            })?;
-
         let phase = match written.outcome() {
             PlacementOutcome::Unschedulable => v1::DeploymentPhase::Unschedulable,
             _ => v1::DeploymentPhase::Placed,
         };
-        self.deployments
-            .update(name, |cur| {
-                let mut next = cur?.clone();
-                let status = next.status.get_or_insert_with(Default::default);
-                if status.placement_generation >= written.generation
-                    && status.phase == i32::from(phase)
-                {
-                    return None;
-                }
-                status.phase = phase.into();
-                status.message.clone_from(&written.message);
-                status.placement_generation = written.generation;
-                status.updated_at_unix_ms = now_unix_ms();
-                Some(next)
-            })
-            .await
-            .map_err(|source| PlanError::Phase {
-                deployment: name.to_string(),
-                source,
-            })?;
+        // The event and the deployment's phase, each awaited beside the
+        // other.
+        let phase_written = self.deployments.update(name, |cur| {
+            let mut next = cur?.clone();
+            let status = next.status.get_or_insert_with(Default::default);
+            if status.placement_generation >= written.generation && status.phase == i32::from(phase)
+            {
+                return None;
+            }
+            status.phase = phase.into();
+            status.message.clone_from(&written.message);
+            status.placement_generation = written.generation;
+            status.updated_at_unix_ms = now_unix_ms();
+            Some(next)
+        });
+        let (announced, phase_written) = tokio::join!(self.bus.publish_event(draft), phase_written);
+        announced.map_err(|source| PlanError::Announce {
+            deployment: name.to_string(),
+            source,
+        })?;
+        phase_written.map_err(|source| PlanError::Phase {
+            deployment: name.to_string(),
+            source,
+        })?;
         Ok(())
     }
 

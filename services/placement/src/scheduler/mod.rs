@@ -49,6 +49,30 @@ pub struct Settings {
     pub prefer_no_schedule_penalty: f64,
 }
 
+/// The stickiness of a re-plan that no new spec asked for (a cluster
+/// changed, capacity was freed): more than any score difference, so a
+/// running replica moves only when its cluster no longer qualifies. Moving
+/// replicas for a better score on every fleet change does not settle at
+/// fleet scale: the signals lag (a replica moving shows on both clusters
+/// until the old one stops, a rollout's surge fills clusters for a while),
+/// so each round of moves makes the next look worthwhile.
+pub const FLEET_CHANGE_STICKINESS: f64 = 101.0;
+
+impl Settings {
+    /// These settings for a re-plan with `trigger` (`apply`, `autoscale`,
+    /// `fleet-change`, `capacity-freed`): re-plans no spec asked for keep
+    /// what runs wherever it still qualifies.
+    pub fn for_trigger(&self, trigger: &str) -> Self {
+        match trigger {
+            "fleet-change" | "capacity-freed" => Self {
+                stickiness: self.stickiness.max(FLEET_CHANGE_STICKINESS),
+                ..*self
+            },
+            _ => *self,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {

@@ -10,7 +10,7 @@ use super::Expect::{
 use super::Reason::{Any, Contains, Is, StartsWith};
 use super::{Expect, check, check_with, cluster, holding, request, simple, standard_fleet};
 use crate::fleet::{Availability, ClusterView, Commitments, Fleet};
-use crate::scheduler::{same_assignments, tolerates};
+use crate::scheduler::{Settings, same_assignments, tolerates};
 use crate::spec::DeploymentRequest;
 
 struct Example {
@@ -372,6 +372,65 @@ fn healthy_replicas_stay_unless_a_cluster_is_clearly_better() {
     let failed = Fleet::new(failed);
     check_with(&failed, &req, &Commitments::default(), Some(&current))
         .expect("a failed", &[On(&[("b", 2)])]);
+}
+
+#[test]
+fn a_fleet_change_moves_no_replica_off_a_cluster_that_still_qualifies() {
+    // a is nearly full of others' replicas, b is empty: clearly better.
+    let fleet = Fleet::new(vec![
+        cluster("a", "eu", 8, "H100-80GB", 80, 2.0),
+        cluster("b", "eu", 8, "H100-80GB", 80, 2.0),
+    ]);
+    let req = simple(1, r#"{"policy": "PickN", "numberOfClusters": 1}"#);
+    let first = check(&fleet, &req);
+    first.expect("first placement", &[First("a")]);
+    let current = first.record();
+    let mut others = Commitments::default();
+    others.add(&v1::PlacementDecision {
+        assignments: vec![v1::ClusterAssignment {
+            cluster: "a".into(),
+            replicas: 6,
+            gpus_per_replica: 1,
+            gpu_model: "H100-80GB".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    // A new spec is placed by score, with the usual stickiness: it moves.
+    let applied = crate::scheduler::place(
+        &req,
+        &fleet,
+        &others,
+        Some(&current),
+        &Settings::default().for_trigger("apply"),
+    );
+    assert_eq!(applied.assignments.len(), 1);
+    assert_eq!(fleet.get(applied.assignments[0].cluster).name, "b");
+    // A re-plan for a fleet change keeps it where it runs.
+    let replanned = crate::scheduler::place(
+        &req,
+        &fleet,
+        &others,
+        Some(&current),
+        &Settings::default().for_trigger("fleet-change"),
+    );
+    assert_eq!(replanned.assignments.len(), 1);
+    assert_eq!(fleet.get(replanned.assignments[0].cluster).name, "a");
+    // Unless its cluster no longer qualifies.
+    let mut failed = fleet.clusters.clone();
+    failed[0].availability = Availability::Unhealthy("no heartbeat".into());
+    let moved = crate::scheduler::place(
+        &req,
+        &Fleet::new(failed.clone()),
+        &others,
+        Some(&current),
+        &Settings::default().for_trigger("fleet-change"),
+    );
+    assert_eq!(moved.assignments.len(), 1);
+    assert_eq!(
+        Fleet::new(failed).get(moved.assignments[0].cluster).name,
+        "b"
+    );
 }
 
 #[test]
