@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -77,6 +78,10 @@ pub struct RecordStore<M> {
     bucket: String,
     cache: Arc<RwLock<Local<M>>>,
     changes: tokio::sync::broadcast::Sender<String>,
+    /// The watch has loaded the bucket once: a key missing from the local
+    /// copy is almost surely absent, and a write need not read it first
+    /// (one that exists after all fails the create and is read then).
+    watched: Arc<AtomicBool>,
     _type: PhantomData<M>,
 }
 
@@ -87,6 +92,7 @@ impl<M> Clone for RecordStore<M> {
             bucket: self.bucket.clone(),
             cache: Arc::clone(&self.cache),
             changes: self.changes.clone(),
+            watched: Arc::clone(&self.watched),
             _type: PhantomData,
         }
     }
@@ -104,6 +110,7 @@ impl<M: Contract + Clone> RecordStore<M> {
             bucket: bucket.to_string(),
             cache: Arc::default(),
             changes: tokio::sync::broadcast::channel(4096).0,
+            watched: Arc::default(),
             _type: PhantomData,
         })
     }
@@ -137,6 +144,7 @@ impl<M: Contract + Clone> RecordStore<M> {
                                 let caught_up = entry.delta == 0;
                                 store.absorb(entry);
                                 if caught_up && let Some(tx) = loaded.take() {
+                                    store.watched.store(true, Ordering::Release);
                                     let _ = tx.send(());
                                 }
                             }
@@ -157,7 +165,9 @@ impl<M: Contract + Clone> RecordStore<M> {
             }
         });
         // An empty bucket sends nothing to wait for.
-        if !empty {
+        if empty {
+            self.watched.store(true, Ordering::Release);
+        } else {
             let _ = tokio::time::timeout(Duration::from_secs(30), loaded_rx).await;
         }
         Ok(())
@@ -295,7 +305,9 @@ impl<M: Contract + Clone> RecordStore<M> {
     /// Computes and writes a record with compare-and-set. `change` gets the
     /// current record (or `None`) and returns the new one, or `None` to
     /// write nothing. On a conflict it runs again on the fresh record.
-    /// Returns what was written.
+    /// Returns what was written. On a watched store the current record is
+    /// the local copy's; a key it lacks is taken as absent until a create
+    /// finds it there.
     pub async fn update<F>(&self, key: &str, change: F) -> Result<Option<M>, KitError>
     where
         F: FnMut(Option<&M>) -> Option<M>,
@@ -327,7 +339,7 @@ impl<M: Contract + Clone> RecordStore<M> {
             .live
             .get(key)
             .map(|(m, rev)| (m.clone(), *rev));
-        if current.is_none() && read_first {
+        if current.is_none() && read_first && !self.watched.load(Ordering::Acquire) {
             current = self.get(key).await?;
         }
         for _ in 0..MAX_CONFLICTS {
