@@ -16,6 +16,7 @@ use flotilla_proto::v1::{self, RolloutState, event::Payload};
 
 use crate::announce::{STEP_EVENTS, announcements};
 use crate::{Rollouts, StepError};
+use flotilla_proto::EventType;
 
 impl Rollouts {
     /// Publishes the events `stored` owes: those between the last state
@@ -66,38 +67,22 @@ impl Rollouts {
         name: &str,
         stored: &RolloutState,
     ) -> Result<Option<RolloutState>, StepError> {
-        let failed = |source: BoxError| StepError::ReadEvents {
-            deployment: name.to_string(),
-            source,
-        };
+        // The common case after a restart, a state fully announced, in
+        // one read: the last event `stored` itself owes carries it. No
+        // event carries a newer state (a state is stored before its events).
+        if let Some(last) = announcements(None, stored).last()
+            && let Some((_, state)) = self.last_step_event(name, last.ty).await?
+            && state == *stored
+        {
+            return Ok(Some(state));
+        }
         let mut newest: Option<(u64, RolloutState)> = None;
         for ty in STEP_EVENTS {
-            let subject = self
-                .bus
-                .subjects
-                .event(ty, name)
-                .map_err(|e| failed(e.into()))?;
-            let message = match self.events.get_last_raw_message_by_subject(&subject).await {
-                Ok(message) => message,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
-                Err(e) => return Err(failed(e.into())),
-            };
-            if newest
-                .as_ref()
-                .is_some_and(|(seq, _)| *seq > message.sequence)
-            {
+            let Some((sequence, state)) = self.last_step_event(name, ty).await? else {
                 continue;
-            }
-            let content_type = message.headers.get(CONTENT_TYPE).map(|v| v.as_str());
-            match codec::decode::<v1::Event>(content_type, &message.payload) {
-                Ok(v1::Event {
-                    payload: Some(Payload::Rollout(state)),
-                    ..
-                }) => newest = Some((message.sequence, state)),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(%subject, sequence = message.sequence, "stored event ignored: {e}");
-                }
+            };
+            if newest.as_ref().is_none_or(|(seq, _)| *seq < sequence) {
+                newest = Some((sequence, state));
             }
         }
         Ok(match newest {
@@ -105,5 +90,40 @@ impl Rollouts {
             None if stored.completed_generation == 0 => None,
             None => Some(stored.clone()),
         })
+    }
+
+    /// The stream sequence and rollout state of the last `ty` event about
+    /// `name`, if any (one that does not decode is ignored).
+    async fn last_step_event(
+        &self,
+        name: &str,
+        ty: EventType,
+    ) -> Result<Option<(u64, RolloutState)>, StepError> {
+        let failed = |source: BoxError| StepError::ReadEvents {
+            deployment: name.to_string(),
+            source,
+        };
+        let subject = self
+            .bus
+            .subjects
+            .event(ty, name)
+            .map_err(|e| failed(e.into()))?;
+        let message = match self.events.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(failed(e.into())),
+        };
+        let content_type = message.headers.get(CONTENT_TYPE).map(|v| v.as_str());
+        match codec::decode::<v1::Event>(content_type, &message.payload) {
+            Ok(v1::Event {
+                payload: Some(Payload::Rollout(state)),
+                ..
+            }) => Ok(Some((message.sequence, state))),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::warn!(%subject, sequence = message.sequence, "stored event ignored: {e}");
+                Ok(None)
+            }
+        }
     }
 }
