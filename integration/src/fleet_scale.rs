@@ -603,6 +603,9 @@ pub struct Report {
     pub replicas_ready: usize,
     pub replicas_started: usize,
     pub halted: Vec<String>,
+    /// `deployment.rebalanced` events: replicas moved by fleet changes
+    /// (none is due in a run where no cluster fails).
+    pub rebalanced: usize,
     pub total: Duration,
 }
 
@@ -971,6 +974,7 @@ impl Scenario {
         report.simulator_cpu = cpu_seconds(me).unwrap_or(0.0);
         report.simulator_rss = peak_rss(me).unwrap_or(0);
         report.halted = log.halted_since(began);
+        report.rebalanced = log.since(began, EventType::DeploymentRebalanced).len();
         let (ready, started) = verify(&bus, &fleet, &version, self).await?;
         report.replicas_ready = ready;
         report.replicas_started = started;

@@ -267,10 +267,11 @@ fn print_report(scenario: &Scenario, r: &Report) {
         );
     }
     println!(
-        "end state: {} replicas ready, as desired; {} replicas started, each once; halted rollouts: {}",
+        "end state: {} replicas ready, as desired; {} replicas started, each once; halted rollouts: {}; placements rebalanced by fleet changes: {}",
         r.replicas_ready,
         r.replicas_started,
-        r.halted.len()
+        r.halted.len(),
+        r.rebalanced
     );
     println!("the run took {}", secs(r.total));
 }

@@ -61,6 +61,11 @@ async fn every_hub_service_killed_mid_rollout_leaves_each_deployment_rolled_out_
     assert!(report.halted.is_empty(), "halted: {:?}", report.halted);
     assert!(report.restart_consistent.is_some());
     assert!(report.restart_progressing.is_some());
+    // No cluster fails: no replica has a reason to move.
+    assert_eq!(
+        report.rebalanced, 0,
+        "placements moved without a cluster lost"
+    );
     assert_eq!(report.single_placed.count, 1);
     assert_eq!(report.single_rollout.count, 1);
     assert!(report.restart_new_placed.is_some());
