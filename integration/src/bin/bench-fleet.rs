@@ -133,6 +133,27 @@ fn ratio(ours: Duration, theirs: f64) -> String {
     format!("{:.0}x", theirs / ours)
 }
 
+/// A rollout measure's row, and the same less its three stages'
+/// simulated starts, beside KubeFleet's `theirs` (seconds).
+fn rollout_rows(what: &str, s: &Spread, ready_after: Duration, theirs: f64) {
+    let minus = Spread {
+        p50: s.p50.saturating_sub(ready_after * 3),
+        p90: s.p90.saturating_sub(ready_after * 3),
+        max: s.max.saturating_sub(ready_after * 3),
+        ..*s
+    };
+    println!(
+        "| {what}, start -> complete | {} | {theirs:.0} s | {} |",
+        spread(s),
+        ratio(s.p90, theirs)
+    );
+    println!(
+        "| the same, less 3 x {ready_after:?} simulated starts | {} | {theirs:.0} s | {} |",
+        spread(&minus),
+        ratio(minus.p90, theirs)
+    );
+}
+
 fn print_report(scenario: &Scenario, r: &Report) {
     let ready_after = scenario.ready_after;
     println!();
@@ -167,37 +188,22 @@ fn print_report(scenario: &Scenario, r: &Report) {
         ready_after,
         spread(&r.place_ready)
     );
-    let minus = |s: &Spread| Spread {
-        p50: s.p50.saturating_sub(ready_after * 3),
-        p90: s.p90.saturating_sub(ready_after * 3),
-        max: s.max.saturating_sub(ready_after * 3),
-        ..*s
-    };
     if r.single_rollout.count > 0 {
-        println!(
-            "| one 3-stage rollout at a time over {} clusters, start -> complete | {} | 96 s | {} |",
-            scenario.clusters_per_deployment,
-            spread(&r.single_rollout),
-            ratio(r.single_rollout.p90, 96.0)
-        );
-        println!(
-            "| the same, less 3 x {:?} simulated starts | {} | 96 s | {} |",
+        rollout_rows(
+            &format!(
+                "one 3-stage rollout at a time over {} clusters",
+                scenario.clusters_per_deployment
+            ),
+            &r.single_rollout,
             ready_after,
-            spread(&minus(&r.single_rollout)),
-            ratio(minus(&r.single_rollout).p90, 96.0)
+            96.0,
         );
     }
-    println!(
-        "| {} concurrent 3-stage rollouts, start -> complete | {} | 135 s | {} |",
-        scenario.rollouts,
-        spread(&r.rollout),
-        ratio(r.rollout.p90, 135.0)
-    );
-    println!(
-        "| the same, less 3 x {:?} simulated starts | {} | 135 s | {} |",
+    rollout_rows(
+        &format!("{} concurrent 3-stage rollouts", scenario.rollouts),
+        &r.rollout,
         ready_after,
-        spread(&minus(&r.rollout)),
-        ratio(minus(&r.rollout).p90, 135.0)
+        135.0,
     );
     if let (Some(p), Some(n)) = (r.restart_progressing, r.restart_new_placed) {
         let consistent = p.max(n);

@@ -385,52 +385,26 @@ fn a_fleet_change_moves_no_replica_off_a_cluster_that_still_qualifies() {
     let first = check(&fleet, &req);
     first.expect("first placement", &[First("a")]);
     let current = first.record();
-    let mut others = Commitments::default();
-    others.add(&v1::PlacementDecision {
-        assignments: vec![v1::ClusterAssignment {
-            cluster: "a".into(),
-            replicas: 6,
-            gpus_per_replica: 1,
-            gpu_model: "H100-80GB".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    let others = holding(&[("a", "H100-80GB", 6)]);
+    let placed_on = |fleet: &Fleet, trigger: &str| {
+        let decision = crate::scheduler::place(
+            &req,
+            fleet,
+            &others,
+            Some(&current),
+            &Settings::default().for_trigger(trigger),
+        );
+        assert_eq!(decision.assignments.len(), 1, "{trigger}: {decision:?}");
+        fleet.get(decision.assignments[0].cluster).name.clone()
+    };
     // A new spec is placed by score, with the usual stickiness: it moves.
-    let applied = crate::scheduler::place(
-        &req,
-        &fleet,
-        &others,
-        Some(&current),
-        &Settings::default().for_trigger("apply"),
-    );
-    assert_eq!(applied.assignments.len(), 1);
-    assert_eq!(fleet.get(applied.assignments[0].cluster).name, "b");
+    assert_eq!(placed_on(&fleet, "apply"), "b");
     // A re-plan for a fleet change keeps it where it runs.
-    let replanned = crate::scheduler::place(
-        &req,
-        &fleet,
-        &others,
-        Some(&current),
-        &Settings::default().for_trigger("fleet-change"),
-    );
-    assert_eq!(replanned.assignments.len(), 1);
-    assert_eq!(fleet.get(replanned.assignments[0].cluster).name, "a");
+    assert_eq!(placed_on(&fleet, "fleet-change"), "a");
     // Unless its cluster no longer qualifies.
     let mut failed = fleet.clusters.clone();
     failed[0].availability = Availability::Unhealthy("no heartbeat".into());
-    let moved = crate::scheduler::place(
-        &req,
-        &Fleet::new(failed.clone()),
-        &others,
-        Some(&current),
-        &Settings::default().for_trigger("fleet-change"),
-    );
-    assert_eq!(moved.assignments.len(), 1);
-    assert_eq!(
-        Fleet::new(failed).get(moved.assignments[0].cluster).name,
-        "b"
-    );
+    assert_eq!(placed_on(&Fleet::new(failed), "fleet-change"), "b");
 }
 
 #[test]
