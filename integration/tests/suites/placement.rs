@@ -303,3 +303,81 @@ async fn a_resident_deployment_stays_inside_its_rule_even_when_its_clusters_fail
         decision.message
     );
 }
+
+/// Applies queued while placement is busy are handled many at a time: a
+/// burst of 30 deployments, with one deployment applied again eight times
+/// among them, ends with every deployment placed once and the twice-applied
+/// one on its last spec (an overtaken apply never undoes a newer one).
+#[tokio::test]
+async fn a_burst_of_applies_is_placed_whole_and_the_last_spec_of_each_deployment_wins() {
+    let (server, bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
+    fleet::inventory(&config, Duration::from_secs(1));
+    let caches = tempfile::tempdir().unwrap();
+    let _a = start_executor(&server, "big", "eu", "64xH100-80GB", 1.0, caches.path());
+    expect(&mut events, EventType::ClusterJoined, "big").await;
+
+    let doc = |name: &str, replicas: u32| {
+        format!(
+            r#"{{"metadata": {{"name": "{name}"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas}}}}}"#
+        )
+    };
+    // Published before placement runs, so they wait in the stream together.
+    let mut others = std::collections::BTreeSet::new();
+    for i in 0..30u32 {
+        let name = format!("burst-{i:02}");
+        bus.client
+            .publish("flotilla.control.deployments.apply", doc(&name, 1).into())
+            .await
+            .unwrap();
+        others.insert(name);
+        if i % 4 == 0 {
+            let replicas = i / 4 + 1;
+            bus.client
+                .publish(
+                    "flotilla.control.deployments.apply",
+                    doc("moving", replicas).into(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    bus.client.flush().await.unwrap();
+    fleet::placement(&config);
+
+    let placed = EventType::DeploymentPlaced.to_string();
+    let accepted = EventType::DeploymentAccepted.to_string();
+    let mut moving_generations = Vec::new();
+    let mut moving_at_8 = false;
+    let done = next_event(&mut events, DEADLINE, |e| {
+        if e.r#type == accepted && e.name == "moving" {
+            moving_generations.push(e.generation);
+        }
+        if e.r#type == placed {
+            others.remove(&e.name);
+        }
+        moving_at_8 |= e.r#type == placed
+            && e.name == "moving"
+            && matches!(&e.payload, Some(Payload::Placement(p))
+                if p.assignments.iter().map(|a| a.replicas).sum::<u32>() == 8);
+        others.is_empty() && moving_at_8
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "not placed: {others:?}; moving accepted at generations {moving_generations:?}"
+    );
+    let stored: v1::ModelDeployment =
+        support::record(&bus, &bus.topology.deployments.name, "moving").await;
+    assert_eq!(stored.spec.as_ref().map(|s| s.replicas), Some(8));
+    let status = stored.status.unwrap_or_default();
+    assert!(
+        moving_generations.windows(2).all(|w| w[0] < w[1])
+            && moving_generations.last() == Some(&status.generation),
+        "accepted generations {moving_generations:?}, stored {}",
+        status.generation
+    );
+    let placement: PlacementDecision =
+        support::record(&bus, &bus.topology.placements.name, "moving").await;
+    assert_eq!(placement.deployment_generation, status.generation);
+}

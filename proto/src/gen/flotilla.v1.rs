@@ -599,6 +599,12 @@ pub struct ModelDeploymentStatus {
     #[prost(string, tag = "8")]
     #[serde(rename = "scalingReason")]
     pub scaling_reason: ::prost::alloc::string::String,
+    /// The control stream sequence of the apply this spec came from. An
+    /// apply delivered after a newer one (a retry, or several handled at
+    /// once) is older than this and changes nothing.
+    #[prost(uint64, tag = "9")]
+    #[serde(rename = "appliedSequence")]
+    pub applied_sequence: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

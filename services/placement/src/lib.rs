@@ -38,7 +38,7 @@ use flotilla_proto::v1::{self, ClusterRecord, ModelDeployment, PlacementDecision
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::planner::{Planner, Request};
+use crate::planner::{APPLY_BATCH, Apply, Planner, Request};
 use crate::scheduler::Settings;
 
 pub const SERVICE: &str = "placement";
@@ -155,15 +155,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
     let (tx, rx) = mpsc::channel::<Request>(64);
     let apply = spawn_consumer(
         &bus,
-        ConsumerSpec::new(
-            &bus.topology.control.name,
-            "placement-apply",
-            vec![bus.subjects.control(ControlSubject::DeploymentApply)],
-        ),
+        ConsumerSpec {
+            // Handled together, so a queue of applies is written in few
+            // round trips; each carries its stream sequence, so one that
+            // overtakes an older apply of the same deployment is not
+            // undone by it.
+            max_in_flight: APPLY_BATCH,
+            ..ConsumerSpec::new(
+                &bus.topology.control.name,
+                "placement-apply",
+                vec![bus.subjects.control(ControlSubject::DeploymentApply)],
+            )
+        },
         tx.clone(),
         |tx, d: Delivery<ModelDeployment>| async move {
-            let id = d.msg_id.clone().unwrap_or_default();
-            ask_planner(&tx, |reply| Request::Apply(Box::new(d.message), id, reply)).await
+            let correlation = d.msg_id.clone().unwrap_or_default();
+            ask_planner(&tx, |reply| {
+                Request::Apply(Box::new(Apply {
+                    doc: d.message,
+                    correlation,
+                    sequence: d.stream_sequence,
+                    reply,
+                }))
+            })
+            .await
         },
         shutdown.clone(),
     );

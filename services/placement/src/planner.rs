@@ -12,6 +12,7 @@ use flotilla_proto::v1::{
     self, ClusterRecord, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload,
 };
 use flotilla_proto::{ControlSubject, EventType, check_name};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -24,12 +25,45 @@ use crate::{PlanError, admit, autoscale};
 
 /// What the planner is asked to do.
 pub(crate) enum Request {
-    Apply(
-        Box<ModelDeployment>,
-        String,
-        oneshot::Sender<Result<(), HandlerError>>,
-    ),
+    Apply(Box<Apply>),
     Delete(String, String, oneshot::Sender<Result<(), HandlerError>>),
+}
+
+/// One apply request and where its answer goes.
+pub(crate) struct Apply {
+    pub(crate) doc: ModelDeployment,
+    pub(crate) correlation: String,
+    /// The request's control stream sequence (0: unknown).
+    pub(crate) sequence: u64,
+    pub(crate) reply: oneshot::Sender<Result<(), HandlerError>>,
+}
+
+impl Apply {
+    fn name(&self) -> &str {
+        self.doc.metadata.as_ref().map_or("", |m| m.name.as_str())
+    }
+
+    fn answer(self, result: Result<(), HandlerError>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Applies handled as one batch at most: their checks and placements are
+/// decided in turn, their writes and events sent together, so a queue of
+/// applies costs a few round trips per batch rather than seven per apply.
+pub(crate) const APPLY_BATCH: usize = 32;
+
+/// Placement writes (with their events) in flight at once when a fleet
+/// change re-plans many deployments.
+const PERSIST_AT_ONCE: usize = 64;
+
+/// One deployment's new placement, decided and not yet written.
+struct Decision {
+    name: String,
+    record: PlacementDecision,
+    current: Option<PlacementDecision>,
+    trigger: String,
+    span: tracing::Span,
 }
 
 /// Owns every decision; one per service instance. Instances coordinate
@@ -100,9 +134,26 @@ impl Planner {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 request = requests.recv() => match request {
-                    Some(Request::Apply(doc, id, reply)) => {
-                        let result = self.apply(*doc, &id).await;
-                        let _ = reply.send(result);
+                    Some(Request::Apply(first)) => {
+                        // Whatever else is queued goes along, up to a
+                        // delete: it must see the applies before it done.
+                        let mut batch = vec![*first];
+                        let mut after = None;
+                        while batch.len() < APPLY_BATCH {
+                            match requests.try_recv() {
+                                Ok(Request::Apply(next)) => batch.push(*next),
+                                Ok(other) => {
+                                    after = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.apply_all(batch).await;
+                        if let Some(Request::Delete(name, id, reply)) = after {
+                            let result = self.delete(&name, &id).await;
+                            let _ = reply.send(result);
+                        }
                     }
                     Some(Request::Delete(name, id, reply)) => {
                         let result = self.delete(&name, &id).await;
@@ -171,100 +222,128 @@ impl Planner {
             .map_err(HandlerError::retry)
     }
 
-    async fn apply(&mut self, doc: ModelDeployment, correlation: &str) -> Result<(), HandlerError> {
-        let name = doc
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
-        if check_name("deployment", &name).is_err() {
-            // No name to report under: the consumer loop's rejection event
-            // names the subject instead.
-            let e = spec::validate(&doc).err().unwrap_or(FieldError {
-                field: "metadata.name".into(),
-                reason: "is not a valid name".into(),
-            });
-            return Err(HandlerError::invalid(e.field, e.reason));
+    /// Applies in the order they came; a deployment named twice waits for
+    /// the batch its first apply is in.
+    async fn apply_all(&self, mut applies: Vec<Apply>) {
+        while !applies.is_empty() {
+            let mut seen = BTreeSet::new();
+            let distinct = applies
+                .iter()
+                .position(|a| !seen.insert(a.name().to_string()))
+                .unwrap_or(applies.len());
+            let rest = applies.split_off(distinct);
+            self.apply_distinct(applies).await;
+            applies = rest;
         }
-        let mut request = match spec::validate(&doc) {
-            Ok(r) => r,
-            Err(e) => return self.reject(&name, correlation, &e).await,
-        };
-        let fleet = self.fleet();
-        if let Err(e) = admit::validate_against_fleet(&request, &fleet, &self.settings) {
-            return self.reject(&name, correlation, &e).await;
-        }
+    }
 
+    /// Applies of distinct deployments: checked and placed in turn (each
+    /// placement counts the GPUs of those before it), written together.
+    async fn apply_distinct(&self, applies: Vec<Apply>) {
+        let fleet = self.fleet();
         let now = now_unix_ms();
-        let written = self
-            .deployments
-            .update(&name, |current| {
-                let same =
-                    current.is_some_and(|c| c.spec == doc.spec && c.metadata == doc.metadata);
-                if same {
-                    return None;
-                }
-                let generation = current
-                    .and_then(|c| c.status.as_ref())
-                    .map_or(0, |s| s.generation)
-                    + 1;
-                let mut next = doc.clone();
-                next.api_version = flotilla_proto::API_VERSION.into();
-                next.kind = "ModelDeployment".into();
-                let before = current.and_then(|c| c.status.clone()).unwrap_or_default();
-                // An autoscaled count carries over a new spec, within its
-                // new bounds.
-                let desired = match &request.autoscaling {
-                    Some(a) if before.desired_replicas > 0 => a.clamp(before.desired_replicas),
-                    _ => 0,
-                };
-                next.status = Some(v1::ModelDeploymentStatus {
-                    generation,
-                    phase: v1::DeploymentPhase::Accepted.into(),
-                    message: "accepted; placing".into(),
-                    placement_generation: before.placement_generation,
-                    updated_at_unix_ms: now,
-                    desired_replicas: desired,
-                    scaled_at_unix_ms: before.scaled_at_unix_ms,
-                    scaling_reason: if desired > 0 {
-                        before.scaling_reason
-                    } else {
-                        String::new()
-                    },
+        let mut valid = Vec::new();
+        let mut rejected = Vec::new();
+        for apply in applies {
+            let name = apply.name().to_string();
+            if check_name("deployment", &name).is_err() {
+                // No name to report under: the consumer loop's rejection
+                // event names the subject instead.
+                let e = spec::validate(&apply.doc).err().unwrap_or(FieldError {
+                    field: "metadata.name".into(),
+                    reason: "is not a valid name".into(),
                 });
-                Some(next)
+                apply.answer(Err(HandlerError::invalid(e.field, e.reason)));
+                continue;
+            }
+            let checked = spec::validate(&apply.doc).and_then(|request| {
+                admit::validate_against_fleet(&request, &fleet, &self.settings)?;
+                Ok(request)
+            });
+            match checked {
+                Ok(request) => valid.push((apply, name, request)),
+                Err(e) => rejected.push((apply, name, e)),
+            }
+        }
+        let rejections =
+            futures::future::join_all(rejected.into_iter().map(|(apply, name, e)| async move {
+                let result = self.reject(&name, &apply.correlation, &e).await;
+                apply.answer(result);
+            }));
+        let accepting = futures::future::join_all(
+            valid
+                .iter()
+                .map(|(apply, name, request)| self.accept(name, apply, request, now)),
+        );
+        let ((), written) = tokio::join!(rejections.map(|_| ()), accepting);
+
+        let mut held = self.commitments();
+        let mut placing = Vec::new();
+        for ((apply, name, mut request), written) in valid.into_iter().zip(written) {
+            let stored = match written {
+                Ok(Some(stored)) => stored,
+                Ok(None) => {
+                    tracing::debug!(deployment = %name, "applied again unchanged, or superseded");
+                    apply.answer(Ok(()));
+                    continue;
+                }
+                Err(e) => {
+                    apply.answer(Err(HandlerError::retry(e)));
+                    continue;
+                }
+            };
+            let generation = stored.status.as_ref().map_or(0, |s| s.generation);
+            request.replicas = effective_replicas(&stored, &request);
+            let draft = EventDraft::new(
+                EventType::DeploymentAccepted,
+                &name,
+                format!("deployment {name} accepted (generation {generation})"),
+            )
+            .generation(generation)
+            .correlation_id(&apply.correlation)
+            // The acceptance time tells a deployment applied again after a
+            // delete from the one before, within the stream's dedup window.
+            .id(format!(
+                "deployment-{name}-g{generation}-accepted-{}",
+                stored.status.as_ref().map_or(now, |s| s.updated_at_unix_ms)
+            ));
+            tracing::info!(deployment = %name, generation, "accepted");
+            let decision = self.decide(&name, &request, &fleet, "apply", &mut held);
+            placing.push((apply, draft, decision));
+        }
+        futures::future::join_all(
+            placing
+                .into_iter()
+                .map(|(apply, draft, decision)| async move {
+                    // The event is sent first, so it comes first in the stream; its
+                    // acknowledgement is awaited beside the placing.
+                    let (announced, planned) = tokio::join!(
+                        self.bus.publish_event(draft),
+                        self.persist(decision, &apply.correlation),
+                    );
+                    let result = announced
+                        .map_err(HandlerError::retry)
+                        .and_then(|()| planned.map_err(HandlerError::retry));
+                    apply.answer(result);
+                }),
+        )
+        .await;
+    }
+
+    /// Writes an accepted spec with its next generation; `None` when the
+    /// stored spec is the same, or came from a newer apply.
+    async fn accept(
+        &self,
+        name: &str,
+        apply: &Apply,
+        request: &DeploymentRequest,
+        now: i64,
+    ) -> Result<Option<ModelDeployment>, flotilla_kit::KitError> {
+        self.deployments
+            .update(name, |current| {
+                accepted_spec(current, &apply.doc, apply.sequence, request, now)
             })
             .await
-            .map_err(HandlerError::retry)?;
-        let Some(stored) = written else {
-            tracing::debug!(deployment = %name, "applied again unchanged");
-            return Ok(());
-        };
-        let generation = stored.status.as_ref().map_or(0, |s| s.generation);
-        request.replicas = effective_replicas(&stored, &request);
-        let draft = EventDraft::new(
-            EventType::DeploymentAccepted,
-            &name,
-            format!("deployment {name} accepted (generation {generation})"),
-        )
-        .generation(generation)
-        .correlation_id(correlation)
-        // The acceptance time tells a deployment applied again after a
-        // delete from the one before, within the stream's dedup window.
-        .id(format!(
-            "deployment-{name}-g{generation}-accepted-{}",
-            stored.status.as_ref().map_or(now, |s| s.updated_at_unix_ms)
-        ));
-        tracing::info!(deployment = %name, generation, "accepted");
-        // The event is sent first, so it comes first in the stream; its
-        // acknowledgement is awaited beside the placing.
-        let mut held = self.commitments();
-        let (announced, planned) = tokio::join!(
-            self.bus.publish_event(draft),
-            self.plan(&name, &request, &fleet, "apply", correlation, &mut held),
-        );
-        announced.map_err(HandlerError::retry)?;
-        planned.map_err(HandlerError::retry)
     }
 
     async fn delete(&mut self, name: &str, correlation: &str) -> Result<(), HandlerError> {
@@ -305,18 +384,17 @@ impl Planner {
         Ok(())
     }
 
-    /// Places one deployment and records the result if it changed. `held`
-    /// holds every placement's GPUs and still does afterwards, with this
-    /// deployment's new placement in place of its old one.
-    async fn plan(
+    /// Places one deployment. `held` holds every placement's GPUs and
+    /// still does afterwards, with this deployment's new placement in place
+    /// of its old one.
+    fn decide(
         &self,
         name: &str,
         request: &DeploymentRequest,
         fleet: &Fleet,
         trigger: &str,
-        correlation: &str,
         held: &mut Commitments,
-    ) -> Result<(), PlanError> {
+    ) -> Decision {
         let current = self.placements.cached(name);
         if let Some(c) = &current {
             held.remove(c);
@@ -332,39 +410,6 @@ impl Planner {
             generation = spec_generation,
             trigger
         );
-        let result = self
-            .plan_against(
-                name,
-                request,
-                fleet,
-                trigger,
-                correlation,
-                spec_generation,
-                held,
-                current,
-            )
-            .instrument(span)
-            .await;
-        if let Some(p) = self.placements.cached(name) {
-            held.add(&p);
-        }
-        result
-    }
-
-    /// `held`: the GPUs of every other deployment; `spec_generation`: the
-    /// deployment document's generation this plan is for.
-    #[allow(clippy::too_many_arguments)]
-    async fn plan_against(
-        &self,
-        name: &str,
-        request: &DeploymentRequest,
-        fleet: &Fleet,
-        trigger: &str,
-        correlation: &str,
-        spec_generation: u64,
-        held: &Commitments,
-        current: Option<PlacementDecision>,
-    ) -> Result<(), PlanError> {
         let decision = place(
             request,
             fleet,
@@ -376,7 +421,38 @@ impl Planner {
         record.deployment_generation = spec_generation;
         record.trigger = trigger.to_string();
         record.decided_at_unix_ms = now_unix_ms();
+        held.add(&record);
+        Decision {
+            name: name.to_string(),
+            record,
+            current,
+            trigger: trigger.to_string(),
+            span,
+        }
+    }
 
+    /// Records a decision if it changed anything, announces it and the
+    /// deployment's phase.
+    async fn persist(&self, decision: Decision, correlation: &str) -> Result<(), PlanError> {
+        let span = decision.span.clone();
+        self.persist_in_span(decision, correlation)
+            .instrument(span)
+            .await
+    }
+
+    async fn persist_in_span(
+        &self,
+        decision: Decision,
+        correlation: &str,
+    ) -> Result<(), PlanError> {
+        let Decision {
+            name,
+            record,
+            current,
+            trigger,
+            ..
+        } = decision;
+        let name = name.as_str();
         let written = self
             .placements
             .update(name, |cur| {
@@ -491,6 +567,7 @@ impl Planner {
 
     async fn replan(&self, names: &BTreeSet<String>, fleet: &Fleet, trigger: &str) {
         let mut held = self.commitments();
+        let mut decisions = Vec::new();
         for name in names {
             let Some(doc) = self.deployments.cached(name) else {
                 continue;
@@ -503,10 +580,15 @@ impl Planner {
                 }
             };
             request.replicas = effective_replicas(&doc, &request);
-            if let Err(e) = self
-                .plan(name, &request, fleet, trigger, "", &mut held)
-                .await
-            {
+            decisions.push(self.decide(name, &request, fleet, trigger, &mut held));
+        }
+        let mut writes = futures::stream::iter(decisions.into_iter().map(|decision| async move {
+            let name = decision.name.clone();
+            (name, self.persist(decision, "").await)
+        }))
+        .buffer_unordered(PERSIST_AT_ONCE);
+        while let Some((name, result)) = writes.next().await {
+            if let Err(e) = result {
                 tracing::warn!(deployment = %name, "re-plan failed, will retry on the next change: {e}");
             }
         }
@@ -620,4 +702,53 @@ impl Planner {
             self.replan(&scaled, &self.fleet(), "autoscale").await;
         }
     }
+}
+
+/// The spec an apply stores: `doc` with its next generation, or `None`
+/// when the stored spec is the same or came from a newer apply (`sequence`
+/// 0: unknown, never older).
+pub(crate) fn accepted_spec(
+    current: Option<&ModelDeployment>,
+    doc: &ModelDeployment,
+    sequence: u64,
+    request: &DeploymentRequest,
+    now: i64,
+) -> Option<ModelDeployment> {
+    let before = current.and_then(|c| c.status.clone()).unwrap_or_default();
+    if sequence != 0 && before.applied_sequence > sequence {
+        return None;
+    }
+    let same = current.is_some_and(|c| c.spec == doc.spec && c.metadata == doc.metadata);
+    if same {
+        return None;
+    }
+    let mut next = doc.clone();
+    next.api_version = flotilla_proto::API_VERSION.into();
+    next.kind = "ModelDeployment".into();
+    // An autoscaled count carries over a new spec, within its
+    // new bounds.
+    let desired = match &request.autoscaling {
+        Some(a) if before.desired_replicas > 0 => a.clamp(before.desired_replicas),
+        _ => 0,
+    };
+    next.status = Some(v1::ModelDeploymentStatus {
+        generation: before.generation + 1,
+        phase: v1::DeploymentPhase::Accepted.into(),
+        message: "accepted; placing".into(),
+        placement_generation: before.placement_generation,
+        updated_at_unix_ms: now,
+        desired_replicas: desired,
+        scaled_at_unix_ms: before.scaled_at_unix_ms,
+        scaling_reason: if desired > 0 {
+            before.scaling_reason
+        } else {
+            String::new()
+        },
+        applied_sequence: if sequence == 0 {
+            before.applied_sequence
+        } else {
+            sequence
+        },
+    });
+    Some(next)
 }

@@ -261,3 +261,42 @@ fn clusters_not_chosen_are_named_in_a_small_fleet_and_summed_up_in_a_large_one()
         large[0].reason
     );
 }
+
+#[test]
+fn an_apply_older_than_the_stored_spec_changes_nothing() {
+    let doc = |replicas: u32| -> v1::ModelDeployment {
+        let json = format!(
+            r#"{{"metadata": {{"name": "d"}}, "spec": {{"model": {{"preset": "smollm2-135m-instruct"}}, "replicas": {replicas}}}}}"#
+        );
+        flotilla_proto::codec::decode_json(json.as_bytes()).unwrap()
+    };
+    let accept = |current: Option<&v1::ModelDeployment>, replicas: u32, sequence: u64| {
+        let d = doc(replicas);
+        let request = spec::validate(&d).unwrap();
+        crate::planner::accepted_spec(current, &d, sequence, &request, 1_000)
+    };
+    let first = accept(None, 1, 10).unwrap();
+    let status = |d: &v1::ModelDeployment| d.status.clone().unwrap_or_default();
+    assert_eq!(
+        (status(&first).generation, status(&first).applied_sequence),
+        (1, 10)
+    );
+    let second = accept(Some(&first), 2, 12).unwrap();
+    assert_eq!(
+        (status(&second).generation, status(&second).applied_sequence),
+        (2, 12)
+    );
+    // Apply 11 overtaken by 12 (handled at once, or redelivered late).
+    assert!(accept(Some(&second), 3, 11).is_none());
+    // The same spec again is no change; a newer different one is.
+    assert!(accept(Some(&second), 2, 13).is_none());
+    let third = accept(Some(&second), 3, 14).unwrap();
+    assert_eq!(status(&third).generation, 3);
+    // An apply whose sequence is unknown is never taken for an old one,
+    // and keeps the sequence that is known.
+    let fourth = accept(Some(&third), 4, 0).unwrap();
+    assert_eq!(
+        (status(&fourth).generation, status(&fourth).applied_sequence),
+        (4, 14)
+    );
+}
