@@ -7,8 +7,6 @@
 //! one. A failed publish is retried that way; a restarted instance first
 //! reads back the last state announced from the events stream.
 
-use std::collections::HashMap;
-
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use flotilla_kit::{BoxError, EventDraft};
 use flotilla_proto::codec::{self, CONTENT_TYPE};
@@ -26,13 +24,13 @@ impl Rollouts {
         &self,
         name: &str,
         stored: Option<&RolloutState>,
-        announced: &mut HashMap<String, Option<RolloutState>>,
+        announced: &mut Option<Option<RolloutState>>,
     ) -> Result<(), StepError> {
         let Some(stored) = stored else {
-            announced.insert(name.to_string(), None);
+            *announced = Some(None);
             return Ok(());
         };
-        let last = match announced.get(name) {
+        let last = match announced {
             Some(last) if last.as_ref() == Some(stored) => return Ok(()),
             Some(last) => last.clone(),
             None => self.last_announced(name, stored).await?,
@@ -51,7 +49,7 @@ impl Rollouts {
                     source,
                 })?;
         }
-        announced.insert(name.to_string(), Some(stored.clone()));
+        *announced = Some(Some(stored.clone()));
         Ok(())
     }
 
