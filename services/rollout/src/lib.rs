@@ -53,7 +53,6 @@ use flotilla_proto::v1::{
     ReplicaStatus, RolloutPhase, RolloutState,
 };
 use flotilla_proto::{ControlSubject, EventType};
-use futures::StreamExt;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -341,36 +340,17 @@ impl Due {
     }
 }
 
-/// Deployments stepped at once in a round. Their steps touch only their
-/// own records, so they wait on the bus together rather than in turn: a
-/// round of 100 rollouts under way is a few round trips, not 100 of
-/// them.
-const STEPS_AT_ONCE: usize = 32;
-
-/// What one deployment's steps carry from one round to the next.
-#[derive(Default)]
-struct Remembered {
-    /// The last stored state whose events are all published (`Some(None)`:
-    /// no state yet), as far as this instance knows; `None` until it has
-    /// looked.
-    announced: Option<Option<RolloutState>>,
-    /// Command ids this instance published, and when.
-    sent: HashMap<String, Instant>,
-}
-
-impl Remembered {
-    fn is_empty(&self) -> bool {
-        self.announced.is_none() && self.sent.is_empty()
-    }
-}
-
 /// What the reconcile loop carries from one round to the next.
 #[derive(Default)]
 struct Memory {
-    /// Per deployment.
-    deployments: HashMap<String, Remembered>,
+    /// Per deployment, the last stored state whose events are all
+    /// published (`None`: no state yet), as far as this instance knows;
+    /// absent until it has looked.
+    announced: HashMap<String, Option<RolloutState>>,
     /// Deployments whose last step failed: how often, and when to try again.
     retries: HashMap<String, (u32, Instant)>,
+    /// Command ids this instance published, and when.
+    sent: HashMap<String, Instant>,
     /// The live clusters and their labels the last round planned with: a
     /// change makes every deployment due.
     fleet: Option<(BTreeSet<String>, ClusterLabels)>,
@@ -527,43 +507,28 @@ impl Rollouts {
                 // deployment is gone.
                 names.extend(self.rollouts.cached_all().into_iter().map(|(n, _)| n));
                 let now = Instant::now();
-                memory.deployments.retain(|_, remembered| {
-                    remembered
-                        .sent
-                        .retain(|_, at| now.duration_since(*at) < RESEND_AFTER);
-                    !remembered.is_empty()
-                });
+                memory
+                    .sent
+                    .retain(|_, at| now.duration_since(*at) < RESEND_AFTER);
                 names
             }
             Due::Some(names) => names.clone(),
         };
         let now = Instant::now();
-        let view = &view;
-        let names: Vec<String> = names
-            .into_iter()
-            .filter(|name| memory.due(name, now))
-            .collect();
-        let steps = names
-            .into_iter()
-            .map(|name| {
-                let mut remembered = memory.deployments.remove(&name).unwrap_or_default();
-                async move {
-                    let span = tracing::info_span!(
-                        "rollout_step",
-                        deployment = %name,
-                        generation = tracing::field::Empty,
-                        spec_generation = tracing::field::Empty,
-                    );
-                    let result = self
-                        .step(&name, view, &mut remembered)
-                        .instrument(span.clone())
-                        .await;
-                    (name, remembered, span, result)
-                }
-            })
-            .collect::<Vec<_>>();
-        let mut steps = futures::stream::iter(steps).buffer_unordered(STEPS_AT_ONCE);
-        while let Some((name, remembered, span, result)) = steps.next().await {
+        for name in names {
+            if !memory.due(&name, now) {
+                continue;
+            }
+            let span = tracing::info_span!(
+                "rollout_step",
+                deployment = %name,
+                generation = tracing::field::Empty,
+                spec_generation = tracing::field::Empty,
+            );
+            let result = self
+                .step(&name, &view, &mut memory.announced, &mut memory.sent)
+                .instrument(span.clone())
+                .await;
             match result {
                 Ok(()) => {
                     memory.retries.remove(&name);
@@ -575,9 +540,6 @@ impl Rollouts {
                     });
                 }
             }
-            if !remembered.is_empty() {
-                memory.deployments.insert(name, remembered);
-            }
         }
     }
 
@@ -587,11 +549,11 @@ impl Rollouts {
         &self,
         name: &str,
         view: &View,
-        remembered: &mut Remembered,
+        announced: &mut HashMap<String, Option<RolloutState>>,
+        sent: &mut HashMap<String, Instant>,
     ) -> Result<(), StepError> {
         let stored = self.rollouts.cached(name);
-        self.announce(name, stored.as_ref(), &mut remembered.announced)
-            .await?;
+        self.announce(name, stored.as_ref(), announced).await?;
         let replicas = view.replicas_of(name);
         let deployment = self.deployments.cached(name);
         let spec_generation = deployment
@@ -605,14 +567,8 @@ impl Rollouts {
             span.record("generation", retire.generation);
             let retired = retire.steps.is_empty()
                 && replicas.iter().all(|r| r.phase() == ReplicaPhase::Stopped);
-            self.send(
-                name,
-                retire.generation,
-                None,
-                retire.steps,
-                &mut remembered.sent,
-            )
-            .await?;
+            self.send(name, retire.generation, None, retire.steps, sent)
+                .await?;
             // Its rollout history ends with it: applied again under the
             // same name, it is a new deployment whose undo cannot reach
             // into the old one's specs.
@@ -626,7 +582,7 @@ impl Rollouts {
                         source,
                     })?;
                 if gone {
-                    remembered.announced = None;
+                    announced.remove(name);
                 }
             }
             return Ok(());
@@ -665,15 +621,14 @@ impl Rollouts {
                 // from what it wrote.
                 return Ok(());
             };
-            self.announce(name, Some(&written), &mut remembered.announced)
-                .await?;
+            self.announce(name, Some(&written), announced).await?;
         }
         self.send(
             name,
             placement.generation,
             Some((&spec, &placement)),
             next.steps,
-            &mut remembered.sent,
+            sent,
         )
         .await
     }

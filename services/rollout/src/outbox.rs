@@ -7,6 +7,8 @@
 //! one. A failed publish is retried that way; a restarted instance first
 //! reads back the last state announced from the events stream.
 
+use std::collections::HashMap;
+
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use flotilla_kit::{BoxError, EventDraft};
 use flotilla_proto::codec::{self, CONTENT_TYPE};
@@ -24,13 +26,13 @@ impl Rollouts {
         &self,
         name: &str,
         stored: Option<&RolloutState>,
-        announced: &mut Option<Option<RolloutState>>,
+        announced: &mut HashMap<String, Option<RolloutState>>,
     ) -> Result<(), StepError> {
         let Some(stored) = stored else {
-            *announced = Some(None);
+            announced.insert(name.to_string(), None);
             return Ok(());
         };
-        let last = match announced {
+        let last = match announced.get(name) {
             Some(last) if last.as_ref() == Some(stored) => return Ok(()),
             Some(last) => last.clone(),
             None => self.last_announced(name, stored).await?,
@@ -49,7 +51,7 @@ impl Rollouts {
                     source,
                 })?;
         }
-        *announced = Some(Some(stored.clone()));
+        announced.insert(name.to_string(), Some(stored.clone()));
         Ok(())
     }
 
