@@ -18,7 +18,7 @@ pub mod watch;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use flotilla_kit::logging::LogFormat;
 use flotilla_kit::{Bus, BusArgs, Shutdown};
 
@@ -38,6 +38,41 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line's grammar, with the bus flags global: they may
+    /// stand anywhere on the line (`flotilla get clusters --nats-url …`),
+    /// as kubectl's do. Not global in `BusArgs` itself, because services
+    /// share it and the executor's `simulate` flattens a copy of its own,
+    /// which a global flag of the same name would clash with.
+    pub fn grammar() -> clap::Command {
+        let bus = BusArgs::augment_args(clap::Command::new("bus"));
+        let ids: Vec<clap::Id> = bus.get_arguments().map(|a| a.get_id().clone()).collect();
+        Self::command().mut_args(|arg| {
+            if ids.contains(arg.get_id()) {
+                arg.global(true)
+            } else {
+                arg
+            }
+        })
+    }
+
+    /// Parses this process's arguments with [`grammar`](Self::grammar);
+    /// on an error or `--help`, prints it and exits as clap does.
+    pub fn parse_line() -> Self {
+        Self::try_parse_line(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn try_parse_line<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut grammar = Self::grammar();
+        let mut matches = grammar.try_get_matches_from_mut(args)?;
+        Self::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut grammar))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,6 +125,13 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Ask a model through the gateway; the answer is streamed.
     Chat(chat::ChatArgs),
+    /// Print a shell completion script: `source <(flotilla completion bash)`,
+    /// or write it where the shell loads completions from (zsh: a file
+    /// `_flotilla` on `$fpath`; fish: `~/.config/fish/completions/flotilla.fish`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Write a nats-server configuration with one user per service and per
     /// cluster's executor, each allowed only its own subjects.
     NatsConfig(nats_config::NatsConfigArgs),
@@ -235,6 +277,15 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             let bus = connect(&cli.bus, &shutdown).await?;
             deployments::describe(&bus, &name, &mut std::io::stdout()).await
         }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::grammar(),
+                "flotilla",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::NatsConfig(args) => nats_config::run(&cli.bus, &args)
             .map(|conf| println!("wrote {} and users/", conf.display())),
         Command::Cluster { action } => {
@@ -296,4 +347,134 @@ async fn connect(args: &BusArgs, shutdown: &Shutdown) -> anyhow::Result<Bus> {
         )
     })?
     .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        Cli::grammar().debug_assert();
+    }
+
+    #[test]
+    fn bus_flags_stand_before_or_after_the_subcommand() {
+        for line in [
+            &[
+                "flotilla",
+                "--nats-url",
+                "nats://hub:4222",
+                "get",
+                "clusters",
+            ][..],
+            &[
+                "flotilla",
+                "get",
+                "clusters",
+                "--nats-url",
+                "nats://hub:4222",
+            ][..],
+            &[
+                "flotilla",
+                "get",
+                "--nats-url",
+                "nats://hub:4222",
+                "clusters",
+            ][..],
+        ] {
+            let cli = Cli::try_parse_line(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(cli.bus.nats_url, "nats://hub:4222", "{line:?}");
+            assert!(matches!(cli.command, Command::Get { .. }), "{line:?}");
+        }
+        let cli = Cli::try_parse_line([
+            "flotilla",
+            "rollout",
+            "status",
+            "web",
+            "--subject-prefix",
+            "blue",
+            "--stream-replicas",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(cli.bus.subject_prefix, "blue");
+        assert_eq!(cli.bus.stream_replicas, 3);
+    }
+
+    #[test]
+    fn a_misspelled_flag_is_named() {
+        let e = Cli::try_parse_line(["flotilla", "get", "clusters", "--nats-ur", "x"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+        let said = e.to_string();
+        assert!(said.contains("--nats-ur"), "{said}");
+        assert!(said.contains("--nats-url"), "a suggestion: {said}");
+    }
+
+    /// The executor's own flags pass through `flotilla executor --`
+    /// untouched, global bus flags or not.
+    #[test]
+    fn executor_flags_after_the_separator_are_the_executors() {
+        let cli = Cli::try_parse_line([
+            "flotilla",
+            "executor",
+            "--",
+            "--nats-url",
+            "nats://member:4222",
+            "--cluster",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(cli.bus.nats_url, "nats://127.0.0.1:4222");
+        let Command::Executor { args } = cli.command else {
+            panic!("not the executor");
+        };
+        assert_eq!(args[..2], ["--nats-url", "nats://member:4222"]);
+    }
+
+    fn completion(shell: clap_complete::Shell) -> String {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::grammar(), "flotilla", &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn completion_scripts_know_the_subcommands_and_global_flags() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let script = completion(shell);
+            // Fish names a long flag without its dashes (`-l nats-url`).
+            for word in ["rollout", "approve", "completion", "nats-url"] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+        }
+        // Bash's offers the bus flags after a subcommand as well.
+        let bash = completion(clap_complete::Shell::Bash);
+        let get_clusters = bash
+            .split("flotilla__subcmd__get__subcmd__clusters)")
+            .nth(1)
+            .expect("a case for `get clusters`");
+        let case = get_clusters.split(";;").next().unwrap_or_default();
+        assert!(case.contains("--nats-url"), "{case}");
+    }
+
+    #[test]
+    fn the_bash_script_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.bash");
+        std::fs::write(&path, completion(clap_complete::Shell::Bash)).unwrap();
+        let checked = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            checked.status.success(),
+            "{}",
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
 }

@@ -1,11 +1,10 @@
 //! `flotilla`: the command line of a Flotilla fleet.
 
 use anyhow::Result;
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let cli = flotilla_cli::Cli::parse();
+    let cli = flotilla_cli::Cli::parse_line();
     // A command prints its answer; logs are for `up`, which runs services.
     let default_filter = match cli.command {
         flotilla_cli::Command::Up(_) | flotilla_cli::Command::Executor { .. } => {
