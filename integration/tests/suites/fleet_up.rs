@@ -126,28 +126,6 @@ async fn four_more_answers(ok: &AtomicU64, what: &str) {
     .await;
 }
 
-/// Runs `program` to the end; its standard output, after checking it
-/// succeeded.
-async fn output_of(program: &Path, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs the `flotilla` command line to the end; its standard output.
-async fn flotilla(args: &[&str]) -> String {
-    output_of(&fleet::target_bin("flotilla"), args).await
-}
-
 fn log_of(data: &Path) -> String {
     std::fs::read_to_string(data.join("up.log")).unwrap_or_default()
 }
@@ -232,7 +210,7 @@ stream = client.chat.completions.create(model=sys.argv[2], messages=[{"role": "u
 streamed = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
 print(json.dumps({"models": [m.id for m in client.models.list().data], "text": chat.choices[0].message.content, "streamed": streamed}))
 "#;
-    let out = output_of(&python(), &["-c", script, &gateway, MODEL]).await;
+    let out = support::output_of(&python(), &["-c", script, &gateway, MODEL]).await;
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         answer["models"]
@@ -249,7 +227,7 @@ print(json.dumps({"models": [m.id for m in client.models.list().data], "text": c
     assert!(!answer["streamed"].as_str().unwrap().is_empty(), "{answer}");
 
     // `flotilla chat`, streamed.
-    let chat = flotilla(&[
+    let chat = support::flotilla(&[
         "chat",
         "--gateway",
         &gateway,
@@ -277,7 +255,7 @@ async def main():
     await nc.close()
 asyncio.run(main())
 "#;
-    output_of(&python(), &["-c", publish, &nats_url]).await;
+    support::output_of(&python(), &["-c", publish, &nats_url]).await;
     replicas_until(&replicas, "a ready chat-b replica", |all| {
         ready_of(all, "chat-b").len() == 1
     })
@@ -363,7 +341,7 @@ asyncio.run(main())
     let failures = failed.load(Ordering::SeqCst);
 
     // The whole story, from `flotilla watch`.
-    let watched = flotilla(&[
+    let watched = support::flotilla(&[
         "--nats-url",
         &nats_url,
         "watch",

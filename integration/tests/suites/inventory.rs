@@ -222,19 +222,9 @@ async fn cordon_shows_in_kv_in_events_and_in_get_clusters() {
 
     // The command line takes the bus flags after the subcommand too, as
     // kubectl takes its global flags anywhere on the line.
-    let listed = tokio::process::Command::new(fleet::target_bin("flotilla"))
-        .args(["get", "clusters", "-o", "json", "--nats-url"])
-        .arg(server.url())
-        .env_remove("FLOTILLA_NATS_URL")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    let parsed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed =
+        support::flotilla(&["get", "clusters", "-o", "json", "--nats-url", &server.url()]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(parsed[0]["name"], "ap-1");
 
     let mut out = Vec::new();

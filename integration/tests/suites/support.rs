@@ -336,3 +336,25 @@ spec:
     policy: PickN
     numberOfClusters: 2
 "#;
+
+/// Runs `program` to the end; its standard output, after checking it
+/// succeeded.
+pub async fn output_of(program: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the `flotilla` command line to the end; its standard output.
+pub async fn flotilla(args: &[&str]) -> String {
+    output_of(&flotilla_integration::fleet::target_bin("flotilla"), args).await
+}

@@ -12,7 +12,7 @@ use flotilla_proto::v1::{
     self, ClusterRecord, ModelDeployment, PlacementDecision, PlacementOutcome, event::Payload,
 };
 use flotilla_proto::{ControlSubject, EventType, check_name};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -275,7 +275,7 @@ impl Planner {
                 .iter()
                 .map(|(apply, name, request)| self.accept(name, apply, request, now)),
         );
-        let ((), written) = tokio::join!(rejections.map(|_| ()), accepting);
+        let (_, written) = tokio::join!(rejections, accepting);
 
         let mut held = self.commitments();
         let mut placing = Vec::new();
