@@ -284,6 +284,61 @@ mod tests {
         assert!(text.contains("\"minMemoryGiB\":8"), "{text}");
     }
 
+    /// What Python's `json_format.MessageToJson` and Go's protojson write:
+    /// enum values by their proto names, 64-bit integers as strings; with
+    /// `preserving_proto_field_name`, the proto field names.
+    #[test]
+    fn canonical_proto3_json_decodes_to_the_same_message() {
+        let document: v1::ModelDeployment = decode_json(ARCHITECTURE_EXAMPLE.as_bytes()).unwrap();
+        let canonical = r#"{
+          "api_version": "flotilla.dev/v1alpha1",
+          "kind": "ModelDeployment",
+          "metadata": {"name": "chat-small", "labels": {"team": "search"}},
+          "spec": {
+            "model": {"preset": "smollm2-135m-instruct"},
+            "runtime": "RUNTIME_CANDLE",
+            "replicas": 4,
+            "resources": {"gpu": {"count": 1, "min_memory_gib": 8, "types": ["H100", "A100", "L4"]}},
+            "placement": {
+              "policy": 2,
+              "numberOfClusters": 2,
+              "affinity": {
+                "required": [{"labelSelector": {"matchLabels": {"env": "prod"}}}],
+                "preferred": [
+                  {"weight": 60, "propertySorter": {"name": "gpu.freeMemoryGiB", "order": "SORT_ORDER_DESCENDING"}},
+                  {"weight": 40, "property_sorter": {"name": "cost.perGpuHour", "order": "SORT_ORDER_ASCENDING"}}
+                ]
+              },
+              "topologySpread": [{"topologyKey": "region", "maxSkew": 1, "whenUnsatisfiable": "WHEN_UNSATISFIABLE_DO_NOT_SCHEDULE"}],
+              "tolerations": [{"key": "spot", "operator": "TOLERATION_OPERATOR_EXISTS"}]
+            },
+            "rollout": {
+              "strategy": "ROLLOUT_STRATEGY_STAGED",
+              "maxUnavailable": "25%",
+              "max_surge": "1",
+              "stages": [
+                {"name": "canary", "clusterSelector": {"matchLabels": {"env": "canary"}}, "afterStage": {"wait": "60s"}},
+                {"name": "prod", "clusterSelector": {"matchLabels": {"env": "prod"}}, "afterStage": {"approval": true}}
+              ]
+            }
+          },
+          "status": {"generation": "7", "updatedAtUnixMs": "-1"}
+        }"#;
+        let mut read: v1::ModelDeployment = decode(Some(JSON), canonical.as_bytes()).unwrap();
+        let status = read.status.take().unwrap();
+        assert_eq!(status.generation, 7);
+        assert_eq!(status.updated_at_unix_ms, -1);
+        assert_eq!(read, document);
+
+        let unknown =
+            decode::<v1::ModelDeployment>(None, br#"{"spec": {"runtime": 9}}"#).unwrap_err();
+        assert_eq!(unknown.field.as_deref(), Some("spec.runtime"));
+        let not_a_number =
+            decode::<v1::ModelDeployment>(None, br#"{"status": {"generation": "seven"}}"#)
+                .unwrap_err();
+        assert_eq!(not_a_number.field.as_deref(), Some("status.generation"));
+    }
+
     #[test]
     fn json_errors_name_the_field() {
         let cases = [

@@ -5,6 +5,11 @@
 //! written by name (the spellings of the user-facing document, `PickN`,
 //! `candle`), `bytes` are base64, and a few document fields take an integer
 //! or a string.
+//!
+//! Reading also takes the canonical proto3 JSON that protojson (Go) and
+//! json_format (Python) write: enum values by their proto names
+//! (`PLACEMENT_POLICY_PICK_N`) or numbers, 64-bit integers as strings, and
+//! proto field names (`api_version`, as aliases in the generated code).
 
 use base64::Engine;
 use serde::de::{self, Deserializer, Visitor};
@@ -17,12 +22,19 @@ use crate::v1;
 pub trait JsonEnum: Sized + Copy + Into<i32> + TryFrom<i32> + 'static {
     /// `(value, name)` for every value except 0.
     const NAMES: &'static [(Self, &'static str)];
+
+    /// The value for its name in the .proto file (`RUNTIME_CANDLE`).
+    fn from_proto_name(name: &str) -> Option<Self>;
 }
 
 macro_rules! json_enum {
     ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {
         $(impl JsonEnum for v1::$ty {
             const NAMES: &'static [(Self, &'static str)] = &[$((v1::$ty::$variant, $name)),+];
+
+            fn from_proto_name(name: &str) -> Option<Self> {
+                Self::from_str_name(name)
+            }
         })+
     };
 }
@@ -95,12 +107,29 @@ pub fn enum_from_name<'de, E: JsonEnum, D: Deserializer<'de>>(d: D) -> Result<i3
             write!(f, "one of {}", expected_names::<E>())
         }
         fn visit_str<Er: de::Error>(self, v: &str) -> Result<i32, Er> {
-            value_of::<E>(v).map(Into::into).ok_or_else(|| {
-                Er::custom(format!(
-                    "unknown value \"{v}\", expected one of {}",
-                    expected_names::<E>()
-                ))
-            })
+            value_of::<E>(v)
+                .or_else(|| E::from_proto_name(v))
+                .map(Into::into)
+                .ok_or_else(|| {
+                    Er::custom(format!(
+                        "unknown value \"{v}\", expected one of {}",
+                        expected_names::<E>()
+                    ))
+                })
+        }
+        fn visit_i64<Er: de::Error>(self, v: i64) -> Result<i32, Er> {
+            i32::try_from(v)
+                .ok()
+                .filter(|n| *n == 0 || E::try_from(*n).is_ok())
+                .ok_or_else(|| {
+                    Er::custom(format!(
+                        "unknown value {v}, expected one of {}",
+                        expected_names::<E>()
+                    ))
+                })
+        }
+        fn visit_u64<Er: de::Error>(self, v: u64) -> Result<i32, Er> {
+            self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
         }
         fn visit_unit<Er: de::Error>(self) -> Result<i32, Er> {
             Ok(0)
@@ -143,6 +172,48 @@ pub fn int_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error
         }
     }
     d.deserialize_any(IntOrString)
+}
+
+/// `5` or `"5"`, as canonical JSON writes 64-bit integers.
+pub fn u64_number_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    number_or_string(d, "an unsigned 64-bit integer")
+}
+
+/// `-5` or `"-5"`, as canonical JSON writes 64-bit integers.
+pub fn i64_number_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    number_or_string(d, "a 64-bit integer")
+}
+
+fn number_or_string<'de, N, D>(d: D, what: &'static str) -> Result<N, D::Error>
+where
+    N: TryFrom<u64> + TryFrom<i64> + std::str::FromStr + Default,
+    D: Deserializer<'de>,
+{
+    struct NumberOrString<N>(&'static str, std::marker::PhantomData<N>);
+    impl<N> Visitor<'_> for NumberOrString<N>
+    where
+        N: TryFrom<u64> + TryFrom<i64> + std::str::FromStr + Default,
+    {
+        type Value = N;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "{}, as a number or a string", self.0)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<N, E> {
+            N::try_from(v).map_err(|_| E::custom(format!("{v} is not {}", self.0)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<N, E> {
+            N::try_from(v).map_err(|_| E::custom(format!("{v} is not {}", self.0)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<N, E> {
+            v.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("\"{v}\" is not {}", self.0)))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<N, E> {
+            Ok(N::default())
+        }
+    }
+    d.deserialize_any(NumberOrString(what, std::marker::PhantomData))
 }
 
 pub mod base64_bytes {

@@ -31,6 +31,11 @@ pub mod v1 {
     include!("gen/flotilla.v1.rs");
 }
 
+/// The `FileDescriptorSet` of `proto/flotilla/v1` with its comments, as
+/// gRPC reflection serves it and as clients without protoc load it
+/// (`proto/src/gen/flotilla.v1.binpb`).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/flotilla.v1.binpb");
+
 /// The subject prefix when none is configured.
 pub const DEFAULT_PREFIX: &str = "flotilla";
 

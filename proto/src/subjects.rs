@@ -238,6 +238,15 @@ impl Subjects {
         format!("{}.control.>", self.prefix)
     }
 
+    /// `<prefix>.preview.deployments`: a core NATS request (not a stream)
+    /// carrying a `ModelDeployment`; placement answers with the event an
+    /// apply would cause (`deployment.placed`, `deployment.unschedulable` or
+    /// `deployment.rejected`, with the placement or the error) and stores
+    /// nothing. `flotilla apply --dry-run=server` asks it.
+    pub fn preview_deployments(&self) -> String {
+        format!("{}.preview.deployments", self.prefix)
+    }
+
     /// `<prefix>.events.<kind>.<name>.<what>`. Bus events name the consumer
     /// or the stream.
     pub fn event(&self, ty: EventType, name: &str) -> Result<String, InvalidName> {

@@ -215,6 +215,9 @@ fn render_users(
             "        subscribe: {{ allow: {} }}",
             list(&p.subscribe)?
         );
+        if p.allow_responses {
+            let _ = writeln!(out, "        allow_responses: true");
+        }
         let _ = writeln!(out, "      }}\n    }}");
     }
     let _ = writeln!(out, "  ]\n}}");

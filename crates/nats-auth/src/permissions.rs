@@ -95,6 +95,9 @@ pub fn executor_consumers(cluster: &str) -> [String; 2] {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// May answer the core NATS requests it receives (nats-server's
+    /// `allow_responses`), on whatever reply subject they name.
+    pub allow_responses: bool,
 }
 
 impl Permissions {
@@ -203,6 +206,10 @@ fn control_service(p: &mut Permissions, role: &Role, subjects: &Subjects, topolo
         // `rollout undo` re-applies the previous spec through placement.
         p.publish(subjects.control(flotilla_proto::ControlSubject::DeploymentApply));
     }
+    if *role == Role::Placement {
+        p.subscribe.push(subjects.preview_deployments());
+        p.allow_responses = true;
+    }
     if *role == Role::ControlApi {
         // It waits for placement's answer on a plain subscription to the
         // events (readable through the stream anyway).
@@ -213,6 +220,7 @@ fn control_service(p: &mut Permissions, role: &Role, subjects: &Subjects, topolo
         ] {
             p.publish(subjects.control(c));
         }
+        p.publish(subjects.preview_deployments());
     }
 }
 

@@ -78,9 +78,17 @@ spec:
     assert!(!ask(&second.endpoint, MODEL, "Hi!", 6).await.is_empty());
 
     let mut table = Vec::new();
-    flotilla_cli::replicas::get(&bus, Some("chat"), flotilla_cli::Output::Table, &mut table)
-        .await
-        .unwrap();
+    flotilla_cli::get::get(
+        &bus,
+        &flotilla_cli::get::GetArgs {
+            deployment: Some("chat".into()),
+            ..flotilla_cli::get::GetArgs::of(flotilla_cli::get::Kind::Replicas)
+        },
+        &mut table,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let table = String::from_utf8(table).unwrap();
     let line = table
         .lines()

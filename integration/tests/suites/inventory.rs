@@ -194,9 +194,14 @@ async fn cordon_shows_in_kv_in_events_and_in_get_clusters() {
     assert_eq!(record.cordon_reason, "driver upgrade");
 
     let mut table = Vec::new();
-    clusters::get(&bus, flotilla_cli::Output::Table, &mut table)
-        .await
-        .unwrap();
+    flotilla_cli::get::get(
+        &bus,
+        &flotilla_cli::get::GetArgs::of(flotilla_cli::get::Kind::Clusters),
+        &mut table,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let table = String::from_utf8(table).unwrap();
     let line = table
         .lines()
@@ -212,20 +217,29 @@ async fn cordon_shows_in_kv_in_events_and_in_get_clusters() {
     );
 
     let mut json = Vec::new();
-    clusters::get(&bus, flotilla_cli::Output::Json, &mut json)
-        .await
-        .unwrap();
+    flotilla_cli::get::get(
+        &bus,
+        &flotilla_cli::get::GetArgs {
+            output: flotilla_cli::get::Format::Json,
+            ..flotilla_cli::get::GetArgs::of(flotilla_cli::get::Kind::Clusters)
+        },
+        &mut json,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    assert_eq!(parsed[0]["name"], "ap-1");
-    assert_eq!(parsed[0]["cordoned"], true);
-    assert_eq!(parsed[0]["health"], "Healthy");
+    assert_eq!(parsed["kind"], "List");
+    assert_eq!(parsed["items"][0]["name"], "ap-1");
+    assert_eq!(parsed["items"][0]["cordoned"], true);
+    assert_eq!(parsed["items"][0]["health"], "Healthy");
 
     // The command line takes the bus flags after the subcommand too, as
     // kubectl takes its global flags anywhere on the line.
     let listed =
         support::flotilla(&["get", "clusters", "-o", "json", "--nats-url", &server.url()]).await;
     let parsed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(parsed[0]["name"], "ap-1");
+    assert_eq!(parsed["items"][0]["name"], "ap-1");
 
     let mut out = Vec::new();
     clusters::cordon(

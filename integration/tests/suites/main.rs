@@ -15,6 +15,7 @@
 
 mod architecture;
 mod autoscaling;
+mod cli;
 mod control_api;
 mod deploy_files;
 mod end_to_end;

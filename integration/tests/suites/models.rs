@@ -121,9 +121,14 @@ async fn a_pushed_gguf_is_fetched_by_an_executor_and_its_digest_matches() {
     })
     .await;
     let mut table = Vec::new();
-    flotilla_cli::models::get(&bus, flotilla_cli::Output::Table, &mut table)
-        .await
-        .unwrap();
+    flotilla_cli::get::get(
+        &bus,
+        &flotilla_cli::get::GetArgs::of(flotilla_cli::get::Kind::Models),
+        &mut table,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(
         table.lines().any(|l| l.starts_with("smollm2")

@@ -228,9 +228,14 @@ async fn invalid_deployments_are_rejected_naming_the_field_and_deletes_release_c
     expect(&mut events, EventType::DeploymentPlaced, "second").await;
 
     let mut table = Vec::new();
-    flotilla_cli::deployments::get(&bus, flotilla_cli::Output::Table, &mut table)
-        .await
-        .unwrap();
+    flotilla_cli::get::get(
+        &bus,
+        &flotilla_cli::get::GetArgs::of(flotilla_cli::get::Kind::Deployments),
+        &mut table,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let table = String::from_utf8(table).unwrap();
     assert!(
         table.lines().any(|l| l.starts_with("second")
@@ -380,4 +385,97 @@ async fn a_burst_of_applies_is_placed_whole_and_the_last_spec_of_each_deployment
     let placement: PlacementDecision =
         support::record(&bus, &bus.topology.placements.name, "moving").await;
     assert_eq!(placement.deployment_generation, status.generation);
+}
+
+/// Clients nobody here wrote: Python's protobuf runtime builds deployments
+/// from the checked-in descriptors and writes them with `json_format`
+/// (canonical proto3 JSON, with JSON names and with proto field names) and
+/// as binary protobuf; `nats-py` publishes them and a document-form JSON.
+/// Placement places all four.
+#[tokio::test]
+async fn deployments_from_python_json_format_protobuf_and_nats_py_documents_are_placed() {
+    let (server, _bus, mut events) = support::bus_with_events().await;
+    let config = support::config(&server);
+    fleet::inventory(&config, Duration::from_secs(1));
+    let caches = tempfile::tempdir().unwrap();
+    let _a = start_executor(&server, "eu-1", "eu", "4xH100-80GB", 1.0, caches.path());
+    let _b = start_executor(&server, "us-1", "us", "4xH100-80GB", 2.0, caches.path());
+    expect_joined(&mut events, &["eu-1", "us-1"]).await;
+    fleet::placement(&config);
+
+    let publish = r#"
+import asyncio, json, sys
+import nats
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+
+url, descriptors = sys.argv[1], sys.argv[2]
+files = descriptor_pb2.FileDescriptorSet.FromString(open(descriptors, "rb").read())
+pool = descriptor_pool.DescriptorPool()
+for f in files.file:
+    pool.Add(f)
+Deployment = message_factory.GetMessageClass(pool.FindMessageTypeByName("flotilla.v1.ModelDeployment"))
+def enum(name, value):
+    return pool.FindEnumTypeByName("flotilla.v1." + name).values_by_name[value].number
+
+def deployment(name):
+    d = Deployment()
+    d.api_version = "flotilla.dev/v1alpha1"
+    d.kind = "ModelDeployment"
+    d.metadata.name = name
+    d.metadata.labels["team"] = "python"
+    d.spec.model.preset = "smollm2-135m-instruct"
+    d.spec.runtime = enum("Runtime", "RUNTIME_CANDLE")
+    d.spec.replicas = 1
+    d.spec.resources.gpu.count = 1
+    d.spec.resources.gpu.min_memory_gib = 16
+    d.spec.placement.policy = enum("PlacementPolicy", "PLACEMENT_POLICY_PICK_N")
+    d.spec.placement.number_of_clusters = 1
+    preferred = d.spec.placement.affinity.preferred.add()
+    preferred.weight = 100
+    preferred.property_sorter.name = "cost.perGpuHour"
+    preferred.property_sorter.order = enum("SortOrder", "SORT_ORDER_DESCENDING")
+    return d
+
+canonical = json_format.MessageToJson(deployment("canonical-json"))
+proto_names = json_format.MessageToJson(deployment("proto-names"), preserving_proto_field_name=True)
+assert '"PLACEMENT_POLICY_PICK_N"' in canonical and '"minMemoryGiB"' in canonical, canonical
+assert '"number_of_clusters"' in proto_names, proto_names
+document = {"apiVersion": "flotilla.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "document"},
+            "spec": {"model": {"preset": "smollm2-135m-instruct"}, "replicas": 1,
+                     "placement": {"policy": "PickN", "numberOfClusters": 1}}}
+
+async def main():
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    subject = "flotilla.control.deployments.apply"
+    json_headers = {"Content-Type": "application/json"}
+    await js.publish(subject, canonical.encode(), headers=json_headers)
+    await js.publish(subject, proto_names.encode(), headers=json_headers)
+    await js.publish(subject, deployment("binary").SerializeToString(),
+                     headers={"Content-Type": "application/x-protobuf"})
+    await js.publish(subject, json.dumps(document).encode())
+    await nc.close()
+asyncio.run(main())
+"#;
+    let descriptors =
+        flotilla_integration::workspace_root().join("proto/src/gen/flotilla.v1.binpb");
+    support::output_of(
+        &support::python(),
+        &["-c", publish, &server.url(), &descriptors.to_string_lossy()],
+    )
+    .await;
+
+    for name in ["canonical-json", "proto-names", "binary"] {
+        let (placed, _) = expect(&mut events, EventType::DeploymentPlaced, name).await;
+        let Some(Payload::Placement(decision)) = placed.payload else {
+            panic!("no decision in {placed:?}")
+        };
+        // The descending cost sorter survived the trip: the dearer cluster.
+        assert_eq!(
+            decision.assignments[0].cluster, "us-1",
+            "{name}: {decision:?}"
+        );
+    }
+    expect(&mut events, EventType::DeploymentPlaced, "document").await;
 }

@@ -151,7 +151,7 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 /// Applies deployment documents (YAML) as `flotilla apply -f` does.
 pub async fn apply(bus: &Bus, yaml: &str) {
     let docs = flotilla_cli::deployments::parse_documents(yaml).unwrap();
-    flotilla_cli::deployments::apply(bus, docs, &mut Vec::new())
+    flotilla_cli::deployments::apply(bus, docs, Default::default(), &mut Vec::new())
         .await
         .unwrap();
 }

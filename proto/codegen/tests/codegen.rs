@@ -5,7 +5,12 @@
 //!
 //! The JSON form of every message is derived here from the protobuf
 //! descriptors: field names are the proto `json_name`s, enums are written by
-//! name (`crate::json`), unknown fields are refused.
+//! name (`crate::json`), unknown fields are refused. The canonical proto3
+//! JSON that protojson and json_format write is read as well: proto field
+//! names, enum value names and numbers, 64-bit integers as strings.
+//!
+//! The descriptors are checked in too (`flotilla.v1.binpb`): gRPC reflection
+//! serves them, and clients without protoc build messages from them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -25,7 +30,7 @@ fn proto_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn generate(out_dir: &Path) -> Vec<u8> {
+fn generate(out_dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let root = proto_dir();
     let mut protos: Vec<PathBuf> = std::fs::read_dir(root.join("flotilla/v1"))
         .unwrap()
@@ -84,6 +89,12 @@ fn generate(out_dir: &Path) -> Vec<u8> {
                     continue;
                 }
                 let mut attrs = vec![format!("rename = \"{}\"", field.json_name())];
+                // Canonical proto3 JSON parsers accept the proto field name
+                // as well (protojson, json_format with
+                // preserving_proto_field_name).
+                if field.json_name() != field.name() {
+                    attrs.push(format!("alias = \"{}\"", field.name()));
+                }
                 match field.r#type() {
                     Type::Enum => {
                         assert!(!repeated, "{path}: repeated enums have no JSON codec yet");
@@ -105,6 +116,18 @@ fn generate(out_dir: &Path) -> Vec<u8> {
                     Type::Bytes => {
                         attrs.push("with = \"crate::json::base64_bytes\"".into());
                     }
+                    // Canonical JSON writes 64-bit integers as strings, since
+                    // JavaScript numbers cannot hold them.
+                    Type::Int64 | Type::Sint64 | Type::Sfixed64 if !repeated => {
+                        attrs.push(
+                            "deserialize_with = \"crate::json::i64_number_or_string\"".into(),
+                        );
+                    }
+                    Type::Uint64 | Type::Fixed64 if !repeated => {
+                        attrs.push(
+                            "deserialize_with = \"crate::json::u64_number_or_string\"".into(),
+                        );
+                    }
                     _ => {}
                 }
                 if INT_OR_STRING_FIELDS.contains(&path.as_str()) {
@@ -114,25 +137,33 @@ fn generate(out_dir: &Path) -> Vec<u8> {
             }
         }
     }
+    let descriptors = prost::Message::encode_to_vec(&fds);
     cfg.compile_fds(fds).unwrap();
-    std::fs::read(out_dir.join(format!("{PACKAGE}.rs"))).unwrap()
+    let code = std::fs::read(out_dir.join(format!("{PACKAGE}.rs"))).unwrap();
+    (code, descriptors)
 }
 
 #[test]
 fn generated_code_matches_the_proto_files() {
     let tmp = tempdir();
-    let fresh = generate(&tmp);
-    let checked_in_path = proto_dir().join(format!("src/gen/{PACKAGE}.rs"));
-    if std::env::var_os("FLOTILLA_BLESS").is_some() {
-        std::fs::write(&checked_in_path, &fresh).unwrap();
-        return;
+    let (code, descriptors) = generate(&tmp);
+    let gen_dir = proto_dir().join("src/gen");
+    for (name, fresh) in [
+        (format!("{PACKAGE}.rs"), code),
+        (format!("{PACKAGE}.binpb"), descriptors),
+    ] {
+        let checked_in_path = gen_dir.join(name);
+        if std::env::var_os("FLOTILLA_BLESS").is_some() {
+            std::fs::write(&checked_in_path, &fresh).unwrap();
+            continue;
+        }
+        let checked_in = std::fs::read(&checked_in_path).unwrap_or_default();
+        assert!(
+            checked_in == fresh,
+            "{} is out of date with proto/flotilla/v1; run FLOTILLA_BLESS=1 cargo test -p flotilla-proto-codegen",
+            checked_in_path.display()
+        );
     }
-    let checked_in = std::fs::read(&checked_in_path).unwrap_or_default();
-    assert!(
-        checked_in == fresh,
-        "{} is out of date with proto/flotilla/v1; run FLOTILLA_BLESS=1 cargo test -p flotilla-proto-codegen",
-        checked_in_path.display()
-    );
 }
 
 fn tempdir() -> PathBuf {

@@ -11,7 +11,7 @@
 pub struct ModelDeployment {
     /// `flotilla.dev/v1alpha1`.
     #[prost(string, tag = "1")]
-    #[serde(rename = "apiVersion")]
+    #[serde(rename = "apiVersion", alias = "api_version")]
     pub api_version: ::prost::alloc::string::String,
     /// `ModelDeployment`.
     #[prost(string, tag = "2")]
@@ -100,6 +100,7 @@ pub struct ModelDeploymentSpec {
     #[prost(enumeration = "DriftPolicy", tag = "10")]
     #[serde(
         rename = "driftPolicy",
+        alias = "drift_policy",
         serialize_with = "crate::json::enum_name::<crate::v1::DriftPolicy, _>",
         deserialize_with = "crate::json::enum_from_name::<crate::v1::DriftPolicy, _>",
         skip_serializing_if = "crate::json::is_unset"
@@ -117,12 +118,12 @@ pub struct EngineSpec {
     pub image: ::prost::alloc::string::String,
     /// vLLM `--max-model-len`; 0 leaves the engine's default.
     #[prost(uint32, tag = "2")]
-    #[serde(rename = "maxModelLen")]
+    #[serde(rename = "maxModelLen", alias = "max_model_len")]
     pub max_model_len: u32,
     /// vLLM `--gpu-memory-utilization`, above 0 and at most 1; 0 leaves the
     /// engine's default.
     #[prost(double, tag = "3")]
-    #[serde(rename = "gpuMemoryUtilization")]
+    #[serde(rename = "gpuMemoryUtilization", alias = "gpu_memory_utilization")]
     pub gpu_memory_utilization: f64,
     /// vLLM `--quantization`, e.g. `awq`, `fp8`.
     #[prost(string, tag = "4")]
@@ -130,7 +131,7 @@ pub struct EngineSpec {
     pub quantization: ::prost::alloc::string::String,
     /// Further engine arguments, appended as given.
     #[prost(string, repeated, tag = "5")]
-    #[serde(rename = "extraArgs")]
+    #[serde(rename = "extraArgs", alias = "extra_args")]
     pub extra_args: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// Environment of the engine container.
     #[prost(btree_map = "string, string", tag = "6")]
@@ -142,7 +143,7 @@ pub struct EngineSpec {
     /// Environment variables taken from Kubernetes Secrets in the replica's
     /// namespace (a Hugging Face token, say).
     #[prost(message, repeated, tag = "7")]
-    #[serde(rename = "secretEnv")]
+    #[serde(rename = "secretEnv", alias = "secret_env")]
     pub secret_env: ::prost::alloc::vec::Vec<SecretEnv>,
     /// CPU and memory of the engine container, as Kubernetes quantities.
     #[prost(message, optional, tag = "8")]
@@ -151,12 +152,12 @@ pub struct EngineSpec {
     /// Size of the in-memory /dev/shm (`16Gi`); empty: 1Gi per GPU, at least
     /// 1Gi, for vLLM replicas of more than one GPU.
     #[prost(string, tag = "9")]
-    #[serde(rename = "shmSize")]
+    #[serde(rename = "shmSize", alias = "shm_size")]
     pub shm_size: ::prost::alloc::string::String,
     /// Node labels a replica pod must match (Kubernetes), beside the GPU
     /// model placement sized the replica for.
     #[prost(btree_map = "string, string", tag = "10")]
-    #[serde(rename = "nodeSelector")]
+    #[serde(rename = "nodeSelector", alias = "node_selector")]
     pub node_selector: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
@@ -167,7 +168,7 @@ pub struct EngineSpec {
     #[serde(rename = "tolerations")]
     pub tolerations: ::prost::alloc::vec::Vec<Toleration>,
     #[prost(string, tag = "12")]
-    #[serde(rename = "priorityClassName")]
+    #[serde(rename = "priorityClassName", alias = "priority_class_name")]
     pub priority_class_name: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -192,17 +193,17 @@ pub struct SecretEnv {
 pub struct ContainerResources {
     /// e.g. `4`, `500m`.
     #[prost(string, tag = "1")]
-    #[serde(rename = "cpuRequest")]
+    #[serde(rename = "cpuRequest", alias = "cpu_request")]
     pub cpu_request: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
-    #[serde(rename = "cpuLimit")]
+    #[serde(rename = "cpuLimit", alias = "cpu_limit")]
     pub cpu_limit: ::prost::alloc::string::String,
     /// e.g. `32Gi`.
     #[prost(string, tag = "3")]
-    #[serde(rename = "memoryRequest")]
+    #[serde(rename = "memoryRequest", alias = "memory_request")]
     pub memory_request: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
-    #[serde(rename = "memoryLimit")]
+    #[serde(rename = "memoryLimit", alias = "memory_limit")]
     pub memory_limit: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -211,7 +212,11 @@ pub struct ContainerResources {
 pub struct ResidencySpec {
     /// The clusters allowed to serve, by their labels (`region: eu`).
     #[prost(message, optional, tag = "1")]
-    #[serde(rename = "clusterSelector", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "clusterSelector",
+        alias = "cluster_selector",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster_selector: ::core::option::Option<LabelSelector>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -219,10 +224,10 @@ pub struct ResidencySpec {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AutoscalingSpec {
     #[prost(int32, tag = "1")]
-    #[serde(rename = "minReplicas")]
+    #[serde(rename = "minReplicas", alias = "min_replicas")]
     pub min_replicas: i32,
     #[prost(int32, tag = "2")]
-    #[serde(rename = "maxReplicas")]
+    #[serde(rename = "maxReplicas", alias = "max_replicas")]
     pub max_replicas: i32,
     /// The count is the largest any target asks for.
     #[prost(message, repeated, tag = "3")]
@@ -255,10 +260,18 @@ pub struct AutoscalingTarget {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ScalingBehavior {
     #[prost(message, optional, tag = "1")]
-    #[serde(rename = "scaleUp", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "scaleUp",
+        alias = "scale_up",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub scale_up: ::core::option::Option<ScalingRules>,
     #[prost(message, optional, tag = "2")]
-    #[serde(rename = "scaleDown", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "scaleDown",
+        alias = "scale_down",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub scale_down: ::core::option::Option<ScalingRules>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -268,11 +281,11 @@ pub struct ScalingRules {
     /// A change happens only if every recommendation within the window asks
     /// for it (up: the lowest; down: the highest), e.g. `0s`, `60s`, `5m`.
     #[prost(string, tag = "1")]
-    #[serde(rename = "stabilizationWindow")]
+    #[serde(rename = "stabilizationWindow", alias = "stabilization_window")]
     pub stabilization_window: ::prost::alloc::string::String,
     /// Most replicas added or removed in one change; 0 is no limit.
     #[prost(uint32, tag = "2")]
-    #[serde(rename = "maxStep")]
+    #[serde(rename = "maxStep", alias = "max_step")]
     pub max_step: u32,
 }
 /// Exactly one of `preset` and `artifact`.
@@ -321,7 +334,7 @@ pub struct GpuRequirements {
     #[serde(rename = "count")]
     pub count: u32,
     #[prost(uint32, tag = "2")]
-    #[serde(rename = "minMemoryGiB")]
+    #[serde(rename = "minMemoryGiB", alias = "min_memory_gib")]
     pub min_memory_gib: u32,
     /// Accepted GPU types, e.g. `H100`; empty accepts any.
     #[prost(string, repeated, tag = "3")]
@@ -342,17 +355,17 @@ pub struct PlacementSpec {
     pub policy: i32,
     /// PickN only.
     #[prost(uint32, tag = "2")]
-    #[serde(rename = "numberOfClusters")]
+    #[serde(rename = "numberOfClusters", alias = "number_of_clusters")]
     pub number_of_clusters: u32,
     /// PickFixed only.
     #[prost(string, repeated, tag = "3")]
-    #[serde(rename = "clusterNames")]
+    #[serde(rename = "clusterNames", alias = "cluster_names")]
     pub cluster_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(message, optional, tag = "4")]
     #[serde(rename = "affinity", skip_serializing_if = "Option::is_none")]
     pub affinity: ::core::option::Option<Affinity>,
     #[prost(message, repeated, tag = "5")]
-    #[serde(rename = "topologySpread")]
+    #[serde(rename = "topologySpread", alias = "topology_spread")]
     pub topology_spread: ::prost::alloc::vec::Vec<TopologySpreadConstraint>,
     #[prost(message, repeated, tag = "6")]
     #[serde(rename = "tolerations")]
@@ -375,10 +388,14 @@ pub struct Affinity {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ClusterSelectorTerm {
     #[prost(message, optional, tag = "1")]
-    #[serde(rename = "labelSelector", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "labelSelector",
+        alias = "label_selector",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub label_selector: ::core::option::Option<LabelSelector>,
     #[prost(message, repeated, tag = "2")]
-    #[serde(rename = "propertySelector")]
+    #[serde(rename = "propertySelector", alias = "property_selector")]
     pub property_selector: ::prost::alloc::vec::Vec<PropertyRequirement>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -386,13 +403,13 @@ pub struct ClusterSelectorTerm {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LabelSelector {
     #[prost(btree_map = "string, string", tag = "1")]
-    #[serde(rename = "matchLabels")]
+    #[serde(rename = "matchLabels", alias = "match_labels")]
     pub match_labels: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
     #[prost(message, repeated, tag = "2")]
-    #[serde(rename = "matchExpressions")]
+    #[serde(rename = "matchExpressions", alias = "match_expressions")]
     pub match_expressions: ::prost::alloc::vec::Vec<LabelRequirement>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -442,10 +459,18 @@ pub struct PreferredClusterTerm {
     #[serde(rename = "weight")]
     pub weight: i32,
     #[prost(message, optional, tag = "2")]
-    #[serde(rename = "labelSelector", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "labelSelector",
+        alias = "label_selector",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub label_selector: ::core::option::Option<LabelSelector>,
     #[prost(message, optional, tag = "3")]
-    #[serde(rename = "propertySorter", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "propertySorter",
+        alias = "property_sorter",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub property_sorter: ::core::option::Option<PropertySorter>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -470,14 +495,15 @@ pub struct PropertySorter {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TopologySpreadConstraint {
     #[prost(string, tag = "1")]
-    #[serde(rename = "topologyKey")]
+    #[serde(rename = "topologyKey", alias = "topology_key")]
     pub topology_key: ::prost::alloc::string::String,
     #[prost(int32, tag = "2")]
-    #[serde(rename = "maxSkew")]
+    #[serde(rename = "maxSkew", alias = "max_skew")]
     pub max_skew: i32,
     #[prost(enumeration = "WhenUnsatisfiable", tag = "3")]
     #[serde(
         rename = "whenUnsatisfiable",
+        alias = "when_unsatisfiable",
         serialize_with = "crate::json::enum_name::<crate::v1::WhenUnsatisfiable, _>",
         deserialize_with = "crate::json::enum_from_name::<crate::v1::WhenUnsatisfiable, _>",
         skip_serializing_if = "crate::json::is_unset"
@@ -526,11 +552,19 @@ pub struct RolloutSpec {
     pub strategy: i32,
     /// An integer or a percentage, e.g. `25%`.
     #[prost(string, tag = "2")]
-    #[serde(rename = "maxUnavailable", deserialize_with = "crate::json::int_or_string")]
+    #[serde(
+        rename = "maxUnavailable",
+        alias = "max_unavailable",
+        deserialize_with = "crate::json::int_or_string"
+    )]
     pub max_unavailable: ::prost::alloc::string::String,
     /// An integer or a percentage.
     #[prost(string, tag = "3")]
-    #[serde(rename = "maxSurge", deserialize_with = "crate::json::int_or_string")]
+    #[serde(
+        rename = "maxSurge",
+        alias = "max_surge",
+        deserialize_with = "crate::json::int_or_string"
+    )]
     pub max_surge: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "4")]
     #[serde(rename = "stages")]
@@ -544,10 +578,18 @@ pub struct RolloutStage {
     #[serde(rename = "name")]
     pub name: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
-    #[serde(rename = "clusterSelector", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "clusterSelector",
+        alias = "cluster_selector",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster_selector: ::core::option::Option<LabelSelector>,
     #[prost(message, optional, tag = "3")]
-    #[serde(rename = "afterStage", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "afterStage",
+        alias = "after_stage",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub after_stage: ::core::option::Option<StageGate>,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -568,7 +610,10 @@ pub struct StageGate {
 pub struct ModelDeploymentStatus {
     /// Bumped by placement on every accepted change of the spec.
     #[prost(uint64, tag = "1")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(enumeration = "DeploymentPhase", tag = "2")]
     #[serde(
@@ -583,27 +628,43 @@ pub struct ModelDeploymentStatus {
     pub message: ::prost::alloc::string::String,
     /// The placement generation that serves this spec.
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "placementGeneration")]
+    #[serde(
+        rename = "placementGeneration",
+        alias = "placement_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub placement_generation: u64,
     #[prost(int64, tag = "5")]
-    #[serde(rename = "updatedAtUnixMs")]
+    #[serde(
+        rename = "updatedAtUnixMs",
+        alias = "updated_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub updated_at_unix_ms: i64,
     /// Autoscaled deployments: the count the autoscaler chose (0 until it
     /// first decides), when, and the metric that drove it in words.
     #[prost(uint32, tag = "6")]
-    #[serde(rename = "desiredReplicas")]
+    #[serde(rename = "desiredReplicas", alias = "desired_replicas")]
     pub desired_replicas: u32,
     #[prost(int64, tag = "7")]
-    #[serde(rename = "scaledAtUnixMs")]
+    #[serde(
+        rename = "scaledAtUnixMs",
+        alias = "scaled_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub scaled_at_unix_ms: i64,
     #[prost(string, tag = "8")]
-    #[serde(rename = "scalingReason")]
+    #[serde(rename = "scalingReason", alias = "scaling_reason")]
     pub scaling_reason: ::prost::alloc::string::String,
     /// The control stream sequence of the apply this spec came from. An
     /// apply delivered after a newer one (a retry, or several handled at
     /// once) is older than this and changes nothing.
     #[prost(uint64, tag = "9")]
-    #[serde(rename = "appliedSequence")]
+    #[serde(
+        rename = "appliedSequence",
+        alias = "applied_sequence",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub applied_sequence: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1019,10 +1080,14 @@ pub struct ClusterHeartbeat {
     pub cluster: ::prost::alloc::string::String,
     /// Increases by one per heartbeat of one executor instance.
     #[prost(uint64, tag = "2")]
-    #[serde(rename = "sequence")]
+    #[serde(rename = "sequence", deserialize_with = "crate::json::u64_number_or_string")]
     pub sequence: u64,
     #[prost(int64, tag = "3")]
-    #[serde(rename = "sentAtUnixMs")]
+    #[serde(
+        rename = "sentAtUnixMs",
+        alias = "sent_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub sent_at_unix_ms: i64,
     #[prost(message, optional, tag = "4")]
     #[serde(rename = "inventory", skip_serializing_if = "Option::is_none")]
@@ -1031,18 +1096,22 @@ pub struct ClusterHeartbeat {
     #[serde(rename = "replicas")]
     pub replicas: ::prost::alloc::vec::Vec<ReplicaUsage>,
     #[prost(string, tag = "6")]
-    #[serde(rename = "executorVersion")]
+    #[serde(rename = "executorVersion", alias = "executor_version")]
     pub executor_version: ::prost::alloc::string::String,
     /// Changes when the executor restarts.
     #[prost(string, tag = "7")]
-    #[serde(rename = "executorInstance")]
+    #[serde(rename = "executorInstance", alias = "executor_instance")]
     pub executor_instance: ::prost::alloc::string::String,
     /// Set only on the last heartbeat of an executor that exits for a planned
     /// restart (an upgrade, a node drain) and leaves its replicas serving: a
     /// new instance will heartbeat within this many milliseconds, and until
     /// then the cluster's silence is not a failure.
     #[prost(uint64, tag = "8")]
-    #[serde(rename = "restartGraceMs")]
+    #[serde(
+        rename = "restartGraceMs",
+        alias = "restart_grace_ms",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub restart_grace_ms: u64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -1063,16 +1132,20 @@ pub struct ClusterInventory {
     #[serde(rename = "gpus")]
     pub gpus: ::prost::alloc::vec::Vec<GpuDevice>,
     #[prost(uint32, tag = "4")]
-    #[serde(rename = "cpuCores")]
+    #[serde(rename = "cpuCores", alias = "cpu_cores")]
     pub cpu_cores: u32,
     #[prost(uint64, tag = "5")]
-    #[serde(rename = "memoryBytes")]
+    #[serde(
+        rename = "memoryBytes",
+        alias = "memory_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub memory_bytes: u64,
     #[prost(double, tag = "6")]
-    #[serde(rename = "costPerGpuHour")]
+    #[serde(rename = "costPerGpuHour", alias = "cost_per_gpu_hour")]
     pub cost_per_gpu_hour: f64,
     #[prost(message, repeated, tag = "7")]
-    #[serde(rename = "cachedModels")]
+    #[serde(rename = "cachedModels", alias = "cached_models")]
     pub cached_models: ::prost::alloc::vec::Vec<CachedModel>,
     /// Where the GPU figures came from, so a simulation is never mistaken for
     /// hardware.
@@ -1091,7 +1164,7 @@ pub struct ClusterInventory {
     /// cluster has no edge and its replicas are reached directly (one network,
     /// as in the default local fleet).
     #[prost(string, tag = "9")]
-    #[serde(rename = "edgeUrl")]
+    #[serde(rename = "edgeUrl", alias = "edge_url")]
     pub edge_url: ::prost::alloc::string::String,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -1128,22 +1201,38 @@ pub struct GpuDevice {
     #[serde(rename = "model")]
     pub model: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "memoryTotalBytes")]
+    #[serde(
+        rename = "memoryTotalBytes",
+        alias = "memory_total_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub memory_total_bytes: u64,
     #[prost(uint64, tag = "5")]
-    #[serde(rename = "memoryFreeBytes")]
+    #[serde(
+        rename = "memoryFreeBytes",
+        alias = "memory_free_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub memory_free_bytes: u64,
     #[prost(uint32, tag = "6")]
-    #[serde(rename = "utilizationPercent")]
+    #[serde(rename = "utilizationPercent", alias = "utilization_percent")]
     pub utilization_percent: u32,
     #[prost(uint32, tag = "7")]
-    #[serde(rename = "temperatureCelsius")]
+    #[serde(rename = "temperatureCelsius", alias = "temperature_celsius")]
     pub temperature_celsius: u32,
     #[prost(uint64, tag = "8")]
-    #[serde(rename = "eccErrors")]
+    #[serde(
+        rename = "eccErrors",
+        alias = "ecc_errors",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub ecc_errors: u64,
     #[prost(uint64, tag = "9")]
-    #[serde(rename = "xidErrors")]
+    #[serde(
+        rename = "xidErrors",
+        alias = "xid_errors",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub xid_errors: u64,
     /// Held by a replica.
     #[prost(bool, tag = "10")]
@@ -1166,7 +1255,11 @@ pub struct CachedModel {
     #[serde(rename = "digest")]
     pub digest: ::prost::alloc::string::String,
     #[prost(uint64, tag = "3")]
-    #[serde(rename = "sizeBytes")]
+    #[serde(
+        rename = "sizeBytes",
+        alias = "size_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub size_bytes: u64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -1174,7 +1267,7 @@ pub struct CachedModel {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReplicaUsage {
     #[prost(string, tag = "1")]
-    #[serde(rename = "replicaId")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
     pub replica_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     #[serde(rename = "deployment")]
@@ -1183,7 +1276,11 @@ pub struct ReplicaUsage {
     #[serde(rename = "gpus")]
     pub gpus: u32,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "gpuMemoryBytes")]
+    #[serde(
+        rename = "gpuMemoryBytes",
+        alias = "gpu_memory_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub gpu_memory_bytes: u64,
     /// The load summary the autoscaler reads, sampled by the executor from
     /// the replica's own /metrics (never by a central poller).
@@ -1192,7 +1289,7 @@ pub struct ReplicaUsage {
     pub ready: bool,
     /// Requests accepted and not finished (queued ones included).
     #[prost(double, tag = "6")]
-    #[serde(rename = "inFlight")]
+    #[serde(rename = "inFlight", alias = "in_flight")]
     pub in_flight: f64,
     /// Requests waiting for the engine.
     #[prost(double, tag = "7")]
@@ -1200,19 +1297,23 @@ pub struct ReplicaUsage {
     pub queued: f64,
     /// Time to first token, 95th percentile over the last sample period.
     #[prost(double, tag = "8")]
-    #[serde(rename = "ttftP95Ms")]
+    #[serde(rename = "ttftP95Ms", alias = "ttft_p95_ms")]
     pub ttft_p95_ms: f64,
     /// Tokens generated per second over the last sample period.
     #[prost(double, tag = "9")]
-    #[serde(rename = "tokensPerSecond")]
+    #[serde(rename = "tokensPerSecond", alias = "tokens_per_second")]
     pub tokens_per_second: f64,
     #[prost(int64, tag = "10")]
-    #[serde(rename = "sampledAtUnixMs")]
+    #[serde(
+        rename = "sampledAtUnixMs",
+        alias = "sampled_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub sampled_at_unix_ms: i64,
     /// Share of the replica's KV cache held by running requests, 0 to 1
     /// (`vllm:kv_cache_usage_perc`, which the runner also exports).
     #[prost(double, tag = "11")]
-    #[serde(rename = "kvCacheUsage")]
+    #[serde(rename = "kvCacheUsage", alias = "kv_cache_usage")]
     pub kv_cache_usage: f64,
 }
 /// Value of KV `clusters`, keyed by cluster name (writer: inventory).
@@ -1232,32 +1333,47 @@ pub struct ClusterRecord {
     )]
     pub health: i32,
     #[prost(string, tag = "3")]
-    #[serde(rename = "healthReason")]
+    #[serde(rename = "healthReason", alias = "health_reason")]
     pub health_reason: ::prost::alloc::string::String,
     #[prost(bool, tag = "4")]
     #[serde(rename = "cordoned")]
     pub cordoned: bool,
     #[prost(string, tag = "5")]
-    #[serde(rename = "cordonReason")]
+    #[serde(rename = "cordonReason", alias = "cordon_reason")]
     pub cordon_reason: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "6")]
     #[serde(rename = "inventory", skip_serializing_if = "Option::is_none")]
     pub inventory: ::core::option::Option<ClusterInventory>,
     #[prost(int64, tag = "7")]
-    #[serde(rename = "firstSeenUnixMs")]
+    #[serde(
+        rename = "firstSeenUnixMs",
+        alias = "first_seen_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub first_seen_unix_ms: i64,
     #[prost(int64, tag = "8")]
-    #[serde(rename = "lastSeenUnixMs")]
+    #[serde(
+        rename = "lastSeenUnixMs",
+        alias = "last_seen_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub last_seen_unix_ms: i64,
     /// Bumped on every change of health or cordon.
     #[prost(uint64, tag = "9")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(uint64, tag = "10")]
-    #[serde(rename = "lastHeartbeatSequence")]
+    #[serde(
+        rename = "lastHeartbeatSequence",
+        alias = "last_heartbeat_sequence",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub last_heartbeat_sequence: u64,
     #[prost(string, tag = "11")]
-    #[serde(rename = "executorInstance")]
+    #[serde(rename = "executorInstance", alias = "executor_instance")]
     pub executor_instance: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "12")]
     #[serde(rename = "replicas")]
@@ -1265,32 +1381,44 @@ pub struct ClusterRecord {
     /// The event type of the change that made `generation`, e.g.
     /// `cluster.unhealthy`, and its sentence.
     #[prost(string, tag = "13")]
-    #[serde(rename = "lastTransition")]
+    #[serde(rename = "lastTransition", alias = "last_transition")]
     pub last_transition: ::prost::alloc::string::String,
     #[prost(string, tag = "14")]
-    #[serde(rename = "lastTransitionMessage")]
+    #[serde(rename = "lastTransitionMessage", alias = "last_transition_message")]
     pub last_transition_message: ::prost::alloc::string::String,
     /// The generation whose event has been published. Behind `generation`
     /// only between a write and its event: any inventory instance that sees
     /// the gap publishes the event (its id is fixed, so it is stored once).
     #[prost(uint64, tag = "15")]
-    #[serde(rename = "announcedGeneration")]
+    #[serde(
+        rename = "announcedGeneration",
+        alias = "announced_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub announced_generation: u64,
     /// The most GPUs this executor instance has reported; fewer now means a
     /// GPU disappeared.
     #[prost(uint32, tag = "16")]
-    #[serde(rename = "expectedGpuCount")]
+    #[serde(rename = "expectedGpuCount", alias = "expected_gpu_count")]
     pub expected_gpu_count: u32,
     /// When the cluster last came back from unhealthy; placement keeps new
     /// replicas off a cluster that recovered moments ago (flapping).
     #[prost(int64, tag = "17")]
-    #[serde(rename = "recoveredAtUnixMs")]
+    #[serde(
+        rename = "recoveredAtUnixMs",
+        alias = "recovered_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub recovered_at_unix_ms: i64,
     /// Until when a silence is the announced restart of the executor
     /// (`ClusterHeartbeat.restart_grace_ms`), not a failure; 0 when no
     /// restart is under way. Cleared by the next instance's first heartbeat.
     #[prost(int64, tag = "18")]
-    #[serde(rename = "restartExpectedByUnixMs")]
+    #[serde(
+        rename = "restartExpectedByUnixMs",
+        alias = "restart_expected_by_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub restart_expected_by_unix_ms: i64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1368,7 +1496,7 @@ pub struct DeleteDeployment {
     pub name: ::prost::alloc::string::String,
     /// Idempotency key; also sent as the `Nats-Msg-Id` header.
     #[prost(string, tag = "2")]
-    #[serde(rename = "requestId")]
+    #[serde(rename = "requestId", alias = "request_id")]
     pub request_id: ::prost::alloc::string::String,
 }
 /// Subject: `<prefix>.control.rollouts.approve` (publisher: users; consumer:
@@ -1382,16 +1510,19 @@ pub struct ApproveRollout {
     pub deployment: ::prost::alloc::string::String,
     /// The placement generation being rolled out; 0 approves the current one.
     #[prost(uint64, tag = "2")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(string, tag = "3")]
     #[serde(rename = "stage")]
     pub stage: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
-    #[serde(rename = "requestId")]
+    #[serde(rename = "requestId", alias = "request_id")]
     pub request_id: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
-    #[serde(rename = "approvedBy")]
+    #[serde(rename = "approvedBy", alias = "approved_by")]
     pub approved_by: ::prost::alloc::string::String,
 }
 /// Subject: `<prefix>.control.rollouts.undo` (publisher: users; consumer:
@@ -1404,7 +1535,7 @@ pub struct UndoRollout {
     #[serde(rename = "deployment")]
     pub deployment: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
-    #[serde(rename = "requestId")]
+    #[serde(rename = "requestId", alias = "request_id")]
     pub request_id: ::prost::alloc::string::String,
 }
 /// Subject: `<prefix>.control.clusters.cordon` (publisher: users; consumer:
@@ -1424,7 +1555,7 @@ pub struct CordonCluster {
     #[serde(rename = "reason")]
     pub reason: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
-    #[serde(rename = "requestId")]
+    #[serde(rename = "requestId", alias = "request_id")]
     pub request_id: ::prost::alloc::string::String,
 }
 /// Value of KV `models`, keyed by model name (writer: model-provisioner).
@@ -1442,10 +1573,13 @@ pub struct ModelRecord {
     #[serde(rename = "architecture")]
     pub architecture: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "parameters")]
+    #[serde(
+        rename = "parameters",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub parameters: u64,
     #[prost(uint32, tag = "5")]
-    #[serde(rename = "contextLength")]
+    #[serde(rename = "contextLength", alias = "context_length")]
     pub context_length: u32,
     /// `gguf` | `safetensors`.
     #[prost(string, tag = "6")]
@@ -1459,11 +1593,15 @@ pub struct ModelRecord {
     #[serde(rename = "digest")]
     pub digest: ::prost::alloc::string::String,
     #[prost(uint64, tag = "9")]
-    #[serde(rename = "sizeBytes")]
+    #[serde(
+        rename = "sizeBytes",
+        alias = "size_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub size_bytes: u64,
     /// Name of the artifact in object store `models`.
     #[prost(string, tag = "10")]
-    #[serde(rename = "objectName")]
+    #[serde(rename = "objectName", alias = "object_name")]
     pub object_name: ::prost::alloc::string::String,
     #[prost(enumeration = "ModelPhase", tag = "11")]
     #[serde(
@@ -1490,10 +1628,14 @@ pub struct ModelRecord {
     pub parts: ::prost::alloc::vec::Vec<ArtifactPart>,
     /// The provisioner instance that holds (or held) the upload.
     #[prost(string, tag = "16")]
-    #[serde(rename = "provisionedBy")]
+    #[serde(rename = "provisionedBy", alias = "provisioned_by")]
     pub provisioned_by: ::prost::alloc::string::String,
     #[prost(int64, tag = "17")]
-    #[serde(rename = "updatedAtUnixMs")]
+    #[serde(
+        rename = "updatedAtUnixMs",
+        alias = "updated_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub updated_at_unix_ms: i64,
     /// `preset` (stored by the provisioner from its preset directory) or
     /// `push` (uploaded with `flotilla model push`).
@@ -1512,10 +1654,14 @@ pub struct ArtifactPart {
     #[serde(rename = "file")]
     pub file: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
-    #[serde(rename = "offset")]
+    #[serde(rename = "offset", deserialize_with = "crate::json::u64_number_or_string")]
     pub offset: u64,
     #[prost(uint64, tag = "3")]
-    #[serde(rename = "sizeBytes")]
+    #[serde(
+        rename = "sizeBytes",
+        alias = "size_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub size_bytes: u64,
     /// `sha256:<hex>` of this part.
     #[prost(string, tag = "4")]
@@ -1545,13 +1691,17 @@ pub struct RegisterModel {
     #[serde(rename = "format")]
     pub format: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "sizeBytes")]
+    #[serde(
+        rename = "sizeBytes",
+        alias = "size_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub size_bytes: u64,
     #[prost(message, repeated, tag = "5")]
     #[serde(rename = "parts")]
     pub parts: ::prost::alloc::vec::Vec<ArtifactPart>,
     #[prost(string, tag = "6")]
-    #[serde(rename = "requestId")]
+    #[serde(rename = "requestId", alias = "request_id")]
     pub request_id: ::prost::alloc::string::String,
 }
 /// What one replica needs on a given GPU type.
@@ -1560,16 +1710,20 @@ pub struct RegisterModel {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReplicaSizing {
     #[prost(string, tag = "1")]
-    #[serde(rename = "gpuType")]
+    #[serde(rename = "gpuType", alias = "gpu_type")]
     pub gpu_type: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
-    #[serde(rename = "gpusPerReplica")]
+    #[serde(rename = "gpusPerReplica", alias = "gpus_per_replica")]
     pub gpus_per_replica: u32,
     #[prost(uint32, tag = "3")]
-    #[serde(rename = "tensorParallel")]
+    #[serde(rename = "tensorParallel", alias = "tensor_parallel")]
     pub tensor_parallel: u32,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "memoryBytesPerReplica")]
+    #[serde(
+        rename = "memoryBytesPerReplica",
+        alias = "memory_bytes_per_replica",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub memory_bytes_per_replica: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1614,11 +1768,18 @@ pub struct PlacementDecision {
     pub deployment: ::prost::alloc::string::String,
     /// Bumped on every change of the assignments.
     #[prost(uint64, tag = "2")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     /// The deployment spec generation this placement serves.
     #[prost(uint64, tag = "3")]
-    #[serde(rename = "deploymentGeneration")]
+    #[serde(
+        rename = "deploymentGeneration",
+        alias = "deployment_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub deployment_generation: u64,
     #[prost(message, repeated, tag = "4")]
     #[serde(rename = "assignments")]
@@ -1639,7 +1800,11 @@ pub struct PlacementDecision {
     #[serde(rename = "message")]
     pub message: ::prost::alloc::string::String,
     #[prost(int64, tag = "8")]
-    #[serde(rename = "decidedAtUnixMs")]
+    #[serde(
+        rename = "decidedAtUnixMs",
+        alias = "decided_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub decided_at_unix_ms: i64,
     /// What caused this decision: `apply`, `cluster-unhealthy`, ...
     #[prost(string, tag = "9")]
@@ -1662,18 +1827,18 @@ pub struct ClusterAssignment {
     /// GPUs one replica takes there, and of which model: what the placement
     /// commits of the cluster's capacity.
     #[prost(uint32, tag = "4")]
-    #[serde(rename = "gpusPerReplica")]
+    #[serde(rename = "gpusPerReplica", alias = "gpus_per_replica")]
     pub gpus_per_replica: u32,
     #[prost(string, tag = "5")]
-    #[serde(rename = "gpuModel")]
+    #[serde(rename = "gpuModel", alias = "gpu_model")]
     pub gpu_model: ::prost::alloc::string::String,
     #[prost(uint32, tag = "6")]
-    #[serde(rename = "tensorParallel")]
+    #[serde(rename = "tensorParallel", alias = "tensor_parallel")]
     pub tensor_parallel: u32,
     /// Nodes one replica spans (pipeline stages of `tensor_parallel` GPUs
     /// each); 0 or 1: one node.
     #[prost(uint32, tag = "7")]
-    #[serde(rename = "pipelineParallel")]
+    #[serde(rename = "pipelineParallel", alias = "pipeline_parallel")]
     pub pipeline_parallel: u32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -1738,7 +1903,7 @@ impl PlacementOutcome {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReplicaStatus {
     #[prost(string, tag = "1")]
-    #[serde(rename = "replicaId")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
     pub replica_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     #[serde(rename = "cluster")]
@@ -1747,7 +1912,10 @@ pub struct ReplicaStatus {
     #[serde(rename = "deployment")]
     pub deployment: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(enumeration = "ReplicaPhase", tag = "5")]
     #[serde(
@@ -1769,7 +1937,11 @@ pub struct ReplicaStatus {
     #[serde(rename = "message")]
     pub message: ::prost::alloc::string::String,
     #[prost(int64, tag = "9")]
-    #[serde(rename = "updatedAtUnixMs")]
+    #[serde(
+        rename = "updatedAtUnixMs",
+        alias = "updated_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub updated_at_unix_ms: i64,
     #[prost(uint32, tag = "10")]
     #[serde(rename = "restarts")]
@@ -1842,11 +2014,19 @@ pub struct RolloutState {
     pub deployment: ::prost::alloc::string::String,
     /// The placement generation being rolled out.
     #[prost(uint64, tag = "2")]
-    #[serde(rename = "targetGeneration")]
+    #[serde(
+        rename = "targetGeneration",
+        alias = "target_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub target_generation: u64,
     /// The placement generation it replaces; `rollout undo` returns to it.
     #[prost(uint64, tag = "3")]
-    #[serde(rename = "previousGeneration")]
+    #[serde(
+        rename = "previousGeneration",
+        alias = "previous_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub previous_generation: u64,
     #[prost(enumeration = "RolloutPhase", tag = "4")]
     #[serde(
@@ -1857,7 +2037,7 @@ pub struct RolloutState {
     )]
     pub phase: i32,
     #[prost(uint32, tag = "5")]
-    #[serde(rename = "currentStage")]
+    #[serde(rename = "currentStage", alias = "current_stage")]
     pub current_stage: u32,
     #[prost(message, repeated, tag = "6")]
     #[serde(rename = "stages")]
@@ -1866,10 +2046,14 @@ pub struct RolloutState {
     #[serde(rename = "message")]
     pub message: ::prost::alloc::string::String,
     #[prost(int64, tag = "8")]
-    #[serde(rename = "updatedAtUnixMs")]
+    #[serde(
+        rename = "updatedAtUnixMs",
+        alias = "updated_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub updated_at_unix_ms: i64,
     #[prost(uint32, tag = "9")]
-    #[serde(rename = "failedReplicas")]
+    #[serde(rename = "failedReplicas", alias = "failed_replicas")]
     pub failed_replicas: u32,
     /// The replica template being rolled out: a digest of the spec's model,
     /// runtime and resources. Replicas of the same template carry over from
@@ -1879,7 +2063,11 @@ pub struct RolloutState {
     pub template: ::prost::alloc::string::String,
     /// The deployment spec generation being rolled out.
     #[prost(uint64, tag = "11")]
-    #[serde(rename = "deploymentGeneration")]
+    #[serde(
+        rename = "deploymentGeneration",
+        alias = "deployment_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub deployment_generation: u64,
     /// Replica failures counted against the halt threshold, each once, as
     /// `<replica-id>@<failed-at-unix-ms>`.
@@ -1888,27 +2076,43 @@ pub struct RolloutState {
     pub failures: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// The spec of the last rollout that completed; `rollout undo` re-applies it.
     #[prost(message, optional, tag = "13")]
-    #[serde(rename = "completedSpec", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "completedSpec",
+        alias = "completed_spec",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub completed_spec: ::core::option::Option<ModelDeploymentSpec>,
     #[prost(uint64, tag = "14")]
-    #[serde(rename = "completedGeneration")]
+    #[serde(
+        rename = "completedGeneration",
+        alias = "completed_generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub completed_generation: u64,
     /// The spec this rollout replaces (the last completed one when it began).
     #[prost(message, optional, tag = "15")]
-    #[serde(rename = "previousSpec", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "previousSpec",
+        alias = "previous_spec",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub previous_spec: ::core::option::Option<ModelDeploymentSpec>,
     /// No stage gates: a first rollout (nothing to protect), or an undo.
     #[prost(bool, tag = "16")]
-    #[serde(rename = "skipGates")]
+    #[serde(rename = "skipGates", alias = "skip_gates")]
     pub skip_gates: bool,
     /// Set by `rollout undo` until the re-applied spec's rollout begins.
     #[prost(bool, tag = "17")]
-    #[serde(rename = "undoRequested")]
+    #[serde(rename = "undoRequested", alias = "undo_requested")]
     pub undo_requested: bool,
     /// When this rollout began; with the generation it names the rollout's
     /// events, so a deployment deleted and applied again is told anew.
     #[prost(int64, tag = "18")]
-    #[serde(rename = "startedAtUnixMs")]
+    #[serde(
+        rename = "startedAtUnixMs",
+        alias = "started_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub started_at_unix_ms: i64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -1930,10 +2134,18 @@ pub struct StageStatus {
     #[serde(rename = "clusters")]
     pub clusters: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(int64, tag = "4")]
-    #[serde(rename = "startedAtUnixMs")]
+    #[serde(
+        rename = "startedAtUnixMs",
+        alias = "started_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub started_at_unix_ms: i64,
     #[prost(int64, tag = "5")]
-    #[serde(rename = "completedAtUnixMs")]
+    #[serde(
+        rename = "completedAtUnixMs",
+        alias = "completed_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub completed_at_unix_ms: i64,
     #[prost(bool, tag = "6")]
     #[serde(rename = "approved")]
@@ -2029,7 +2241,11 @@ pub struct Event {
     #[serde(rename = "id")]
     pub id: ::prost::alloc::string::String,
     #[prost(int64, tag = "2")]
-    #[serde(rename = "timeUnixMs")]
+    #[serde(
+        rename = "timeUnixMs",
+        alias = "time_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub time_unix_ms: i64,
     /// The service that published it, e.g. `placement`.
     #[prost(string, tag = "3")]
@@ -2045,11 +2261,14 @@ pub struct Event {
     pub name: ::prost::alloc::string::String,
     /// The idempotency key or request id of the message that caused it.
     #[prost(string, tag = "6")]
-    #[serde(rename = "correlationId")]
+    #[serde(rename = "correlationId", alias = "correlation_id")]
     pub correlation_id: ::prost::alloc::string::String,
     /// The generation of the state it refers to.
     #[prost(uint64, tag = "7")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(enumeration = "Severity", tag = "8")]
     #[serde(
@@ -2113,7 +2332,11 @@ pub struct ErrorDetail {
     #[serde(rename = "reason")]
     pub reason: ::prost::alloc::string::String,
     #[prost(uint64, tag = "5")]
-    #[serde(rename = "streamSequence")]
+    #[serde(
+        rename = "streamSequence",
+        alias = "stream_sequence",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub stream_sequence: u64,
     #[prost(string, tag = "6")]
     #[serde(rename = "consumer")]
@@ -2141,13 +2364,17 @@ pub struct DeadLetter {
     #[serde(rename = "deliveries")]
     pub deliveries: u32,
     #[prost(string, tag = "5")]
-    #[serde(rename = "lastError")]
+    #[serde(rename = "lastError", alias = "last_error")]
     pub last_error: ::prost::alloc::string::String,
     #[prost(string, tag = "6")]
     #[serde(rename = "consumer")]
     pub consumer: ::prost::alloc::string::String,
     #[prost(uint64, tag = "7")]
-    #[serde(rename = "streamSequence")]
+    #[serde(
+        rename = "streamSequence",
+        alias = "stream_sequence",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub stream_sequence: u64,
 }
 /// A stream, bucket or object store whose configuration on the server differs
@@ -2221,7 +2448,7 @@ impl Severity {
 pub struct ExecutorCommand {
     /// Idempotency key; also the `Nats-Msg-Id` header.
     #[prost(string, tag = "1")]
-    #[serde(rename = "commandId")]
+    #[serde(rename = "commandId", alias = "command_id")]
     pub command_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     #[serde(rename = "cluster")]
@@ -2232,7 +2459,10 @@ pub struct ExecutorCommand {
     /// The placement generation that issued it; an executor ignores a command
     /// older than the generation it has already seen for the deployment.
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "generation")]
+    #[serde(
+        rename = "generation",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub generation: u64,
     #[prost(oneof = "executor_command::Action", tags = "10, 11, 12")]
     pub action: ::core::option::Option<executor_command::Action>,
@@ -2256,7 +2486,7 @@ pub mod executor_command {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StartReplica {
     #[prost(string, tag = "1")]
-    #[serde(rename = "replicaId")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
     pub replica_id: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
     #[serde(rename = "model", skip_serializing_if = "Option::is_none")]
@@ -2276,7 +2506,7 @@ pub struct StartReplica {
     #[serde(rename = "tolerations")]
     pub tolerations: ::prost::alloc::vec::Vec<Toleration>,
     #[prost(btree_map = "string, string", tag = "6")]
-    #[serde(rename = "nodeSelector")]
+    #[serde(rename = "nodeSelector", alias = "node_selector")]
     pub node_selector: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
@@ -2285,14 +2515,14 @@ pub struct StartReplica {
     /// all, split into `pipeline_parallel` stages of `tensor_parallel` GPUs
     /// each (one stage per node; 1: the replica fits on one node).
     #[prost(uint32, tag = "7")]
-    #[serde(rename = "tensorParallel")]
+    #[serde(rename = "tensorParallel", alias = "tensor_parallel")]
     pub tensor_parallel: u32,
     #[prost(uint32, tag = "8")]
-    #[serde(rename = "pipelineParallel")]
+    #[serde(rename = "pipelineParallel", alias = "pipeline_parallel")]
     pub pipeline_parallel: u32,
     /// The GPU model placement sized the replica for (`H100-80GB`).
     #[prost(string, tag = "9")]
-    #[serde(rename = "gpuModel")]
+    #[serde(rename = "gpuModel", alias = "gpu_model")]
     pub gpu_model: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "10")]
     #[serde(rename = "engine", skip_serializing_if = "Option::is_none")]
@@ -2300,6 +2530,7 @@ pub struct StartReplica {
     #[prost(enumeration = "DriftPolicy", tag = "11")]
     #[serde(
         rename = "driftPolicy",
+        alias = "drift_policy",
         serialize_with = "crate::json::enum_name::<crate::v1::DriftPolicy, _>",
         deserialize_with = "crate::json::enum_from_name::<crate::v1::DriftPolicy, _>",
         skip_serializing_if = "crate::json::is_unset"
@@ -2311,7 +2542,11 @@ pub struct StartReplica {
     /// is stale (delivered again after a later life ended, as after a lost
     /// acknowledgement) and starts nothing.
     #[prost(int64, tag = "12")]
-    #[serde(rename = "replacesUpdatedAtUnixMs")]
+    #[serde(
+        rename = "replacesUpdatedAtUnixMs",
+        alias = "replaces_updated_at_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
     pub replaces_updated_at_unix_ms: i64,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
@@ -2319,7 +2554,7 @@ pub struct StartReplica {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StopReplica {
     #[prost(string, tag = "1")]
-    #[serde(rename = "replicaId")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
     pub replica_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     #[serde(rename = "reason")]
@@ -2348,6 +2583,10 @@ pub struct ModelRef {
     #[serde(rename = "format")]
     pub format: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
-    #[serde(rename = "sizeBytes")]
+    #[serde(
+        rename = "sizeBytes",
+        alias = "size_bytes",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
     pub size_bytes: u64,
 }

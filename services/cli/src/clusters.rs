@@ -4,15 +4,13 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use flotilla_kit::{Bus, RecordStore, now_unix_ms};
-use flotilla_proto::v1::{self, ClusterHealth, ClusterRecord, event::Payload};
+use flotilla_kit::Bus;
+use flotilla_proto::v1::{self, ClusterRecord, event::Payload};
 use flotilla_proto::{ControlSubject, EventType};
 use futures::StreamExt;
 use prost::Message;
 
-use crate::Output;
 use crate::answer::Pending;
-use crate::table;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ClusterAction {
@@ -25,77 +23,6 @@ pub enum ClusterAction {
     },
     /// Let placement use a cordoned cluster again.
     Uncordon { name: String },
-}
-
-pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Result<()> {
-    let store = RecordStore::<ClusterRecord>::open(bus, &bus.topology.clusters.name)
-        .await
-        .context("the fleet has no cluster inventory yet (is it provisioned? try `flotilla up`)")?;
-    let clusters = store.list().await?;
-    match output {
-        Output::Json => {
-            writeln!(out, "{}", serde_json::to_string_pretty(&clusters)?)?;
-        }
-        Output::Table => {
-            let now = now_unix_ms();
-            let rows: Vec<Vec<String>> = clusters.iter().map(|c| row(c, now)).collect();
-            let headers = [
-                "NAME",
-                "REGION",
-                "HEALTH",
-                "GPUS FREE/TOTAL",
-                "GPU TYPE",
-                "COST/GPU-H",
-                "CACHED MODELS",
-                "LAST SEEN",
-            ];
-            write!(out, "{}", table::render(&headers, &rows))?;
-            if clusters.is_empty() {
-                writeln!(out, "(no clusters have joined yet)")?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn row(c: &ClusterRecord, now: i64) -> Vec<String> {
-    let inv = c.inventory.clone().unwrap_or_default();
-    let mut health = flotilla_proto::json::name_of::<ClusterHealth>(c.health).to_string();
-    if c.cordoned {
-        health.push_str(",Cordoned");
-    }
-    let total = inv.gpus.len();
-    let free = inv.gpus.iter().filter(|g| !g.allocated).count();
-    let mut types: Vec<String> = inv.gpus.iter().map(|g| g.model.clone()).collect();
-    types.sort();
-    types.dedup();
-    let source = if inv.source() == v1::InventorySource::Declared {
-        " (declared)"
-    } else {
-        ""
-    };
-    let models: Vec<_> = inv.cached_models.iter().map(|m| m.name.clone()).collect();
-    vec![
-        c.name.clone(),
-        inv.labels
-            .get("region")
-            .cloned()
-            .unwrap_or_else(|| "-".into()),
-        health,
-        format!("{free}/{total}"),
-        if types.is_empty() {
-            "-".into()
-        } else {
-            format!("{}{source}", types.join(","))
-        },
-        format!("{:.2}", inv.cost_per_gpu_hour),
-        if models.is_empty() {
-            "-".into()
-        } else {
-            models.join(",")
-        },
-        table::ago(c.last_seen_unix_ms, now),
-    ]
 }
 
 /// Publishes the request and waits until inventory has applied it, or

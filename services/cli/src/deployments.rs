@@ -14,17 +14,43 @@ use futures::StreamExt;
 use prost::Message;
 use serde::Deserialize;
 
-use crate::Output;
 use crate::answer::{Answer, Pending, ask, error_reason};
 use crate::table;
 
-/// Reads every document of a YAML (or JSON) file; `-` is standard input.
+/// Reads every document of a YAML (or JSON) file, of every `.yaml`,
+/// `.yml` and `.json` file of a directory (in name order), or of standard
+/// input (`-`).
 pub fn read_documents(path: &Path) -> anyhow::Result<Vec<ModelDeployment>> {
-    let text = if path == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-    } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-    };
+    if path == Path::new("-") {
+        let text = std::io::read_to_string(std::io::stdin()).context("reading standard input")?;
+        return parse_documents(&text).context("standard input");
+    }
+    if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{} holds no .yaml, .yml or .json file", path.display());
+        }
+        let mut docs = Vec::new();
+        for f in files {
+            docs.extend(read_file(&f)?);
+        }
+        return Ok(docs);
+    }
+    read_file(path)
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<ModelDeployment>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_documents(&text).with_context(|| format!("{}", path.display()))
 }
 
@@ -36,16 +62,29 @@ pub fn parse_documents(text: &str) -> anyhow::Result<Vec<ModelDeployment>> {
         if value.is_null() {
             continue;
         }
-        let doc: ModelDeployment = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!(
-                "document {}: {}: {}",
-                i + 1,
-                if path == "." { "document" } else { &path },
-                e.into_inner()
-            )
-        })?;
-        docs.push(doc);
+        // `flotilla get deployments -o yaml` writes a List of them.
+        let list = value.get("kind").and_then(|k| k.as_str()) == Some("List");
+        let items = match value.get("items") {
+            Some(serde_yaml::Value::Sequence(items)) if list => items
+                .iter()
+                .enumerate()
+                .map(|(j, v)| (format!("items[{j}]."), v.clone()))
+                .collect(),
+            _ if list => bail!("document {}: a List without items", i + 1),
+            _ => vec![(String::new(), value)],
+        };
+        for (at, value) in items {
+            let doc: ModelDeployment = serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." {
+                    "document".to_string()
+                } else {
+                    format!("{at}{path}")
+                };
+                anyhow::anyhow!("document {}: {path}: {}", i + 1, e.into_inner())
+            })?;
+            docs.push(doc);
+        }
     }
     if docs.is_empty() {
         bail!("no documents");
@@ -59,32 +98,206 @@ fn about(event: &v1::Event, request_id: &str, name: &str) -> bool {
         || (event.name == name && event.r#type.starts_with("deployment."))
 }
 
-/// Publishes each document and reports what placement made of it.
-pub async fn apply(
+/// How `apply` checks, sends and waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DryRun {
+    /// Send the documents.
+    #[default]
+    None,
+    /// Check the documents here; send nothing.
+    Client,
+    /// Placement checks them against the fleet and says where they would
+    /// go; nothing is stored.
+    Server,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApplyOptions {
+    pub dry_run: DryRun,
+    /// Wait until every replica is Ready (or fail when a deployment cannot
+    /// be placed or its rollout halts).
+    pub wait: bool,
+    /// For placement's answer, and with `wait` for readiness.
+    pub timeout: Option<Duration>,
+}
+
+/// Placement's answer within this, unless `--timeout` says otherwise.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// Readiness within this with `--wait`, unless `--timeout` says otherwise.
+pub const READY_WAIT: Duration = Duration::from_secs(300);
+
+fn name_of_doc(doc: &ModelDeployment) -> String {
+    doc.metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default()
+}
+
+/// `--dry-run=client`: each document's own rules, checked here.
+fn check_one(doc: &ModelDeployment, out: &mut impl Write) -> anyhow::Result<Result<(), String>> {
+    let name = name_of_doc(doc);
+    Ok(match flotilla_deployment_spec::validate(doc) {
+        Ok(_) => {
+            writeln!(
+                out,
+                "deployment/{name} valid (dry run: checked here, nothing sent)"
+            )?;
+            Ok(())
+        }
+        Err(e) => {
+            writeln!(out, "deployment/{name} rejected: {e}")?;
+            Err(format!("deployment/{name}: {e}"))
+        }
+    })
+}
+
+/// `apply --dry-run=client`, which needs no fleet.
+pub fn check_here(docs: Vec<ModelDeployment>, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    for doc in docs {
+        if let Err(e) = check_one(&doc, out)? {
+            failures.push(e);
+        }
+    }
+    match failures.as_slice() {
+        [] => Ok(()),
+        [one] => bail!("{one}"),
+        many => bail!(
+            "{} documents rejected:\n  {}",
+            many.len(),
+            many.join("\n  ")
+        ),
+    }
+}
+
+/// The document as `diff` compares it: what apply would store, less
+/// what placement writes.
+fn comparable(doc: &ModelDeployment) -> anyhow::Result<String> {
+    let mut doc = crate::get::deployment_document(doc);
+    doc.status = None;
+    Ok(serde_yaml::to_string(&doc)?)
+}
+
+/// Prints a unified diff per deployment that `apply` would change;
+/// `true` when any would change.
+pub async fn diff(
     bus: &Bus,
     docs: Vec<ModelDeployment>,
     out: &mut impl Write,
+) -> anyhow::Result<bool> {
+    let store = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name)
+        .await
+        .context(
+            "the fleet has no deployments bucket yet (is it provisioned? try `flotilla up`)",
+        )?;
+    let mut changed = false;
+    for doc in docs {
+        let name = name_of_doc(&doc);
+        let live = match store.get(&name).await? {
+            Some((d, _)) => comparable(&d)?,
+            None => String::new(),
+        };
+        let wanted = comparable(&doc)?;
+        if live == wanted {
+            continue;
+        }
+        changed = true;
+        let text = similar::TextDiff::from_lines(&live, &wanted);
+        write!(
+            out,
+            "{}",
+            text.unified_diff().context_radius(3).header(
+                &format!(
+                    "deployment/{name} (live{})",
+                    if live.is_empty() { ", none" } else { "" }
+                ),
+                &format!("deployment/{name} (file)")
+            )
+        )?;
+    }
+    Ok(changed)
+}
+
+/// Sets `spec.replicas` and applies the stored document again.
+pub async fn scale(
+    bus: &Bus,
+    name: &str,
+    replicas: u32,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    flotilla_proto::check_name("deployment", name)?;
+    let store = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name).await?;
+    let Some((mut doc, _)) = store.get(name).await? else {
+        bail!("deployment {name:?} not found (`flotilla get deployments` lists them)");
+    };
+    let spec = doc.spec.get_or_insert_with(Default::default);
+    let from = spec.replicas;
+    spec.replicas = i32::try_from(replicas).context("--replicas is too large")?;
+    if from == spec.replicas {
+        writeln!(out, "deployment/{name} already has {replicas} replicas")?;
+        return Ok(());
+    }
+    let options = ApplyOptions {
+        dry_run: DryRun::None,
+        wait: false,
+        timeout: None,
+    };
+    apply(bus, vec![doc], options, out).await?;
+    writeln!(
+        out,
+        "deployment/{name} scaled from {from} to {replicas} replicas"
+    )?;
+    Ok(())
+}
+
+/// Publishes each document and reports what placement made of it; with
+/// `wait`, then waits for each to be ready.
+pub async fn apply(
+    bus: &Bus,
+    docs: Vec<ModelDeployment>,
+    options: ApplyOptions,
+    out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let store = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name).await?;
-    let mut failures = 0;
-    for doc in docs {
-        let name = doc
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
+    let answer_wait = options.timeout.unwrap_or(ANSWER_WAIT);
+    let mut failures = Vec::new();
+    let mut to_wait = Vec::new();
+    for mut doc in docs {
+        // What `get -o yaml` printed with it; placement writes its own.
+        doc.status = None;
+        let name = name_of_doc(&doc);
+        match options.dry_run {
+            DryRun::Client => {
+                if let Err(e) = check_one(&doc, out)? {
+                    failures.push(e);
+                }
+                continue;
+            }
+            DryRun::Server => {
+                match crate::preview::preview(bus, &doc, answer_wait).await? {
+                    Ok(text) => write!(out, "{text}")?,
+                    Err(reason) => {
+                        writeln!(out, "deployment/{name} {reason}")?;
+                        failures.push(format!("deployment/{name} {reason}"));
+                    }
+                }
+                continue;
+            }
+            DryRun::None => {}
+        }
         if let Ok(Some((stored, _))) = store.get(&name).await
             && stored.spec == doc.spec
             && stored.metadata == doc.metadata
         {
             writeln!(out, "deployment/{name} unchanged")?;
+            to_wait.push((name, stored.status.map_or(0, |s| s.generation)));
             continue;
         }
         let request_id = uuid::Uuid::new_v4().to_string();
         let mut pending =
             Pending::send(bus, ControlSubject::DeploymentApply, &doc, &request_id).await?;
         let answer = tokio::time::timeout(
-            Duration::from_secs(10),
+            answer_wait,
             pending.next_event(|e| about(e, &request_id, &name)),
         )
         .await;
@@ -92,14 +305,16 @@ pub async fn apply(
             Ok(Some(e)) => e,
             Ok(None) => bail!("lost the connection to NATS"),
             Err(_) => bail!(
-                "deployment/{name}: the request is on the bus but placement did not answer within 10 s (is it running?)"
+                "deployment/{name}: the request is on the bus but placement did not answer within {} (is it running? `flotilla watch` shows what happens; --timeout waits longer)",
+                humantime::format_duration(answer_wait)
             ),
         };
         if event.r#type == EventType::DeploymentRejected.to_string()
             || event.r#type == EventType::BusMessageRejected.to_string()
         {
-            writeln!(out, "deployment/{name} rejected: {}", error_reason(&event))?;
-            failures += 1;
+            let reason = error_reason(&event);
+            writeln!(out, "deployment/{name} rejected: {reason}")?;
+            failures.push(format!("deployment/{name}: {reason}"));
             continue;
         }
         writeln!(
@@ -107,6 +322,7 @@ pub async fn apply(
             "deployment/{name} accepted (generation {})",
             event.generation
         )?;
+        to_wait.push((name.clone(), event.generation));
         // Then the placement, if it comes promptly.
         let placed = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -129,10 +345,25 @@ pub async fn apply(
             )?;
         }
     }
-    if failures > 0 {
-        bail!("{failures} document(s) rejected");
+    if options.wait {
+        let deadline = tokio::time::Instant::now() + options.timeout.unwrap_or(READY_WAIT);
+        for (name, generation) in to_wait {
+            out.flush()?;
+            match crate::ready::wait_ready(bus, &name, generation, deadline).await? {
+                Ok(summary) => writeln!(out, "deployment/{name} ready: {summary}")?,
+                Err(reason) => failures.push(format!("deployment/{name}: {reason}")),
+            }
+        }
     }
-    Ok(())
+    match failures.as_slice() {
+        [] => Ok(()),
+        [one] => bail!("{one}"),
+        many => bail!(
+            "{} deployments failed:\n  {}",
+            many.len(),
+            many.join("\n  ")
+        ),
+    }
 }
 
 pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
@@ -172,123 +403,6 @@ fn model_of(d: &ModelDeployment) -> String {
         Some(a) => a.name,
         None => model.preset,
     }
-}
-
-pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Result<()> {
-    let deployments = RecordStore::<ModelDeployment>::open(bus, &bus.topology.deployments.name)
-        .await
-        .context("the fleet has no deployments bucket yet (is it provisioned? try `flotilla up`)")?
-        .list()
-        .await?;
-    let placements =
-        RecordStore::<PlacementDecision>::open(bus, &bus.topology.placements.name).await?;
-    if output == Output::Json {
-        let mut all = Vec::new();
-        for d in &deployments {
-            let name = d
-                .metadata
-                .as_ref()
-                .map(|m| m.name.clone())
-                .unwrap_or_default();
-            let placement = placements.get(&name).await?.map(|(p, _)| p);
-            all.push(serde_json::json!({ "deployment": d, "placement": placement }));
-        }
-        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
-        return Ok(());
-    }
-    let now = now_unix_ms();
-    let replicas = RecordStore::<v1::ReplicaStatus>::open(bus, &bus.topology.replicas.name)
-        .await?
-        .list()
-        .await?;
-    let mut rows = Vec::new();
-    for d in &deployments {
-        let name = d
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
-        let status = d.status.clone().unwrap_or_default();
-        let placement = placements.get(&name).await?.map(|(p, _)| p);
-        let (placed, clusters, outcome) = match &placement {
-            Some(p) => (
-                p.assignments.iter().map(|a| a.replicas).sum::<u32>(),
-                p.assignments
-                    .iter()
-                    .map(|a| format!("{}:{}", a.cluster, a.replicas))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                flotilla_proto::json::name_of::<PlacementOutcome>(p.outcome).to_string(),
-            ),
-            None => (0, String::new(), "Pending".into()),
-        };
-        let ready = replicas
-            .iter()
-            .filter(|r| r.deployment == name && r.phase() == v1::ReplicaPhase::Ready)
-            .count();
-        let spec = d.spec.clone().unwrap_or_default();
-        let (desired, autoscaling) = match &spec.autoscaling {
-            Some(a) => {
-                let desired = if status.desired_replicas > 0 {
-                    status.desired_replicas
-                } else {
-                    spec.replicas.max(a.min_replicas).unsigned_abs()
-                };
-                let why = if status.scaling_reason.is_empty() {
-                    "no load reported yet".to_string()
-                } else {
-                    format!(
-                        "{} ({})",
-                        status.scaling_reason,
-                        table::ago(status.scaled_at_unix_ms, now)
-                    )
-                };
-                (
-                    desired,
-                    format!("{}..{}: {why}", a.min_replicas, a.max_replicas),
-                )
-            }
-            None => (spec.replicas.unsigned_abs(), "-".to_string()),
-        };
-        rows.push(vec![
-            name.clone(),
-            model_of(d),
-            format!("{ready}/{placed}/{desired}"),
-            outcome,
-            if clusters.is_empty() {
-                "-".into()
-            } else {
-                clusters
-            },
-            status.generation.to_string(),
-            table::ago(status.updated_at_unix_ms, now),
-            autoscaling,
-        ]);
-    }
-    write!(
-        out,
-        "{}",
-        table::render(
-            &[
-                "NAME",
-                "MODEL",
-                "READY/PLACED/DESIRED",
-                "OUTCOME",
-                "CLUSTERS",
-                "GEN",
-                "UPDATED",
-                "AUTOSCALING",
-            ],
-            &rows
-        )
-    )?;
-    if deployments.is_empty() {
-        writeln!(
-            out,
-            "(no deployments; apply one with `flotilla apply -f FILE`)"
-        )?;
-    }
-    Ok(())
 }
 
 pub async fn describe(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Result<()> {

@@ -872,7 +872,7 @@ pub(crate) async fn up(
     println!("  list clusters: flotilla get clusters   replicas: flotilla get replicas");
     if !args.no_deploy {
         let docs = crate::deployments::parse_documents(crate::up::DEFAULT_DEPLOYMENT)?;
-        crate::deployments::apply(&bus, docs, &mut std::io::stdout()).await?;
+        crate::deployments::apply(&bus, docs, Default::default(), &mut std::io::stdout()).await?;
         let bus = bus.clone();
         let stop = shutdown.clone();
         let gateway_port = args.gateway_port;

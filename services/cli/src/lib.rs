@@ -6,10 +6,13 @@ pub mod chat;
 pub mod clusters;
 pub mod deployments;
 pub mod fleet;
+pub mod get;
 pub mod isolated;
+pub mod jsonpath;
 pub mod models;
 pub mod nats_config;
-pub mod replicas;
+pub mod preview;
+pub mod ready;
 pub mod rollouts;
 pub mod table;
 mod up;
@@ -85,21 +88,32 @@ pub enum Output {
 pub enum Command {
     /// Run a local fleet on this machine until Ctrl-C.
     Up(up::UpArgs),
-    /// List things in the fleet.
-    Get {
-        #[command(subcommand)]
-        what: GetWhat,
-    },
-    /// Create or change deployments from a YAML file (several documents
-    /// allowed; `-` reads standard input).
-    Apply {
+    /// List things in the fleet: `flotilla get KIND [NAME…]`.
+    Get(get::GetArgs),
+    /// Create or change deployments from YAML or JSON documents.
+    #[command(after_help = "Examples:
+  flotilla apply -f examples/chat-small.yaml --wait --timeout 5m
+  flotilla apply -f deployments/ --dry-run=server     # where would they go?
+  flotilla get deploy chat-small -o yaml | flotilla apply -f -")]
+    Apply(ApplyArgs),
+    /// Show what `apply -f` would change in each deployment (exit 1 when
+    /// something would change, 0 when nothing would).
+    Diff {
+        /// A file, a directory of them, or `-` for standard input.
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
     },
-    /// Delete a deployment; its replicas are released.
-    Delete {
-        #[command(subcommand)]
-        what: DeleteWhat,
+    /// Delete deployments by name or by the documents that made them; their
+    /// replicas are released.
+    Delete(DeleteArgs),
+    /// Set a deployment's replica count (an autoscaled one starts there and
+    /// stays within its bounds).
+    Scale {
+        /// `deployment` (or deploy, md).
+        kind: String,
+        name: String,
+        #[arg(long)]
+        replicas: u32,
     },
     /// Show one thing in detail.
     Describe {
@@ -180,9 +194,44 @@ pub enum ModelAction {
     },
 }
 
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A file (several documents allowed), a directory of .yaml/.yml/.json
+    /// files, or `-` for standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: std::path::PathBuf,
+    /// `client`: check the documents here and send nothing; `server`:
+    /// placement checks them against the fleet and previews the placement,
+    /// storing nothing.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_value_t = deployments::DryRun::None, default_missing_value = "client")]
+    pub dry_run: deployments::DryRun,
+    /// Wait until every replica is Ready; fail (exit 1, reason on stderr)
+    /// when a deployment cannot be placed or its rollout halts.
+    #[arg(long, value_parser = ["ready"], num_args = 0..=1, require_equals = true, default_missing_value = "ready")]
+    pub wait: Option<String>,
+    /// How long to wait for placement's answer (default 10s) and, with
+    /// --wait, for readiness (default 5m): `90s`, `10m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DeleteArgs {
+    #[command(subcommand)]
+    pub what: Option<DeleteWhat>,
+    /// Delete the deployments these documents name.
+    #[arg(short = 'f', long = "filename")]
+    pub file: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DeleteWhat {
-    Deployment { name: String },
+    #[command(visible_aliases = ["deployments", "deploy", "md"])]
+    Deployment {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,59 +240,12 @@ pub enum DescribeWhat {
     Deployment { name: String },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum GetWhat {
-    /// Models: phase, size, digest, which clusters cache them.
-    Models {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-    /// Replicas: where each runs, its phase and endpoint.
-    Replicas {
-        /// Only this deployment's.
-        #[arg(long)]
-        deployment: Option<String>,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-    /// Deployments: replicas placed, outcome, clusters.
-    Deployments {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-    /// Clusters: health, GPUs, cost, cached models.
-    Clusters {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-}
-
 pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(&cli.bus, args, shutdown).await,
-        Command::Get {
-            what: GetWhat::Clusters { output },
-        } => {
+        Command::Get(args) => {
             let bus = connect(&cli.bus, &shutdown).await?;
-            clusters::get(&bus, output, &mut std::io::stdout()).await
-        }
-        Command::Get {
-            what: GetWhat::Deployments { output },
-        } => {
-            let bus = connect(&cli.bus, &shutdown).await?;
-            deployments::get(&bus, output, &mut std::io::stdout()).await
-        }
-        Command::Get {
-            what: GetWhat::Replicas { deployment, output },
-        } => {
-            let bus = connect(&cli.bus, &shutdown).await?;
-            replicas::get(&bus, deployment.as_deref(), output, &mut std::io::stdout()).await
-        }
-        Command::Get {
-            what: GetWhat::Models { output },
-        } => {
-            let bus = connect(&cli.bus, &shutdown).await?;
-            models::get(&bus, output, &mut std::io::stdout()).await
+            get::get(&bus, &args, &mut std::io::stdout(), shutdown.clone()).await
         }
         Command::Model {
             action: ModelAction::Push { path, name, format },
@@ -260,16 +262,63 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             .await
             .map(|_| ())
         }
-        Command::Apply { file } => {
+        Command::Apply(args) => {
+            let docs = deployments::read_documents(&args.file)?;
+            if args.dry_run == deployments::DryRun::Client {
+                // Nothing to ask the fleet.
+                return deployments::check_here(docs, &mut std::io::stdout());
+            }
+            let bus = connect(&cli.bus, &shutdown).await?;
+            let options = deployments::ApplyOptions {
+                dry_run: args.dry_run,
+                wait: args.wait.is_some(),
+                timeout: args.timeout,
+            };
+            deployments::apply(&bus, docs, options, &mut std::io::stdout()).await
+        }
+        Command::Diff { file } => {
             let docs = deployments::read_documents(&file)?;
             let bus = connect(&cli.bus, &shutdown).await?;
-            deployments::apply(&bus, docs, &mut std::io::stdout()).await
+            if deployments::diff(&bus, docs, &mut std::io::stdout()).await? {
+                // kubectl's convention: 1 when there are differences.
+                std::process::exit(1);
+            }
+            Ok(())
         }
-        Command::Delete {
-            what: DeleteWhat::Deployment { name },
-        } => {
+        Command::Delete(args) => {
+            let names = match (args.what, args.file) {
+                (Some(DeleteWhat::Deployment { names }), _) => names,
+                (None, Some(file)) => deployments::read_documents(&file)?
+                    .iter()
+                    .map(|d| d.metadata.clone().unwrap_or_default().name)
+                    .collect(),
+                (None, None) => bail!(
+                    "say what to delete: `flotilla delete deployment NAME…` or `flotilla delete -f FILE`"
+                ),
+            };
             let bus = connect(&cli.bus, &shutdown).await?;
-            deployments::delete(&bus, &name, &mut std::io::stdout()).await
+            let mut failed = Vec::new();
+            for name in &names {
+                if let Err(e) = deployments::delete(&bus, name, &mut std::io::stdout()).await {
+                    eprintln!("deployment/{name}: {e:#}");
+                    failed.push(name.as_str());
+                }
+            }
+            if !failed.is_empty() {
+                bail!("not deleted: {}", failed.join(", "));
+            }
+            Ok(())
+        }
+        Command::Scale {
+            kind,
+            name,
+            replicas,
+        } => {
+            if get::Kind::parse(&kind)? != get::Kind::Deployments {
+                bail!("only deployments scale: `flotilla scale deployment NAME --replicas N`");
+            }
+            let bus = connect(&cli.bus, &shutdown).await?;
+            deployments::scale(&bus, &name, replicas, &mut std::io::stdout()).await
         }
         Command::Describe {
             what: DescribeWhat::Deployment { name },
@@ -453,12 +502,14 @@ mod tests {
         }
         // Bash's offers the bus flags after a subcommand as well.
         let bash = completion(clap_complete::Shell::Bash);
-        let get_clusters = bash
-            .split("flotilla__subcmd__get__subcmd__clusters)")
+        let get = bash
+            .split("flotilla__subcmd__get)")
             .nth(1)
-            .expect("a case for `get clusters`");
-        let case = get_clusters.split(";;").next().unwrap_or_default();
+            .expect("a case for `get`");
+        let case = get.split(";;").next().unwrap_or_default();
         assert!(case.contains("--nats-url"), "{case}");
+        // The kinds `get` takes are offered as its positional's values.
+        assert!(case.contains("deployments"), "{case}");
     }
 
     #[test]

@@ -5,13 +5,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flotilla_kit::{Bus, RecordStore};
-use flotilla_proto::v1::{self, ClusterRecord, ModelPhase, ModelRecord};
+use flotilla_kit::Bus;
+use flotilla_proto::v1;
 use flotilla_proto::{ControlSubject, EventType};
 
-use crate::Output;
 use crate::answer::{Answer, ask, error_reason};
-use crate::table;
 
 /// Uploads a GGUF file or a safetensors folder, then asks the provisioner
 /// to check it and make it ready. Progress goes to `progress` (stderr).
@@ -100,92 +98,4 @@ pub async fn push(
             bail!("uploaded, but no model-provisioner confirmed it within 120 s (is it running?)")
         }
     }
-}
-
-pub async fn get(bus: &Bus, output: Output, out: &mut impl Write) -> anyhow::Result<()> {
-    let models = RecordStore::<ModelRecord>::open(bus, &bus.topology.models.name)
-        .await
-        .context("the fleet has no models bucket yet (is it provisioned? try `flotilla up`)")?
-        .list()
-        .await?;
-    let clusters = RecordStore::<ClusterRecord>::open(bus, &bus.topology.clusters.name)
-        .await?
-        .list()
-        .await?;
-    let cached_on = |m: &ModelRecord| -> Vec<String> {
-        clusters
-            .iter()
-            .filter(|c| {
-                c.inventory.as_ref().is_some_and(|i| {
-                    i.cached_models
-                        .iter()
-                        .any(|x| x.name == m.name && x.digest == m.digest)
-                })
-            })
-            .map(|c| c.name.clone())
-            .collect()
-    };
-    if output == Output::Json {
-        let all: Vec<_> = models
-            .iter()
-            .map(|m| serde_json::json!({ "model": m, "cachedOn": cached_on(m) }))
-            .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = models
-        .iter()
-        .map(|m| {
-            let on = cached_on(m);
-            vec![
-                m.name.clone(),
-                flotilla_proto::json::name_of::<ModelPhase>(m.phase).to_string(),
-                if m.format.is_empty() {
-                    "-".into()
-                } else {
-                    m.format.clone()
-                },
-                if m.size_bytes == 0 {
-                    "-".into()
-                } else {
-                    format!("{:.1} MB", m.size_bytes as f64 / 1e6)
-                },
-                if m.digest.is_empty() {
-                    "-".into()
-                } else {
-                    m.digest.chars().take(19).collect::<String>() + "…"
-                },
-                if on.is_empty() {
-                    "-".into()
-                } else {
-                    on.join(",")
-                },
-                if m.phase() == ModelPhase::Failed {
-                    m.message.clone()
-                } else {
-                    m.source.clone()
-                },
-            ]
-        })
-        .collect();
-    write!(
-        out,
-        "{}",
-        table::render(
-            &[
-                "NAME",
-                "PHASE",
-                "FORMAT",
-                "SIZE",
-                "DIGEST",
-                "CACHED ON",
-                "SOURCE / REASON"
-            ],
-            &rows
-        )
-    )?;
-    if models.is_empty() {
-        writeln!(out, "(no models yet)")?;
-    }
-    Ok(())
 }

@@ -28,7 +28,7 @@ pub async fn status(
     bus: &Bus,
     name: &str,
     output: Output,
-    out: &mut impl Write,
+    out: &mut (impl Write + Send),
 ) -> anyhow::Result<()> {
     let state = state_of(bus, name).await?;
     if output == Output::Json {
@@ -94,7 +94,11 @@ pub async fn status(
         table::render(&["STAGE", "PHASE", "CLUSTERS", "APPROVED"], &rows)
     )?;
     writeln!(out)?;
-    crate::replicas::get(bus, Some(name), Output::Table, out).await
+    let args = crate::get::GetArgs {
+        deployment: Some(name.to_string()),
+        ..crate::get::GetArgs::of(crate::get::Kind::Replicas)
+    };
+    crate::get::get(bus, &args, out, tokio_util::sync::CancellationToken::new()).await
 }
 
 /// Follows a rollout, one line per change of its phase, stage or ready

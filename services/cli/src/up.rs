@@ -318,7 +318,7 @@ pub async fn run(bus_args: &BusArgs, args: UpArgs, shutdown: Shutdown) -> anyhow
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let docs = crate::deployments::parse_documents(DEFAULT_DEPLOYMENT)?;
-        crate::deployments::apply(&bus, docs, &mut std::io::stdout()).await?;
+        crate::deployments::apply(&bus, docs, Default::default(), &mut std::io::stdout()).await?;
         let bus = bus.clone();
         let gateway_port = args.gateway_port;
         let stop = shutdown.clone();

@@ -36,7 +36,7 @@ pub struct WatchArgs {
 }
 
 /// Where to start reading.
-fn start_of(since: Option<&str>) -> anyhow::Result<DeliverPolicy> {
+pub fn start_of(since: Option<&str>) -> anyhow::Result<DeliverPolicy> {
     let Some(since) = since else {
         return Ok(DeliverPolicy::New);
     };

@@ -35,6 +35,7 @@ use flotilla_kit::{
 };
 use flotilla_proto::ControlSubject;
 use flotilla_proto::v1::{self, ClusterRecord, ModelDeployment, PlacementDecision};
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -200,6 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
         },
         shutdown.clone(),
     );
+    let preview = tokio::spawn(serve_previews(bus.clone(), tx.clone(), shutdown.clone()));
     drop(tx);
 
     health.set_ready(true);
@@ -210,11 +212,90 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
             tracing::error!("consumer failed: {e}");
         }
     }
+    if let Ok(Err(e)) = preview.await {
+        tracing::error!("previews: {e}");
+    }
     health.set_ready(false);
     if let Err(e) = bus.client.drain().await {
         tracing::warn!("draining the NATS connection: {e}");
     }
     Ok(())
+}
+
+/// Answers `apply --dry-run=server`: core NATS requests on
+/// [`Subjects::preview_deployments`](flotilla_proto::Subjects::preview_deployments),
+/// one queue group over every instance. A request that cannot be read is
+/// answered with `bus.message_rejected`, never dropped.
+async fn serve_previews(
+    bus: Bus,
+    tx: mpsc::Sender<Request>,
+    shutdown: CancellationToken,
+) -> Result<(), KitError> {
+    let subject = bus.subjects.preview_deployments();
+    let mut requests = bus
+        .client
+        .queue_subscribe(subject.clone(), SERVICE.to_string())
+        .await
+        .map_err(|source| KitError::Subscribe {
+            subject: subject.clone(),
+            source,
+        })?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => return Ok(()),
+            },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            tracing::warn!(%subject, "a preview request without a reply subject: nobody to answer");
+            continue;
+        };
+        let content_type = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(flotilla_proto::codec::CONTENT_TYPE))
+            .map(|v| v.as_str().to_string());
+        let event = match flotilla_proto::codec::decode::<ModelDeployment>(
+            content_type.as_deref(),
+            &msg.payload,
+        ) {
+            Ok(doc) => {
+                let (reply, answer) = oneshot::channel();
+                if tx
+                    .send(Request::Preview(Box::new(doc), reply))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                match answer.await {
+                    Ok(event) => event,
+                    Err(_) => return Ok(()),
+                }
+            }
+            Err(e) => v1::Event {
+                time_unix_ms: flotilla_kit::now_unix_ms(),
+                source: SERVICE.into(),
+                r#type: flotilla_proto::EventType::BusMessageRejected.to_string(),
+                severity: v1::Severity::Warning.into(),
+                message: format!("preview refused: {e}"),
+                payload: Some(v1::event::Payload::Error(v1::ErrorDetail {
+                    code: e.code.into(),
+                    subject: subject.clone(),
+                    field: e.field.clone().unwrap_or_default(),
+                    reason: e.reason.clone(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        };
+        let body = flotilla_proto::codec::encode(&event, flotilla_proto::codec::Encoding::Protobuf);
+        if let Err(e) = bus.client.publish(reply_to, body).await {
+            tracing::warn!("answering a preview: {e}");
+        }
+    }
 }
 
 /// Hands a request to the planner task, which handles one at a time, and

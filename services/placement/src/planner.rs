@@ -27,6 +27,8 @@ use crate::{PlanError, admit, autoscale};
 pub(crate) enum Request {
     Apply(Box<Apply>),
     Delete(String, String, oneshot::Sender<Result<(), HandlerError>>),
+    /// What an apply of this document would cause, with nothing stored.
+    Preview(Box<ModelDeployment>, oneshot::Sender<v1::Event>),
 }
 
 /// One apply request and where its answer goes.
@@ -142,6 +144,7 @@ impl Planner {
                         while batch.len() < APPLY_BATCH {
                             match requests.try_recv() {
                                 Ok(Request::Apply(next)) => batch.push(*next),
+                                // A preview sees the batch before it done.
                                 Ok(other) => {
                                     after = Some(other);
                                     break;
@@ -150,14 +153,23 @@ impl Planner {
                             }
                         }
                         self.apply_all(batch).await;
-                        if let Some(Request::Delete(name, id, reply)) = after {
-                            let result = self.delete(&name, &id).await;
-                            let _ = reply.send(result);
+                        match after {
+                            Some(Request::Delete(name, id, reply)) => {
+                                let result = self.delete(&name, &id).await;
+                                let _ = reply.send(result);
+                            }
+                            Some(Request::Preview(doc, reply)) => {
+                                let _ = reply.send(self.preview(&doc));
+                            }
+                            Some(Request::Apply(_)) | None => {}
                         }
                     }
                     Some(Request::Delete(name, id, reply)) => {
                         let result = self.delete(&name, &id).await;
                         let _ = reply.send(result);
+                    }
+                    Some(Request::Preview(doc, reply)) => {
+                        let _ = reply.send(self.preview(&doc));
                     }
                     None => break,
                 },
@@ -328,6 +340,58 @@ impl Planner {
                 }),
         )
         .await;
+    }
+
+    /// The event an apply of `doc` would cause now: its rejection, or its
+    /// placement against the fleet and every other placement. Nothing is
+    /// written or published.
+    pub(crate) fn preview(&self, doc: &ModelDeployment) -> v1::Event {
+        let name = doc
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let fleet = self.fleet();
+        let checked = spec::validate(doc).and_then(|request| {
+            admit::validate_against_fleet(&request, &fleet, &self.settings)?;
+            Ok(request)
+        });
+        let event = |ty: EventType, message: String, payload: Payload| v1::Event {
+            time_unix_ms: now_unix_ms(),
+            source: crate::SERVICE.into(),
+            r#type: ty.to_string(),
+            name: name.clone(),
+            message,
+            payload: Some(payload),
+            ..Default::default()
+        };
+        let mut request = match checked {
+            Ok(request) => request,
+            Err(e) => {
+                return event(
+                    EventType::DeploymentRejected,
+                    format!("deployment {name} would be rejected: {e}"),
+                    Payload::Error(v1::ErrorDetail {
+                        code: "invalid_field".into(),
+                        field: e.field.clone(),
+                        reason: e.reason.clone(),
+                        subject: self.bus.subjects.preview_deployments(),
+                        ..Default::default()
+                    }),
+                );
+            }
+        };
+        if let Some(stored) = self.deployments.cached(&name) {
+            request.replicas = effective_replicas(&stored, &request);
+        }
+        let mut held = self.commitments();
+        let decision = self.decide(&name, &request, &fleet, "apply", &mut held);
+        let record = decision.record;
+        let ty = match record.outcome() {
+            PlacementOutcome::Unschedulable => EventType::DeploymentUnschedulable,
+            _ => EventType::DeploymentPlaced,
+        };
+        event(ty, record.message.clone(), Payload::Placement(record))
     }
 
     /// Writes an accepted spec with its next generation; `None` when the
