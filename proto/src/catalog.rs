@@ -36,6 +36,13 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
         });
     }
     out.push(SubjectEntry {
+        subject: subjects.preview_deployments(),
+        message: "ModelDeployment",
+        stream: "none (request/reply)".into(),
+        publishers: "`flotilla apply --dry-run=server`, `nats req`",
+        consumers: "placement: replies with an `Event` (the preview or the rejection), stores nothing",
+    });
+    out.push(SubjectEntry {
         subject: format!("{}.events.<kind>.<name>.<what>", subjects.prefix()),
         message: "Event",
         stream: topology.events.name.clone(),
