@@ -43,6 +43,13 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
         consumers: "placement: replies with an `Event` (the preview or the rejection), stores nothing",
     });
     out.push(SubjectEntry {
+        subject: format!("{}.logs.<cluster>", subjects.prefix()),
+        message: "ReplicaLogsRequest",
+        stream: "none (request/reply)".into(),
+        publishers: "`flotilla logs`",
+        consumers: "the executor of `<cluster>`: replies with `ReplicaLogs`",
+    });
+    out.push(SubjectEntry {
         subject: format!("{}.events.<kind>.<name>.<what>", subjects.prefix()),
         message: "Event",
         stream: topology.events.name.clone(),
@@ -220,6 +227,7 @@ mod tests {
             "Event",
             "ExecutorCommand",
             "ClusterHeartbeat",
+            "ReplicaLogsRequest",
         ];
         assert!(entries.iter().all(|e| known.contains(&e.message)));
     }

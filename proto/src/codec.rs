@@ -46,6 +46,8 @@ contracts!(
     ModelRecord,
     RegisterModel,
     Event,
+    ReplicaLogsRequest,
+    ReplicaLogs,
 );
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,6 +29,16 @@ pub trait JsonEnum: Sized + Copy + Into<i32> + TryFrom<i32> + 'static {
 
 macro_rules! json_enum {
     ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {
+        /// The JSON names of the enum `flotilla.v1.<name>`, as documents
+        /// write them; `None` for a type that is not one of the contracts'
+        /// enums.
+        pub fn document_names(name: &str) -> Option<&'static [&'static str]> {
+            match name {
+                $(stringify!($ty) => Some(&[$($name),+]),)+
+                _ => None,
+            }
+        }
+
         $(impl JsonEnum for v1::$ty {
             const NAMES: &'static [(Self, &'static str)] = &[$((v1::$ty::$variant, $name)),+];
 

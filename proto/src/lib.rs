@@ -15,6 +15,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod json;
+pub mod schema;
 mod subjects;
 mod topology;
 

@@ -247,6 +247,14 @@ impl Subjects {
         format!("{}.preview.deployments", self.prefix)
     }
 
+    /// `<prefix>.logs.<cluster>`: a request for a replica's last log lines
+    /// (`ReplicaLogsRequest`), answered by that cluster's executor with
+    /// `ReplicaLogs`.
+    pub fn replica_logs(&self, cluster: &str) -> Result<String, InvalidName> {
+        check_name("cluster", cluster)?;
+        Ok(format!("{}.logs.{}", self.prefix, cluster))
+    }
+
     /// `<prefix>.events.<kind>.<name>.<what>`. Bus events name the consumer
     /// or the stream.
     pub fn event(&self, ty: EventType, name: &str) -> Result<String, InvalidName> {

@@ -231,6 +231,11 @@ fn executor(p: &mut Permissions, cluster: &str, subjects: &Subjects, topology: &
         return;
     };
     p.publish(telemetry);
+    // It answers requests for its replicas' logs, and only its own.
+    if let Ok(logs) = subjects.replica_logs(cluster) {
+        p.subscribe.push(logs);
+        p.allow_responses = true;
+    }
     p.publish(format!("$KV.{}.{cluster}.>", topology.replicas.name));
     let commands = &topology.commands.name;
     let [replicas_consumer, prefetch_consumer] = executor_consumers(cluster);
@@ -341,7 +346,14 @@ mod tests {
         assert!(!may_publish(&p, "$JS.API.STREAM.MSG.GET.FLOTILLA_CMD"));
         assert!(!may_publish(&p, "$JS.API.DIRECT.GET.FLOTILLA_CMD"));
         assert!(!may_publish(&p, "$JS.API.STREAM.CREATE.FLOTILLA_CMD"));
-        assert_eq!(p.subscribe, vec!["_INBOX.executor-a.>".to_string()]);
+        // Its inbox, and requests for its own replicas' logs.
+        assert_eq!(
+            p.subscribe,
+            vec![
+                "_INBOX.executor-a.>".to_string(),
+                "flotilla.logs.a".to_string()
+            ]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (nats-server, inventory, placement, model-provisioner, rollout, two
 //! clusters whose executors start real runners): `get` in every form and
 //! output, the YAML round trip through `apply -f`, `apply --wait` and
-//! `--dry-run=server`, `diff`, `scale`, `delete -f`, `get -w`, exit codes.
+//! `--dry-run=server`, `diff`, `scale`, `delete -f`, `get -w`, `kv`, `logs`, contexts, exit codes.
 
 use std::path::Path;
 use std::process::Output;
@@ -25,6 +25,28 @@ async fn run(server: &NatsServer, args: &[&str]) -> (bool, String, String) {
     } = tokio::process::Command::new(fleet::target_bin("flotilla"))
         .args(args)
         .args(["--nats-url", &server.url()])
+        .output()
+        .await
+        .unwrap();
+    (
+        status.success(),
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+/// Runs the binary with `config` as its configuration file and no bus
+/// flags but those in `args`.
+async fn run_in_context(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = tokio::process::Command::new(fleet::target_bin("flotilla"))
+        .args(args)
+        .env("FLOTILLA_CONFIG", config)
+        .env_remove("FLOTILLA_NATS_URL")
+        .env_remove("FLOTILLA_CONTEXT")
         .output()
         .await
         .unwrap();
@@ -180,6 +202,21 @@ async fn the_command_line_lists_applies_waits_previews_diffs_scales_and_deletes(
     )
     .unwrap();
     assert_eq!(replica["items"][0]["phase"], "Ready", "{replica}");
+    // Its log, from the executor of its cluster: the runner said it loaded
+    // the model.
+    let replica_id = replica["items"][0]["replicaId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log = ok(&server, &["logs", &replica_id, "--tail", "50"]).await;
+    assert!(log.contains("model loaded; serving"), "{log}");
+    let last = ok(&server, &["logs", &replica_id, "--tail", "1"]).await;
+    assert_eq!(last.lines().count(), 1, "{last}");
+    let said = fails(&server, &["logs", "no-such-replica"]).await;
+    assert!(
+        said.contains("no replica \"no-such-replica\"") && said.contains("get replicas"),
+        "{said}"
+    );
     let events_json: serde_json::Value = serde_json::from_str(
         &ok(
             &server,
@@ -267,6 +304,88 @@ async fn the_command_line_lists_applies_waits_previews_diffs_scales_and_deletes(
     assert!(
         said.contains("on-mars") && said.contains("unschedulable"),
         "{said}"
+    );
+
+    // KV values are protobuf; `flotilla kv` reads them as documents.
+    assert_eq!(
+        ok(&server, &["kv", "keys", "deployments"]).await,
+        "chat\non-mars\n"
+    );
+    let stored: serde_json::Value = serde_json::from_str(
+        &ok(&server, &["kv", "get", "deployments", "chat", "-o", "json"]).await,
+    )
+    .unwrap();
+    assert_eq!(stored["spec"]["placement"]["policy"], "PickN", "{stored}");
+    assert!(
+        stored["status"]["generation"].as_u64() >= Some(1),
+        "{stored}"
+    );
+    let said = fails(&server, &["kv", "get", "deployments", "nope"]).await;
+    assert!(
+        said.contains("no key \"nope\"") && said.contains("kv keys"),
+        "{said}"
+    );
+    let said = fails(&server, &["kv", "keys", "deploymints"]).await;
+    assert!(
+        said.contains("no bucket") && said.contains("deployments"),
+        "{said}"
+    );
+    // The schema the CLI prints is the published one.
+    let printed: serde_json::Value = serde_json::from_str(&ok(&server, &["schema"]).await).unwrap();
+    let published: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            flotilla_integration::workspace_root().join("schemas/modeldeployment.schema.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(printed, published);
+
+    // Contexts: the fleet's address kept in a file, used without flags.
+    let config = dir.path().join("flotilla-config");
+    let (made, out, err) = run_in_context(
+        &config,
+        &[
+            "config",
+            "set-context",
+            "local",
+            "--nats-url",
+            &server.url(),
+        ],
+    )
+    .await;
+    assert!(
+        made && out.contains("Context \"local\" created"),
+        "{out}{err}"
+    );
+    let (listed, out, err) = run_in_context(&config, &["get", "md", "-o", "name"]).await;
+    assert!(
+        listed && out == "deployment/chat\ndeployment/on-mars\n",
+        "{out}{err}"
+    );
+    let (_, contexts, _) = run_in_context(&config, &["config", "get-contexts"]).await;
+    assert!(
+        contexts.contains("*") && contexts.contains(&server.url()),
+        "{contexts}"
+    );
+    let (refused, _, err) = run_in_context(
+        &config,
+        &[
+            "config",
+            "set-context",
+            "leaky",
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+        ],
+    )
+    .await;
+    assert!(!refused && err.contains("--nats-password-file"), "{err}");
+    let (unknown, _, err) = run_in_context(&config, &["get", "md", "--context", "prod"]).await;
+    assert!(
+        !unknown && err.contains("no context \"prod\"") && err.contains("local"),
+        "{err}"
     );
 
     // scale, then delete by file.

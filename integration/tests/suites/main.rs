@@ -35,5 +35,6 @@ mod nats_security;
 mod placement;
 mod replicas;
 mod rollouts;
+mod schema;
 mod support;
 mod vllm_runtime;

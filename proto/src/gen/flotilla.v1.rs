@@ -1963,6 +1963,40 @@ pub struct ReplicaStatus {
     #[serde(rename = "gpus")]
     pub gpus: u32,
 }
+/// Request on `<prefix>.logs.<cluster>` (core NATS request/reply; publisher:
+/// `flotilla logs`; answered by the executor of `<cluster>` with
+/// `ReplicaLogs`).
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicaLogsRequest {
+    #[prost(string, tag = "1")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
+    pub replica_id: ::prost::alloc::string::String,
+    /// How many of the last lines; 0 means the executor's default (100).
+    #[prost(uint32, tag = "2")]
+    #[serde(rename = "tailLines", alias = "tail_lines")]
+    pub tail_lines: u32,
+}
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicaLogs {
+    #[prost(string, tag = "1")]
+    #[serde(rename = "replicaId", alias = "replica_id")]
+    pub replica_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    #[serde(rename = "cluster")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Oldest first, without line ends.
+    #[prost(string, repeated, tag = "3")]
+    #[serde(rename = "lines")]
+    pub lines: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Set when the lines cannot be had, saying why and what to do instead.
+    #[prost(string, tag = "4")]
+    #[serde(rename = "error")]
+    pub error: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum ReplicaPhase {

@@ -4,11 +4,14 @@
 pub mod answer;
 pub mod chat;
 pub mod clusters;
+pub mod contexts;
 pub mod deployments;
 pub mod fleet;
 pub mod get;
 pub mod isolated;
 pub mod jsonpath;
+pub mod kv;
+pub mod logs;
 pub mod models;
 pub mod nats_config;
 pub mod preview;
@@ -38,6 +41,16 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// The context of the configuration file (`flotilla config
+    /// get-contexts`) to take the bus settings from; default: its current
+    /// context. Flags given on the line win over the context.
+    #[arg(long, env = "FLOTILLA_CONTEXT", global = true)]
+    pub context: Option<String>,
+
+    /// The bus flags given on the line or by environment, not defaulted.
+    #[arg(skip)]
+    pub explicit: std::collections::BTreeSet<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -74,7 +87,27 @@ impl Cli {
     {
         let mut grammar = Self::grammar();
         let mut matches = grammar.try_get_matches_from_mut(args)?;
-        Self::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut grammar))
+        // Which bus flags were given (on the line or by environment) rather
+        // than defaulted. A global flag given after a subcommand is only
+        // marked so in that subcommand's matches; read before parsing
+        // takes the values out.
+        let mut explicit = std::collections::BTreeSet::new();
+        let mut level = Some(&matches);
+        while let Some(m) = level {
+            for id in contexts::CONTEXT_FLAGS {
+                let given = m.try_get_raw(id).ok().flatten().is_some()
+                    && m.value_source(id)
+                        .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+                if given {
+                    explicit.insert(id.to_string());
+                }
+            }
+            level = m.subcommand().map(|(_, sub)| sub);
+        }
+        let mut cli =
+            Self::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut grammar))?;
+        cli.explicit = explicit;
+        Ok(cli)
     }
 }
 
@@ -139,6 +172,43 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Ask a model through the gateway; the answer is streamed.
     Chat(chat::ChatArgs),
+    /// The last lines a replica wrote (a local replica's log file, or its
+    /// pod's log on Kubernetes), from the executor of its cluster.
+    #[command(after_help = "Examples:
+  flotilla get replicas --deployment chat-small      # the replicas' names
+  flotilla logs chat-small-4f2a9c-0 --tail 20")]
+    Logs {
+        replica: String,
+        /// How many of the last lines (at most 5000).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// The replica's cluster; by default from the replicas bucket.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Contexts: the fleets this command line knows, in
+    /// ~/.config/flotilla/config ($FLOTILLA_CONFIG), credentials by file.
+    #[command(after_help = "Examples:
+  flotilla config set-context prod --nats-url tls://nats.prod:4222 --nats-creds ~/prod.creds
+  flotilla config use-context prod
+  flotilla get clusters                       # on prod
+  flotilla get clusters --context staging     # once, elsewhere")]
+    Config {
+        #[command(subcommand)]
+        action: contexts::ConfigAction,
+    },
+    /// Read the fleet's KV buckets as documents (their values are protobuf).
+    #[command(after_help = "Examples:
+  flotilla kv keys replicas
+  flotilla kv get deployments chat-small -o json
+  flotilla kv get rollouts chat-small --revision 3")]
+    Kv {
+        #[command(subcommand)]
+        action: kv::KvAction,
+    },
+    /// Print the JSON Schema of the deployment document (the one published
+    /// as schemas/modeldeployment.schema.json).
+    Schema,
     /// Print a shell completion script: `source <(flotilla completion bash)`,
     /// or write it where the shell loads completions from (zsh: a file
     /// `_flotilla` on `$fpath`; fish: `~/.config/fish/completions/flotilla.fish`).
@@ -240,7 +310,21 @@ pub enum DescribeWhat {
     Deployment { name: String },
 }
 
-pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(mut cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    // `up` runs a fleet of its own on this machine; the rest talk to the
+    // fleet of the chosen context.
+    let talks_to_a_fleet = !matches!(
+        cli.command,
+        Command::Up(_)
+            | Command::Config { .. }
+            | Command::Completion { .. }
+            | Command::Schema
+            | Command::NatsConfig(_)
+            | Command::Executor { .. }
+    );
+    if talks_to_a_fleet {
+        cli.bus = contexts::effective(&cli.bus, &cli.explicit, cli.context.as_deref())?;
+    }
     match cli.command {
         Command::Up(args) => up::run(&cli.bus, args, shutdown).await,
         Command::Get(args) => {
@@ -335,6 +419,33 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Logs {
+            replica,
+            tail,
+            cluster,
+        } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            logs::logs(
+                &bus,
+                &replica,
+                tail,
+                cluster.as_deref(),
+                &mut std::io::stdout(),
+            )
+            .await
+        }
+        Command::Config { action } => {
+            contexts::run(action, &cli.bus, &cli.explicit, &mut std::io::stdout())
+        }
+        Command::Kv { action } => {
+            let bus = connect(&cli.bus, &shutdown).await?;
+            kv::run(&bus, action, &mut std::io::stdout()).await
+        }
+        Command::Schema => {
+            let schema = flotilla_proto::schema::deployment_schema()?;
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(())
+        }
         Command::NatsConfig(args) => nats_config::run(&cli.bus, &args)
             .map(|conf| println!("wrote {} and users/", conf.display())),
         Command::Cluster { action } => {
@@ -401,6 +512,31 @@ async fn connect(args: &BusArgs, shutdown: &Shutdown) -> anyhow::Result<Bus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_given_bus_flags_are_told_from_defaults() {
+        for line in [
+            &["flotilla", "--nats-url", "nats://a:4222", "get", "clusters"][..],
+            &["flotilla", "get", "clusters", "--nats-url", "nats://a:4222"][..],
+            &[
+                "flotilla",
+                "config",
+                "set-context",
+                "x",
+                "--nats-url",
+                "nats://a:4222",
+            ][..],
+        ] {
+            let cli = Cli::try_parse_line(line).unwrap();
+            assert_eq!(
+                cli.explicit.iter().collect::<Vec<_>>(),
+                ["nats_url"],
+                "{line:?}"
+            );
+        }
+        let cli = Cli::try_parse_line(["flotilla", "get", "clusters"]).unwrap();
+        assert!(cli.explicit.is_empty(), "{:?}", cli.explicit);
+    }
 
     #[test]
     fn the_grammar_is_consistent() {

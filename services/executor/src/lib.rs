@@ -18,6 +18,7 @@ pub mod config;
 pub mod declared;
 pub mod gpu;
 pub mod load;
+pub mod logs;
 pub mod models;
 pub mod replica_client;
 pub mod replicas;
@@ -319,16 +320,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
         store,
         handover,
     };
-    let replica_task = match &config.backend {
+    let (replica_task, log_source) = match &config.backend {
         BackendSettings::Local => {
             let owner = backends::local::LocalBackend::owner_for(&cluster, &config.model_cache_dir);
+            let log_dir = logs::dir_for(&config.model_cache_dir);
             let backend = backends::local::LocalBackend::new(
                 config.runner_bin.clone(),
                 config.vllm_bin.clone(),
                 owner,
             )
-            .with_replica_host(config.replica_host);
-            half.start(backend, shutdown.clone()).await?
+            .with_replica_host(config.replica_host)
+            .with_log_dir(log_dir.clone());
+            (
+                half.start(backend, shutdown.clone()).await?,
+                logs::LogSource::Local(log_dir),
+            )
         }
         BackendSettings::Kubernetes(settings) => {
             let client = match kube.clone() {
@@ -344,13 +350,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
                 .with_owner(&client)
                 .await
                 .map_err(ExecutorError::Kubernetes)?;
+            let source = logs::LogSource::Kubernetes {
+                client: client.clone(),
+                namespace: settings.namespace.clone(),
+            };
             let mut backend = backends::kubernetes::KubernetesBackend::new(client, settings);
             if let Gpus::Kubernetes(inventory) = &gpus {
                 backend = backend.with_inventory(inventory.clone());
             }
-            half.start(backend, shutdown.clone()).await?
+            (half.start(backend, shutdown.clone()).await?, source)
         }
     };
+    let logs_task = tokio::spawn({
+        let (bus, cluster, shutdown) = (bus.clone(), cluster.clone(), shutdown.clone());
+        async move {
+            if let Err(e) = logs::serve(bus, cluster, log_source, shutdown).await {
+                tracing::warn!("replica logs will not be served: {e}");
+            }
+        }
+    });
     let load = std::sync::Arc::new(load::LoadSampler::new(cluster.clone(), holds.clone()));
     let load_task = {
         let store = flotilla_kit::RecordStore::open(&bus, &bus.topology.replicas.name).await?;
@@ -391,6 +409,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     let _ = prefetch.await;
     let _ = replica_task.await;
     let _ = load_task.await;
+    let _ = logs_task.await;
     if handover {
         // The last word: back within the grace, replicas left serving.
         let mut hb = heartbeats.next_heartbeat();

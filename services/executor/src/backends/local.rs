@@ -182,6 +182,7 @@ pub struct LocalBackend {
     running: Mutex<HashMap<String, LocalReplica>>,
     client: ReplicaClient,
     replica_host: IpAddr,
+    log_dir: Option<crate::logs::LogDir>,
 }
 
 impl LocalBackend {
@@ -195,7 +196,15 @@ impl LocalBackend {
             running: Mutex::new(HashMap::new()),
             client: ReplicaClient::default(),
             replica_host: IpAddr::from([127, 0, 0, 1]),
+            log_dir: None,
         }
+    }
+
+    /// Each replica's output goes to a file of its own there (`flotilla
+    /// logs`), rather than to the executor's.
+    pub fn with_log_dir(mut self, dir: crate::logs::LogDir) -> Self {
+        self.log_dir = Some(dir);
+        self
     }
 
     /// Replicas listen on, and are reached at, `host` (127.0.0.1 unless
@@ -293,16 +302,30 @@ impl ReplicaBackend for LocalBackend {
         )?;
         let endpoint = format!("http://{}", authority(self.replica_host, port));
         tracing::info!(replica = %spec.replica_id, "starting {}", launch.display());
-        let mut child = Command::new(&launch.program)
+        let mut command = Command::new(&launch.program);
+        command
             .args(&launch.args)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| BackendError::Spawn {
-                program: launch.program.display().to_string(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        if let Some(dir) = &self.log_dir {
+            let log = dir
+                .open_for(&spec.replica_id)
+                .and_then(|f| Ok((f.try_clone()?, f)))
+                .map_err(|source| BackendError::Spawn {
+                    program: format!("the log file of {}", spec.replica_id),
+                    source,
+                })?;
+            // Written to a file, the runner's own progress is worth keeping.
+            command
+                .env("FLOTILLA_LOG", "info")
+                .stdout(log.0)
+                .stderr(log.1);
+        }
+        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
+            program: launch.program.display().to_string(),
+            source,
+        })?;
         let deadline = match spec.runtime {
             v1::Runtime::Vllm => VLLM_READY_DEADLINE,
             _ => CANDLE_READY_DEADLINE,

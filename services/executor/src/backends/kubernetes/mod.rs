@@ -35,7 +35,7 @@
 //! replicas it runs.
 
 pub mod nodes;
-mod objects;
+pub(crate) mod objects;
 mod observe;
 mod watch;
 
