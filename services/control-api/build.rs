@@ -43,6 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    // What gRPC reflection serves: the API and every file it imports.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("control_api_descriptors.binpb"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -192,3 +192,90 @@ async fn deployments_over_grpc_take_the_bus_path() {
     assert_eq!(bogus.code(), Code::InvalidArgument);
     assert!(bogus.message().starts_with("kind: "), "{bogus:?}");
 }
+
+/// What `grpcurl list` and `grpcurl describe` do, through the reflection
+/// API, and what Kubernetes' gRPC probe asks, through grpc.health.v1.
+#[tokio::test]
+async fn reflection_lists_and_describes_the_services_and_health_says_serving() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = NatsServer::start().await.unwrap();
+    let config = support::config(&server);
+    let addr = fleet::control_api(&config).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let ask = |request: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let requests = futures::stream::iter([
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "flotilla.v1.ControlApi".into(),
+        )),
+    ]);
+    let mut answers = reflection
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("not a service list: {listed:?}")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    for expected in [
+        "flotilla.v1.ControlApi",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+    let described = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = described.message_response else {
+        panic!("no file for the service: {described:?}")
+    };
+    let file = <prost_types::FileDescriptorProto as prost::Message>::decode(
+        files.file_descriptor_proto[0].as_slice(),
+    )
+    .unwrap();
+    let methods: Vec<&str> = file
+        .service
+        .iter()
+        .flat_map(|s| &s.method)
+        .map(|m| m.name())
+        .collect();
+    assert!(
+        methods.contains(&"ApplyDeployment") && methods.contains(&"Watch"),
+        "{methods:?}"
+    );
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "flotilla.v1.ControlApi"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+}

@@ -27,6 +27,11 @@ use tonic::{Request, Response, Status};
 pub mod api {
     #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
     tonic::include_proto!("flotilla.v1");
+
+    /// The `FileDescriptorSet` of the API and the files it imports, as
+    /// gRPC reflection serves it (`grpcurl list`, `grpcurl describe`).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/control_api_descriptors.binpb"));
 }
 
 use api::control_api_server::{ControlApi, ControlApiServer};
@@ -97,6 +102,8 @@ pub enum ControlApiError {
     },
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// The service behind the generated server.
@@ -395,7 +402,29 @@ pub async fn run(
     }
     tracing::info!(%local, "control API serving gRPC");
     health.set_ready(true);
+    // Standard gRPC health (`grpc.health.v1`, what Kubernetes' grpc probe
+    // and grpc_health_probe ask) and reflection, so grpcurl needs no
+    // .proto files.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ControlApiServer<Control>>()
+        .await;
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = described()
+        .build_v1()
+        .map_err(|e| ControlApiError::Reflection(e.to_string()))?;
+    // Older grpcurl and Postman builds ask the v1alpha service.
+    let reflection_v1alpha = described()
+        .build_v1alpha()
+        .map_err(|e| ControlApiError::Reflection(e.to_string()))?;
     let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(ControlApiServer::new(control))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

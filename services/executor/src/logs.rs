@@ -259,4 +259,52 @@ mod tests {
         assert_eq!(logs.tail("../etc/passwd", 3).unwrap(), None);
         assert!(logs.open_for("../x").is_err());
     }
+
+    /// Against kube's mock API: the replica's pods are found by its label,
+    /// the first by name is asked for its last lines.
+    #[tokio::test]
+    async fn a_kubernetes_replica_s_log_is_its_first_pod_s() {
+        use http_body_util::{BodyExt, Full};
+        type Body =
+            http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let server = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            for _ in 0..2 {
+                let (request, respond) = handle.next_request().await.expect("a request");
+                let uri = request.uri().to_string();
+                let body = if uri.contains("/log") {
+                    "loading\nserving\n".to_string()
+                } else {
+                    serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                        "items": [
+                            {"metadata": {"name": "chat-0-worker", "namespace": "flotilla"}},
+                            {"metadata": {"name": "chat-0-leader", "namespace": "flotilla"}}]})
+                    .to_string()
+                };
+                asked.push(uri);
+                respond.send_response(
+                    http::Response::builder()
+                        .body(Full::new(bytes::Bytes::from(body)).boxed_unsync())
+                        .unwrap(),
+                );
+            }
+            asked
+        });
+        let lines = pod_log(&client, "flotilla", "chat-0", 2).await.unwrap();
+        assert_eq!(lines, ["loading", "serving"]);
+        let asked = server.await.unwrap();
+        assert!(
+            asked[0].starts_with("/api/v1/namespaces/flotilla/pods?")
+                && asked[0].contains("labelSelector=flotilla.dev%2Freplica%3Dchat-0"),
+            "{asked:?}"
+        );
+        assert!(
+            asked[1].starts_with("/api/v1/namespaces/flotilla/pods/chat-0-leader/log?")
+                && asked[1].contains("tailLines=2"),
+            "{asked:?}"
+        );
+    }
 }

@@ -201,7 +201,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
         },
         shutdown.clone(),
     );
-    let preview = tokio::spawn(serve_previews(bus.clone(), tx.clone(), shutdown.clone()));
+    // Previews hold the planner's queue weakly: when the apply and delete
+    // consumers end, the planner must see its queue close and placement
+    // stop, rather than live on answering previews only.
+    let preview = tokio::spawn(serve_previews(
+        bus.clone(),
+        tx.downgrade(),
+        shutdown.clone(),
+    ));
     drop(tx);
 
     health.set_ready(true);
@@ -228,7 +235,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Plac
 /// answered with `bus.message_rejected`, never dropped.
 async fn serve_previews(
     bus: Bus,
-    tx: mpsc::Sender<Request>,
+    planner: mpsc::WeakSender<Request>,
     shutdown: CancellationToken,
 ) -> Result<(), KitError> {
     let subject = bus.subjects.preview_deployments();
@@ -263,6 +270,9 @@ async fn serve_previews(
         ) {
             Ok(doc) => {
                 let (reply, answer) = oneshot::channel();
+                let Some(tx) = planner.upgrade() else {
+                    return Ok(());
+                };
                 if tx
                     .send(Request::Preview(Box::new(doc), reply))
                     .await
@@ -270,6 +280,7 @@ async fn serve_previews(
                 {
                     return Ok(());
                 }
+                drop(tx);
                 match answer.await {
                     Ok(event) => event,
                     Err(_) => return Ok(()),
