@@ -393,7 +393,8 @@ pub async fn delete(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Resu
     }
 }
 
-fn model_of(d: &ModelDeployment) -> String {
+/// The model a deployment serves: its artifact's name, else its preset.
+pub(crate) fn model_of(d: &ModelDeployment) -> String {
     let model = d
         .spec
         .as_ref()

@@ -371,18 +371,6 @@ pub fn deployment_document(d: &ModelDeployment) -> ModelDeployment {
     d
 }
 
-fn model_of(d: &ModelDeployment) -> String {
-    let model = d
-        .spec
-        .as_ref()
-        .and_then(|s| s.model.clone())
-        .unwrap_or_default();
-    match model.artifact {
-        Some(a) => a.name,
-        None => model.preset,
-    }
-}
-
 fn deployment_items(
     deployments: &[ModelDeployment],
     placements: &[PlacementDecision],
@@ -442,7 +430,7 @@ fn deployment_items(
         items.push(Item {
             row: vec![
                 name.clone(),
-                model_of(d),
+                crate::deployments::model_of(d),
                 format!("{ready}/{placed}/{desired}"),
                 outcome,
                 dash(clusters),

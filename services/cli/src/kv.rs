@@ -70,6 +70,13 @@ fn decode(bucket: &BucketDef, bytes: &[u8]) -> anyhow::Result<Value> {
     }
 }
 
+async fn open(bus: &Bus, def: &BucketDef) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    bus.jetstream
+        .get_key_value(&def.name)
+        .await
+        .with_context(|| format!("opening bucket {}", def.name))
+}
+
 pub async fn run(bus: &Bus, action: KvAction, out: &mut impl Write) -> anyhow::Result<()> {
     match action {
         KvAction::Get {
@@ -79,11 +86,7 @@ pub async fn run(bus: &Bus, action: KvAction, out: &mut impl Write) -> anyhow::R
             revision,
         } => {
             let def = bucket_of(bus, &bucket)?;
-            let store = bus
-                .jetstream
-                .get_key_value(&def.name)
-                .await
-                .with_context(|| format!("opening bucket {}", def.name))?;
+            let store = open(bus, def).await?;
             let entry = match revision {
                 Some(r) => {
                     store
@@ -117,11 +120,7 @@ pub async fn run(bus: &Bus, action: KvAction, out: &mut impl Write) -> anyhow::R
         }
         KvAction::Keys { bucket } => {
             let def = bucket_of(bus, &bucket)?;
-            let store = bus
-                .jetstream
-                .get_key_value(&def.name)
-                .await
-                .with_context(|| format!("opening bucket {}", def.name))?;
+            let store = open(bus, def).await?;
             let mut keys: Vec<String> = store.keys().await?.try_collect().await?;
             keys.sort();
             for key in keys {
