@@ -39,14 +39,14 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
         subject: subjects.preview_deployments(),
         message: "ModelDeployment",
         stream: "none (request/reply)".into(),
-        publishers: "`flotilla apply --dry-run=server`, `nats req`",
+        publishers: "`flotilla apply --dry-run=server`, the gRPC API, `nats req`",
         consumers: "placement: replies with an `Event` (the preview or the rejection), stores nothing",
     });
     out.push(SubjectEntry {
         subject: format!("{}.logs.<cluster>", subjects.prefix()),
         message: "ReplicaLogsRequest",
         stream: "none (request/reply)".into(),
-        publishers: "`flotilla logs`",
+        publishers: "`flotilla logs`, the gRPC API",
         consumers: "the executor of `<cluster>`: replies with `ReplicaLogs`",
     });
     out.push(SubjectEntry {

@@ -161,3 +161,127 @@ pub fn error_reason(event: &v1::Event) -> String {
         (None, reason) => reason,
     }
 }
+
+/// Why a request/reply on the bus got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error("no answer on {subject} within {waited:?}")]
+    TimedOut { subject: String, waited: Duration },
+    #[error("nothing subscribes to {subject}")]
+    NoResponders { subject: String },
+    #[error("asking on {subject}: {reason}")]
+    Failed { subject: String, reason: String },
+    #[error("the answer on {subject} could not be read: {reason}")]
+    Unreadable { subject: String, reason: String },
+}
+
+/// Sends `message` (protobuf) to whoever serves `subject` and decodes its
+/// protobuf reply: previews from placement, log tails from an executor.
+pub async fn request<M: Contract, R: Contract>(
+    bus: &Bus,
+    subject: String,
+    message: &M,
+    wait: Duration,
+) -> Result<R, ReplyError> {
+    use flotilla_proto::codec::{CONTENT_TYPE, Encoding, encode};
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, Encoding::Protobuf.content_type());
+    let asked = bus.client.request_with_headers(
+        subject.clone(),
+        headers,
+        encode(message, Encoding::Protobuf),
+    );
+    let reply = match tokio::time::timeout(wait, asked).await {
+        Err(_) => {
+            return Err(ReplyError::TimedOut {
+                subject,
+                waited: wait,
+            });
+        }
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            return Err(ReplyError::NoResponders { subject });
+        }
+        Ok(Err(e)) => {
+            return Err(ReplyError::Failed {
+                subject,
+                reason: e.to_string(),
+            });
+        }
+        Ok(Ok(reply)) => reply,
+    };
+    decode_protobuf(&reply.payload).map_err(|e| ReplyError::Unreadable {
+        subject,
+        reason: e.to_string(),
+    })
+}
+
+/// How a cordon or uncordon ended: inventory answers by writing the
+/// cluster's record, and only a refusal is an event.
+#[derive(Debug)]
+pub enum CordonAnswer {
+    /// The record as written, with `cordoned` as asked.
+    Applied(Box<v1::ClusterRecord>),
+    /// Inventory's reason.
+    Refused(String),
+    Lost,
+    TimedOut,
+}
+
+/// Publishes `request` and waits until inventory has written the cluster's
+/// record with `cordoned` as asked, or refused it.
+pub async fn cordon(
+    bus: &Bus,
+    request: &v1::CordonCluster,
+    deadline: Duration,
+) -> Result<CordonAnswer, KitError> {
+    let kv = bus
+        .jetstream
+        .get_key_value(&bus.topology.clusters.name)
+        .await
+        .map_err(|e| KitError::Store {
+            bucket: bus.topology.clusters.name.clone(),
+            key: request.cluster.clone(),
+            source: Box::new(e),
+        })?;
+    // Watched before the request goes out, so the write cannot slip past.
+    let mut watch = kv
+        .watch_with_history(&request.cluster)
+        .await
+        .map_err(|e| KitError::Store {
+            bucket: bus.topology.clusters.name.clone(),
+            key: request.cluster.clone(),
+            source: Box::new(e),
+        })?;
+    let mut pending = Pending::send(
+        bus,
+        ControlSubject::ClusterCordon,
+        request,
+        &request.request_id,
+    )
+    .await?;
+    let refused = EventType::BusMessageRejected.to_string();
+    let wait = async {
+        loop {
+            tokio::select! {
+                entry = watch.next() => match entry {
+                    Some(Ok(entry)) => {
+                        if let Ok(record) = decode_protobuf::<v1::ClusterRecord>(&entry.value)
+                            && record.cordoned == request.cordon
+                        {
+                            return CordonAnswer::Applied(Box::new(record));
+                        }
+                    }
+                    Some(Err(_)) => {}
+                    None => return CordonAnswer::Lost,
+                },
+                event = pending.next_event(|e| e.r#type == refused && e.correlation_id == request.request_id) => match event {
+                    Some(event) => return CordonAnswer::Refused(error_reason(&event)),
+                    None => return CordonAnswer::Lost,
+                },
+            }
+        }
+    };
+    Ok(tokio::time::timeout(deadline, wait)
+        .await
+        .unwrap_or(CordonAnswer::TimedOut))
+}

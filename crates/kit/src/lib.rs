@@ -37,6 +37,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod events;
 pub mod health;
 pub mod names;
 pub mod provision;

@@ -217,10 +217,15 @@ fn control_service(p: &mut Permissions, role: &Role, subjects: &Subjects, topolo
         for c in [
             flotilla_proto::ControlSubject::DeploymentApply,
             flotilla_proto::ControlSubject::DeploymentDelete,
+            flotilla_proto::ControlSubject::RolloutApprove,
+            flotilla_proto::ControlSubject::RolloutUndo,
+            flotilla_proto::ControlSubject::ClusterCordon,
         ] {
             p.publish(subjects.control(c));
         }
         p.publish(subjects.preview_deployments());
+        // Log tails, from the executor of any cluster.
+        p.publish(format!("{}.logs.*", subjects.prefix()));
     }
 }
 
@@ -394,7 +399,12 @@ mod tests {
         let api = permissions(&Role::ControlApi, &s, &t);
         assert!(!may_publish(&api, "flotilla.cmd.a.start"));
         assert!(!may_publish(&api, "$KV.deployments.d"));
-        assert!(!may_publish(&api, "flotilla.control.rollouts.approve"));
+        // Everything the command line does, but registering a model (an
+        // upload the gRPC API does not carry).
+        assert!(may_publish(&api, "flotilla.control.rollouts.approve"));
+        assert!(may_publish(&api, "flotilla.control.clusters.cordon"));
+        assert!(!may_publish(&api, "flotilla.control.models.register"));
+        assert!(may_publish(&api, "flotilla.logs.eu-1"));
         assert!(!may_publish(&api, "flotilla.events.deployment.d.placed"));
         assert!(api.subscribe.contains(&"flotilla.events.>".to_string()));
         assert_eq!(

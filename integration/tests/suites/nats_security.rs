@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use flotilla_cli::nats_config::{NatsConfigArgs, run as write_nats_config};
 use flotilla_control_api::api::control_api_client::ControlApiClient;
-use flotilla_control_api::api::{ApplyDeploymentRequest, ListDeploymentsRequest};
+use flotilla_control_api::api::{
+    ApplyDeploymentRequest, CordonClusterRequest, GetReplicaLogsRequest, ListDeploymentsRequest,
+    ListEventsRequest, PreviewDeploymentRequest, UndoRolloutRequest,
+};
 use flotilla_integration::{NatsServer, fleet};
 use flotilla_kit::{Bus, BusArgs, BusConfig};
 use flotilla_proto::v1::{self, ModelDeployment, event::Payload};
@@ -427,6 +430,62 @@ async fn every_service_works_with_its_own_user() {
         panic!("no status")
     };
     assert_eq!(replica.cluster, "cheap");
+
+    // The rest of the API under that user: a log tail from the executor
+    // of the replica's cluster, a preview, stored events, a cordon, and a
+    // refusal from the rollout service.
+    let logs = api
+        .get_replica_logs(GetReplicaLogsRequest {
+            replica_id: replica.replica_id.clone(),
+            tail_lines: 20,
+            cluster: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!logs.lines.is_empty());
+    let preview = api
+        .preview_deployment(PreviewDeploymentRequest {
+            deployment: Some(
+                serde_json::from_str::<ModelDeployment>(&doc.replace("\"chat\"", "\"chat-2\""))
+                    .unwrap(),
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(preview.placement.unwrap().assignments[0].cluster, "cheap");
+    let stored = api
+        .list_events(ListEventsRequest {
+            kind: "deployment".into(),
+            name: "chat".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stored.events.is_empty());
+    let cordoned = api
+        .cordon_cluster(CordonClusterRequest {
+            name: "dear".into(),
+            cordon: true,
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cordoned.cluster.unwrap().cordoned);
+    let refused = api
+        .undo_rollout(UndoRolloutRequest {
+            name: "nothing-here".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
 
     // The gateway, with its own user, sees the replica and serves it. Its
     // watch of KV replicas catches up on its own: poll its answer until the

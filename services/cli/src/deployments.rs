@@ -6,12 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use flotilla_kit::{Bus, RecordStore, now_unix_ms};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use flotilla_kit::{Bus, RecordStore, events, now_unix_ms};
 use flotilla_proto::v1::{self, ModelDeployment, PlacementDecision, PlacementOutcome};
 use flotilla_proto::{ControlSubject, EventKind, EventType};
-use futures::StreamExt;
-use prost::Message;
 use serde::Deserialize;
 
 use crate::answer::{Answer, Pending, ask, error_reason};
@@ -506,35 +504,9 @@ pub async fn describe(bus: &Bus, name: &str, out: &mut impl Write) -> anyhow::Re
 
 /// The last `limit` events about a deployment, oldest first.
 async fn recent_events(bus: &Bus, name: &str, limit: usize) -> anyhow::Result<Vec<v1::Event>> {
-    let stream = bus.jetstream.get_stream(&bus.topology.events.name).await?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: bus.subjects.events_about(EventKind::Deployment, name)?,
-            deliver_policy: DeliverPolicy::All,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut events = Vec::new();
-    if pending > 0 {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(pending)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await?;
-        while let Some(Ok(msg)) = batch.next().await {
-            if let Ok(e) = v1::Event::decode(msg.payload.clone()) {
-                events.push(e);
-            }
-            if events.len() >= pending {
-                break;
-            }
-        }
-    }
-    let skip = events.len().saturating_sub(limit);
-    Ok(events.into_iter().skip(skip).collect())
+    let about = bus.subjects.events_about(EventKind::Deployment, name)?;
+    let stored = events::stored(bus, vec![about], DeliverPolicy::All, Some(limit)).await?;
+    Ok(stored.into_iter().filter_map(|m| m.event.ok()).collect())
 }
 
 #[cfg(test)]

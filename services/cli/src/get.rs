@@ -7,15 +7,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use flotilla_kit::{Bus, RecordStore, now_unix_ms};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use flotilla_kit::{Bus, RecordStore, events, now_unix_ms};
 use flotilla_proto::json::name_of;
 use flotilla_proto::v1::{
     self, ClusterHealth, ClusterRecord, ModelDeployment, ModelPhase, ModelRecord,
     PlacementDecision, PlacementOutcome, ReplicaPhase, ReplicaStatus, RolloutState,
 };
 use futures::StreamExt;
-use prost::Message;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -748,30 +747,23 @@ async fn events(
     follow: Option<Follow<'_>>,
 ) -> anyhow::Result<Vec<Item>> {
     let filter_subjects = event_filters(bus, args.about.as_deref())?;
-    let stream = bus
-        .jetstream
-        .get_stream(&bus.topology.events.name)
-        .await
-        .context(open_failed("events stream"))?;
+    let no_stream = || open_failed("events stream");
     if let Some((print, stop)) = follow {
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subjects,
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
+        let mut messages = Box::pin(
+            events::follow(bus, filter_subjects, DeliverPolicy::New)
+                .await
+                .with_context(no_stream)?,
+        );
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => break,
                 next = messages.next() => next,
             };
-            let Some(msg) = next else { break };
-            let msg = msg.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
-            match v1::Event::decode(msg.payload.clone()) {
+            let Some(m) = next else { break };
+            let m = m.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
+            match m.event {
                 Ok(event) => print(event_item(&event)?)?,
-                Err(e) => eprintln!("skipping an unreadable event on {}: {e}", msg.subject),
+                Err(e) => eprintln!("skipping an unreadable event on {}: {e}", m.subject),
             }
         }
         return Ok(Vec::new());
@@ -780,30 +772,14 @@ async fn events(
         None => DeliverPolicy::All,
         since => crate::watch::start_of(since)?,
     };
-    let mut consumer = stream
-        .create_consumer(pull::Config {
-            filter_subjects,
-            deliver_policy,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.info().await?.num_pending;
-    let mut items = Vec::new();
-    let mut read = 0;
-    let mut messages = consumer.messages().await?;
-    while read < pending {
-        let Some(msg) = messages.next().await else {
-            break;
-        };
-        let msg = msg.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
-        read += 1;
-        if let Ok(event) = v1::Event::decode(msg.payload.clone()) {
-            items.push(event_item(&event)?);
-        }
-        let _ = msg.ack().await;
-    }
-    Ok(items)
+    let stored = events::stored(bus, filter_subjects, deliver_policy, None)
+        .await
+        .with_context(no_stream)?;
+    stored
+        .into_iter()
+        .filter_map(|m| m.event.ok())
+        .map(|event| event_item(&event))
+        .collect()
 }
 
 /// Keeps what the names and the selector ask for; a name asked for and not

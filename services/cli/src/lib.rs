@@ -120,6 +120,11 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a local fleet on this machine until Ctrl-C.
+    #[command(after_help = "Examples:
+  flotilla up                          # two clusters serving the shipped SmolLM2
+  flotilla up --no-deploy              # the fleet, nothing deployed
+  flotilla up --isolated               # each cluster on a network of its own (root)
+  flotilla chat 'Say hi'               # then, from another shell")]
     Up(up::UpArgs),
     /// List things in the fleet: `flotilla get KIND [NAME…]`.
     Get(get::GetArgs),
@@ -131,6 +136,9 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Show what `apply -f` would change in each deployment (exit 1 when
     /// something would change, 0 when nothing would).
+    #[command(after_help = "Examples:
+  flotilla diff -f examples/chat-small.yaml
+  flotilla diff -f deployments/ && echo 'nothing to apply'")]
     Diff {
         /// A file, a directory of them, or `-` for standard input.
         #[arg(short = 'f', long = "filename")]
@@ -138,9 +146,15 @@ pub enum Command {
     },
     /// Delete deployments by name or by the documents that made them; their
     /// replicas are released.
+    #[command(after_help = "Examples:
+  flotilla delete deployment chat-small
+  flotilla delete -f examples/chat-small.yaml")]
     Delete(DeleteArgs),
     /// Set a deployment's replica count (an autoscaled one starts there and
     /// stays within its bounds).
+    #[command(after_help = "Examples:
+  flotilla scale deployment chat-small --replicas 4
+  flotilla scale deploy chat-small --replicas 0      # keep it, run nothing")]
     Scale {
         /// `deployment` (or deploy, md).
         kind: String,
@@ -149,28 +163,50 @@ pub enum Command {
         replicas: u32,
     },
     /// Show one thing in detail.
+    #[command(after_help = "Examples:
+  flotilla describe deployment chat-small")]
     Describe {
         #[command(subcommand)]
         what: DescribeWhat,
     },
     /// Models: push your own.
+    #[command(after_help = "Examples:
+  flotilla model push ./my-model.gguf --name my-model
+  flotilla model push ./my-model/ --name my-model --format safetensors
+  flotilla get models")]
     Model {
         #[command(subcommand)]
         action: ModelAction,
     },
     /// Cordon or uncordon a cluster.
+    #[command(after_help = "Examples:
+  flotilla cluster cordon eu-1 --reason 'driver upgrade'
+  flotilla cluster uncordon eu-1")]
     Cluster {
         #[command(subcommand)]
         action: clusters::ClusterAction,
     },
     /// Follow a rollout, approve its next stage, or undo it.
+    #[command(after_help = "Examples:
+  flotilla rollout status chat-small -w
+  flotilla rollout approve chat-small
+  flotilla rollout approve chat-small --stage rest   # ahead of time
+  flotilla rollout undo chat-small")]
     Rollout {
         #[command(subcommand)]
         action: RolloutAction,
     },
     /// The fleet's events as they happen (or from `--since`).
+    #[command(after_help = "Examples:
+  flotilla watch
+  flotilla watch --since 1h --kind deployment --name chat-small --no-follow
+  flotilla watch -o json | jq .type")]
     Watch(watch::WatchArgs),
     /// Ask a model through the gateway; the answer is streamed.
+    #[command(after_help = "Examples:
+  flotilla chat 'What is NATS JetStream?'
+  flotilla chat --model smollm2-135m-instruct --max-tokens 64 'Say hi'
+  FLOTILLA_API_KEY=$(cat key) flotilla chat --gateway https://llm.example 'Hi'")]
     Chat(chat::ChatArgs),
     /// The last lines a replica wrote (a local replica's log file, or its
     /// pod's log on Kubernetes), from the executor of its cluster.
@@ -218,6 +254,9 @@ pub enum Command {
     },
     /// Write a nats-server configuration with one user per service and per
     /// cluster's executor, each allowed only its own subjects.
+    #[command(after_help = "Examples:
+  flotilla nats-config --cluster eu-1 --cluster us-1 --out nats-config
+  nats-server -c nats-config/nats-server.conf")]
     NatsConfig(nats_config::NatsConfigArgs),
     /// Run one cluster's executor (what `flotilla up` starts per simulated
     /// cluster); its flags follow `--`, as `flotilla-executor --help` lists.

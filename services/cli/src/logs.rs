@@ -5,8 +5,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use flotilla_kit::answer::{self, ReplyError};
 use flotilla_kit::{Bus, RecordStore};
-use flotilla_proto::codec::{self, CONTENT_TYPE, Encoding};
 use flotilla_proto::v1::{ReplicaLogs, ReplicaLogsRequest, ReplicaStatus};
 
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
@@ -43,26 +43,17 @@ pub async fn logs(
         replica_id: replica.to_string(),
         tail_lines: tail,
     };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(CONTENT_TYPE, Encoding::Protobuf.content_type());
-    let ask = bus.client.request_with_headers(
-        subject,
-        headers,
-        codec::encode(&request, Encoding::Protobuf),
-    );
-    let reply = match tokio::time::timeout(ANSWER_WAIT, ask).await {
-        Err(_) => bail!(
+    let answer: ReplicaLogs = match answer::request(bus, subject, &request, ANSWER_WAIT).await {
+        Ok(answer) => answer,
+        Err(ReplyError::TimedOut { .. }) => bail!(
             "the executor of {cluster} did not answer within {}; `flotilla get clusters` shows whether it is healthy",
             humantime::format_duration(ANSWER_WAIT)
         ),
-        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => bail!(
+        Err(ReplyError::NoResponders { .. }) => bail!(
             "no executor of cluster {cluster} answers log requests (is it running, and a version with `flotilla logs`?)"
         ),
-        Ok(Err(e)) => bail!("asking the executor of {cluster}: {e}"),
-        Ok(Ok(reply)) => reply,
+        Err(e) => bail!("asking the executor of {cluster}: {e}"),
     };
-    let answer: ReplicaLogs = codec::decode_protobuf(&reply.payload)
-        .map_err(|e| anyhow::anyhow!("the executor's answer could not be read: {e}"))?;
     if !answer.error.is_empty() {
         bail!("{cluster}: {}", answer.error);
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use flotilla_kit::Bus;
+use flotilla_kit::answer::{self, ReplyError};
 use flotilla_proto::EventType;
-use flotilla_proto::codec::{self, CONTENT_TYPE, Encoding};
 use flotilla_proto::v1::{self, ModelDeployment, PlacementOutcome, event::Payload};
 
 use crate::answer::error_reason;
@@ -24,26 +24,19 @@ pub async fn preview(
         .as_ref()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(CONTENT_TYPE, Encoding::Protobuf.content_type());
-    let request = bus.client.request_with_headers(
-        bus.subjects.preview_deployments(),
-        headers,
-        codec::encode(doc, Encoding::Protobuf),
-    );
-    let reply = match tokio::time::timeout(wait, request).await {
-        Err(_) => bail!(
+    let event: v1::Event = match answer::request(bus, bus.subjects.preview_deployments(), doc, wait)
+        .await
+    {
+        Ok(event) => event,
+        Err(ReplyError::TimedOut { .. }) => bail!(
             "placement did not answer the preview within {} (is it running? --timeout waits longer)",
             humantime::format_duration(wait)
         ),
-        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => bail!(
+        Err(ReplyError::NoResponders { .. }) => bail!(
             "no placement service answers previews (is it running, and a version with --dry-run=server?)"
         ),
-        Ok(Err(e)) => bail!("asking placement for a preview: {e}"),
-        Ok(Ok(reply)) => reply,
+        Err(e) => bail!("asking placement for a preview: {e}"),
     };
-    let event: v1::Event = codec::decode_protobuf(&reply.payload)
-        .map_err(|e| anyhow::anyhow!("placement's preview could not be read: {e}"))?;
     Ok(describe(&name, &event))
 }
 

@@ -5,12 +5,11 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use flotilla_kit::Bus;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use flotilla_kit::{Bus, events};
 use flotilla_proto::EventKind;
 use flotilla_proto::v1;
 use futures::StreamExt;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::Output;
@@ -118,58 +117,37 @@ pub async fn watch(
 ) -> anyhow::Result<u64> {
     let filter_subject = filter_of(bus, args.kind.as_deref(), args.name.as_deref())?;
     let deliver_policy = start_of(args.since.as_deref())?;
-    let stream = bus
-        .jetstream
-        .get_stream(&bus.topology.events.name)
-        .await
-        .context("the fleet has no events stream yet (is it provisioned? try `flotilla up`)")?;
+    const NO_STREAM: &str =
+        "the fleet has no events stream yet (is it provisioned? try `flotilla up`)";
     let mut printed = 0;
     if args.no_follow {
-        let mut consumer = stream
-            .create_consumer(pull::Config {
-                filter_subject,
-                deliver_policy,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await?;
-        let pending = consumer.info().await?.num_pending;
-        let mut messages = consumer.messages().await?;
-        while printed < pending {
-            let next = tokio::select! {
-                _ = stop.cancelled() => break,
-                next = messages.next() => next,
-            };
-            let Some(msg) = next else { break };
-            let msg = msg.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
-            if let Ok(event) = v1::Event::decode(msg.payload.clone()) {
+        let stored = tokio::select! {
+            _ = stop.cancelled() => return Ok(0),
+            stored = events::stored(bus, vec![filter_subject], deliver_policy, None) => stored.context(NO_STREAM)?,
+        };
+        for m in stored {
+            if let Ok(event) = m.event {
                 writeln!(out, "{}", line(&event, args.output)?)?;
             }
             printed += 1;
-            let _ = msg.ack().await;
         }
         return Ok(printed);
     }
-    // An ordered consumer: the server keeps nothing for it, and it
-    // recreates itself after a reconnect without a gap.
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject,
-            deliver_policy,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let mut messages = Box::pin(
+        events::follow(bus, vec![filter_subject], deliver_policy)
+            .await
+            .context(NO_STREAM)?,
+    );
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             next = messages.next() => next,
         };
-        let Some(msg) = next else { break };
-        let msg = msg.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
-        match v1::Event::decode(msg.payload.clone()) {
+        let Some(m) = next else { break };
+        let m = m.map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
+        match m.event {
             Ok(event) => writeln!(out, "{}", line(&event, args.output)?)?,
-            Err(e) => writeln!(out, "(undecodable event on {}: {e})", msg.subject)?,
+            Err(e) => writeln!(out, "(undecodable event on {}: {e})", m.subject)?,
         }
         out.flush()?;
         printed += 1;
