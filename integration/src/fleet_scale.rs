@@ -1112,13 +1112,29 @@ pub async fn verify(
     scenario: &Scenario,
 ) -> anyhow::Result<(usize, usize)> {
     let want = scenario.clusters_per_deployment;
-    let records = RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name).await?;
     let mut problems = Vec::new();
     // Converged when rollouts are complete, but a stop's record may trail
-    // its rollout's last event by a moment.
+    // its rollout's last event by a moment. Read right after a nats-server
+    // was killed, the bucket's stream may still be electing a leader and
+    // leave a read unanswered: that is tried again within the same window.
     let started = Instant::now();
+    let window = Duration::from_secs(30);
     let (ready_total, by_deployment) = loop {
-        let all = records.list().await?;
+        let read = async {
+            RecordStore::<ReplicaStatus>::open(bus, &bus.topology.replicas.name)
+                .await?
+                .list()
+                .await
+        };
+        let all = match read.await {
+            Ok(all) => all,
+            Err(e) if started.elapsed() < window => {
+                tracing::debug!("reading KV replicas: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut by: HashMap<String, (usize, usize)> = HashMap::new();
         for r in &all {
             let entry = by.entry(r.deployment.clone()).or_default();
@@ -1133,7 +1149,7 @@ pub async fn verify(
             .keys()
             .all(|d| by.get(d).is_some_and(|(r, s)| *r == want && *s == 0))
             && fleet.running() == total;
-        if settled || started.elapsed() > Duration::from_secs(30) {
+        if settled || started.elapsed() > window {
             break (total, by);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

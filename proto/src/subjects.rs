@@ -182,6 +182,7 @@ event_types! {
     ReplicaStarting => Replica."starting": "an executor is starting a replica",
     ReplicaReady => Replica."ready": "a replica passes its health probe",
     ReplicaFailed => Replica."failed": "a replica failed to start or stopped answering",
+    ReplicaDraining => Replica."draining": "a replica leaving (scaled down, replaced, deleted) is out of routing and finishing the requests it serves before it stops",
     ReplicaStopped => Replica."stopped": "a replica was stopped",
     ReplicaProgress => Replica."progress": "a starting replica moved on or is held up (scheduled, pulling its image, unschedulable), in Kubernetes' own words",
     ReplicaDrifted => Replica."drifted": "a replica's objects in its cluster were changed or deleted by hand; restored or left per the deployment's drift policy",

@@ -18,6 +18,7 @@ mod autoscaling;
 mod cli;
 mod control_api;
 mod deploy_files;
+mod drain;
 mod end_to_end;
 mod executor_restart;
 mod failure_detection;

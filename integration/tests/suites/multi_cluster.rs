@@ -492,10 +492,18 @@ spec:
     let converged_after = healed_at.elapsed();
     let ids: BTreeSet<&str> = converged.iter().map(|r| r.replica_id.as_str()).collect();
     assert_eq!(ids.len(), 3, "a replica twice: {converged:?}");
-    let stranded_record = support::replicas(bus)
-        .await
-        .into_iter()
-        .find(|r| r.replica_id == stranded);
+    // Out of routing at once; stopped once it has finished its requests.
+    let stranded_record = poll_until(DEADLINE, "the stranded replica drained", || async {
+        let record = support::replicas(bus)
+            .await
+            .into_iter()
+            .find(|r| r.replica_id == stranded);
+        record
+            .as_ref()
+            .is_none_or(|r| r.phase() != ReplicaPhase::Stopping)
+            .then_some(record)
+    })
+    .await;
     assert!(
         stranded_record
             .as_ref()

@@ -124,6 +124,13 @@ pub struct ExecutorArgs {
     #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_STARTS", default_value_t = crate::replicas::DEFAULT_MAX_CONCURRENT_STARTS)]
     pub max_concurrent_starts: usize,
 
+    /// How long a ready replica that is asked to stop (scaled down,
+    /// replaced by a rollout, deleted) may take to finish the requests it
+    /// serves, once out of routing, before it is stopped by force; 0 stops
+    /// at once.
+    #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
     /// The `vllm` executable for local `runtime: vllm` replicas; by
     /// default `vllm` on PATH.
     #[arg(long, env = "FLOTILLA_VLLM_BIN")]
@@ -218,6 +225,7 @@ impl Default for ExecutorArgs {
             runner_bin: None,
             backend: BackendKind::Local,
             max_concurrent_starts: crate::replicas::DEFAULT_MAX_CONCURRENT_STARTS,
+            drain_timeout: crate::replicas::DEFAULT_DRAIN_TIMEOUT,
             vllm_bin: None,
             kube_namespace: "flotilla".into(),
             runner_image: DEFAULT_RUNNER_IMAGE.into(),
@@ -305,6 +313,8 @@ pub struct Config {
     pub vllm_bin: Option<std::path::PathBuf>,
     pub backend: BackendSettings,
     pub max_concurrent_starts: usize,
+    /// Zero: replicas stop at once.
+    pub drain_timeout: Duration,
 }
 
 /// The chosen backend with its settings.
@@ -448,6 +458,15 @@ impl ExecutorArgs {
                 "must be at least 10ms",
             ));
         }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "drain-timeout",
+                format!(
+                    "{} is more than an hour",
+                    humantime::format_duration(self.drain_timeout)
+                ),
+            ));
+        }
         if !(1..=256).contains(&self.max_concurrent_starts) {
             return Err(ConfigError::new(
                 "max-concurrent-starts",
@@ -510,6 +529,7 @@ impl ExecutorArgs {
             vllm_bin: backends::local::find_vllm(self.vllm_bin.clone()),
             backend,
             max_concurrent_starts: self.max_concurrent_starts,
+            drain_timeout: self.drain_timeout,
         })
     }
 }

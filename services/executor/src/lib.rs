@@ -230,6 +230,7 @@ struct ReplicaHalf {
     handover: bool,
     holds: std::sync::Arc<load::GpuHolds>,
     max_concurrent_starts: usize,
+    drain: replicas::Drain,
 }
 
 impl ReplicaHalf {
@@ -249,7 +250,8 @@ impl ReplicaHalf {
             &shutdown,
         )
         .await?
-        .with_holds(self.holds);
+        .with_holds(self.holds)
+        .with_drain(self.drain);
         Ok(replicas::spawn(
             std::sync::Arc::new(half),
             self.handover,
@@ -313,6 +315,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Exec
     let half = ReplicaHalf {
         holds: holds.clone(),
         max_concurrent_starts: config.max_concurrent_starts,
+        drain: replicas::Drain {
+            timeout: config.drain_timeout,
+            routing_grace: replicas::ROUTING_GRACE,
+        },
         bus: bus.clone(),
         cluster: cluster.clone(),
         region,

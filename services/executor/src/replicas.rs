@@ -112,6 +112,33 @@ pub struct Replicas<B: ReplicaBackend> {
     /// Consecutive failed health probes per ready replica.
     pub probe_failures: Mutex<HashMap<String, u32>>,
     pub client: ReplicaClient,
+    /// How a ready replica leaves: see [`Drain`].
+    pub drain: Drain,
+}
+
+/// The default of `--drain-timeout`, as Kubernetes' termination grace.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica recorded `Stopping` keeps serving before it is asked
+/// to finish: the gateways watch KV `replicas` and see the change within
+/// milliseconds; a request one of them routed just before arrives in this.
+pub const ROUTING_GRACE: Duration = Duration::from_secs(1);
+
+/// How a ready replica that is asked to stop leaves: recorded `Stopping`
+/// (the gateways stop routing to it), given `routing_grace` for every
+/// gateway to see that, then asked to finish its requests, and stopped by
+/// force after `timeout`. A zero `timeout` stops at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    pub timeout: Duration,
+    pub routing_grace: Duration,
+}
+
+impl Drain {
+    /// Stopped at once (simulated clusters, tests of other things).
+    pub const NONE: Drain = Drain {
+        timeout: Duration::ZERO,
+        routing_grace: Duration::ZERO,
+    };
 }
 
 /// Removes a replica from [`Replicas::starting`] however its start ends,
@@ -190,7 +217,14 @@ impl<B: ReplicaBackend> Replicas<B> {
             holds: Arc::default(),
             probe_failures: Mutex::default(),
             client: ReplicaClient::default(),
+            drain: Drain::NONE,
         }
+    }
+
+    /// Ready replicas leave by draining.
+    pub fn with_drain(mut self, drain: Drain) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Shares `holds` with the heartbeats.
@@ -385,6 +419,12 @@ impl<B: ReplicaBackend> Replicas<B> {
         let mut known = HashSet::new();
         for mut status in records {
             let phase = status.phase();
+            if phase == ReplicaPhase::Stopping {
+                // A drain an earlier instance began: its stop command was
+                // not acknowledged, so it comes again and finishes it.
+                known.insert(status.replica_id.clone());
+                continue;
+            }
             if !matches!(phase, ReplicaPhase::Ready | ReplicaPhase::Starting) {
                 continue;
             }
@@ -758,7 +798,7 @@ impl<B: ReplicaBackend> Replicas<B> {
     ) -> Result<(), HandlerError> {
         let key = self.key(&stop.replica_id);
         self.cancel_start(&stop.replica_id).await;
-        let _transition = self.transitions.lock().await;
+        let mut transition = self.transitions.lock().await;
         let Some((mut status, _)) = self.replicas.get(&key).await.map_err(HandlerError::retry)?
         else {
             // Its start has not been handled yet (the two were consumed
@@ -801,10 +841,51 @@ impl<B: ReplicaBackend> Replicas<B> {
         if status.phase() == ReplicaPhase::Stopped {
             return Ok(());
         }
-        self.backend
-            .stop(&stop.replica_id)
-            .await
-            .map_err(HandlerError::retry)?;
+        let drains = !self.drain.timeout.is_zero()
+            && matches!(status.phase(), ReplicaPhase::Ready | ReplicaPhase::Stopping);
+        if drains {
+            if status.phase() == ReplicaPhase::Ready {
+                // Out of routing first: the gateways route only to ready
+                // replicas.
+                status.phase = ReplicaPhase::Stopping.into();
+                status.message = format!(
+                    "draining: finishing its requests (at most {})",
+                    humantime::format_duration(self.drain.timeout)
+                );
+                status.updated_at_unix_ms = now_unix_ms();
+                self.record(
+                    status.clone(),
+                    EventType::ReplicaDraining,
+                    format!(
+                        "replica {} of {deployment} is draining: out of routing, finishing its requests",
+                        stop.replica_id
+                    ),
+                    correlation,
+                )
+                .await
+                .map_err(HandlerError::retry)?;
+            }
+            // Other commands go on while it drains.
+            drop(transition);
+            tokio::time::sleep(self.drain.routing_grace).await;
+            let started = Instant::now();
+            self.backend
+                .drain_and_stop(&stop.replica_id, self.drain.timeout)
+                .await
+                .map_err(HandlerError::retry)?;
+            tracing::info!(replica = %stop.replica_id, drained = ?started.elapsed(), "drained");
+            transition = self.transitions.lock().await;
+            match self.replicas.get(&key).await.map_err(HandlerError::retry)? {
+                Some((current, _)) if current.phase() != ReplicaPhase::Stopped => status = current,
+                // Recorded stopped meanwhile (the stop delivered again).
+                _ => return Ok(()),
+            }
+        } else {
+            self.backend
+                .stop(&stop.replica_id)
+                .await
+                .map_err(HandlerError::retry)?;
+        }
         self.holds.release(&stop.replica_id);
         status.phase = ReplicaPhase::Stopped.into();
         status.endpoint.clear();
@@ -823,6 +904,7 @@ impl<B: ReplicaBackend> Replicas<B> {
         )
         .await
         .map_err(HandlerError::retry)?;
+        drop(transition);
         // Its last replica here gone (a delete): forget its generation, so
         // the same name applied again, which starts over at generation 1,
         // is not fenced off.

@@ -196,6 +196,8 @@ fn cluster_config(config: &SimulateConfig, name: &str, labels: BTreeMap<String, 
         vllm_bin: None,
         backend: crate::BackendSettings::Local,
         max_concurrent_starts: config.max_concurrent_starts,
+        // Simulated replicas serve nothing to drain.
+        drain_timeout: Duration::ZERO,
     }
 }
 

@@ -371,6 +371,78 @@ impl ReplicaBackend for LocalBackend {
         Ok(stopped)
     }
 
+    async fn drain_and_stop(
+        &self,
+        replica_id: &str,
+        grace: Duration,
+    ) -> Result<bool, BackendError> {
+        // Out of `running` first: its exit is the end of a drain, not a
+        // failure to report.
+        let replica = sync::lock(&self.running).remove(replica_id);
+        let mut pids: Vec<u32> = procfs::runner_processes(&self.owner)
+            .into_iter()
+            .filter(|p| p.replica_id == replica_id)
+            .map(|p| p.pid)
+            .collect();
+        let stopped = match replica {
+            Some(LocalReplica {
+                process: Process::Child(mut child),
+            }) => {
+                if let Some(pid) = child.id() {
+                    procfs::terminate(pid);
+                    pids.retain(|p| *p != pid);
+                }
+                for pid in &pids {
+                    procfs::terminate(*pid);
+                }
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    tracing::warn!(
+                        replica = replica_id,
+                        ?grace,
+                        "still serving after the drain timeout; killed"
+                    );
+                    let _ = child.kill().await;
+                }
+                true
+            }
+            Some(LocalReplica {
+                process: Process::Adopted(pid),
+            }) => {
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+                for pid in &pids {
+                    procfs::terminate(*pid);
+                }
+                true
+            }
+            None => {
+                for pid in &pids {
+                    procfs::terminate(*pid);
+                }
+                false
+            }
+        };
+        // Processes this instance did not start cannot be waited for: their
+        // exit is looked for in /proc.
+        let deadline = tokio::time::Instant::now() + grace;
+        while pids.iter().any(|pid| procfs::alive(*pid)) {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    replica = replica_id,
+                    ?grace,
+                    "still serving after the drain timeout; killed"
+                );
+                for pid in &pids {
+                    procfs::kill(*pid);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(stopped)
+    }
+
     fn runs(&self, replica_id: &str) -> bool {
         sync::lock(&self.running).contains_key(replica_id)
     }
@@ -554,6 +626,20 @@ pub mod procfs {
             .collect();
         found.sort_by_key(|p| p.pid);
         found
+    }
+
+    /// Sends SIGTERM to `pid`: stop when the work in hand is done. A
+    /// process already gone is not an error.
+    pub fn terminate(pid: u32) {
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return;
+        };
+        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+            tracing::debug!("terminate {pid:?}: {e}");
+        }
     }
 
     /// Sends SIGKILL to `pid`; a process already gone is not an error.

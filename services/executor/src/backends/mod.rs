@@ -166,6 +166,20 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     /// Stops a replica; `Ok(false)` when this backend did not run it.
     fn stop(&self, replica_id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
+    /// Stops a replica that is already out of routing, letting it finish
+    /// the requests it serves first: asked to stop (SIGTERM, which the
+    /// runner and vLLM answer by refusing new connections and completing
+    /// the open ones), stopped by force after `grace`. By default, as
+    /// [`stop`](Self::stop): a pod's own termination grace does the same.
+    fn drain_and_stop(
+        &self,
+        replica_id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let _ = grace;
+        self.stop(replica_id)
+    }
+
     /// Whether the replicas fetch their model themselves (pods filling a
     /// node cache), so the executor need not hold a copy of it.
     fn fetches_models(&self) -> bool {
