@@ -76,6 +76,13 @@ pub fn subject_entries(subjects: &Subjects, topology: &Topology) -> Vec<SubjectE
         publishers: "the executor of `<cluster>`",
         consumers: "inventory",
     });
+    out.push(SubjectEntry {
+        subject: format!("{}.traffic.<gateway>", subjects.prefix()),
+        message: "GatewayTraffic",
+        stream: "none (core NATS)".into(),
+        publishers: "each gateway instance, every `--traffic-interval`",
+        consumers: "anyone (`nats sub`): per replica and version, requests, errors and latency histograms",
+    });
     out
 }
 
@@ -228,6 +235,7 @@ mod tests {
             "ExecutorCommand",
             "ClusterHeartbeat",
             "ReplicaLogsRequest",
+            "GatewayTraffic",
         ];
         assert!(entries.iter().all(|e| known.contains(&e.message)));
     }

@@ -48,6 +48,7 @@ contracts!(
     Event,
     ReplicaLogsRequest,
     ReplicaLogs,
+    GatewayTraffic,
 );
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,7 @@ pub mod json;
 pub mod schema;
 mod subjects;
 mod topology;
+pub mod traffic;
 
 pub use codec::{Contract, DecodeError, Encoding};
 pub use subjects::{
@@ -36,6 +37,17 @@ pub mod v1 {
 /// gRPC reflection serves it and as clients without protoc load it
 /// (`proto/src/gen/flotilla.v1.binpb`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/flotilla.v1.binpb");
+
+/// The template (version) part of a replica id, which rollout makes as
+/// `<deployment>-<template>-<hash>`: what the gateway's traffic summaries
+/// and the rollout's analysis group replicas by.
+pub fn template_of_replica(replica_id: &str) -> Option<&str> {
+    let mut parts = replica_id.rsplitn(3, '-');
+    let _hash = parts.next()?;
+    let template = parts.next()?;
+    parts.next()?;
+    Some(template)
+}
 
 /// The subject prefix when none is configured.
 pub const DEFAULT_PREFIX: &str = "flotilla";

@@ -322,6 +322,16 @@ impl Subjects {
         Ok(format!("{}.telemetry.{}", self.prefix, cluster))
     }
 
+    /// Where gateway instance `gateway` publishes its traffic summaries.
+    pub fn traffic(&self, gateway: &str) -> Result<String, InvalidName> {
+        check_name("gateway id", gateway)?;
+        Ok(format!("{}.traffic.{}", self.prefix, gateway))
+    }
+
+    pub fn traffic_all(&self) -> String {
+        format!("{}.traffic.*", self.prefix)
+    }
+
     pub fn telemetry_all(&self) -> String {
         format!("{}.telemetry.*", self.prefix)
     }

@@ -210,6 +210,10 @@ fn control_service(p: &mut Permissions, role: &Role, subjects: &Subjects, topolo
         p.subscribe.push(subjects.preview_deployments());
         p.allow_responses = true;
     }
+    if *role == Role::Gateway {
+        // Its traffic summaries, under any instance id.
+        p.publish(subjects.traffic_all());
+    }
     if *role == Role::ControlApi {
         // It waits for placement's answer on a plain subscription to the
         // events (readable through the stream anyway).
@@ -405,6 +409,9 @@ mod tests {
         assert!(may_publish(&api, "flotilla.control.clusters.cordon"));
         assert!(!may_publish(&api, "flotilla.control.models.register"));
         assert!(may_publish(&api, "flotilla.logs.eu-1"));
+        let gateway = permissions(&Role::Gateway, &s, &t);
+        assert!(may_publish(&gateway, "flotilla.traffic.gateway-1a2b"));
+        assert!(!may_publish(&api, "flotilla.traffic.gateway-1a2b"));
         assert!(!may_publish(&api, "flotilla.events.deployment.d.placed"));
         assert!(api.subscribe.contains(&"flotilla.events.>".to_string()));
         assert_eq!(

@@ -375,3 +375,110 @@ async fn cache_aware_routing_meets_the_prefix_and_forgets_a_restarted_replica() 
     )
     .await;
 }
+
+/// What the gateway relayed, summed per replica and published on
+/// `<prefix>.traffic.<gateway>`: each request counted once by outcome,
+/// with its time to first byte and duration, under the replica's template.
+#[tokio::test]
+async fn traffic_summaries_count_every_request_by_replica_version_and_outcome() {
+    use flotilla_proto::v1::{GatewayTraffic, LatencyHistogram};
+    use futures::StreamExt;
+
+    let (server, bus) = support::bus().await;
+    let runner = support::runner("smollm2").await;
+    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+        .await
+        .unwrap();
+    // An id as rollout makes them: `<deployment>-<template>-<hash>`.
+    let id = "chat-aaaa1111-0000beef";
+    let record = ReplicaStatus {
+        replica_id: id.into(),
+        cluster: "eu-1".into(),
+        deployment: "chat".into(),
+        phase: ReplicaPhase::Ready.into(),
+        endpoint: runner.clone(),
+        model: "smollm2".into(),
+        ..Default::default()
+    };
+    replicas
+        .update(&format!("eu-1.{id}"), |_| Some(record.clone()))
+        .await
+        .unwrap();
+    let mut summaries = bus.client.subscribe("flotilla.traffic.*").await.unwrap();
+    let config = flotilla_gateway::Config {
+        gateway_id: "gw-test".into(),
+        traffic_interval: Duration::from_millis(200),
+        ..fleet::gateway_config(&support::config(&server))
+    };
+    let gateway = format!("http://{}", fleet::gateway(config).await);
+    let http = reqwest::Client::new();
+
+    // Two whole answers, one streamed, one refused by the replica (400).
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4});
+    let first = poll_until(
+        Duration::from_secs(30),
+        "the gateway sees the replica",
+        || async {
+            let r = complete(&http, &gateway, None, &chat).await;
+            (r.status() == 200).then_some(r)
+        },
+    )
+    .await;
+    first.bytes().await.unwrap();
+    let second = complete(&http, &gateway, None, &chat).await;
+    assert_eq!(second.status(), 200);
+    second.bytes().await.unwrap();
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let third = complete(&http, &gateway, None, &streamed).await;
+    assert_eq!(third.status(), 200);
+    assert!(
+        String::from_utf8(third.bytes().await.unwrap().to_vec())
+            .unwrap()
+            .contains("[DONE]")
+    );
+    let mut bad = chat.clone();
+    bad["temperature"] = json!(-1);
+    let fourth = complete(&http, &gateway, None, &bad).await;
+    assert_eq!(fourth.status(), 400);
+    fourth.bytes().await.unwrap();
+
+    // Summed over the windows they fell in.
+    let mut total = flotilla_proto::v1::ReplicaTraffic::default();
+    let mut ttfb = LatencyHistogram::default();
+    let mut duration = LatencyHistogram::default();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while total.requests < 4 {
+            let msg = summaries.next().await.expect("the subscription ended");
+            assert_eq!(msg.subject.as_str(), "flotilla.traffic.gw-test");
+            let summary: GatewayTraffic =
+                flotilla_proto::codec::decode_protobuf(&msg.payload).unwrap();
+            assert_eq!(summary.gateway, "gw-test");
+            assert!(summary.window_end_unix_ms >= summary.window_start_unix_ms);
+            for r in summary.replicas {
+                assert_eq!(r.replica, id);
+                assert_eq!(r.template, "aaaa1111");
+                assert_eq!(r.deployment, "chat");
+                assert_eq!(r.model, "smollm2");
+                assert_eq!(r.cluster, "eu-1");
+                total.requests += r.requests;
+                total.succeeded += r.succeeded;
+                total.client_errors += r.client_errors;
+                total.server_errors += r.server_errors;
+                total.broken += r.broken;
+                assert!(ttfb.merge(&r.time_to_first_byte.unwrap_or_default()));
+                assert!(duration.merge(&r.duration.unwrap_or_default()));
+            }
+        }
+    })
+    .await
+    .expect("no summary of all four requests within 30 s");
+    // The poll's first tries found no replica yet: counted nowhere.
+    assert_eq!(total.requests, 4, "{total:?}");
+    assert_eq!(total.succeeded, 3);
+    assert_eq!(total.client_errors, 1);
+    assert_eq!(total.server_errors + total.broken, 0);
+    assert_eq!(ttfb.count(), 4);
+    assert_eq!(duration.count(), 4);
+    assert!(duration.sum_seconds >= ttfb.sum_seconds);
+}

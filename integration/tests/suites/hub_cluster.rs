@@ -332,7 +332,7 @@ async fn a_staged_rollout_completes_while_the_leading_hub_server_is_killed() {
     let done = next(&mut events, EventType::RolloutCompleted).await;
     eprintln!("rollout completed {:?} after the kill", killed.elapsed());
     assert!(done.time_unix_ms >= killed_at, "{done:?}");
-    let after = replicas(&bus).await;
+    let after = support::replicas_settled(&bus, DEADLINE).await;
     let live: Vec<&ReplicaStatus> = after
         .iter()
         .filter(|r| r.phase() != ReplicaPhase::Stopped)

@@ -168,18 +168,7 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
         "{followed}"
     );
 
-    // Complete once the new replicas serve and the old ones are out of
-    // routing; those then finish their requests and stop.
-    let after = support::poll_until(DEADLINE, "the old replicas drained and stopped", || {
-        let bus = bus.clone();
-        async move {
-            let all = replicas(&bus).await;
-            all.iter()
-                .all(|r| r.phase() != ReplicaPhase::Stopping)
-                .then_some(all)
-        }
-    })
-    .await;
+    let after = support::replicas_settled(&bus, DEADLINE).await;
     let serving = not_stopped(&after);
     assert_eq!(serving.len(), 3, "no duplicate, no orphan: {after:?}");
     assert!(

@@ -186,6 +186,19 @@ pub async fn replicas(bus: &Bus) -> Vec<ReplicaStatus> {
         .unwrap()
 }
 
+/// Every replica record once none is draining: a rollout completes when
+/// its new replicas serve and the old are out of routing; those then
+/// finish their requests and stop.
+pub async fn replicas_settled(bus: &Bus, deadline: Duration) -> Vec<ReplicaStatus> {
+    poll_until(deadline, "no replica draining", || async {
+        let all = replicas(bus).await;
+        all.iter()
+            .all(|r| r.phase() != flotilla_proto::v1::ReplicaPhase::Stopping)
+            .then_some(all)
+    })
+    .await
+}
+
 /// Asks `endpoint` (a runner or the gateway) one chat question, greedy;
 /// the answer as JSON.
 pub async fn chat(endpoint: &str, model: &str, prompt: &str, max_tokens: u32) -> serde_json::Value {

@@ -2624,3 +2624,117 @@ pub struct ModelRef {
     )]
     pub size_bytes: u64,
 }
+/// Subject: `<prefix>.traffic.<gateway>` (core NATS, not stored; publisher:
+/// each gateway instance, every `--traffic-interval`, for a window in which
+/// it served something; consumers: rollout's analysis, anyone). What one
+/// gateway instance saw of the requests it relayed in one window, per
+/// replica; summed over instances and windows it is the fleet's view of a
+/// deployment's versions as users meet them.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GatewayTraffic {
+    /// The gateway instance (its `--gateway-id`).
+    #[prost(string, tag = "1")]
+    #[serde(rename = "gateway")]
+    pub gateway: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    #[serde(
+        rename = "windowStartUnixMs",
+        alias = "window_start_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
+    pub window_start_unix_ms: i64,
+    #[prost(int64, tag = "3")]
+    #[serde(
+        rename = "windowEndUnixMs",
+        alias = "window_end_unix_ms",
+        deserialize_with = "crate::json::i64_number_or_string"
+    )]
+    pub window_end_unix_ms: i64,
+    #[prost(message, repeated, tag = "4")]
+    #[serde(rename = "replicas")]
+    pub replicas: ::prost::alloc::vec::Vec<ReplicaTraffic>,
+}
+/// One replica's requests in one window, as one gateway relayed them.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReplicaTraffic {
+    #[prost(string, tag = "1")]
+    #[serde(rename = "deployment")]
+    pub deployment: ::prost::alloc::string::String,
+    /// The model name clients asked for.
+    #[prost(string, tag = "2")]
+    #[serde(rename = "model")]
+    pub model: ::prost::alloc::string::String,
+    /// The replica template (the deployment's version: model, runtime and
+    /// resources), as in `RolloutState.template`.
+    #[prost(string, tag = "3")]
+    #[serde(rename = "template")]
+    pub template: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    #[serde(rename = "replica")]
+    pub replica: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    #[serde(rename = "cluster")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Requests relayed to this replica that ended in the window.
+    #[prost(uint64, tag = "6")]
+    #[serde(rename = "requests", deserialize_with = "crate::json::u64_number_or_string")]
+    pub requests: u64,
+    /// Of those: answered 2xx and relayed whole.
+    #[prost(uint64, tag = "7")]
+    #[serde(
+        rename = "succeeded",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
+    pub succeeded: u64,
+    /// Answered 4xx (the request's fault, as the replica judged it).
+    #[prost(uint64, tag = "8")]
+    #[serde(
+        rename = "clientErrors",
+        alias = "client_errors",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
+    pub client_errors: u64,
+    /// Answered 5xx.
+    #[prost(uint64, tag = "9")]
+    #[serde(
+        rename = "serverErrors",
+        alias = "server_errors",
+        deserialize_with = "crate::json::u64_number_or_string"
+    )]
+    pub server_errors: u64,
+    /// Cut after the first byte with no replica to continue the answer.
+    #[prost(uint64, tag = "10")]
+    #[serde(rename = "broken", deserialize_with = "crate::json::u64_number_or_string")]
+    pub broken: u64,
+    /// Arrival at the gateway to the first byte of the replica's answer.
+    #[prost(message, optional, tag = "11")]
+    #[serde(
+        rename = "timeToFirstByte",
+        alias = "time_to_first_byte",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_to_first_byte: ::core::option::Option<LatencyHistogram>,
+    /// Arrival to the last byte relayed.
+    #[prost(message, optional, tag = "12")]
+    #[serde(rename = "duration", skip_serializing_if = "Option::is_none")]
+    pub duration: ::core::option::Option<LatencyHistogram>,
+}
+/// Counts per latency bucket; the upper bounds are fixed by the contract
+/// (`flotilla_proto::traffic::LATENCY_BOUNDS_SECONDS`: 1 ms doubling to
+/// about 35 minutes, then +Inf), so histograms from any gateway add up.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LatencyHistogram {
+    /// One count per bound, then one for +Inf; empty when nothing was seen.
+    #[prost(uint64, repeated, tag = "1")]
+    #[serde(rename = "counts")]
+    pub counts: ::prost::alloc::vec::Vec<u64>,
+    #[prost(double, tag = "2")]
+    #[serde(rename = "sumSeconds", alias = "sum_seconds")]
+    pub sum_seconds: f64,
+}

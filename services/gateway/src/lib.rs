@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod residency;
 pub mod routing;
 pub mod tls;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -170,6 +171,22 @@ pub struct Args {
     )]
     pub prefix_cache_tokens: usize,
 
+    /// This instance's name in its traffic summaries
+    /// (`<prefix>.traffic.<gateway-id>`), a DNS label; by default
+    /// `gateway-` and a random suffix.
+    #[arg(long, env = "FLOTILLA_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+
+    /// How often the traffic summary of the requests relayed (per replica:
+    /// outcomes, time to first byte, duration) is published.
+    #[arg(
+        long,
+        env = "FLOTILLA_GATEWAY_TRAFFIC_INTERVAL",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub traffic_interval: Duration,
+
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value_t = flotilla_kit::logging::LogFormat::Text)]
     pub log_format: flotilla_kit::logging::LogFormat,
 }
@@ -191,6 +208,8 @@ pub struct Config {
     pub local_listen: Option<SocketAddr>,
     /// How the global gateway proves itself to edges.
     pub edge_tls: Option<EdgeTls>,
+    pub gateway_id: String,
+    pub traffic_interval: Duration,
 }
 
 /// The certificate files an HTTPS listener serves with.
@@ -279,6 +298,23 @@ impl Args {
                 ),
             ));
         }
+        let gateway_id = match &self.gateway_id {
+            Some(id) => {
+                flotilla_proto::check_name("gateway id", id)
+                    .map_err(|e| ConfigError::new("gateway-id", e.to_string()))?;
+                id.clone()
+            }
+            None => format!(
+                "gateway-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        };
+        if self.traffic_interval < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "traffic-interval",
+                "must be at least 100ms",
+            ));
+        }
         if self.local_listen.is_some_and(|local| local == self.listen) {
             return Err(ConfigError::new(
                 "local-listen",
@@ -298,6 +334,8 @@ impl Args {
             serve_tls,
             local_listen: self.local_listen,
             edge_tls,
+            gateway_id,
+            traffic_interval: self.traffic_interval,
         })
     }
 }
@@ -406,6 +444,13 @@ pub async fn run(
         stream_stall_timeout: config.stream_stall_timeout,
     });
     tokio::spawn(proxy.table.follow_residency(shutdown.clone()));
+    tokio::spawn(traffic::publish_every(
+        Arc::clone(&metrics.traffic),
+        bus.clone(),
+        config.gateway_id.clone(),
+        config.traffic_interval,
+        shutdown.clone(),
+    ));
     let proxied = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
         .route("/v1/completions", post(proxy::forward))

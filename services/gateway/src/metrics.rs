@@ -22,11 +22,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+use crate::traffic::{Traffic, TrafficKey};
+
 /// Who served a request; set by the proxy on its response.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     pub model: String,
     pub cluster: String,
+    /// The replica, for the traffic summaries; none when no replica
+    /// answered.
+    pub traffic: Option<TrafficKey>,
 }
 
 /// When the request arrived; set by [`observe`] for the proxy's
@@ -90,6 +95,8 @@ pub struct GatewayMetrics {
     pub prefix_prompt_blocks: Family<ModelLabels, Counter>,
     /// Hashing the prompt and ranking the replicas, per request.
     pub routing_decision: Histogram,
+    /// This window's traffic per replica, for the bus.
+    pub traffic: Arc<Traffic>,
 }
 
 impl GatewayMetrics {
@@ -106,6 +113,7 @@ impl GatewayMetrics {
             prefix_prompt_blocks: Family::default(),
             // 1 µs to about 16 ms.
             routing_decision: Histogram::new(exponential_buckets(0.000_001, 2.0, 15)),
+            traffic: Arc::default(),
         };
         registry.register(
             "gateway_request_duration_seconds",
@@ -176,16 +184,33 @@ fn status_class(status: axum::http::StatusCode) -> &'static str {
 struct Timing {
     metrics: Arc<GatewayMetrics>,
     labels: Option<RequestLabels>,
+    traffic: Option<(TrafficKey, u16)>,
     arrived: Instant,
+    first_byte_seen: bool,
 }
 
 impl Timing {
+    fn first_byte(&mut self) {
+        if std::mem::replace(&mut self.first_byte_seen, true) {
+            return;
+        }
+        if let Some((key, _)) = &self.traffic {
+            self.metrics
+                .traffic
+                .first_byte(key, self.arrived.elapsed().as_secs_f64());
+        }
+    }
+
     fn finish(&mut self) {
+        let seconds = self.arrived.elapsed().as_secs_f64();
         if let Some(labels) = self.labels.take() {
             self.metrics
                 .requests
                 .get_or_create(&labels)
-                .observe(self.arrived.elapsed().as_secs_f64());
+                .observe(seconds);
+        }
+        if let Some((key, status)) = self.traffic.take() {
+            self.metrics.traffic.ended(&key, status, seconds);
         }
     }
 }
@@ -211,6 +236,9 @@ impl http_body::Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.timing.first_byte();
+        }
         // Observed before the last bytes go out, so a client that has read
         // the whole answer finds it counted.
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
@@ -249,7 +277,9 @@ pub async fn observe(
             cluster: served.cluster,
             status: status_class(response.status()).to_string(),
         }),
+        traffic: served.traffic.map(|key| (key, response.status().as_u16())),
         arrived,
+        first_byte_seen: false,
     };
     response.map(|inner| Body::new(TimedBody { inner, timing }))
 }

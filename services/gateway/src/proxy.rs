@@ -176,7 +176,17 @@ fn served(mut response: Response, model: &str, cluster: &str) -> Response {
     response.extensions_mut().insert(Served {
         model: model.to_string(),
         cluster: cluster.to_string(),
+        traffic: None,
     });
+    response
+}
+
+/// [`served`] by `replica`, counted in its traffic.
+fn served_by(response: Response, model: &str, replica: &Candidate) -> Response {
+    let mut response = served(response, model, &replica.cluster);
+    if let Some(served) = response.extensions_mut().get_mut::<Served>() {
+        served.traffic = Some(crate::traffic::TrafficKey::of(replica, model));
+    }
     response
 }
 
@@ -403,7 +413,7 @@ fn relay(answer: Answer, proxy: &Proxy, model: &str, arrived: Instant) -> Respon
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     response.headers_mut().insert(PIN_HEADER, answered_by);
-    served(response, model, &replica.cluster)
+    served_by(response, model, &replica)
 }
 
 pub async fn models(State(proxy): State<Arc<Proxy>>) -> Response {

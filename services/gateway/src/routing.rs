@@ -306,8 +306,10 @@ impl ReplicaLoad {
 }
 
 /// A ready replica chosen for a request.
+#[derive(Clone)]
 pub struct Candidate {
     pub replica_id: String,
+    pub deployment: String,
     pub cluster: String,
     /// Where the request is sent: the replica's own address, or its
     /// cluster's edge (which forwards to the replica named in
@@ -580,6 +582,7 @@ impl ReplicaTable {
             .filter_map(|i| ready.get_mut(i).and_then(Option::take))
             .map(|(r, load)| Candidate {
                 replica_id: r.replica_id,
+                deployment: r.deployment,
                 cluster: r.cluster,
                 endpoint: r.endpoint,
                 load,

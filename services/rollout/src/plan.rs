@@ -121,11 +121,7 @@ pub fn replica_id(deployment: &str, template: &str, cluster: &str, k: u32) -> St
 
 /// The template part of an id [`replica_id`] made.
 pub fn template_of(replica_id: &str) -> Option<&str> {
-    let mut parts = replica_id.rsplitn(3, '-');
-    let _hash = parts.next()?;
-    let template = parts.next()?;
-    parts.next()?;
-    Some(template)
+    flotilla_proto::template_of_replica(replica_id)
 }
 
 fn alive(phase: ReplicaPhase) -> bool {

@@ -181,7 +181,7 @@ async fn pump(
 pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Instant) -> Response {
     let (out, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
     let answered_by = super::answering(&answer.response, &answer.replica.replica_id);
-    let cluster = answer.replica.cluster.clone();
+    let first = answer.replica.clone();
     let content_type = answer
         .response
         .headers()
@@ -192,7 +192,7 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
         .first_byte
         .get_or_create(&RouteLabels {
             model: request.model.clone(),
-            cluster: cluster.clone(),
+            cluster: first.cluster.clone(),
         })
         .clone();
     let model = request.model.clone();
@@ -216,6 +216,13 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
                 Pumped::Broken(why) => why,
             };
             leg.replica.load.failed();
+            proxy
+                .metrics
+                .traffic
+                .broken(&crate::traffic::TrafficKey::of(
+                    &leg.replica,
+                    &request.model,
+                ));
             let from = leg.replica.replica_id.clone();
             drop(leg);
             if splice.finished {
@@ -289,7 +296,7 @@ pub fn stream(proxy: Arc<Proxy>, answer: Answer, request: Request, arrived: Inst
     response
         .headers_mut()
         .insert(crate::routing::PIN_HEADER, answered_by);
-    served(response, &model, &cluster)
+    super::served_by(response, &model, &first)
 }
 
 /// Ends a stream that cannot go on with an error event, as a replica's
@@ -347,7 +354,7 @@ pub async fn whole(
                 response
                     .headers_mut()
                     .insert(crate::routing::PIN_HEADER, answered_by);
-                return served(response, &request.model, &replica.cluster);
+                return super::served_by(response, &request.model, &replica);
             }
             Err(e) => e,
         };

@@ -22,6 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 fn candidate(id: &str, endpoint: String) -> Candidate {
     Candidate {
         replica_id: id.into(),
+        deployment: "chat".into(),
         cluster: "eu-1".into(),
         endpoint,
         load: Arc::new(ReplicaLoad::new(Gauge::default(), Counter::default())),
