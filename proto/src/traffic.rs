@@ -2,7 +2,7 @@
 //! for every gateway, so that histograms from any instance and any window
 //! add up, and quantiles read from the sum.
 
-use crate::v1::LatencyHistogram;
+use crate::v1::{GatewayTraffic, LatencyHistogram, ReplicaTraffic};
 
 /// Upper bounds of the buckets, in seconds: 1 ms doubling to about 35
 /// minutes (a long completion), then +Inf.
@@ -82,6 +82,63 @@ impl LatencyHistogram {
     }
 }
 
+/// One version (replica template) of a deployment: its replicas' traffic
+/// summed over gateways and windows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionTraffic {
+    pub template: String,
+    pub requests: u64,
+    pub succeeded: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub broken: u64,
+    pub time_to_first_byte: LatencyHistogram,
+    pub duration: LatencyHistogram,
+}
+
+impl VersionTraffic {
+    pub fn add(&mut self, r: &ReplicaTraffic) {
+        self.requests = self.requests.saturating_add(r.requests);
+        self.succeeded = self.succeeded.saturating_add(r.succeeded);
+        self.client_errors = self.client_errors.saturating_add(r.client_errors);
+        self.server_errors = self.server_errors.saturating_add(r.server_errors);
+        self.broken = self.broken.saturating_add(r.broken);
+        if let Some(h) = &r.time_to_first_byte {
+            self.time_to_first_byte.merge(h);
+        }
+        if let Some(h) = &r.duration {
+            self.duration.merge(h);
+        }
+    }
+
+    /// The share of requests the version failed (5xx, or a stream broken
+    /// on it); 4xx are the clients'. `None` before any request.
+    pub fn error_rate(&self) -> Option<f64> {
+        (self.requests > 0)
+            .then(|| self.server_errors.saturating_add(self.broken) as f64 / self.requests as f64)
+    }
+}
+
+/// The traffic of `deployment` in `summaries`, per version, sorted by
+/// template.
+pub fn by_version(summaries: &[GatewayTraffic], deployment: &str) -> Vec<VersionTraffic> {
+    let mut versions: std::collections::BTreeMap<&str, VersionTraffic> = Default::default();
+    for r in summaries
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .filter(|r| r.deployment == deployment)
+    {
+        versions
+            .entry(r.template.as_str())
+            .or_insert_with(|| VersionTraffic {
+                template: r.template.clone(),
+                ..Default::default()
+            })
+            .add(r);
+    }
+    versions.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +176,52 @@ mod tests {
         };
         assert!(!fast.merge(&malformed));
         assert_eq!(fast.count(), 101);
+    }
+
+    #[test]
+    fn versions_sum_their_replicas_over_gateways_and_leave_other_deployments_out() {
+        let replica = |deployment: &str, template: &str, requests, server_errors, ttfb: f64| {
+            let mut h = LatencyHistogram::default();
+            for _ in 0..requests {
+                h.observe(ttfb);
+            }
+            ReplicaTraffic {
+                deployment: deployment.into(),
+                template: template.into(),
+                requests,
+                succeeded: requests - server_errors,
+                server_errors,
+                time_to_first_byte: Some(h),
+                ..Default::default()
+            }
+        };
+        let summaries = [
+            GatewayTraffic {
+                gateway: "g1".into(),
+                replicas: vec![
+                    replica("chat", "aaaa", 90, 0, 0.05),
+                    replica("chat", "bbbb", 10, 2, 0.2),
+                    replica("other", "aaaa", 1000, 0, 0.05),
+                ],
+                ..Default::default()
+            },
+            GatewayTraffic {
+                gateway: "g2".into(),
+                replicas: vec![replica("chat", "bbbb", 10, 0, 0.2)],
+                ..Default::default()
+            },
+        ];
+        let versions = by_version(&summaries, "chat");
+        let [old, new] = versions.as_slice() else {
+            panic!("{versions:?}")
+        };
+        assert_eq!((old.template.as_str(), old.requests), ("aaaa", 90));
+        assert_eq!(old.error_rate(), Some(0.0));
+        assert_eq!((new.template.as_str(), new.requests), ("bbbb", 20));
+        assert_eq!(new.error_rate(), Some(0.1));
+        assert_eq!(new.time_to_first_byte.count(), 20);
+        assert_eq!(new.time_to_first_byte.quantile(0.5), Some(0.256));
+        assert!(by_version(&summaries, "nothing").is_empty());
+        assert_eq!(VersionTraffic::default().error_rate(), None);
     }
 }

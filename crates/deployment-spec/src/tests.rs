@@ -48,6 +48,10 @@ fn validation_names_the_field() {
             "spec.rollout.maxUnavailable",
         ),
         (
+            r#"{"metadata": {"name": "d"}, "spec": {"model": {"preset": "smollm2-135m-instruct"}, "rollout": {"strategy": "Staged", "stages": [{"name": "canary", "trafficPercent": 120}]}}}"#,
+            "spec.rollout.stages[0].trafficPercent",
+        ),
+        (
             r#"{"metadata": {"name": "d"}, "spec": {"model": {"artifact": {"name": "m", "digest": "md5:x", "format": "gguf"}}}}"#,
             "spec.model.artifact.digest",
         ),

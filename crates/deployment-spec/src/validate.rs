@@ -402,6 +402,12 @@ pub fn validate(doc: &v1::ModelDeployment) -> Result<DeploymentRequest, FieldErr
             if let Some(gate) = &stage.after_stage {
                 check_duration(&format!("{f}.afterStage.wait"), &gate.wait)?;
             }
+            if stage.traffic_percent > 100 {
+                return bad(
+                    format!("{f}.trafficPercent"),
+                    format!("{} is more than 100", stage.traffic_percent),
+                );
+            }
         }
         if rollout.strategy() == v1::RolloutStrategy::Staged && rollout.stages.is_empty() {
             return bad("spec.rollout.stages", "Staged needs at least one stage");

@@ -481,4 +481,191 @@ async fn traffic_summaries_count_every_request_by_replica_version_and_outcome() 
     assert_eq!(ttfb.count(), 4);
     assert_eq!(duration.count(), 4);
     assert!(duration.sum_seconds >= ttfb.sum_seconds);
+
+    // `flotilla rollout status --traffic` reads the same summaries: the
+    // version being rolled out, under load while it listens.
+    let rollouts = RecordStore::<flotilla_proto::v1::RolloutState>::open(&bus, "rollouts")
+        .await
+        .unwrap();
+    let state = flotilla_proto::v1::RolloutState {
+        deployment: "chat".into(),
+        template: "aaaa1111".into(),
+        phase: flotilla_proto::v1::RolloutPhase::Progressing.into(),
+        ..Default::default()
+    };
+    rollouts
+        .update("chat", |_| Some(state.clone()))
+        .await
+        .unwrap();
+    let load = tokio_util::sync::CancellationToken::new();
+    let loading = {
+        let (load, gateway, chat) = (load.clone(), gateway.clone(), chat.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !load.is_cancelled() {
+                let r = complete(&http, &gateway, None, &chat).await;
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        })
+    };
+    let mut out = Vec::new();
+    flotilla_cli::rollouts::status(
+        &bus,
+        "chat",
+        flotilla_cli::Output::Table,
+        Some(Duration::from_secs(2)),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    load.cancel();
+    loading.await.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("new"))
+        .unwrap_or_else(|| panic!("no row of the new version:\n{out}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "aaaa1111", "{out}");
+    assert!(cells[2].parse::<u64>().unwrap() > 0, "{out}");
+    assert_eq!(cells[3], "0.0%", "{out}");
+}
+
+/// During a rollout with a traffic split, the gateway gives the new
+/// version its share of the requests however many replicas each version
+/// has, keeps a session on one version, and sends the new version nothing
+/// once the rollout halts.
+#[tokio::test]
+async fn a_rollouts_traffic_split_is_honoured_whatever_the_replica_counts_and_sticky_by_session() {
+    use flotilla_proto::v1::{RolloutPhase, RolloutState, TrafficSplit};
+
+    let (server, bus) = support::bus().await;
+    let runner = support::runner("smollm2").await;
+    let replicas = RecordStore::<ReplicaStatus>::open(&bus, "replicas")
+        .await
+        .unwrap();
+    // Three replicas of the old version, one of the new.
+    let old = [
+        "chat-aaaa1111-00000001",
+        "chat-aaaa1111-00000002",
+        "chat-aaaa1111-00000003",
+    ];
+    let new = "chat-bbbb2222-00000004";
+    for id in old.iter().chain([&new]) {
+        let r = ReplicaStatus {
+            replica_id: id.to_string(),
+            cluster: "eu-1".into(),
+            deployment: "chat".into(),
+            phase: ReplicaPhase::Ready.into(),
+            endpoint: runner.clone(),
+            model: "smollm2".into(),
+            ..Default::default()
+        };
+        replicas
+            .update(&format!("eu-1.{id}"), |_| Some(r.clone()))
+            .await
+            .unwrap();
+    }
+    let rollouts = RecordStore::<RolloutState>::open(&bus, "rollouts")
+        .await
+        .unwrap();
+    let split = |new_percent: u32, phase: RolloutPhase| RolloutState {
+        deployment: "chat".into(),
+        template: "bbbb2222".into(),
+        phase: phase.into(),
+        traffic: Some(TrafficSplit {
+            new_template: "bbbb2222".into(),
+            new_percent,
+        }),
+        ..Default::default()
+    };
+    let canary = split(10, RolloutPhase::Progressing);
+    rollouts
+        .update("chat", |_| Some(canary.clone()))
+        .await
+        .unwrap();
+    let gateway = format!(
+        "http://{}",
+        fleet::gateway(fleet::gateway_config(&support::config(&server))).await
+    );
+    let http = reqwest::Client::new();
+    let ask = |user: Option<String>, session: Option<&'static str>| {
+        let (http, gateway) = (http.clone(), gateway.clone());
+        async move {
+            let mut body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 1});
+            if let Some(user) = user {
+                body["user"] = json!(user);
+            }
+            let mut request = http
+                .post(format!("{gateway}/v1/chat/completions"))
+                .json(&body);
+            if let Some(session) = session {
+                request = request.header("x-session-id", session);
+            }
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            let replica = r
+                .headers()
+                .get("x-flotilla-replica")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            r.bytes().await.unwrap();
+            (status, replica)
+        }
+    };
+    poll_until(
+        Duration::from_secs(30),
+        "the gateway sees the replicas",
+        || async { (ask(None, None).await.0 == 200).then_some(()) },
+    )
+    .await;
+
+    // 300 users: about 10 % to the one new replica, not the 25 % the
+    // replica count would give.
+    let mut to_new = 0;
+    for i in 0..300 {
+        let (status, replica) = ask(Some(format!("user-{i}")), None).await;
+        assert_eq!(status, 200);
+        to_new += u32::from(replica == new);
+    }
+    eprintln!("the new version took {to_new} of 300 requests (configured 10 %)");
+    assert!(
+        (14..=46).contains(&to_new),
+        "{to_new} of 300 to the new version"
+    );
+
+    // A session stays on one version.
+    for session in ["conv-1", "conv-2", "conv-3"] {
+        let mut versions = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let (_, replica) = ask(None, Some(session)).await;
+            versions.insert(
+                flotilla_proto::template_of_replica(&replica)
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(versions.len(), 1, "{session} went to {versions:?}");
+    }
+
+    // Halted: the old version takes everything.
+    let halted = split(0, RolloutPhase::Halted);
+    rollouts
+        .update("chat", |_| Some(halted.clone()))
+        .await
+        .unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "the gateway sees the halt",
+        || async {
+            // Among 100 users, some drew the new version before the halt.
+            let mut any_new = false;
+            for i in 0..100 {
+                any_new |= ask(Some(format!("user-{i}")), None).await.1 == new;
+            }
+            (!any_new).then_some(())
+        },
+    )
+    .await;
 }

@@ -177,7 +177,7 @@ async fn a_staged_rollout_waits_for_approval_and_survives_a_killed_rollout_servi
             .all(|r| r.phase() == ReplicaPhase::Ready && template(r) == state.template)
     );
     let mut status = Vec::new();
-    flotilla_cli::rollouts::status(&bus, "chat", flotilla_cli::Output::Table, &mut status)
+    flotilla_cli::rollouts::status(&bus, "chat", flotilla_cli::Output::Table, None, &mut status)
         .await
         .unwrap();
     let status = String::from_utf8(status).unwrap();

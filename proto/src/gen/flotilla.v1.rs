@@ -591,6 +591,13 @@ pub struct RolloutStage {
         skip_serializing_if = "Option::is_none"
     )]
     pub after_stage: ::core::option::Option<StageGate>,
+    /// The share of the deployment's requests (1 to 100) the new version
+    /// takes from when this stage starts until the next one does, however
+    /// many replicas each version has; sticky by session (`x-session-id`, or
+    /// the request's `user`). 0: spread over the ready replicas.
+    #[prost(uint32, tag = "4")]
+    #[serde(rename = "trafficPercent", alias = "traffic_percent")]
+    pub traffic_percent: u32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -2148,6 +2155,25 @@ pub struct RolloutState {
         deserialize_with = "crate::json::i64_number_or_string"
     )]
     pub started_at_unix_ms: i64,
+    /// How the gateways split the deployment's requests between the new
+    /// template and the rest now; absent: no split.
+    #[prost(message, optional, tag = "19")]
+    #[serde(rename = "traffic", skip_serializing_if = "Option::is_none")]
+    pub traffic: ::core::option::Option<TrafficSplit>,
+}
+/// Set by rollout from the current stage's `trafficPercent` (0 while
+/// halted, so the old version takes everything); read by the gateways.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrafficSplit {
+    #[prost(string, tag = "1")]
+    #[serde(rename = "newTemplate", alias = "new_template")]
+    pub new_template: ::prost::alloc::string::String,
+    /// 0 to 100.
+    #[prost(uint32, tag = "2")]
+    #[serde(rename = "newPercent", alias = "new_percent")]
+    pub new_percent: u32,
 }
 #[derive(::serde::Serialize, ::serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -189,6 +189,7 @@ pub enum Command {
     /// Follow a rollout, approve its next stage, or undo it.
     #[command(after_help = "Examples:
   flotilla rollout status chat-small -w
+  flotilla rollout status chat-small --traffic=30s   # new version vs old, as users meet them
   flotilla rollout approve chat-small
   flotilla rollout approve chat-small --stage rest   # ahead of time
   flotilla rollout undo chat-small")]
@@ -277,6 +278,11 @@ pub enum RolloutAction {
         /// Follow it, a line per change, until it completes or halts.
         #[arg(short = 'w', long)]
         watch: bool,
+        /// Also listen to the gateways' traffic summaries this long and
+        /// compare the new version with the old: requests, errors, time to
+        /// first byte, duration.
+        #[arg(long, value_parser = humantime::parse_duration, num_args = 0..=1, require_equals = true, default_missing_value = "10s")]
+        traffic: Option<Duration>,
     },
     /// Open the gate after the current stage (or, with --stage, a later
     /// one ahead of time).
@@ -506,9 +512,12 @@ pub async fn run(mut cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                RolloutAction::Status { name, output, .. } => {
-                    rollouts::status(&bus, &name, output, out).await
-                }
+                RolloutAction::Status {
+                    name,
+                    output,
+                    traffic,
+                    ..
+                } => rollouts::status(&bus, &name, output, traffic, out).await,
                 RolloutAction::Approve { name, stage } => {
                     rollouts::approve(&bus, &name, stage.as_deref(), out).await
                 }

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use flotilla_kit::{Bus, RecordStore, now_unix_ms};
-use flotilla_proto::v1::{self, RolloutPhase, RolloutState};
+use flotilla_proto::traffic;
+use flotilla_proto::v1::{self, GatewayTraffic, RolloutPhase, RolloutState};
 use flotilla_proto::{ControlSubject, EventType};
+use futures::StreamExt;
 
 use crate::answer::{Answer, ask, error_reason};
 use crate::{Output, table};
@@ -23,14 +25,121 @@ async fn state_of(bus: &Bus, name: &str) -> anyhow::Result<RolloutState> {
     }
 }
 
-/// The rollout's phase, stages and replicas.
+/// The gateways' traffic summaries published within `window`.
+async fn listen_to_traffic(bus: &Bus, window: Duration) -> anyhow::Result<Vec<GatewayTraffic>> {
+    let mut summaries = bus
+        .client
+        .subscribe(bus.subjects.traffic_all())
+        .await
+        .context("listening to the gateways' traffic summaries")?;
+    let mut heard = Vec::new();
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, summaries.next()).await {
+        match flotilla_proto::codec::decode_protobuf::<GatewayTraffic>(&msg.payload) {
+            Ok(summary) => heard.push(summary),
+            Err(e) => eprintln!(
+                "skipping an unreadable traffic summary on {}: {e}",
+                msg.subject
+            ),
+        }
+    }
+    Ok(heard)
+}
+
+fn seconds(s: Option<f64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.is_infinite() => "> 35m".into(),
+        Some(s) if s < 1.0 => format!("{:.0}ms", s * 1000.0),
+        Some(s) => format!("{s:.1}s"),
+    }
+}
+
+/// New version against old in `summaries`, a row each.
+pub fn traffic_table(summaries: &[GatewayTraffic], name: &str, new_template: &str) -> String {
+    let rows: Vec<Vec<String>> = traffic::by_version(summaries, name)
+        .iter()
+        .map(|v| {
+            vec![
+                if v.template == new_template {
+                    "new"
+                } else {
+                    "old"
+                }
+                .to_string(),
+                v.template.clone(),
+                v.requests.to_string(),
+                v.error_rate()
+                    .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+                v.client_errors.to_string(),
+                seconds(v.time_to_first_byte.quantile(0.5)),
+                seconds(v.time_to_first_byte.quantile(0.95)),
+                seconds(v.duration.quantile(0.95)),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "(no requests for it through any gateway)\n".into();
+    }
+    table::render(
+        &[
+            "VERSION",
+            "TEMPLATE",
+            "REQUESTS",
+            "ERRORS",
+            "4XX",
+            "TTFB P50",
+            "TTFB P95",
+            "DURATION P95",
+        ],
+        &rows,
+    )
+}
+
+/// The rollout's phase, stages and replicas; with `traffic`, the new
+/// version's traffic against the old one's over that window.
 pub async fn status(
     bus: &Bus,
     name: &str,
     output: Output,
+    traffic: Option<Duration>,
     out: &mut (impl Write + Send),
 ) -> anyhow::Result<()> {
     let state = state_of(bus, name).await?;
+    if let Some(window) = traffic {
+        let heard = listen_to_traffic(bus, window).await?;
+        if output == Output::Json {
+            let versions: Vec<serde_json::Value> = traffic::by_version(&heard, name)
+                .iter()
+                .map(|v| {
+                    serde_json::json!({
+                        "version": if v.template == state.template { "new" } else { "old" },
+                        "template": v.template,
+                        "requests": v.requests,
+                        "succeeded": v.succeeded,
+                        "clientErrors": v.client_errors,
+                        "serverErrors": v.server_errors,
+                        "broken": v.broken,
+                        "errorRate": v.error_rate(),
+                        "timeToFirstByteP50Seconds": v.time_to_first_byte.quantile(0.5),
+                        "timeToFirstByteP95Seconds": v.time_to_first_byte.quantile(0.95),
+                        "durationP95Seconds": v.duration.quantile(0.95),
+                    })
+                })
+                .collect();
+            let doc = serde_json::json!({"rollout": state, "traffic": versions});
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+            return Ok(());
+        }
+        writeln!(
+            out,
+            "Traffic over the last {} ({} gateway summaries; errors: 5xx and broken streams):",
+            humantime::format_duration(window),
+            heard.len()
+        )?;
+        write!(out, "{}", traffic_table(&heard, name, &state.template))?;
+        writeln!(out)?;
+    }
     if output == Output::Json {
         writeln!(out, "{}", serde_json::to_string_pretty(&state)?)?;
         return Ok(());

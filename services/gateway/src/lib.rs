@@ -42,7 +42,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use flotilla_kit::sync::lock;
 use flotilla_kit::{Bus, BusArgs, BusConfig, ConfigError, KitError, Metrics, RecordStore};
-use flotilla_proto::v1::{ClusterRecord, ModelDeployment, ReplicaStatus};
+use flotilla_proto::v1::{ClusterRecord, ModelDeployment, ReplicaStatus, RolloutState};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -430,9 +430,12 @@ pub async fn run(
         let deployments =
             RecordStore::<ModelDeployment>::open(&bus, &bus.topology.deployments.name).await?;
         deployments.start_watch(shutdown.clone()).await?;
+        let rollouts = RecordStore::<RolloutState>::open(&bus, &bus.topology.rollouts.name).await?;
+        rollouts.start_watch(shutdown.clone()).await?;
         table = table.with_fleet(FleetView {
             clusters,
             deployments,
+            rollouts,
         });
     }
     let proxy = Arc::new(Proxy {

@@ -155,6 +155,26 @@ pub(crate) fn record_answer(proxy: &Proxy, answer: &Answer, prompt: &PromptHashe
     }
 }
 
+/// The request header that names a conversation, so that a rollout's
+/// traffic split sends all of it to one version.
+pub const SESSION_HEADER: &str = "x-session-id";
+/// Every gateway hashes a session alike, so a conversation keeps its
+/// version through whichever instance it reaches.
+const SESSION_SEED: u64 = 0x5e55_1011;
+
+/// A request's place (0 to 99) in a rollout's traffic split: fixed for a
+/// session (`x-session-id`, else the OpenAI `user` field), random
+/// otherwise.
+pub fn draw(session: Option<&str>, request: &serde_json::Value) -> u32 {
+    let session = session.or_else(|| request.get("user").and_then(serde_json::Value::as_str));
+    match session {
+        Some(s) if !s.is_empty() => {
+            (xxhash_rust::xxh3::xxh3_64_with_seed(s.as_bytes(), SESSION_SEED) % 100) as u32
+        }
+        _ => rand::random_range(0..100),
+    }
+}
+
 /// The replica that answered, for the response's [`PIN_HEADER`]: the one
 /// an edge names in its own answer (it may have served from another of
 /// its cluster's replicas than the one asked for), else `chosen`.
@@ -207,6 +227,11 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
                 .map(str::to_string)
         })
         .flatten();
+    let session = request
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
@@ -246,6 +271,9 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     let deciding = Instant::now();
     let prompt = PromptHashes::of(&model, &path, &request);
     let candidates = proxy.table.candidates(&model, pinned.as_deref(), &prompt);
+    let candidates = proxy
+        .table
+        .weigh(candidates, draw(session.as_deref(), &request));
     proxy
         .metrics
         .routing_decision

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use flotilla_kit::RecordStore;
 use flotilla_kit::sync::{lock, read, write};
 use flotilla_proto::v1::{
-    ClusterHealth, ClusterRecord, ModelDeployment, ReplicaPhase, ReplicaStatus,
+    self, ClusterHealth, ClusterRecord, ModelDeployment, ReplicaPhase, ReplicaStatus, RolloutState,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -340,6 +340,8 @@ pub enum Scope {
 pub struct FleetView {
     pub clusters: RecordStore<ClusterRecord>,
     pub deployments: RecordStore<ModelDeployment>,
+    /// Their traffic splits between versions.
+    pub rollouts: RecordStore<RolloutState>,
 }
 
 /// Why a cluster's replicas are not routed to, or where to send to them.
@@ -457,6 +459,38 @@ impl ReplicaTable {
     pub fn with_fleet(mut self, fleet: FleetView) -> Self {
         self.fleet = Some(fleet);
         self
+    }
+
+    /// Orders `candidates` so that a request goes to the version its
+    /// deployment's rollout gives it (see `RolloutState.traffic`): the
+    /// new template when `draw` (the request's place from 0 to 99, fixed
+    /// per session) is below the new version's share, the others
+    /// otherwise. The other side's replicas follow, in their order, for
+    /// when the chosen side has none that answers. Deployments without a
+    /// split keep the order they had.
+    pub fn weigh(&self, candidates: Vec<Candidate>, draw: u32) -> Vec<Candidate> {
+        let Some(fleet) = &self.fleet else {
+            return candidates;
+        };
+        let mut splits: HashMap<String, Option<v1::TrafficSplit>> = HashMap::new();
+        let (mut chosen, mut other) = (Vec::new(), Vec::new());
+        for c in candidates {
+            let split = splits
+                .entry(c.deployment.clone())
+                .or_insert_with(|| fleet.rollouts.cached(&c.deployment).and_then(|s| s.traffic));
+            let on_chosen_side = split.as_ref().is_none_or(|split| {
+                let is_new = flotilla_proto::template_of_replica(&c.replica_id)
+                    == Some(split.new_template.as_str());
+                is_new == (draw < split.new_percent)
+            });
+            if on_chosen_side {
+                chosen.push(c);
+            } else {
+                other.push(c);
+            }
+        }
+        chosen.extend(other);
+        chosen
     }
 
     fn in_scope(&self, replica: &ReplicaStatus) -> bool {

@@ -369,6 +369,7 @@ pub fn advance(
             }
         }
     };
+    state.traffic = traffic_split(&state, seen.spec, staged);
     if before != Some(&state) {
         state.updated_at_unix_ms = now_ms;
     }
@@ -378,6 +379,36 @@ pub fn advance(
         events,
         steps,
     }
+}
+
+/// How the gateways split the deployment's requests now. Only a Staged
+/// rollout whose stages give a `trafficPercent` splits: while a stage that
+/// names one runs (or waits at its gate), the new template takes that
+/// share, however many replicas each side has; a halted one gives the new
+/// template nothing, so the old version takes every request while it is
+/// looked into; a complete one, and a stage without a share (`rest`, say),
+/// splits nothing.
+pub fn traffic_split(
+    state: &RolloutState,
+    spec: &ModelDeploymentSpec,
+    staged: bool,
+) -> Option<v1::TrafficSplit> {
+    let stages = &spec.rollout.as_ref()?.stages;
+    if !staged || stages.iter().all(|s| s.traffic_percent == 0) {
+        return None;
+    }
+    let new_percent = match state.phase() {
+        RolloutPhase::Complete | RolloutPhase::Unspecified => return None,
+        RolloutPhase::Halted => 0,
+        _ => match stages.get(state.current_stage as usize) {
+            Some(stage) if stage.traffic_percent > 0 => stage.traffic_percent.min(100),
+            _ => return None,
+        },
+    };
+    Some(v1::TrafficSplit {
+        new_template: state.template.clone(),
+        new_percent,
+    })
 }
 
 /// The state of a new rollout: a new template replaces the one `before`

@@ -433,3 +433,114 @@ fn a_new_engine_image_rolls_out_stage_by_stage() {
     assert_eq!(clusters_of(&got.steps, true), ["a"], "the canary only");
     assert!(clusters_of(&got.steps, false).is_empty(), "surge first");
 }
+
+#[test]
+fn the_traffic_split_follows_the_current_stage_and_gives_a_halted_version_nothing() {
+    use RolloutPhase as P;
+    let spec = |percents: &[u32], strategy: v1::RolloutStrategy| ModelDeploymentSpec {
+        rollout: Some(v1::RolloutSpec {
+            strategy: strategy.into(),
+            stages: percents
+                .iter()
+                .enumerate()
+                .map(|(i, p)| v1::RolloutStage {
+                    name: format!("s{i}"),
+                    traffic_percent: *p,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let staged = v1::RolloutStrategy::Staged;
+    /// What it shows, stage percents, staged, phase, current stage, share.
+    type SplitRow = (&'static str, &'static [u32], bool, P, u32, Option<u32>);
+    let table: [SplitRow; 9] = [
+        (
+            "a canary stage takes its share",
+            &[10, 50],
+            true,
+            P::Progressing,
+            0,
+            Some(10),
+        ),
+        (
+            "and keeps it at its gate",
+            &[10, 50],
+            true,
+            P::AwaitingApproval,
+            0,
+            Some(10),
+        ),
+        (
+            "the next stage takes the next share",
+            &[10, 50],
+            true,
+            P::Waiting,
+            1,
+            Some(50),
+        ),
+        (
+            "the rest stage splits nothing",
+            &[10, 50],
+            true,
+            P::Progressing,
+            2,
+            None,
+        ),
+        (
+            "a stage without a share splits nothing",
+            &[0, 50],
+            true,
+            P::Progressing,
+            0,
+            None,
+        ),
+        (
+            "halted: the old version takes everything",
+            &[10, 50],
+            true,
+            P::Halted,
+            1,
+            Some(0),
+        ),
+        (
+            "complete: nothing to split",
+            &[10, 50],
+            true,
+            P::Complete,
+            2,
+            None,
+        ),
+        (
+            "no shares named: no split",
+            &[0, 0],
+            true,
+            P::Progressing,
+            0,
+            None,
+        ),
+        (
+            "gates skipped (first rollout, undo): no split",
+            &[10],
+            false,
+            P::Progressing,
+            0,
+            None,
+        ),
+    ];
+    for (what, percents, is_staged, phase, current, want) in table {
+        let state = RolloutState {
+            template: "t2".into(),
+            phase: phase.into(),
+            current_stage: current,
+            ..Default::default()
+        };
+        let split = traffic_split(&state, &spec(percents, staged), is_staged);
+        assert_eq!(split.as_ref().map(|s| s.new_percent), want, "{what}");
+        if let Some(split) = split {
+            assert_eq!(split.new_template, "t2", "{what}");
+        }
+    }
+}

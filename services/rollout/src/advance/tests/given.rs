@@ -27,6 +27,7 @@ pub(super) fn spec(version: u32, gate: &StageGate) -> ModelDeploymentSpec {
             ..Default::default()
         }),
         after_stage: gate,
+        traffic_percent: 0,
     };
     ModelDeploymentSpec {
         model: Some(ModelSource {
