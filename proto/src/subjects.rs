@@ -290,6 +290,25 @@ impl Subjects {
         ))
     }
 
+    /// The events of one kind (any when `None`) about one name (any when
+    /// `None`): what `flotilla watch --kind --name` and the gRPC API's
+    /// event reads filter on.
+    pub fn events_matching(
+        &self,
+        kind: Option<EventKind>,
+        name: Option<&str>,
+    ) -> Result<String, InvalidName> {
+        if let Some(name) = name {
+            check_token("event name", name)?;
+        }
+        Ok(format!(
+            "{}.events.{}.{}.*",
+            self.prefix,
+            kind.map_or("*", EventKind::as_str),
+            name.unwrap_or("*")
+        ))
+    }
+
     /// `<prefix>.events.>`
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.prefix)

@@ -216,6 +216,12 @@ impl<M: Contract + Clone> RecordStore<M> {
             .map(|(m, _)| m.clone())
     }
 
+    /// What `look` reads of the local copy of one record, without cloning
+    /// the record: for a hot path that needs one field of it.
+    pub fn peek<R>(&self, key: &str, look: impl FnOnce(&M) -> R) -> Option<R> {
+        sync::read(&self.cache).live.get(key).map(|(m, _)| look(m))
+    }
+
     /// The local copies of the records `wanted` picks, by key. Only those
     /// are cloned: scans over large buckets stay cheap.
     pub fn select(&self, mut wanted: impl FnMut(&str, &M) -> bool) -> Vec<(String, M)> {

@@ -709,28 +709,28 @@ async fn fetch(bus: &Bus, kind: Kind, args: &GetArgs) -> anyhow::Result<Vec<Item
 
 /// The subjects of the events `--for KIND/NAME` asks for.
 fn event_filters(bus: &Bus, about: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let prefix = bus.subjects.prefix();
+    use flotilla_proto::EventKind as E;
     let Some(about) = about else {
-        return Ok(vec![format!("{prefix}.events.>")]);
+        return Ok(vec![bus.subjects.events_all()]);
     };
     let (kind, name) = about.split_once('/').with_context(|| {
         format!("--for {about:?} should be KIND/NAME, e.g. deployment/chat-small")
     })?;
     flotilla_proto::check_name("--for", name)?;
-    let kinds: &[&str] = match Kind::parse(kind) {
-        Ok(Kind::Deployments) => &["deployment", "rollout"],
-        Ok(Kind::Clusters) => &["cluster"],
-        Ok(Kind::Replicas) => &["replica"],
-        Ok(Kind::Models) => &["model"],
-        Ok(Kind::Rollouts) => &["rollout"],
+    let kinds: &[E] = match Kind::parse(kind) {
+        Ok(Kind::Deployments) => &[E::Deployment, E::Rollout],
+        Ok(Kind::Clusters) => &[E::Cluster],
+        Ok(Kind::Replicas) => &[E::Replica],
+        Ok(Kind::Models) => &[E::Model],
+        Ok(Kind::Rollouts) => &[E::Rollout],
         Ok(Kind::Events) | Err(_) => bail!(
             "--for {about:?}: {kind:?} is not a kind events are about; use deployment, cluster, replica, model or rollout"
         ),
     };
     Ok(kinds
         .iter()
-        .map(|k| format!("{prefix}.events.{k}.{name}.*"))
-        .collect())
+        .map(|k| bus.subjects.events_about(*k, name))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Where `get events -w` hands each new event, until the token stops it.

@@ -61,30 +61,27 @@ pub fn start_of(since: Option<&str>) -> anyhow::Result<DeliverPolicy> {
 
 fn filter_of(bus: &Bus, kind: Option<&str>, name: Option<&str>) -> anyhow::Result<String> {
     let kind = match kind {
-        None => "*".to_string(),
-        Some(k) => EventKind::ALL
-            .iter()
-            .find(|x| x.as_str() == k)
-            .map(|x| x.as_str().to_string())
-            .with_context(|| {
-                format!(
-                    "--kind {k:?} is not one of {}",
-                    EventKind::ALL
-                        .iter()
-                        .map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?,
+        None => None,
+        Some(k) => Some(
+            EventKind::ALL
+                .into_iter()
+                .find(|x| x.as_str() == k)
+                .with_context(|| {
+                    format!(
+                        "--kind {k:?} is not one of {}",
+                        EventKind::ALL
+                            .iter()
+                            .map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+        ),
     };
-    let name = match name {
-        None => "*".to_string(),
-        Some(n) => {
-            flotilla_proto::check_name("--name", n)?;
-            n.to_string()
-        }
-    };
-    Ok(format!("{}.events.{kind}.{name}.*", bus.subjects.prefix()))
+    if let Some(n) = name {
+        flotilla_proto::check_name("--name", n)?;
+    }
+    Ok(bus.subjects.events_matching(kind, name)?)
 }
 
 /// One event as a line: time, severity, type, name, message.

@@ -73,30 +73,25 @@ fn validated(doc: Option<ModelDeployment>) -> Result<(ModelDeployment, String), 
 
 /// The events subject a `kind` and `name` filter selects.
 fn event_filter(bus: &Bus, kind: &str, name: &str) -> Result<String, Status> {
-    match (kind, name) {
-        ("", "") => Ok(bus.subjects.events_all()),
-        ("", _) => Err(Status::invalid_argument("name: needs kind")),
-        (kind, name) => {
-            let Some(kind) = EventKind::ALL.into_iter().find(|k| k.as_str() == kind) else {
-                let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-                return Err(Status::invalid_argument(format!(
-                    "kind: {kind:?} is not one of {}",
-                    known.join(", ")
-                )));
-            };
-            if name.is_empty() {
-                Ok(format!(
-                    "{}.events.{}.>",
-                    bus.subjects.prefix(),
-                    kind.as_str()
-                ))
-            } else {
-                bus.subjects
-                    .events_about(kind, name)
-                    .map_err(|e| Status::invalid_argument(format!("name: {e}")))
-            }
-        }
-    }
+    let kind = match kind {
+        "" if !name.is_empty() => return Err(Status::invalid_argument("name: needs kind")),
+        "" => None,
+        kind => Some(
+            EventKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == kind)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                    Status::invalid_argument(format!(
+                        "kind: {kind:?} is not one of {}",
+                        known.join(", ")
+                    ))
+                })?,
+        ),
+    };
+    bus.subjects
+        .events_matching(kind, (!name.is_empty()).then_some(name))
+        .map_err(|e| Status::invalid_argument(format!("name: {e}")))
 }
 
 fn since(since_unix_ms: i64) -> Result<DeliverPolicy, Status> {

@@ -475,9 +475,12 @@ impl ReplicaTable {
         let mut splits: HashMap<String, Option<v1::TrafficSplit>> = HashMap::new();
         let (mut chosen, mut other) = (Vec::new(), Vec::new());
         for c in candidates {
-            let split = splits
-                .entry(c.deployment.clone())
-                .or_insert_with(|| fleet.rollouts.cached(&c.deployment).and_then(|s| s.traffic));
+            let split = splits.entry(c.deployment.clone()).or_insert_with(|| {
+                fleet
+                    .rollouts
+                    .peek(&c.deployment, |s| s.traffic.clone())
+                    .flatten()
+            });
             let on_chosen_side = split.as_ref().is_none_or(|split| {
                 let is_new = flotilla_proto::template_of_replica(&c.replica_id)
                     == Some(split.new_template.as_str());

@@ -631,27 +631,23 @@ pub mod procfs {
     /// Sends SIGTERM to `pid`: stop when the work in hand is done. A
     /// process already gone is not an error.
     pub fn terminate(pid: u32) {
-        let Some(pid) = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        else {
-            return;
-        };
-        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
-            tracing::debug!("terminate {pid:?}: {e}");
-        }
+        signal(pid, rustix::process::Signal::TERM);
     }
 
     /// Sends SIGKILL to `pid`; a process already gone is not an error.
     pub fn kill(pid: u32) {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+
+    fn signal(pid: u32, signal: rustix::process::Signal) {
         let Some(pid) = i32::try_from(pid)
             .ok()
             .and_then(rustix::process::Pid::from_raw)
         else {
             return;
         };
-        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
-            tracing::debug!("kill {pid:?}: {e}");
+        if let Err(e) = rustix::process::kill_process(pid, signal) {
+            tracing::debug!("{signal:?} to {pid:?}: {e}");
         }
     }
 }
